@@ -1,0 +1,1062 @@
+//! The retention log: the target's continuous-data-protection history of one volume, or of
+//! a consistency group of volumes that share one timeline.
+//!
+//! Design: a **redo** journal over a base image. Every incoming write is appended once,
+//! sequentially, to the log (new data), and is indexed by (volume, block). The base image
+//! holds the volume as of the oldest point in the window. A read of block `b` as of
+//! recovery point `P` takes the newest record for `b` at or below `P` from the index (one
+//! O(log n) lookup and one read), else the base. When history leaves the window its records
+//! are applied to the base (the last version of each block only) and their segments are
+//! deleted; sparse tiers coalesce the records between two retained points into one version
+//! per block, rewriting those segments. `ARCHITECTURE.md` gives the I/O cost of this choice
+//! against an undo journal.
+//!
+//! Invariants:
+//! - Every retained point reads back exactly the state the source had there: the base plus
+//!   the newest record at or below it for every block.
+//! - A point dropped by thinning is never offered again: its barrier record is removed by
+//!   the same rewrite that coalesces its interval, and the manifest's thin horizon stops a
+//!   sequence number there from resolving.
+//! - Incoming writes are never refused for space and the newest point is never dropped;
+//!   when the space limit is hit the oldest history goes first, with a log line and a
+//!   status flag.
+//! - A base advance is redo-idempotent: the manifest records the target first, records are
+//!   deleted only after the base is synced, and an interrupted advance is finished on open.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::Clock;
+use crate::crypto::JournalKey;
+use crate::error::{JournalError, Result};
+use crate::format::{self, MAX_PAYLOAD, RecordHeader, RecordKind, Role};
+use crate::index::{BlockIndex, BlockKey, Entry};
+use crate::io::{BlockIo, Dir};
+use crate::log::{Loc, LogOptions, OpenReport, RecordSpec, SegmentLog};
+use crate::types::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
+
+/// A point in the history to read, expose or recover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryPoint {
+    /// Everything received.
+    Latest,
+    /// The newest barrier or bookmark at or before this time.
+    Time(Nanos),
+    /// The state right after this sequence number.
+    Seq(Seq),
+    /// The newest bookmark with this name.
+    Bookmark(String),
+}
+
+impl std::fmt::Display for RecoveryPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Latest => write!(f, "latest"),
+            Self::Time(t) => write!(f, "time {}", t.0),
+            Self::Seq(s) => write!(f, "seq {s}"),
+            Self::Bookmark(b) => write!(f, "bookmark {b:?}"),
+        }
+    }
+}
+
+/// What a retained point is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PointKind {
+    /// The oldest point: the base image.
+    Base,
+    /// A flush point.
+    Barrier,
+    /// A bookmark.
+    Bookmark(Bookmark),
+    /// Everything received (may end between barriers).
+    Latest,
+}
+
+/// A recovery point the log offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointInfo {
+    /// State after this sequence number.
+    pub seq: Seq,
+    /// Its time.
+    pub time: Nanos,
+    /// What it is.
+    pub kind: PointKind,
+}
+
+impl PointInfo {
+    fn bookmark_kind(&self) -> Option<BookmarkKind> {
+        match &self.kind {
+            PointKind::Bookmark(b) => Some(b.kind),
+            _ => None,
+        }
+    }
+}
+
+/// Which points a tier keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keep {
+    /// Every point.
+    All,
+    /// The last point of every `interval` (aligned to the epoch), plus every bookmark of
+    /// the listed kinds.
+    Every {
+        /// Spacing of the kept points.
+        interval: Duration,
+        /// Bookmark kinds always kept.
+        bookmarks: Vec<BookmarkKind>,
+    },
+    /// Only bookmarks of the listed kinds.
+    Bookmarks(Vec<BookmarkKind>),
+}
+
+/// A sparse-retention tier: points older than `older_than` are kept as `keep` says (the
+/// tier with the largest `older_than` at or below a point's age applies; younger points are
+/// all kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    /// Age at which the tier starts.
+    pub older_than: Duration,
+    /// What it keeps.
+    pub keep: Keep,
+}
+
+/// How much history to keep. Limits combine: the first one hit wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Nothing older than this is kept.
+    pub max_age: Option<Duration>,
+    /// The journal's files never stay above this many bytes (at segment granularity).
+    pub max_bytes: Option<u64>,
+    /// Sparse tiers, any order.
+    pub tiers: Vec<Tier>,
+}
+
+impl RetentionPolicy {
+    /// Checks the policy for contradictions.
+    pub fn validate(&self, segment_bytes: u64) -> Result<()> {
+        if let Some(b) = self.max_bytes {
+            if b < 4 * segment_bytes {
+                return Err(JournalError::Config(format!(
+                    "space limit of {b} bytes is below four segments ({} bytes); lower the segment size",
+                    4 * segment_bytes
+                )));
+            }
+        }
+        for t in &self.tiers {
+            if let Keep::Every { interval, .. } = &t.keep {
+                if interval.is_zero() {
+                    return Err(JournalError::Config(format!(
+                        "tier older than {:?} keeps one point per zero interval",
+                        t.older_than
+                    )));
+                }
+            }
+            if let Some(max) = self.max_age {
+                if t.older_than >= max {
+                    return Err(JournalError::Config(format!(
+                        "tier older than {:?} starts beyond the maximum age {max:?}",
+                        t.older_than
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Settings of a retention log.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// Segment size.
+    pub segment_bytes: u64,
+    /// Index granularity for a new log (4096 is right for most filesystems).
+    pub block_size: u32,
+    /// Encryption at rest.
+    pub key: Option<JournalKey>,
+    /// What to keep.
+    pub policy: RetentionPolicy,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+            block_size: 4096,
+            key: None,
+            policy: RetentionPolicy::default(),
+        }
+    }
+}
+
+/// What one retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Points no longer offered.
+    pub dropped_points: usize,
+    /// Points that remain (including the base).
+    pub retained_points: usize,
+    /// The base moved to this point.
+    pub base_advanced_to: Option<Seq>,
+    /// Intervals coalesced.
+    pub intervals_coalesced: usize,
+    /// Journal bytes before and after.
+    pub bytes_before: u64,
+    /// Journal bytes after.
+    pub bytes_after: u64,
+    /// History was dropped to stay within the space limit.
+    pub thinned_for_space: bool,
+}
+
+/// The state of the window, for status output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionStatus {
+    /// The oldest point (the base).
+    pub oldest: PointInfo,
+    /// The newest sequence number received.
+    pub newest_seq: Seq,
+    /// Its time.
+    pub newest_time: Nanos,
+    /// Time span really recoverable.
+    pub window_available: Duration,
+    /// Time span the policy asks for.
+    pub window_configured: Option<Duration>,
+    /// Points offered.
+    pub points: usize,
+    /// Journal bytes on disk.
+    pub bytes: u64,
+    /// Space limit.
+    pub max_bytes: Option<u64>,
+    /// The space limit has forced history out (the window is shorter than configured).
+    pub thinned_for_space: bool,
+    /// What the last forced thinning did.
+    pub space_note: Option<String>,
+}
+
+/// What [`RetentionLog::materialize`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaterializeReport {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Blocks that came from the journal rather than the base.
+    pub journal_blocks: u64,
+    /// BLAKE3 of the whole image written.
+    pub hash: [u8; 32],
+}
+
+type CachedRecord = Arc<(RecordHeader, Vec<u8>)>;
+type IndexedRecords = Vec<(Loc, RecordHeader)>;
+
+/// The retention log (see the module documentation).
+#[derive(Debug)]
+pub struct RetentionLog {
+    log: SegmentLog,
+    volumes: Vec<Arc<dyn BlockIo>>,
+    volume_lens: Vec<u64>,
+    index: BlockIndex,
+    /// Barriers and bookmarks above the base, in sequence order.
+    points: Vec<PointInfo>,
+    base: PointInfo,
+    last_time: Nanos,
+    bs: u64,
+    policy: RetentionPolicy,
+    segment_bytes: u64,
+    clock: Arc<dyn Clock>,
+    thinned_for_space: bool,
+    space_note: Option<String>,
+    segment_count: usize,
+    cache: Mutex<Option<(Loc, CachedRecord)>>,
+}
+
+fn block_entries(h: &RecordHeader, loc: Loc, bs: u64, mut f: impl FnMut(Entry)) {
+    let start = h.offset;
+    let end = h.offset + u64::from(h.length);
+    let mut b = start / bs;
+    while b * bs < end {
+        let full = start <= b * bs && end >= (b + 1) * bs;
+        f(Entry::new(BlockKey::new(h.volume, b), h.seq, loc, full));
+        b += 1;
+    }
+}
+
+impl RetentionLog {
+    /// Opens or creates the retention log in `dir` over the base images `volumes` (one per
+    /// volume of the group, index = [`VolumeId`]).
+    pub fn open(
+        dir: Arc<dyn Dir>,
+        volumes: Vec<Arc<dyn BlockIo>>,
+        cfg: RetentionConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, OpenReport)> {
+        cfg.policy.validate(cfg.segment_bytes)?;
+        if volumes.is_empty() || volumes.len() > usize::from(u16::MAX) {
+            return Err(JournalError::Config(format!(
+                "{} volumes; a group has 1 to 65535",
+                volumes.len()
+            )));
+        }
+        let mut volume_lens = Vec::new();
+        for v in &volumes {
+            volume_lens.push(v.len().map_err(|e| JournalError::io("stat", v.name(), e))?);
+        }
+        let opts = LogOptions {
+            role: Role::Retention,
+            segment_bytes: cfg.segment_bytes,
+            key: cfg.key.clone(),
+            block_size: cfg.block_size,
+            create: true,
+        };
+        let mut entries = Vec::new();
+        let mut points = Vec::new();
+        let mut last_time = Nanos(0);
+        let mut bs = 0u64;
+        let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
+            if bs == 0 {
+                bs = u64::from(cfg.block_size);
+            }
+            last_time = last_time.max(v.header.time);
+            match v.header.kind {
+                RecordKind::Barrier => {
+                    points.push(PointInfo {
+                        seq: v.header.seq,
+                        time: v.header.time,
+                        kind: PointKind::Barrier,
+                    });
+                }
+                RecordKind::Bookmark => {
+                    if let Some(b) = v.bookmark {
+                        points.push(PointInfo {
+                            seq: v.header.seq,
+                            time: v.header.time,
+                            kind: PointKind::Bookmark(b),
+                        });
+                    }
+                }
+                _ => entries.push((v.loc, *v.header)),
+            }
+        })?;
+        let m = log.manifest().clone();
+        let bs = u64::from(m.block_size);
+        let base_seq = m.base_seq;
+        let mut idx = Vec::with_capacity(entries.len());
+        for (loc, h) in entries.iter().filter(|(_, h)| h.seq > base_seq) {
+            block_entries(h, *loc, bs, |e| idx.push(e));
+        }
+        drop(entries);
+        points.retain(|p| p.seq > base_seq);
+        let segment_count = log.segments().len();
+        let mut this = Self {
+            index: BlockIndex::from_entries(idx),
+            base: PointInfo { seq: base_seq, time: m.base_time, kind: PointKind::Base },
+            last_time: last_time.max(m.base_time),
+            log,
+            volumes,
+            volume_lens,
+            points,
+            bs,
+            policy: cfg.policy,
+            segment_bytes: cfg.segment_bytes,
+            clock,
+            thinned_for_space: false,
+            space_note: None,
+            segment_count,
+            cache: Mutex::new(None),
+        };
+        if m.pending_base > base_seq {
+            // A base advance was interrupted: finish it (redo is idempotent).
+            let target = this.points.iter().find(|p| p.seq == m.pending_base).cloned().unwrap_or(
+                PointInfo { seq: m.pending_base, time: this.last_time, kind: PointKind::Barrier },
+            );
+            tracing::warn!(seq = %target.seq, "finishing an interrupted base advance");
+            this.advance_base(target)?;
+        }
+        Ok((this, report))
+    }
+
+    /// Index granularity in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
+    /// Size of a volume in bytes.
+    pub fn volume_len(&self, volume: VolumeId) -> Result<u64> {
+        self.volume_lens
+            .get(usize::from(volume.0))
+            .copied()
+            .ok_or_else(|| JournalError::Config(format!("volume {volume} is not in this group")))
+    }
+
+    fn check_range(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
+        let vlen = self.volume_len(volume)?;
+        if offset.checked_add(len).is_none_or(|e| e > vlen) {
+            return Err(JournalError::OutOfRange {
+                volume: volume.0,
+                offset,
+                len,
+                volume_len: vlen,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends one event received from the source. Sequence numbers must grow; times that
+    /// go back are clamped to the previous time so points stay ordered in time.
+    pub fn append(&mut self, seq: Seq, time: Nanos, event: &Event) -> Result<()> {
+        if let Some((volume, offset, len)) = event.range() {
+            self.check_range(volume, offset, len)?;
+        }
+        let time = time.max(self.last_time);
+        let (kind, volume, offset, length, payload) = format::event_to_record(event);
+        if payload.len() > MAX_PAYLOAD {
+            return Err(JournalError::RecordTooLarge {
+                len: payload.len() as u64,
+                max: MAX_PAYLOAD as u64,
+            });
+        }
+        let spec = RecordSpec { kind, volume, seq, time, offset, length };
+        let loc = self.log.append(spec, &payload)?;
+        self.last_time = time;
+        match event {
+            Event::Barrier => self.points.push(PointInfo { seq, time, kind: PointKind::Barrier }),
+            Event::Bookmark(b) => {
+                self.points.push(PointInfo { seq, time, kind: PointKind::Bookmark(b.clone()) })
+            }
+            _ => {
+                let h = RecordHeader {
+                    kind,
+                    encrypted: false,
+                    volume,
+                    seq,
+                    time,
+                    offset,
+                    length,
+                    payload_len: 0,
+                    payload_crc: 0,
+                };
+                let index = &mut self.index;
+                block_entries(&h, loc, self.bs, |e| index.insert(e));
+            }
+        }
+        let n = self.log.segments().len();
+        if n != self.segment_count {
+            self.segment_count = n;
+            if self.policy.max_bytes.is_some_and(|max| self.log.bytes() > max) {
+                self.enforce()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Group commit: makes everything appended durable and returns the highest durable
+    /// sequence number (what the target acknowledges).
+    pub fn sync(&mut self) -> Result<Seq> {
+        self.log.sync()
+    }
+
+    /// The highest sequence number received.
+    pub fn last_seq(&self) -> Seq {
+        self.log.last_seq()
+    }
+
+    /// The highest durable sequence number.
+    pub fn durable_seq(&self) -> Seq {
+        self.log.durable_seq()
+    }
+
+    /// Every point offered, oldest first: the base, then barriers and bookmarks.
+    pub fn points(&self) -> Vec<PointInfo> {
+        let mut out = Vec::with_capacity(self.points.len() + 1);
+        out.push(self.base.clone());
+        out.extend(self.points.iter().cloned());
+        out
+    }
+
+    /// Resolves a recovery point to the sequence number whose state it names.
+    pub fn resolve(&self, point: &RecoveryPoint) -> Result<PointInfo> {
+        let unknown =
+            |reason: String| JournalError::UnknownPoint { point: point.to_string(), reason };
+        let last = self.last_seq();
+        match point {
+            RecoveryPoint::Latest => Ok(PointInfo {
+                seq: last.max(self.base.seq),
+                time: self.last_time,
+                kind: PointKind::Latest,
+            }),
+            RecoveryPoint::Seq(s) => {
+                if *s == self.base.seq {
+                    return Ok(self.base.clone());
+                }
+                if *s < self.base.seq {
+                    return Err(unknown(format!(
+                        "older than the retention window, which starts at seq {}",
+                        self.base.seq
+                    )));
+                }
+                if *s > last {
+                    return Err(unknown(format!("not received yet (newest is seq {last})")));
+                }
+                if let Some(p) = self.points.iter().find(|p| p.seq == *s) {
+                    return Ok(p.clone());
+                }
+                if *s <= self.log.manifest().thin_horizon {
+                    return Err(unknown(format!(
+                        "thinned by retention (history up to seq {} keeps only retained points; see `points`)",
+                        self.log.manifest().thin_horizon
+                    )));
+                }
+                Ok(PointInfo { seq: *s, time: self.time_of(*s), kind: PointKind::Latest })
+            }
+            RecoveryPoint::Time(t) => {
+                if *t < self.base.time {
+                    return Err(unknown(format!(
+                        "before the retention window, which starts at time {}",
+                        self.base.time.0
+                    )));
+                }
+                let i = self.points.partition_point(|p| p.time <= *t);
+                Ok(if i == 0 { self.base.clone() } else { self.points[i - 1].clone() })
+            }
+            RecoveryPoint::Bookmark(name) => self
+                .points
+                .iter()
+                .rev()
+                .find(|p| matches!(&p.kind, PointKind::Bookmark(b) if &b.name == name))
+                .cloned()
+                .or_else(|| {
+                    matches!(&self.base.kind, PointKind::Bookmark(b) if &b.name == name)
+                        .then(|| self.base.clone())
+                })
+                .ok_or_else(|| unknown("no retained bookmark has this name".to_owned())),
+        }
+    }
+
+    fn time_of(&self, s: Seq) -> Nanos {
+        let i = self.points.partition_point(|p| p.seq <= s);
+        if i == 0 { self.base.time } else { self.points[i - 1].time }
+    }
+
+    fn record(&self, loc: Loc) -> Result<CachedRecord> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, r)) = cache.as_ref() {
+            if *l == loc {
+                return Ok(r.clone());
+            }
+        }
+        let r = Arc::new(self.log.read(loc)?);
+        *cache = Some((loc, r.clone()));
+        Ok(r)
+    }
+
+    fn block_len(&self, key: BlockKey) -> usize {
+        let vlen = self.volume_lens[usize::from(key.volume().0)];
+        (vlen - key.block() * self.bs).min(self.bs) as usize
+    }
+
+    /// The content of one block as of `at` (the newest version at or below it).
+    fn block_view(&self, key: BlockKey, at: Seq, out: &mut [u8]) -> Result<bool> {
+        let mut stack: Vec<Entry> = Vec::new();
+        let mut s = at;
+        while let Some(e) = self.index.lookup_le(key, s) {
+            stack.push(e);
+            if e.full() || e.seq.0 == 0 {
+                break;
+            }
+            s = Seq(e.seq.0 - 1);
+        }
+        let from_base = stack.last().is_none_or(|e| !e.full());
+        if from_base {
+            let v = &self.volumes[usize::from(key.volume().0)];
+            v.read_at(out, key.block() * self.bs)
+                .map_err(|e| JournalError::io("read", v.name(), e))?;
+        }
+        let bstart = key.block() * self.bs;
+        let bend = bstart + out.len() as u64;
+        for e in stack.iter().rev() {
+            let rec = self.record(e.loc())?;
+            let (h, payload) = (&rec.0, &rec.1);
+            let rstart = h.offset;
+            let rend = h.offset + u64::from(h.length);
+            let s = rstart.max(bstart);
+            let t = rend.min(bend);
+            if s >= t {
+                continue;
+            }
+            let dst = &mut out[(s - bstart) as usize..(t - bstart) as usize];
+            match h.kind {
+                RecordKind::Write => {
+                    dst.copy_from_slice(&payload[(s - rstart) as usize..(t - rstart) as usize])
+                }
+                _ => dst.fill(0),
+            }
+        }
+        Ok(!stack.is_empty())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of `volume` as of the resolved point `at`,
+    /// without materializing anything.
+    pub fn read_at(
+        &self,
+        at: &PointInfo,
+        volume: VolumeId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        self.check_range(volume, offset, buf.len() as u64)?;
+        let mut block = vec![0u8; self.bs as usize];
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let b = off / self.bs;
+            let key = BlockKey::new(volume, b);
+            let blen = self.block_len(key);
+            let view = &mut block[..blen];
+            self.block_view(key, at.seq, view)?;
+            let within = (off - b * self.bs) as usize;
+            let n = (blen - within).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&view[within..within + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole of `volume` as of `at` to `out` (a file is sized to fit), syncs it,
+    /// and returns what was written with its BLAKE3 hash. `progress` sees (done, total) bytes.
+    pub fn materialize(
+        &self,
+        at: &PointInfo,
+        volume: VolumeId,
+        out: &dyn BlockIo,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<MaterializeReport> {
+        let vlen = self.volume_len(volume)?;
+        let olen = out.len().map_err(|e| JournalError::io("stat", out.name(), e))?;
+        if olen != vlen {
+            out.set_len(vlen).map_err(|e| JournalError::io("resize", out.name(), e))?;
+        }
+        let keys: Vec<BlockKey> = self
+            .index
+            .keys_between(self.base.seq, at.seq)
+            .into_iter()
+            .filter(|k| k.volume() == volume)
+            .collect();
+        let base = &self.volumes[usize::from(volume.0)];
+        const CHUNK: u64 = 4 << 20;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut hasher = blake3::Hasher::new();
+        let mut ki = 0usize;
+        let mut journal_blocks = 0u64;
+        let mut pos = 0u64;
+        while pos < vlen {
+            let n = CHUNK.min(vlen - pos) as usize;
+            let chunk = &mut buf[..n];
+            base.read_at(chunk, pos).map_err(|e| JournalError::io("read", base.name(), e))?;
+            while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
+                let k = keys[ki];
+                let s = (k.block() * self.bs - pos) as usize;
+                let blen = self.block_len(k);
+                if self.block_view(k, at.seq, &mut chunk[s..s + blen])? {
+                    journal_blocks += 1;
+                }
+                ki += 1;
+            }
+            out.write_at(chunk, pos).map_err(|e| JournalError::io("write", out.name(), e))?;
+            hasher.update(chunk);
+            pos += n as u64;
+            progress(pos, vlen);
+        }
+        out.sync().map_err(|e| JournalError::io("fdatasync", out.name(), e))?;
+        Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: *hasher.finalize().as_bytes() })
+    }
+
+    /// The window as it stands.
+    pub fn status(&self) -> RetentionStatus {
+        RetentionStatus {
+            oldest: self.base.clone(),
+            newest_seq: self.last_seq(),
+            newest_time: self.last_time,
+            window_available: self.last_time.saturating_sub(self.base.time),
+            window_configured: self.policy.max_age,
+            points: self.points.len() + 1,
+            bytes: self.log.bytes(),
+            max_bytes: self.policy.max_bytes,
+            thinned_for_space: self.thinned_for_space,
+            space_note: self.space_note.clone(),
+        }
+    }
+
+    /// Changes the policy (takes effect at the next [`RetentionLog::enforce`]).
+    pub fn set_policy(&mut self, policy: RetentionPolicy) -> Result<()> {
+        policy.validate(self.segment_bytes)?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Which points the policy keeps now (the newest is always kept).
+    fn plan_keep(&self, now: Nanos) -> Vec<bool> {
+        let mut tiers = self.policy.tiers.clone();
+        tiers.sort_by_key(|t| t.older_than);
+        let n = self.points.len();
+        let mut keep = vec![true; n];
+        // Per tier with `Every`, the last point of each bucket.
+        let mut bucket_last: std::collections::HashMap<(usize, u64), usize> = Default::default();
+        let tier_of = |p: &PointInfo| -> Option<usize> {
+            let age = now.saturating_sub(p.time);
+            tiers.iter().rposition(|t| age >= t.older_than)
+        };
+        for (i, p) in self.points.iter().enumerate() {
+            if let Some(ti) = tier_of(p) {
+                if let Keep::Every { interval, .. } = &tiers[ti].keep {
+                    let bucket = p.time.0 / (interval.as_nanos() as u64).max(1);
+                    bucket_last.insert((ti, bucket), i);
+                }
+            }
+        }
+        for (i, p) in self.points.iter().enumerate() {
+            let age = now.saturating_sub(p.time);
+            if self.policy.max_age.is_some_and(|m| age > m) {
+                keep[i] = false;
+                continue;
+            }
+            let Some(ti) = tier_of(p) else { continue };
+            keep[i] = match &tiers[ti].keep {
+                Keep::All => true,
+                Keep::Every { interval, bookmarks } => {
+                    let bucket = p.time.0 / (interval.as_nanos() as u64).max(1);
+                    bucket_last.get(&(ti, bucket)) == Some(&i)
+                        || p.bookmark_kind().is_some_and(|k| bookmarks.contains(&k))
+                }
+                Keep::Bookmarks(kinds) => p.bookmark_kind().is_some_and(|k| kinds.contains(&k)),
+            };
+        }
+        if let Some(last) = keep.last_mut() {
+            *last = true;
+        }
+        keep
+    }
+
+    /// Applies the retention policy: drops the points it no longer keeps, moves the base
+    /// forward past history that left the window, coalesces thinned intervals (rewriting
+    /// their segments so space is reclaimed), and then enforces the space limit by dropping
+    /// the oldest history.
+    pub fn enforce(&mut self) -> Result<RetentionReport> {
+        let now = self.clock.now();
+        // Retention works on durable records only, so a crash during it never leaves the
+        // base or the manifest ahead of what the log holds.
+        self.log.sync()?;
+        let mut report = RetentionReport { bytes_before: self.log.bytes(), ..Default::default() };
+        let keep = self.plan_keep(now);
+        if let Some(first_kept) = keep.iter().position(|k| *k) {
+            // Thin interior intervals before moving the base, so both see one index.
+            let mut intervals = Vec::new();
+            let mut prev = first_kept;
+            for (i, kept) in keep.iter().enumerate().skip(first_kept + 1) {
+                if *kept {
+                    if i > prev + 1 {
+                        intervals.push((self.points[prev].seq, self.points[i].seq));
+                    }
+                    prev = i;
+                }
+            }
+            let dropped: HashSet<Seq> =
+                self.points.iter().zip(&keep).filter(|(_, k)| !**k).map(|(p, _)| p.seq).collect();
+            report.dropped_points = dropped.len();
+            // The first kept point becomes the base when older points go, or when it is
+            // itself past the maximum age (kept only because it is the newest).
+            let too_old =
+                |p: &PointInfo| self.policy.max_age.is_some_and(|m| now.saturating_sub(p.time) > m);
+            let new_base = (first_kept > 0 || too_old(&self.points[first_kept]))
+                .then(|| self.points[first_kept].clone());
+            if !intervals.is_empty() {
+                report.intervals_coalesced = intervals.len();
+                self.coalesce(&intervals, &dropped)?;
+            }
+            if let Some(target) = new_base {
+                report.base_advanced_to = Some(target.seq);
+                self.advance_base(target)?;
+            }
+        }
+        if let Some(max) = self.policy.max_bytes {
+            if self.log.bytes() > max {
+                self.enforce_space(max, &mut report)?;
+            }
+        }
+        report.bytes_after = self.log.bytes();
+        report.retained_points = self.points.len() + 1;
+        Ok(report)
+    }
+
+    fn enforce_space(&mut self, max: u64, report: &mut RetentionReport) -> Result<()> {
+        let segs = self.log.segments();
+        // Bytes left if the base moves to point `p`: segments with anything above `p`.
+        let left = |p: Seq| -> u64 {
+            segs.iter()
+                .filter(|s| s.active || s.last_seq.is_some_and(|l| l > p))
+                .map(|s| s.len)
+                .sum()
+        };
+        let Some(last) = self.points.last() else { return Ok(()) };
+        let target = self.points.iter().find(|p| left(p.seq) <= max).unwrap_or(last).clone();
+        let dropped = self.points.iter().filter(|p| p.seq < target.seq).count() + 1;
+        let note = format!(
+            "space limit of {max} bytes reached: dropped the {dropped} oldest points, window now starts at seq {} (time {})",
+            target.seq, target.time.0
+        );
+        tracing::warn!("{note}");
+        report.thinned_for_space = true;
+        report.dropped_points += dropped;
+        report.base_advanced_to = Some(target.seq);
+        self.thinned_for_space = true;
+        self.space_note = Some(note);
+        self.advance_base(target)
+    }
+
+    /// Moves the base image forward to `target`: the newest version of every block written
+    /// up to it is applied, then the records at or below it are released.
+    fn advance_base(&mut self, target: PointInfo) -> Result<()> {
+        if target.seq <= self.base.seq {
+            return Ok(());
+        }
+        self.log.update_manifest(|m| m.pending_base = target.seq)?;
+        let keys = self.index.keys_between(self.base.seq, target.seq);
+        let mut buf = vec![0u8; self.bs as usize];
+        for k in keys {
+            let blen = self.block_len(k);
+            self.block_view(k, target.seq, &mut buf[..blen])?;
+            let v = &self.volumes[usize::from(k.volume().0)];
+            v.write_at(&buf[..blen], k.block() * self.bs)
+                .map_err(|e| JournalError::io("write", v.name(), e))?;
+        }
+        for v in &self.volumes {
+            v.sync().map_err(|e| JournalError::io("fdatasync", v.name(), e))?;
+        }
+        let done: Vec<u32> = self
+            .log
+            .segments()
+            .iter()
+            .filter(|s| !s.active && s.last_seq.is_none_or(|l| l <= target.seq))
+            .map(|s| s.slot)
+            .collect();
+        let (seq, time) = (target.seq, target.time);
+        self.log.replace_segments(&done, &[], |m| {
+            m.base_seq = seq;
+            m.base_time = time;
+            m.pending_base = Seq::ZERO;
+            m.thin_horizon = m.thin_horizon.max(seq);
+        })?;
+        let gone: HashSet<u32> = done.into_iter().collect();
+        self.index.retain(|e| e.seq > seq && !gone.contains(&e.loc().slot));
+        self.points.retain(|p| p.seq > seq);
+        self.base = PointInfo { kind: PointKind::Base, ..target };
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.segment_count = self.log.segments().len();
+        Ok(())
+    }
+
+    /// Rewrites the segments holding records of the intervals `(a, b]` so that each keeps
+    /// one version per block (the state at `b`) and no barrier of a dropped point.
+    fn coalesce(&mut self, intervals: &[(Seq, Seq)], dropped: &HashSet<Seq>) -> Result<()> {
+        let in_interval = |s: Seq| intervals.iter().position(|(a, b)| s > *a && s <= *b);
+        let segs = self.log.segments();
+        let affected: Vec<bool> = segs
+            .iter()
+            .map(|s| match (s.first_seq, s.last_seq) {
+                (Some(f), Some(l)) => intervals.iter().any(|(a, b)| f <= *b && l > *a),
+                // An empty sealed segment (left by a crash) would split a group; it goes
+                // with the rewrite.
+                _ => !s.active,
+            })
+            .collect();
+        if segs.iter().zip(&affected).any(|(s, a)| *a && s.active) {
+            self.log.seal_active()?;
+        }
+        // Maximal runs of adjacent affected segments.
+        let mut groups: Vec<Vec<u32>> = Vec::new();
+        let mut cur: Vec<u32> = Vec::new();
+        for (s, a) in segs.iter().zip(&affected) {
+            if *a {
+                cur.push(s.slot);
+            } else if !cur.is_empty() {
+                groups.push(std::mem::take(&mut cur));
+            }
+        }
+        if !cur.is_empty() {
+            groups.push(cur);
+        }
+        let base_seq = self.base.seq;
+        let max_b = intervals.iter().map(|(_, b)| *b).max().unwrap_or(Seq::ZERO);
+        for group in groups {
+            let mut out = Rewriter::new(self.segment_bytes);
+            let mut touched: BTreeSet<BlockKey> = BTreeSet::new();
+            for slot in &group {
+                for (loc, h) in self.log.records(*slot)? {
+                    if h.seq <= base_seq {
+                        continue;
+                    }
+                    match in_interval(h.seq) {
+                        Some(ii) => {
+                            if h.kind.is_data() {
+                                block_entries(&h, loc, self.bs, |e| {
+                                    touched.insert(e.key);
+                                });
+                            } else if h.seq == intervals[ii].1 {
+                                // The retained point closing the interval: its coalesced
+                                // state first, then the point itself.
+                                let keys = std::mem::take(&mut touched);
+                                self.emit_coalesced(&mut out, &keys, h.seq, h.time)?;
+                                let (_, payload) = self.log.read(loc)?;
+                                out.copy(&mut self.log, &h, &payload)?;
+                            } else {
+                                debug_assert!(dropped.contains(&h.seq));
+                            }
+                        }
+                        None => {
+                            let (_, payload) = self.log.read(loc)?;
+                            out.copy(&mut self.log, &h, &payload)?;
+                        }
+                    }
+                }
+            }
+            debug_assert!(touched.is_empty(), "an interval's end lies outside its group");
+            let (new_slots, new_entries) = out.finish(&mut self.log)?;
+            self.log.replace_segments(&group, &new_slots, |m| {
+                m.thin_horizon = m.thin_horizon.max(max_b);
+            })?;
+            let gone: HashSet<u32> = group.iter().copied().collect();
+            self.index.retain(|e| !gone.contains(&e.loc().slot));
+            for (loc, h) in new_entries {
+                let index = &mut self.index;
+                block_entries(&h, loc, self.bs, |e| index.insert(e));
+            }
+            *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.points.retain(|p| !dropped.contains(&p.seq));
+        self.segment_count = self.log.segments().len();
+        Ok(())
+    }
+
+    /// Writes the state at `at` of `keys` as full-block records, runs of adjacent blocks
+    /// merged, all-zero runs as zero records.
+    fn emit_coalesced(
+        &self,
+        out: &mut Rewriter,
+        keys: &BTreeSet<BlockKey>,
+        at: Seq,
+        time: Nanos,
+    ) -> Result<()> {
+        let mut run: Option<(BlockKey, bool, Vec<u8>)> = None;
+        let mut block = vec![0u8; self.bs as usize];
+        for &k in keys {
+            let blen = self.block_len(k);
+            let view = &mut block[..blen];
+            self.block_view(k, at, view)?;
+            let zero = view.iter().all(|&b| b == 0);
+            let extends = run.as_ref().is_some_and(|(start, z, data)| {
+                let len = data.len() as u64;
+                start.volume() == k.volume()
+                    && len % self.bs == 0
+                    && start.block() + len / self.bs == k.block()
+                    && *z == zero
+                    && data.len() + blen <= 1 << 20
+            });
+            match run.as_mut() {
+                Some(r) if extends => r.2.extend_from_slice(view),
+                _ => {
+                    if let Some((start, z, data)) = run.take() {
+                        out.pending.push((start, z, data, at, time));
+                    }
+                    run = Some((k, zero, view.to_vec()));
+                }
+            }
+        }
+        if let Some((start, z, data)) = run {
+            out.pending.push((start, z, data, at, time));
+        }
+        Ok(())
+    }
+}
+
+/// Output side of a compaction: new segments, rolled at the segment size.
+#[derive(Debug)]
+struct Rewriter {
+    segment_bytes: u64,
+    slots: Vec<u32>,
+    entries: Vec<(Loc, RecordHeader)>,
+    /// Coalesced runs waiting to be written: (first block, all zero, data, seq, time).
+    pending: Vec<(BlockKey, bool, Vec<u8>, Seq, Nanos)>,
+}
+
+impl Rewriter {
+    fn new(segment_bytes: u64) -> Self {
+        Self { segment_bytes, slots: Vec::new(), entries: Vec::new(), pending: Vec::new() }
+    }
+
+    fn target(&mut self, log: &mut SegmentLog, seq: Seq, len: u64) -> Result<u32> {
+        if let Some(&s) = self.slots.last() {
+            if log.segment_len(s) + len <= self.segment_bytes {
+                return Ok(s);
+            }
+            log.finish_rewrite(s)?;
+        }
+        let s = log.begin_rewrite(seq)?;
+        self.slots.push(s);
+        Ok(s)
+    }
+
+    fn write(&mut self, log: &mut SegmentLog, spec: RecordSpec, payload: &[u8]) -> Result<()> {
+        let slot = self.target(log, spec.seq, log.stored_len(payload.len()))?;
+        let loc = log.append_rewrite(slot, spec, payload)?;
+        if spec.kind.is_data() {
+            let h = RecordHeader {
+                kind: spec.kind,
+                encrypted: false,
+                volume: spec.volume,
+                seq: spec.seq,
+                time: spec.time,
+                offset: spec.offset,
+                length: spec.length,
+                payload_len: 0,
+                payload_crc: 0,
+            };
+            self.entries.push((loc, h));
+        }
+        Ok(())
+    }
+
+    fn drain_pending(&mut self, log: &mut SegmentLog, bs: u64) -> Result<()> {
+        for (start, zero, data, seq, time) in std::mem::take(&mut self.pending) {
+            let spec = RecordSpec {
+                kind: if zero { RecordKind::WriteZeroes } else { RecordKind::Write },
+                volume: start.volume(),
+                seq,
+                time,
+                offset: start.block() * bs,
+                length: data.len() as u32,
+            };
+            self.write(log, spec, if zero { &[] } else { &data })?;
+        }
+        Ok(())
+    }
+
+    fn copy(&mut self, log: &mut SegmentLog, h: &RecordHeader, payload: &[u8]) -> Result<()> {
+        let bs = u64::from(log.block_size());
+        self.drain_pending(log, bs)?;
+        let spec = RecordSpec {
+            kind: h.kind,
+            volume: h.volume,
+            seq: h.seq,
+            time: h.time,
+            offset: h.offset,
+            length: h.length,
+        };
+        self.write(log, spec, payload)
+    }
+
+    fn finish(mut self, log: &mut SegmentLog) -> Result<(Vec<u32>, IndexedRecords)> {
+        let bs = u64::from(log.block_size());
+        self.drain_pending(log, bs)?;
+        if let Some(&s) = self.slots.last() {
+            log.finish_rewrite(s)?;
+        }
+        Ok((self.slots, self.entries))
+    }
+}
