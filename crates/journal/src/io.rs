@@ -364,6 +364,19 @@ impl MemDir {
         lock(&self.state).faults.syncs_left = n;
     }
 
+    /// Segment file names, in id order.
+    pub fn list_segments(&self) -> Vec<String> {
+        lock(&self.state).files.keys().filter(|n| n.ends_with(".seg")).cloned().collect()
+    }
+
+    /// Bytes of a file written since its last sync (beyond its durable length).
+    pub fn unsynced_bytes(&self, name: &str) -> u64 {
+        lock(&self.state).files.get(name).map_or(0, |f| {
+            let d = lock(&f.data);
+            (d.current.len() as u64).saturating_sub(d.durable.len() as u64)
+        })
+    }
+
     /// Total bytes held by all files.
     pub fn total_bytes(&self) -> u64 {
         lock(&self.state).files.values().map(|f| lock(&f.data).current.len() as u64).sum()
