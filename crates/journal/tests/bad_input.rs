@@ -350,7 +350,6 @@ fn retention_pass_interrupted_by_failing_sync_recovers_every_point() {
         }],
     };
     // Try the failure at every sync the pass makes.
-    let mut interrupted = 0;
     for syncs_ok in 0..40u64 {
         let dir = MemDir::new();
         let base = Arc::new(MemVolume::new(256 << 10));
