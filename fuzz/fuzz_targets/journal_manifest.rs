@@ -1,0 +1,8 @@
+//! Fuzz target: the journal manifest parser must never panic, whatever the bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    tidemark_journal::format::fuzz_manifest(data);
+});
