@@ -515,6 +515,11 @@ impl SegmentLog {
         self.segments.values().map(|s| s.len).sum()
     }
 
+    /// Number of live segments.
+    pub fn segment_count(&self) -> usize {
+        self.order.len()
+    }
+
     /// Live segments in sequence order.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.order

@@ -309,11 +309,7 @@ impl RetentionLog {
         let mut entries = Vec::new();
         let mut points = Vec::new();
         let mut last_time = Nanos(0);
-        let mut bs = 0u64;
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
-            if bs == 0 {
-                bs = u64::from(cfg.block_size);
-            }
             last_time = last_time.max(v.header.time);
             match v.header.kind {
                 RecordKind::Barrier => {
@@ -344,7 +340,7 @@ impl RetentionLog {
         }
         drop(entries);
         points.retain(|p| p.seq > base_seq);
-        let segment_count = log.segments().len();
+        let segment_count = log.segment_count();
         let mut this = Self {
             index: BlockIndex::from_entries(idx),
             base: PointInfo { seq: base_seq, time: m.base_time, kind: PointKind::Base },
@@ -437,7 +433,7 @@ impl RetentionLog {
                 block_entries(&h, loc, self.bs, |e| index.insert(e));
             }
         }
-        let n = self.log.segments().len();
+        let n = self.log.segment_count();
         if n != self.segment_count {
             self.segment_count = n;
             if self.policy.max_bytes.is_some_and(|max| self.log.bytes() > max) {
@@ -848,7 +844,7 @@ impl RetentionLog {
         self.points.retain(|p| p.seq > seq);
         self.base = PointInfo { kind: PointKind::Base, ..target };
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.segment_count = self.log.segments().len();
+        self.segment_count = self.log.segment_count();
         Ok(())
     }
 
@@ -930,7 +926,7 @@ impl RetentionLog {
             *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         self.points.retain(|p| !dropped.contains(&p.seq));
-        self.segment_count = self.log.segments().len();
+        self.segment_count = self.log.segment_count();
         Ok(())
     }
 
