@@ -86,6 +86,11 @@ pub struct Visit<'a> {
     pub header: &'a RecordHeader,
     /// The decoded bookmark for bookmark records.
     pub bookmark: Option<Bookmark>,
+    /// The manifest's base sequence number (records at or below it are history the base
+    /// already holds, or acknowledged spool records).
+    pub base_seq: Seq,
+    /// The manifest's block size.
+    pub block_size: u32,
 }
 
 /// What recovery found when a log was opened.
@@ -438,6 +443,8 @@ impl SegmentLog {
                 loc: Loc { slot, offset: r.offset as u32 },
                 header: &r.header,
                 bookmark,
+                base_seq: self.manifest.base_seq,
+                block_size: self.manifest.block_size,
             });
         }
         self.segments.insert(slot, seg);

@@ -306,11 +306,14 @@ impl RetentionLog {
             block_size: cfg.block_size,
             create: true,
         };
-        let mut entries = Vec::new();
+        let mut idx = Vec::new();
         let mut points = Vec::new();
         let mut last_time = Nanos(0);
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
             last_time = last_time.max(v.header.time);
+            if v.header.seq <= v.base_seq {
+                return;
+            }
             match v.header.kind {
                 RecordKind::Barrier => {
                     points.push(PointInfo {
@@ -328,17 +331,12 @@ impl RetentionLog {
                         });
                     }
                 }
-                _ => entries.push((v.loc, *v.header)),
+                _ => block_entries(v.header, v.loc, u64::from(v.block_size), |e| idx.push(e)),
             }
         })?;
         let m = log.manifest().clone();
         let bs = u64::from(m.block_size);
         let base_seq = m.base_seq;
-        let mut idx = Vec::with_capacity(entries.len());
-        for (loc, h) in entries.iter().filter(|(_, h)| h.seq > base_seq) {
-            block_entries(h, *loc, bs, |e| idx.push(e));
-        }
-        drop(entries);
         points.retain(|p| p.seq > base_seq);
         let segment_count = log.segment_count();
         let mut this = Self {
