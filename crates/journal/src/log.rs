@@ -655,6 +655,32 @@ impl SegmentLog {
         Ok(self.durable_seq)
     }
 
+    /// First half of a group commit that does not hold the log while the disk works:
+    /// writes the buffered records out and returns a ticket whose [`SyncTicket::wait`] runs
+    /// the fdatasync. Hand its result to [`SegmentLog::end_sync`]. Appends may continue in
+    /// between; they are covered by the next ticket.
+    pub fn begin_sync(&mut self) -> Result<SyncTicket> {
+        self.check_poison()?;
+        let upto = self.last_seq;
+        let file = match self.active {
+            Some(slot) => {
+                let seg = self.segments.get_mut(&slot).expect("live slot");
+                let r = flush_writer(seg).map(|()| Some((seg.file.clone(), seg.name.clone())));
+                self.poison_on_err(r)?
+            }
+            None => None,
+        };
+        Ok(SyncTicket { file, upto })
+    }
+
+    /// Second half of a group commit: records the outcome of [`SyncTicket::wait`] and
+    /// returns the durable sequence number. A failed sync poisons the log.
+    pub fn end_sync(&mut self, outcome: Result<Seq>) -> Result<Seq> {
+        let upto = self.poison_on_err(outcome)?;
+        self.durable_seq = self.durable_seq.max(upto);
+        Ok(self.durable_seq)
+    }
+
     /// Seals the active segment (synced) so the next append starts a new one.
     pub fn seal_active(&mut self) -> Result<()> {
         if let Some(slot) = self.active {
@@ -835,6 +861,24 @@ impl SegmentLog {
             }
         }
         Ok(())
+    }
+}
+
+/// An fdatasync to run without holding the log (see [`SegmentLog::begin_sync`]).
+#[derive(Debug)]
+pub struct SyncTicket {
+    file: Option<(Arc<dyn BlockIo>, String)>,
+    upto: Seq,
+}
+
+impl SyncTicket {
+    /// Runs the fdatasync; on success every record up to the returned sequence number is
+    /// durable. (Segments sealed meanwhile were synced when they were sealed.)
+    pub fn wait(&self) -> Result<Seq> {
+        if let Some((file, name)) = &self.file {
+            file.sync().map_err(|e| JournalError::io("fdatasync", name.clone(), e))?;
+        }
+        Ok(self.upto)
     }
 }
 

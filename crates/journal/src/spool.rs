@@ -19,7 +19,7 @@ use crate::crypto::JournalKey;
 use crate::error::{JournalError, Result};
 use crate::format::{self, Role};
 use crate::io::Dir;
-use crate::log::{Loc, LogOptions, OpenReport, RecordSpec, SegmentLog};
+use crate::log::{Loc, LogOptions, OpenReport, RecordSpec, SegmentLog, SyncTicket};
 use crate::types::{Event, Nanos, Seq};
 
 /// Settings of a spool.
@@ -115,6 +115,18 @@ impl Spool {
     /// Group commit: makes every appended event durable; returns the durable sequence number.
     pub fn sync(&mut self) -> Result<Seq> {
         self.log.sync()
+    }
+
+    /// Group commit without holding the spool during the disk wait: see
+    /// [`SegmentLog::begin_sync`]. Typical use with the spool behind a mutex: take the lock,
+    /// `begin_sync`, drop the lock, `ticket.wait()`, take the lock, `end_sync`.
+    pub fn begin_sync(&mut self) -> Result<SyncTicket> {
+        self.log.begin_sync()
+    }
+
+    /// Records the outcome of a ticket's wait; returns the durable sequence number.
+    pub fn end_sync(&mut self, outcome: Result<Seq>) -> Result<Seq> {
+        self.log.end_sync(outcome)
     }
 
     /// Writes buffered events to the file without waiting for the disk.

@@ -213,3 +213,39 @@ fn sigkill_during_group_commit_loses_no_durable_record() {
     }
     assert!(durable_max > 0, "the child made progress");
 }
+
+#[test]
+fn concurrent_group_commit_keeps_every_reported_durable_record() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = MemDir::new();
+    let (spool, _) = Spool::open(Arc::new(dir.clone()), cfg(None), clock()).expect("open");
+    let spool = Arc::new(Mutex::new(spool));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reported = Arc::new(AtomicU64::new(0));
+    let committer = {
+        let (spool, stop, reported) = (spool.clone(), stop.clone(), reported.clone());
+        std::thread::spawn(move || {
+            let mut commits = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let ticket = spool.lock().unwrap().begin_sync().expect("begin");
+                // The disk wait happens without the lock: appends go on meanwhile.
+                let outcome = ticket.wait();
+                let d = spool.lock().unwrap().end_sync(outcome).expect("end");
+                reported.fetch_max(d.0, Ordering::SeqCst);
+                commits += 1;
+            }
+            commits
+        })
+    };
+    for s in 1..=3000u64 {
+        assert_eq!(spool.lock().unwrap().append(&event_for(s)).expect("append"), Seq(s));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let commits = committer.join().expect("committer");
+    assert!(commits > 1, "several group commits ran");
+    let durable = reported.load(Ordering::SeqCst);
+    let crashed = dir.crash(CrashMode::LoseUnsynced);
+    let (spool, _) = Spool::open(Arc::new(crashed), cfg(None), clock()).expect("reopen");
+    check_spool(&spool, durable, 3000);
+}
