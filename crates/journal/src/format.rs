@@ -168,12 +168,19 @@ impl SegmentHeader {
             });
         }
         check_magic(object, &b[0..8], &SEGMENT_MAGIC)?;
+        let truncated = || JournalError::Truncated {
+            object: object.to_owned(),
+            needed: SEGMENT_HEADER_LEN as u64,
+            found: b.len() as u64,
+        };
+        // Magic and version (bytes 0..12) keep their place in every version, so a header
+        // of an unknown version is named as such before its checksum is judged.
+        if b.len() < 12 {
+            return Err(truncated());
+        }
+        FormatVersion::parse(object, le32(b, 8))?;
         if b.len() < SEGMENT_HEADER_LEN {
-            return Err(JournalError::Truncated {
-                object: object.to_owned(),
-                needed: SEGMENT_HEADER_LEN as u64,
-                found: b.len() as u64,
-            });
+            return Err(truncated());
         }
         let stored = le32(b, 124);
         let got = crc32c::crc32c(&b[..124]);
@@ -185,7 +192,6 @@ impl SegmentHeader {
                 expected: stored,
             });
         }
-        FormatVersion::parse(object, le32(b, 8))?;
         let hlen = le32(b, 12);
         if hlen as usize != SEGMENT_HEADER_LEN {
             return Err(JournalError::InvalidField {
@@ -373,17 +379,20 @@ impl RecordHeader {
     }
 
     fn validate(&self) -> std::result::Result<(), RecordDefect> {
-        let tag = if self.encrypted { crate::crypto::TAG_LEN as u32 } else { 0 };
-        if self.payload_len as usize > MAX_PAYLOAD + crate::crypto::TAG_LEN {
-            return Err(RecordDefect::Field("payload_len", u64::from(self.payload_len)));
+        // All arithmetic in u64: no header value can overflow it.
+        let tag = if self.encrypted { crate::crypto::TAG_LEN as u64 } else { 0 };
+        let payload_len = u64::from(self.payload_len);
+        let length = u64::from(self.length);
+        if payload_len > MAX_PAYLOAD as u64 + tag {
+            return Err(RecordDefect::Field("payload_len", payload_len));
         }
         if self.offset.checked_add(u64::from(self.length)).is_none() {
             return Err(RecordDefect::Field("offset", self.offset));
         }
         match self.kind {
             RecordKind::Write => {
-                if self.length == 0 || self.payload_len != self.length + tag {
-                    return Err(RecordDefect::Field("payload_len", u64::from(self.payload_len)));
+                if length == 0 || payload_len != length + tag {
+                    return Err(RecordDefect::Field("payload_len", payload_len));
                 }
             }
             RecordKind::WriteZeroes | RecordKind::Discard => {
@@ -397,15 +406,28 @@ impl RecordHeader {
                 }
             }
             RecordKind::Bookmark => {
-                let min = BOOKMARK_FIXED_LEN as u32 + 1 + tag;
-                let max = (BOOKMARK_FIXED_LEN + crate::types::MAX_BOOKMARK_NAME) as u32 + tag;
-                if self.length != 0 || self.offset != 0 || !(min..=max).contains(&self.payload_len)
-                {
-                    return Err(RecordDefect::Field("payload_len", u64::from(self.payload_len)));
+                let min = BOOKMARK_FIXED_LEN as u64 + 1 + tag;
+                let max = (BOOKMARK_FIXED_LEN + crate::types::MAX_BOOKMARK_NAME) as u64 + tag;
+                if self.length != 0 || self.offset != 0 || !(min..=max).contains(&payload_len) {
+                    return Err(RecordDefect::Field("payload_len", payload_len));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Checks the encryption flag against the segment's: in an encrypted segment every
+    /// record with a payload is encrypted, in a plain one none is. A record that breaks this
+    /// rule is refused (it could be a forged plaintext record in an encrypted journal).
+    pub fn check_encryption(&self, segment_encrypted: bool) -> std::result::Result<(), String> {
+        let want = segment_encrypted && self.payload_len > 0;
+        if self.encrypted == want {
+            Ok(())
+        } else if want {
+            Err("record with a payload is not encrypted in an encrypted journal".to_owned())
+        } else {
+            Err("record is flagged encrypted in a journal that is not".to_owned())
+        }
     }
 
     /// Total bytes the record takes in the segment.
@@ -528,11 +550,14 @@ impl SegmentScan {
 fn record_at(
     b: &[u8],
     pos: usize,
-    seed: u32,
+    seg: &SegmentHeader,
     min_seq: Seq,
 ) -> std::result::Result<RecordHeader, (bool, String)> {
     // The bool says whether the header itself was valid (so its length can be trusted).
-    let h = RecordHeader::decode(&b[pos..], seed).map_err(|d| (false, d.to_string()))?;
+    let h = RecordHeader::decode(&b[pos..], seg.crc_seed()).map_err(|d| (false, d.to_string()))?;
+    if let Err(reason) = h.check_encryption(seg.encrypted) {
+        return Err((true, reason));
+    }
     let end = pos as u64 + h.total_len();
     if end > b.len() as u64 {
         return Err((
@@ -562,14 +587,13 @@ fn record_at(
 /// records after it.
 pub fn scan_segment(b: &[u8], object: &str) -> Result<SegmentScan> {
     let header = SegmentHeader::decode(b, object)?;
-    let seed = header.crc_seed();
     let mut records = Vec::new();
     let mut defects = Vec::new();
     let mut pos = SEGMENT_HEADER_LEN;
     let mut valid_end = pos as u64;
     let mut min_seq = header.first_seq;
     while pos < b.len() {
-        match record_at(b, pos, seed, min_seq) {
+        match record_at(b, pos, &header, min_seq) {
             Ok(h) => {
                 records.push(ScannedRecord { offset: pos as u64, header: h });
                 min_seq = h.seq;
@@ -580,10 +604,11 @@ pub fn scan_segment(b: &[u8], object: &str) -> Result<SegmentScan> {
                 // Resume at the next valid record, if any; a valid header lets us skip the
                 // damaged record exactly.
                 let skip_to = if header_ok {
-                    let h = RecordHeader::decode(&b[pos..], seed).expect("validated above");
+                    let h = RecordHeader::decode(&b[pos..], header.crc_seed())
+                        .expect("validated above");
                     Some(pos + h.total_len() as usize)
                 } else {
-                    find_next_record(b, pos + 1, seed, min_seq)
+                    find_next_record(b, pos + 1, &header, min_seq)
                 };
                 let next = skip_to.unwrap_or(b.len());
                 defects.push(Defect { offset: pos as u64, len: (next - pos) as u64, reason });
@@ -594,12 +619,12 @@ pub fn scan_segment(b: &[u8], object: &str) -> Result<SegmentScan> {
     Ok(SegmentScan { header, records, defects, valid_end })
 }
 
-fn find_next_record(b: &[u8], from: usize, seed: u32, min_seq: Seq) -> Option<usize> {
+fn find_next_record(b: &[u8], from: usize, seg: &SegmentHeader, min_seq: Seq) -> Option<usize> {
     let mut p = from;
     while p + RECORD_HEADER_LEN <= b.len() {
         let rel = b[p..].windows(4).position(|w| w == RECORD_MAGIC)?;
         p += rel;
-        if record_at(b, p, seed, min_seq).is_ok() {
+        if record_at(b, p, seg, min_seq).is_ok() {
             return Some(p);
         }
         p += 1;
@@ -739,7 +764,27 @@ impl Manifest {
                 expected: "a power of two from 512 to 1 MiB".to_owned(),
             });
         }
+        if b.len() != len {
+            return Err(JournalError::InvalidField {
+                object: object.to_owned(),
+                field: "file size",
+                found: b.len() as u64,
+                expected: format!("exactly the manifest length {len}"),
+            });
+        }
+        let next_segment_id = le64(b, 88);
         let segments = (0..n).map(|i| le64(b, MANIFEST_FIXED_LEN + 8 * i)).collect::<Vec<u64>>();
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        for &id in &segments {
+            if id == 0 || id >= next_segment_id || !seen.insert(id) {
+                return Err(JournalError::InvalidField {
+                    object: object.to_owned(),
+                    field: "segment id",
+                    found: id,
+                    expected: format!("unique ids from 1 to {}", next_segment_id.saturating_sub(1)),
+                });
+            }
+        }
         Ok(Self {
             role,
             encrypted: flags & FLAG_ENCRYPTED != 0,
@@ -750,7 +795,7 @@ impl Manifest {
             base_time: Nanos(le64(b, 64)),
             thin_horizon: Seq(le64(b, 72)),
             pending_base: Seq(le64(b, 80)),
-            next_segment_id: le64(b, 88),
+            next_segment_id,
             last_seq: Seq(le64(b, 96)),
             segments,
         })
@@ -765,7 +810,7 @@ pub fn segment_file_name(id: u64) -> String {
 /// Parses a segment file name back to its id.
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".seg")?;
-    if hex.len() != 16 {
+    if hex.len() != 16 || !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()

@@ -376,17 +376,31 @@ impl SegmentLog {
             writer: None,
         };
         let mut defects = scan.defects.clone();
-        if newest && scan.has_bad_tail() {
-            let tail = defects.pop().expect("bad tail is a defect");
-            // Everything after the last valid record never completed: cut it.
-            seg.file
-                .set_len(scan.valid_end)
-                .map_err(|e| JournalError::io("truncate", name.clone(), e))?;
+        if newest && !defects.is_empty() {
+            // In the newest segment the first damage ends the log. Unsynced writes may reach
+            // the disk in any order, so a valid record after a lost one is not evidence of
+            // a prefix: keeping it would leave a gap in the sequence, and a recovery point
+            // after a gap is a state the source never had.
+            let first = defects[0].clone();
+            let cut = first.offset;
+            let after = scan.records.iter().filter(|r| r.offset >= cut).count();
+            defects.clear();
+            if after > 0 {
+                defects.push(Defect {
+                    offset: cut,
+                    len: len - cut,
+                    reason: format!(
+                        "{}; {after} valid records after it were discarded so the sequence has no gap",
+                        first.reason
+                    ),
+                });
+            }
+            seg.file.set_len(cut).map_err(|e| JournalError::io("truncate", name.clone(), e))?;
             seg.file.sync().map_err(|e| JournalError::io("fdatasync", name.clone(), e))?;
-            seg.len = scan.valid_end;
-            tracing::warn!(segment = %name, offset = tail.offset, bytes = len - scan.valid_end,
-                "cut torn tail of journal segment: {}", tail.reason);
-            report.truncated_tail = Some((name.clone(), scan.valid_end, len - scan.valid_end));
+            seg.len = cut;
+            tracing::warn!(segment = %name, offset = cut, bytes = len - cut,
+                "cut torn tail of journal segment: {}", first.reason);
+            report.truncated_tail = Some((name.clone(), cut, len - cut));
         }
         for d in defects {
             tracing::error!(segment = %name, offset = d.offset, len = d.len,

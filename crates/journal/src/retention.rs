@@ -309,10 +309,37 @@ impl RetentionLog {
         let mut idx = Vec::new();
         let mut points = Vec::new();
         let mut last_time = Nanos(0);
+        let mut mismatch: Option<JournalError> = None;
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
             last_time = last_time.max(v.header.time);
             if v.header.seq <= v.base_seq {
                 return;
+            }
+            if v.header.kind.is_data() {
+                // Records must fit the volumes supplied: a journal opened over the wrong
+                // (or shrunken) devices is refused, not indexed.
+                let (vol, off, len) =
+                    (v.header.volume, v.header.offset, u64::from(v.header.length));
+                let bad = match volume_lens.get(usize::from(vol.0)) {
+                    None => Some(JournalError::Config(format!(
+                        "the journal holds writes for volume {vol} (seq {}) but {} volumes were supplied",
+                        v.header.seq,
+                        volume_lens.len()
+                    ))),
+                    Some(&vlen) if off + len > vlen => Some(JournalError::OutOfRange {
+                        volume: vol.0,
+                        offset: off,
+                        len,
+                        volume_len: vlen,
+                    }),
+                    Some(_) => None,
+                };
+                if bad.is_some() {
+                    if mismatch.is_none() {
+                        mismatch = bad;
+                    }
+                    return;
+                }
             }
             match v.header.kind {
                 RecordKind::Barrier => {
@@ -334,6 +361,9 @@ impl RetentionLog {
                 _ => block_entries(v.header, v.loc, u64::from(v.block_size), |e| idx.push(e)),
             }
         })?;
+        if let Some(e) = mismatch {
+            return Err(e);
+        }
         let m = log.manifest().clone();
         let bs = u64::from(m.block_size);
         let base_seq = m.base_seq;

@@ -134,13 +134,18 @@ impl Spool {
         self.log.flush()
     }
 
-    /// Up to `max_bytes` of unacknowledged events with sequence numbers above `after`
-    /// (at least one event when any is there).
+    /// Up to `max_bytes` of durable, unacknowledged events with sequence numbers above
+    /// `after` (at least one event when any is there).
+    ///
+    /// Only durable events are offered: a sequence number is final once durable, but an
+    /// event lost in a crash before its sync has its number given to the next event, so a
+    /// target that had seen the lost one would mistake the new one for a duplicate.
     pub fn read_after(&self, after: Seq, max_bytes: u64) -> Result<Vec<SpooledEvent>> {
         let start = self.pending.partition_point(|p| p.seq <= after);
+        let durable = self.log.durable_seq();
         let mut out = Vec::new();
         let mut bytes = 0;
-        for p in self.pending.iter().skip(start) {
+        for p in self.pending.iter().skip(start).take_while(|p| p.seq <= durable) {
             if !out.is_empty() && bytes + p.bytes > max_bytes {
                 break;
             }

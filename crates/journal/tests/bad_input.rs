@@ -294,6 +294,10 @@ fn spool_overflow_is_explicit_and_drops_nothing() {
     // Acknowledging frees room; the next append takes the next sequence number.
     spool.ack(Seq(accepted / 2)).expect("ack");
     assert_eq!(spool.append(&write(accepted + 1)).expect("room again"), Seq(accepted + 1));
+    // Only durable events are offered to the shipper.
+    let undurable = spool.read_after(spool.acked(), u64::MAX).expect("read");
+    assert!(undurable.iter().all(|e| e.seq <= spool.durable_seq()));
+    spool.sync().expect("sync");
     let got = spool.read_after(spool.acked(), u64::MAX).expect("read");
     assert_eq!(got.first().expect("events").seq, Seq(accepted / 2 + 1));
     assert_eq!(got.len() as u64, accepted - accepted / 2 + 1);
@@ -435,4 +439,59 @@ fn unknown_points_and_bad_bookmarks_say_why() {
     let e = log.append(Seq(2), clock.now(), &Event::Barrier).expect_err("seq order");
     assert!(matches!(e, JournalError::SeqOrder { .. }), "{e:?}");
     let _ = format::Role::Spool;
+}
+
+#[test]
+fn reopening_over_the_wrong_volumes_is_refused() {
+    let dir = MemDir::new();
+    let base = Arc::new(MemVolume::new(64 << 10));
+    let clock = clock();
+    let mut log = retention(&dir, &base, &clock, RetentionPolicy::default());
+    log.append(
+        Seq(1),
+        clock.now(),
+        &Event::Write { volume: VolumeId(0), offset: 60 << 10, data: vec![1; 4096].into() },
+    )
+    .expect("append");
+    log.sync().expect("sync");
+    drop(log);
+    let small = Arc::new(MemVolume::new(32 << 10));
+    let cfg = RetentionConfig { segment_bytes: 64 << 10, ..Default::default() };
+    let e = RetentionLog::open(
+        Arc::new(dir.clone()),
+        vec![small as Arc<dyn BlockIo>],
+        cfg,
+        clock.clone(),
+    )
+    .expect_err("shrunken volume");
+    assert!(matches!(e, JournalError::OutOfRange { volume_len: 32768, .. }), "{e:?}");
+}
+
+#[test]
+fn forged_plaintext_record_in_an_encrypted_journal_is_refused() {
+    let key = JournalKey::from_bytes([5; 32]);
+    let dir = spool_dir(3, Some(key.clone()));
+    // Clear the encrypted flag of the first record and fix both checksums, as a forger
+    // who knows the format (but not the key) would.
+    with_segment(&dir, |b| {
+        let h = SEGMENT_HEADER_LEN;
+        b[h + 5] = 0;
+        let plen = u32::from_le_bytes(b[h + 36..h + 40].try_into().unwrap()) - 16;
+        b[h + 36..h + 40].copy_from_slice(&plen.to_le_bytes());
+        b[h + 32..h + 36].copy_from_slice(&plen.to_le_bytes());
+        let seed = crc32c_of(&b[64..80]);
+        let crc = crc_append(seed, &b[h..h + 44]);
+        b[h + 44..h + 48].copy_from_slice(&crc.to_le_bytes());
+    });
+    let (spool, report) =
+        Spool::open(Arc::new(dir.clone()), cfg(Some(key)), clock()).expect("open");
+    assert!(
+        report
+            .defects
+            .iter()
+            .any(|(_, d)| d.reason.contains("not encrypted in an encrypted journal")),
+        "{:?}",
+        report.defects
+    );
+    assert!(spool.read_after(Seq(0), u64::MAX).expect("read").iter().all(|e| e.seq != Seq(1)));
 }
