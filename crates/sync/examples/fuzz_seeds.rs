@@ -1,0 +1,153 @@
+//! Writes the seed corpora of the sync fuzz targets: `fuzz/corpus/wire_frame` (a frame of
+//! every message type, plain and compressed, plus truncated, bit-flipped and
+//! foreign-version variants) and `fuzz/corpus/handshake` (recorded handshakes and sessions
+//! replayable by the harness, see `tidemark_sync::secure::fuzz_handshake_seeds`). Run with
+//! `cargo run -p tidemark-sync --example fuzz_seeds`.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
+use tidemark_sync::wire::{
+    Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, EntryBody, ErrorCode, HashReply,
+    HashRequest, Hello, Message, NodeHash, NodeRange, PairId, RefSource, Refuse, RefuseReason,
+    Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo, Welcome,
+};
+
+fn messages() -> Vec<Message> {
+    let entry = |time: u64, body| BatchEntry { time: Nanos(time), body };
+    vec![
+        Message::Hello(Hello {
+            versions: SUPPORTED_VERSIONS,
+            role: Role::Source,
+            node: "source-1".to_owned(),
+            pair: PairId([0x5e; 16]),
+            volumes: vec![
+                VolumeInfo { id: VolumeId(0), block_size: 4096, size: 1 << 30 },
+                VolumeInfo { id: VolumeId(1), block_size: 512, size: 1 << 20 },
+            ],
+        }),
+        Message::Welcome(Welcome { version: 1, node: "target-1".to_owned() }),
+        Message::Refuse(Refuse {
+            reason: RefuseReason::VERSION_MISMATCH,
+            supported: SUPPORTED_VERSIONS,
+            message: "this node speaks protocol version 1".to_owned(),
+        }),
+        Message::Resume { last_acked: Seq(1000) },
+        Message::Batch(Batch {
+            first_seq: Seq(1001),
+            entries: vec![
+                entry(
+                    1,
+                    EntryBody::Event(Event::Write {
+                        volume: VolumeId(0),
+                        offset: 4096,
+                        data: Bytes::from(vec![0x61; 4096]),
+                    }),
+                ),
+                entry(
+                    2,
+                    EntryBody::Event(Event::WriteZeroes {
+                        volume: VolumeId(0),
+                        offset: 0,
+                        len: 65536,
+                    }),
+                ),
+                entry(
+                    3,
+                    EntryBody::Event(Event::Discard {
+                        volume: VolumeId(1),
+                        offset: 512,
+                        len: 1024,
+                    }),
+                ),
+                entry(4, EntryBody::Event(Event::Barrier)),
+                entry(
+                    5,
+                    EntryBody::Event(Event::Bookmark(
+                        Bookmark::new("before-upgrade", BookmarkKind::Filesystem, 3)
+                            .expect("a valid name"),
+                    )),
+                ),
+                entry(
+                    6,
+                    EntryBody::Ref(BlockRef {
+                        volume: VolumeId(0),
+                        offset: 1 << 20,
+                        len: 4096,
+                        source: RefSource::Earlier { seq: Seq(1001), at: 0 },
+                    }),
+                ),
+                entry(
+                    7,
+                    EntryBody::Ref(BlockRef {
+                        volume: VolumeId(0),
+                        offset: 2 << 20,
+                        len: 4096,
+                        source: RefSource::Hash(ContentHash([0xc3; 32])),
+                    }),
+                ),
+            ],
+        }),
+        Message::Ack { upto: Seq(1007) },
+        Message::Error { code: ErrorCode::SEQUENCE_GAP, message: "expected seq 1008".to_owned() },
+        Message::Ping { nonce: 42 },
+        Message::Pong { nonce: 42 },
+        Message::HashRequest(HashRequest {
+            id: 9,
+            volume: VolumeId(0),
+            shape: TreeShape::default(),
+            level: 1,
+            ranges: vec![NodeRange { first: 0, count: 16 }, NodeRange { first: 48, count: 16 }],
+        }),
+        Message::HashReply(HashReply {
+            id: 9,
+            volume: VolumeId(0),
+            level: 1,
+            hashes: (0..32u8).map(|i| NodeHash([i; 32])).collect(),
+        }),
+    ]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let wire_dir = root.join("wire_frame");
+    let handshake_dir = root.join("handshake");
+    std::fs::create_dir_all(&wire_dir)?;
+    std::fs::create_dir_all(&handshake_dir)?;
+
+    let mut codec = Codec::new(1 << 20)?;
+    for message in messages() {
+        let name = message.message_type().name().to_ascii_lowercase();
+        let mut frame = Vec::new();
+        codec.set_compression(Compression::Off);
+        codec.encode(&message, &mut frame)?;
+        std::fs::write(wire_dir.join(&name), &frame)?;
+        std::fs::write(wire_dir.join(format!("{name}-torn")), &frame[..frame.len() * 2 / 3])?;
+        let mut flipped = frame.clone();
+        let at = 12 + (frame.len() - 12) / 2;
+        flipped[at] ^= 0x10;
+        std::fs::write(wire_dir.join(format!("{name}-flip")), &flipped)?;
+        if matches!(message, Message::Batch(_)) {
+            let mut packed = Vec::new();
+            codec.set_compression(Compression::Zstd { level: 3 });
+            codec.encode(&message, &mut packed)?;
+            assert_eq!(packed[7], 1, "the sample batch compresses");
+            std::fs::write(wire_dir.join(format!("{name}-zstd")), &packed)?;
+        }
+        if let Message::Hello(h) = &message {
+            let future = Hello { versions: VersionRange { min: 2, max: 3 }, ..h.clone() };
+            let mut frame = Vec::new();
+            codec.set_compression(Compression::Off);
+            codec.encode(&Message::Hello(future), &mut frame)?;
+            frame[4..6].copy_from_slice(&2u16.to_le_bytes());
+            std::fs::write(wire_dir.join("hello-version-2"), &frame)?;
+        }
+    }
+
+    for (name, bytes) in tidemark_sync::secure::fuzz_handshake_seeds() {
+        std::fs::write(handshake_dir.join(name), bytes)?;
+    }
+    println!("wrote seeds to {} and {}", wire_dir.display(), handshake_dir.display());
+    Ok(())
+}
