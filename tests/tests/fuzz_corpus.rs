@@ -19,6 +19,10 @@ type FuzzFn = fn(&[u8]);
 const TARGETS: &[(&str, FuzzFn)] = &[
     ("journal_segment", tidemark_journal::format::fuzz_segment),
     ("journal_manifest", tidemark_journal::format::fuzz_manifest),
+    ("dmlog", tidemark_tap::dmlog::fuzz_dmlog),
+    ("intent_map", tidemark_tap::intent::fuzz_intent_map),
+    ("wire_frame", tidemark_sync::wire::codec::fuzz_frame),
+    ("handshake", tidemark_sync::secure::fuzz_handshake),
 ];
 
 /// The `fuzz/` directory of the workspace.
@@ -94,6 +98,26 @@ fn journal_segment_corpus() {
 #[test]
 fn journal_manifest_corpus() {
     run_corpus("journal_manifest");
+}
+
+#[test]
+fn dmlog_corpus() {
+    run_corpus("dmlog");
+}
+
+#[test]
+fn intent_map_corpus() {
+    run_corpus("intent_map");
+}
+
+#[test]
+fn wire_frame_corpus() {
+    run_corpus("wire_frame");
+}
+
+#[test]
+fn handshake_corpus() {
+    run_corpus("handshake");
 }
 
 /// Keeps [`TARGETS`] in step with `fuzz/fuzz_targets/`: a new fuzz target must get its corpus

@@ -38,8 +38,13 @@ const CI_PROPTEST_CASES: &str = "64";
 
 /// Debian packages the tests and benchmarks need, each with a command that proves it is
 /// installed.
-const APT_PACKAGES: &[(&str, &str)] =
-    &[("fio", "fio"), ("rsync", "rsync"), ("zstd", "zstd"), ("e2fsprogs", "mkfs.ext4")];
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("fio", "fio"),
+    ("rsync", "rsync"),
+    ("zstd", "zstd"),
+    ("e2fsprogs", "mkfs.ext4"),
+    ("qemu-utils", "qemu-io"),
+];
 
 /// The steps of `cargo xtask ci`, in the order they run: name and one-line description.
 const STEPS: &[(&str, &str)] = &[

@@ -1,6 +1,27 @@
 //! The write tap: capture of every write to a protected block device, in order, with its
-//! flush/FUA barriers.
+//! flush/FUA barriers, into the journal's capture stream (`tidemark_journal::Event`).
 //!
-//! This crate is a placeholder in the first landing: the kernel frontends (ublk, FUSE +
-//! loop), the dm-log-writes reader, the library capture API and the write-intent map arrive
-//! with their own issue. Nothing here is called by the agent yet.
+//! - [`dmlog`]: reader of the dm-log-writes log format (the kernel's `dm-log-writes` target
+//!   and QEMU's `blklogwrites` driver), as a capture source and as a replay tool
+//!   (`docs/dm-log-writes.md`).
+//! - [`intent`]: the persistent write-intent map that bounds the resync after a crash or a
+//!   spool overflow (DRBD activity-log style; format in `docs/intent-map.md`).
+//! - [`capture`]: the in-process capture API for embedders ([`Tap`]): intent mark, pass-through
+//!   to the protected device, spool append, in the capture order.
+//! - [`regions`]: sets of regions as sorted runs, shared by the intent map and its callers.
+//!
+//! The kernel frontends (ublk, FUSE + loop) are not built yet (issue 4).
+
+pub mod capture;
+pub mod dmlog;
+pub mod error;
+pub mod intent;
+pub mod regions;
+
+pub use capture::{
+    Captured, CompletionPolicy, HotFullPolicy, OverflowState, Tap, TapConfig, TapStatus,
+};
+pub use dmlog::{DmLog, EntryFlags, LogEntry, LogSuper, ReplayPoint, ReplayReport};
+pub use error::{Result, TapError};
+pub use intent::{IntentConfig, IntentMap, IntentOpenReport, IntentStatus, WriteIntent};
+pub use regions::{RegionRun, RegionSet};

@@ -1,0 +1,546 @@
+//! The in-process capture API: a [`Tap`] in front of one protected device, for embedders (a
+//! VMM, a storage target) that hand it writes, write-zeroes, discards, flushes and bookmarks.
+//!
+//! This module owns the capture order and the completion policy. For each write the tap:
+//! 1. marks the regions it touches in the write-intent map, durably, before anything else;
+//! 2. passes the write through to the protected device;
+//! 3. appends the capture event to the spool, which assigns its sequence number.
+//!
+//! **The order rule.** Events enter the spool in one total order, under one lock. A write is
+//! appended after its backing write completed and before the call returns; a flush or a
+//! bookmark appends its barrier when it is issued, before it syncs the device. Hence *a
+//! write that completed before a flush was issued is ordered before that flush*. A write
+//! still in flight when the flush was issued may land on either side of the barrier; either
+//! way the recovery point at the barrier is a state the device could have been in after a
+//! power cut, since the flush promises nothing about writes that had not completed. A FUA
+//! write is followed by a barrier (its data is durable when it completes). Consecutive
+//! flushes with nothing between them give one barrier.
+//!
+//! **Completion policy.** [`CompletionPolicy::Backing`] (the default, asynchronous
+//! replication) completes a call once the backing write is done and the event is appended;
+//! [`CompletionPolicy::Spooled`] also waits until the spool holds it durably (group commit).
+//! Under both, the intent map marks the region durably before the backing write, so a crash
+//! never leaves an unacknowledged write uncovered.
+//!
+//! **Overflow.** When the spool refuses an event (full, or failing), the write is not lost:
+//! its regions stay dirty in the intent map as out of sync, the tap enters the overflow
+//! state ([`TapStatus::overflow`]) and stops spooling (later events would leave a gap in the
+//! replica's history anyway), tracking every further write in the intent map only, until the
+//! caller resyncs the regions [`Tap::resume_spooling`] returns.
+//!
+//! **Hot bound.** When the intent map refuses a mark because too many regions are hot,
+//! [`HotFullPolicy`] decides: wait for acknowledgements (back-pressure), or mark the range out
+//! of sync at once. The application's write is never failed for replication's sake.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tidemark_journal::{
+    BlockIo, Bookmark, Event, JournalError, Seq, Spool, SpooledEvent, VolumeId,
+};
+
+use crate::error::{Result, TapError};
+use crate::intent::{IntentMap, IntentStatus, WriteIntent};
+use crate::regions::RegionSet;
+
+/// Default largest write event; larger writes are split into several events.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
+/// Write-zeroes and discard events are split at this length so that it fits their `u32`.
+const MAX_RANGE_EVENT: u64 = 1 << 30;
+/// Size of the zero buffer written to the device for write-zeroes and discards.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// When a call into the tap completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompletionPolicy {
+    /// After the backing write (and the event's append to the spool, not yet durable).
+    #[default]
+    Backing,
+    /// After the backing write and a durable spool append.
+    Spooled,
+}
+
+/// What the tap does when the intent map's hot bound refuses a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HotFullPolicy {
+    /// Mark the range out of sync at once (it will be resynced); never blocks.
+    #[default]
+    TrackOutOfSync,
+    /// Block up to this long for acknowledgements to free regions, then mark out of sync.
+    Wait(Duration),
+}
+
+/// Settings of a tap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapConfig {
+    /// The volume's index in its consistency group.
+    pub volume: VolumeId,
+    /// When calls complete.
+    pub completion: CompletionPolicy,
+    /// What to do when the hot bound is reached.
+    pub hot_full: HotFullPolicy,
+    /// Largest write event (at most the journal's largest record payload).
+    pub max_event_bytes: usize,
+}
+
+impl Default for TapConfig {
+    fn default() -> Self {
+        Self {
+            volume: VolumeId(0),
+            completion: CompletionPolicy::Backing,
+            hot_full: HotFullPolicy::TrackOutOfSync,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+        }
+    }
+}
+
+/// Where a call's event went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Captured {
+    /// Appended to the spool with this sequence number (the last one when the call gave
+    /// several events).
+    Spooled(Seq),
+    /// Not in the spool (overflow): the range is out of sync in the intent map, or for a
+    /// barrier, the point is lost until a resync.
+    OutOfSync,
+    /// Nothing to capture (an empty range).
+    Nothing,
+}
+
+/// The tap is not spooling: since when and what it tracked instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverflowState {
+    /// The last sequence number in the spool when spooling stopped.
+    pub last_spooled: Seq,
+    /// Why the spool refused the event.
+    pub cause: String,
+    /// Writes, write-zeroes and discards tracked in the intent map instead.
+    pub events_not_spooled: u64,
+    /// Their bytes.
+    pub bytes_not_spooled: u64,
+    /// Flushes and bookmarks not recorded.
+    pub points_not_spooled: u64,
+}
+
+/// Counters of a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapStatus {
+    /// Set while the tap is not spooling.
+    pub overflow: Option<OverflowState>,
+    /// The write-intent map's counters and bounds.
+    pub intent: IntentStatus,
+    /// Highest sequence number appended.
+    pub last_seq: Seq,
+    /// Highest sequence number durable in the spool.
+    pub durable_seq: Seq,
+    /// Highest sequence number acknowledged by the target.
+    pub acked: Seq,
+    /// Bytes of unacknowledged events in the spool.
+    pub backlog_bytes: u64,
+    /// Writes, write-zeroes and discards passed through to the device.
+    pub writes: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Writes whose range the hot bound sent out of sync.
+    pub hot_full_events: u64,
+}
+
+#[derive(Debug)]
+struct Capture {
+    spool: Spool,
+    overflow: Option<OverflowState>,
+    last_was_barrier: bool,
+    writes: u64,
+    bytes: u64,
+    hot_full_events: u64,
+}
+
+/// The capture pipeline of one protected device (see the module documentation).
+#[derive(Debug)]
+pub struct Tap {
+    device: Arc<dyn BlockIo>,
+    device_name: String,
+    device_len: u64,
+    intent: IntentMap,
+    cfg: TapConfig,
+    capture: Mutex<Capture>,
+}
+
+impl Tap {
+    /// A tap over `device`, appending to `spool` and marking `intent` (which must cover a
+    /// volume of the device's length).
+    pub fn new(
+        device: Arc<dyn BlockIo>,
+        spool: Spool,
+        intent: IntentMap,
+        cfg: TapConfig,
+    ) -> Result<Tap> {
+        let device_name = device.name();
+        let device_len =
+            device.len().map_err(|e| TapError::io("length query", device_name.clone(), e))?;
+        let volume_bytes = intent.header().volume_bytes;
+        if volume_bytes != device_len {
+            return Err(TapError::Config(format!(
+                "write-intent map {} covers {volume_bytes} bytes, device {device_name} holds {device_len}",
+                intent.name()
+            )));
+        }
+        if cfg.max_event_bytes == 0 || cfg.max_event_bytes > tidemark_journal::format::MAX_PAYLOAD {
+            return Err(TapError::Config(format!(
+                "max_event_bytes {} is not from 1 to {}",
+                cfg.max_event_bytes,
+                tidemark_journal::format::MAX_PAYLOAD
+            )));
+        }
+        let capture = Capture {
+            spool,
+            overflow: None,
+            last_was_barrier: false,
+            writes: 0,
+            bytes: 0,
+            hot_full_events: 0,
+        };
+        Ok(Tap { device, device_name, device_len, intent, cfg, capture: Mutex::new(capture) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Capture> {
+        // Every update of the capture state is complete before any call that can panic.
+        self.capture.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `data` at byte `offset`.
+    pub fn write(&self, offset: u64, data: Bytes) -> Result<Captured> {
+        self.write_inner(offset, data, false)
+    }
+
+    /// Writes `data` at byte `offset` with FUA: durable on the device when this returns, and
+    /// followed by a barrier in the capture stream.
+    pub fn write_fua(&self, offset: u64, data: Bytes) -> Result<Captured> {
+        self.write_inner(offset, data, true)
+    }
+
+    fn write_inner(&self, offset: u64, data: Bytes, fua: bool) -> Result<Captured> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return if fua { self.flush() } else { Ok(Captured::Nothing) };
+        }
+        let intent = self.intent_for(offset, len)?;
+        self.device
+            .write_at(&data, offset)
+            .map_err(|e| TapError::io("write", self.device_name.clone(), e))?;
+        if fua {
+            self.sync_device()?;
+        }
+        let step = self.cfg.max_event_bytes;
+        let mut events = Vec::with_capacity(data.len().div_ceil(step) + 1);
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + step).min(data.len());
+            events.push(Event::Write {
+                volume: self.cfg.volume,
+                offset: offset + at as u64,
+                data: data.slice(at..end),
+            });
+            at = end;
+        }
+        if fua {
+            events.push(Event::Barrier);
+        }
+        let captured = self.append(&events, len, intent);
+        self.complete(captured)
+    }
+
+    /// Sets `len` bytes at `offset` to zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Captured> {
+        self.zero_range(offset, len, false)
+    }
+
+    /// Discards `len` bytes at `offset`. The device has no discard through [`BlockIo`], so
+    /// the range is written with zeros, which is also what the replica stores.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<Captured> {
+        self.zero_range(offset, len, true)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<Captured> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(Captured::Nothing);
+        }
+        let intent = self.intent_for(offset, len)?;
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(ZERO_CHUNK) as usize;
+            self.device
+                .write_at(&zeros[..piece], offset + done)
+                .map_err(|e| TapError::io("write", self.device_name.clone(), e))?;
+            done += piece as u64;
+        }
+        let mut events = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(MAX_RANGE_EVENT);
+            let (volume, at, piece32) = (self.cfg.volume, offset + done, piece as u32);
+            events.push(if discard {
+                Event::Discard { volume, offset: at, len: piece32 }
+            } else {
+                Event::WriteZeroes { volume, offset: at, len: piece32 }
+            });
+            done += piece;
+        }
+        let captured = self.append(&events, len, intent);
+        self.complete(captured)
+    }
+
+    /// A flush: orders a barrier after every write completed so far, then makes the device
+    /// durable.
+    pub fn flush(&self) -> Result<Captured> {
+        let captured = self.append_point(Event::Barrier);
+        self.sync_device()?;
+        self.complete(captured)
+    }
+
+    /// A named consistency point: a barrier with a name, then a device flush.
+    pub fn bookmark(&self, bookmark: Bookmark) -> Result<Captured> {
+        let captured = self.append_point(Event::Bookmark(bookmark));
+        self.sync_device()?;
+        self.complete(captured)
+    }
+
+    /// The target acknowledged every event up to `upto`: trims the spool and lets the intent
+    /// map clear the regions whose writes are all acknowledged (lazily).
+    pub fn acknowledge(&self, upto: Seq) -> Result<()> {
+        self.lock().spool.ack(upto).map_err(|source| TapError::Spool { op: "ack", source })?;
+        self.intent.acknowledge(upto);
+        Ok(())
+    }
+
+    /// Group commit of the spool: makes every event appended so far durable, and so offered
+    /// by [`Tap::read_after`]; returns the durable sequence number. Under
+    /// [`CompletionPolicy::Backing`] the shipper (or a timer) calls this; the disk wait runs
+    /// without holding the tap's lock, so captures go on meanwhile.
+    pub fn sync_spool(&self) -> Result<Seq> {
+        let ticket = self
+            .lock()
+            .spool
+            .begin_sync()
+            .map_err(|source| TapError::Spool { op: "sync", source })?;
+        let outcome = ticket.wait();
+        self.lock().spool.end_sync(outcome).map_err(|source| TapError::Spool { op: "sync", source })
+    }
+
+    /// Durable, unacknowledged events after `after`, up to about `max_bytes` (for the
+    /// shipper). Events not yet durable in the spool are not offered (see
+    /// [`Tap::sync_spool`]).
+    pub fn read_after(&self, after: Seq, max_bytes: u64) -> Result<Vec<SpooledEvent>> {
+        self.lock()
+            .spool
+            .read_after(after, max_bytes)
+            .map_err(|source| TapError::Spool { op: "read", source })
+    }
+
+    /// Clears the intent map's clean regions on disk now.
+    pub fn clear_clean(&self) -> Result<()> {
+        self.intent.clear_clean()
+    }
+
+    /// Ends the overflow state: events are spooled again from now on. Returns the regions
+    /// out of sync, which the caller must resync (and report with
+    /// [`IntentMap::resynced`]) before recovery points after the gap can be trusted.
+    pub fn resume_spooling(&self) -> RegionSet {
+        let mut c = self.lock();
+        c.overflow = None;
+        c.last_was_barrier = false;
+        drop(c);
+        self.intent.out_of_sync()
+    }
+
+    /// The intent map.
+    pub fn intent(&self) -> &IntentMap {
+        &self.intent
+    }
+
+    /// Runs `f` on the spool (for a shipper that needs more than [`Tap::read_after`]).
+    pub fn with_spool<R>(&self, f: impl FnOnce(&mut Spool) -> R) -> R {
+        f(&mut self.lock().spool)
+    }
+
+    /// Counters.
+    pub fn status(&self) -> TapStatus {
+        let intent = self.intent.status();
+        let c = self.lock();
+        let status = TapStatus {
+            overflow: c.overflow.clone(),
+            intent,
+            last_seq: c.spool.last_seq(),
+            durable_seq: c.spool.durable_seq(),
+            acked: c.spool.acked(),
+            backlog_bytes: c.spool.backlog_bytes(),
+            writes: c.writes,
+            bytes: c.bytes,
+            hot_full_events: c.hot_full_events,
+        };
+        drop(c);
+        status
+    }
+
+    /// Clean shutdown: syncs the device, closes the spool (recording the acknowledged point)
+    /// and clears the intent map's clean regions. What stays dirty still needs a resync.
+    pub fn close(self) -> Result<()> {
+        self.sync_device()?;
+        let capture = self.capture.into_inner().unwrap_or_else(|e| e.into_inner());
+        capture.spool.close().map_err(|source| TapError::Spool { op: "close", source })?;
+        self.intent.close()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.device_len) {
+            return Err(TapError::OutOfRange {
+                object: format!("protected device {}", self.device_name),
+                offset,
+                len,
+                object_len: self.device_len,
+            });
+        }
+        Ok(())
+    }
+
+    fn sync_device(&self) -> Result<()> {
+        self.device.sync().map_err(|e| TapError::io("fdatasync", self.device_name.clone(), e))
+    }
+
+    /// Step 1: the durable intent mark, with the hot-bound policy applied.
+    fn intent_for(&self, offset: u64, len: u64) -> Result<WriteIntent> {
+        match self.intent.mark(offset, len) {
+            Err(TapError::HotRegionsFull { .. }) => {}
+            other => return other,
+        }
+        if let HotFullPolicy::Wait(timeout) = self.cfg.hot_full {
+            if self.intent.wait_for_room(offset, len, timeout)? {
+                match self.intent.mark(offset, len) {
+                    Err(TapError::HotRegionsFull { .. }) => {}
+                    other => return other,
+                }
+            }
+        }
+        self.lock().hot_full_events += 1;
+        tracing::warn!(
+            map = self.intent.name(),
+            offset,
+            len,
+            "write-intent hot bound reached: range tracked out of sync"
+        );
+        self.intent.mark_out_of_sync(offset, len)
+    }
+
+    /// Step 3: appends a write's events in one go; on refusal the write's regions go out of
+    /// sync and the tap stops spooling.
+    fn append(&self, events: &[Event], bytes: u64, intent: WriteIntent) -> Captured {
+        let mut c = self.lock();
+        c.writes += 1;
+        c.bytes += bytes;
+        if let Some(ov) = c.overflow.as_mut() {
+            ov.events_not_spooled += 1;
+            ov.bytes_not_spooled += bytes;
+            drop(c);
+            intent.out_of_sync();
+            return Captured::OutOfSync;
+        }
+        let mut last = None;
+        for event in events {
+            match c.spool.append(event) {
+                Ok(seq) => last = Some(seq),
+                Err(e) => {
+                    Self::enter_overflow(&mut c, &e);
+                    if let Some(ov) = c.overflow.as_mut() {
+                        ov.events_not_spooled += 1;
+                        ov.bytes_not_spooled += bytes;
+                    }
+                    drop(c);
+                    intent.out_of_sync();
+                    return Captured::OutOfSync;
+                }
+            }
+        }
+        c.last_was_barrier = matches!(events.last(), Some(Event::Barrier));
+        drop(c);
+        match last {
+            Some(seq) => {
+                intent.record(seq);
+                Captured::Spooled(seq)
+            }
+            None => Captured::Nothing,
+        }
+    }
+
+    /// Appends a barrier or bookmark (a barrier right after a barrier is not repeated).
+    fn append_point(&self, event: Event) -> Captured {
+        let mut c = self.lock();
+        if let Some(ov) = c.overflow.as_mut() {
+            ov.points_not_spooled += 1;
+            return Captured::OutOfSync;
+        }
+        if matches!(event, Event::Barrier) && c.last_was_barrier {
+            return Captured::Spooled(c.spool.last_seq());
+        }
+        match c.spool.append(&event) {
+            Ok(seq) => {
+                c.last_was_barrier = matches!(event, Event::Barrier);
+                Captured::Spooled(seq)
+            }
+            Err(e) => {
+                Self::enter_overflow(&mut c, &e);
+                if let Some(ov) = c.overflow.as_mut() {
+                    ov.points_not_spooled += 1;
+                }
+                Captured::OutOfSync
+            }
+        }
+    }
+
+    fn enter_overflow(c: &mut Capture, e: &JournalError) {
+        let mut cause = e.to_string();
+        if let Some(source) = std::error::Error::source(e) {
+            cause = format!("{cause}: {source}");
+        }
+        tracing::warn!(cause, "spool refused an event: tracking writes in the write-intent map");
+        c.overflow = Some(OverflowState {
+            last_spooled: c.spool.last_seq(),
+            cause,
+            events_not_spooled: 0,
+            bytes_not_spooled: 0,
+            points_not_spooled: 0,
+        });
+    }
+
+    /// Under [`CompletionPolicy::Spooled`], waits until the spool holds `captured` durably.
+    /// A failing spool sync sends the tap into overflow; the write stays covered by the
+    /// intent map, which marked it before the backing write.
+    fn complete(&self, captured: Captured) -> Result<Captured> {
+        let Captured::Spooled(seq) = captured else { return Ok(captured) };
+        if self.cfg.completion != CompletionPolicy::Spooled {
+            return Ok(captured);
+        }
+        let ticket = {
+            let mut c = self.lock();
+            if c.spool.durable_seq() >= seq {
+                return Ok(captured);
+            }
+            match c.spool.begin_sync() {
+                Ok(t) => t,
+                Err(e) => {
+                    Self::enter_overflow(&mut c, &e);
+                    return Ok(captured);
+                }
+            }
+        };
+        let outcome = ticket.wait();
+        let mut c = self.lock();
+        if let Err(e) = c.spool.end_sync(outcome) {
+            Self::enter_overflow(&mut c, &e);
+        }
+        Ok(captured)
+    }
+}

@@ -1,0 +1,504 @@
+//! The in-process capture API: events leave the spool in capture order with barriers where
+//! the order rule puts them (also under concurrent writers and flushes), a spool overflow
+//! falls back to the write-intent map, and the map covers every write the target has not
+//! acknowledged, across crashes, under both completion policies.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use tidemark_journal::{
+    BlockIo, Bookmark, BookmarkKind, CrashMode, Dir, Event, ManualClock, MemDir, MemVolume, Nanos,
+    Seq, Spool, SpoolConfig, VolumeId,
+};
+use tidemark_tap::{
+    Captured, CompletionPolicy, HotFullPolicy, IntentConfig, IntentMap, RegionSet, Tap, TapConfig,
+    TapError,
+};
+
+const REGION: u64 = 64 << 10;
+const DEVICE: u64 = 16 << 20;
+const MAP: &str = "intent.map";
+
+struct Rig {
+    spool_dir: MemDir,
+    map_dir: MemDir,
+    device: Arc<MemVolume>,
+    tap: Tap,
+}
+
+fn spool_cfg(capacity: u64) -> SpoolConfig {
+    SpoolConfig { capacity_bytes: capacity, segment_bytes: 256 << 10, key: None }
+}
+
+fn intent_cfg(max_hot: u32) -> IntentConfig {
+    IntentConfig { region_bytes: REGION, max_hot_regions: max_hot, max_runs: 256 }
+}
+
+fn rig_with(capacity: u64, max_hot: u32, cfg: TapConfig) -> Rig {
+    let spool_dir = MemDir::new();
+    let map_dir = MemDir::new();
+    let clock = Arc::new(ManualClock::new(Nanos(1_700_000_000 * Nanos::SECOND)));
+    let (spool, _) =
+        Spool::open(Arc::new(spool_dir.clone()), spool_cfg(capacity), clock).expect("spool");
+    let (intent, _) =
+        IntentMap::open(map_dir.open(MAP, true).expect("map"), DEVICE, intent_cfg(max_hot))
+            .expect("intent map");
+    let device = Arc::new(MemVolume::new(DEVICE));
+    let tap = Tap::new(device.clone(), spool, intent, cfg).expect("tap");
+    Rig { spool_dir, map_dir, device, tap }
+}
+
+fn rig(cfg: TapConfig) -> Rig {
+    rig_with(1 << 30, 64, cfg)
+}
+
+fn spooled(tap: &Tap) -> Vec<(Seq, Event)> {
+    let durable = tap.sync_spool().expect("sync spool");
+    assert_eq!(durable, tap.status().last_seq);
+    tap.read_after(Seq::ZERO, u64::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|e| (e.seq, e.event))
+        .collect()
+}
+
+fn data(seed: u8, len: usize) -> Bytes {
+    Bytes::from((0..len).map(|i| seed.wrapping_add((i / 7) as u8)).collect::<Vec<u8>>())
+}
+
+/// A compact description of an event (payloads summarised by length and checksum), so
+/// that a failing comparison prints something readable.
+fn summary(e: &Event) -> String {
+    match e {
+        Event::Write { volume, offset, data } => {
+            let sum = data.iter().fold(0u32, |a, &b| a.wrapping_mul(31).wrapping_add(u32::from(b)));
+            format!("write v{volume} @{offset}+{} sum {sum:#x}", data.len())
+        }
+        Event::WriteZeroes { volume, offset, len } => format!("zeroes v{volume} @{offset}+{len}"),
+        Event::Discard { volume, offset, len } => format!("discard v{volume} @{offset}+{len}"),
+        Event::Barrier => "barrier".into(),
+        Event::Bookmark(b) => format!("bookmark {:?} {:?} group {}", b.name, b.kind, b.group),
+    }
+}
+
+fn seq_of(c: Captured) -> Seq {
+    match c {
+        Captured::Spooled(s) => s,
+        other => panic!("expected a spooled event, got {other:?}"),
+    }
+}
+
+#[test]
+fn events_come_out_of_the_spool_in_capture_order_with_barriers_in_place() {
+    let cfg = TapConfig { volume: VolumeId(2), max_event_bytes: 1 << 20, ..TapConfig::default() };
+    let r = rig(cfg);
+    let tap = &r.tap;
+    let (a, b, c, big) = (data(1, 4096), data(2, 8192), data(3, 512), data(4, 3 << 20));
+    let w = |offset: u64, d: &Bytes| Event::Write { volume: VolumeId(2), offset, data: d.clone() };
+    tap.write(0, a.clone()).expect("write");
+    tap.write(1 << 20, b.clone()).expect("write");
+    let f1 = seq_of(tap.flush().expect("flush"));
+    assert_eq!(seq_of(tap.flush().expect("flush")), f1, "a flush right after a flush adds nothing");
+    tap.write_fua(2 << 20, c.clone()).expect("fua");
+    tap.write_zeroes(3 << 20, 8192).expect("zeroes");
+    tap.discard(4 << 20, 1 << 20).expect("discard");
+    let mark = Bookmark::new("before-big", BookmarkKind::Application, 7).expect("name");
+    tap.bookmark(mark.clone()).expect("bookmark");
+    tap.write(8 << 20, big.clone()).expect("big write");
+    tap.flush().expect("flush");
+    assert_eq!(tap.write(5, Bytes::new()).expect("empty"), Captured::Nothing);
+
+    let got: Vec<Event> = spooled(tap).into_iter().map(|(_, e)| e).collect();
+    let summaries = |v: &[Event]| v.iter().map(summary).collect::<Vec<_>>();
+    let expected = vec![
+        w(0, &a),
+        w(1 << 20, &b),
+        Event::Barrier,
+        w(2 << 20, &c),
+        Event::Barrier,
+        Event::WriteZeroes { volume: VolumeId(2), offset: 3 << 20, len: 8192 },
+        Event::Discard { volume: VolumeId(2), offset: 4 << 20, len: 1 << 20 },
+        Event::Bookmark(mark),
+        w(8 << 20, &big.slice(0..1 << 20)),
+        w(9 << 20, &big.slice(1 << 20..2 << 20)),
+        w(10 << 20, &big.slice(2 << 20..)),
+        Event::Barrier,
+    ];
+    assert_eq!(summaries(&got), summaries(&expected));
+    assert!(got == expected);
+
+    // The device holds what the events say.
+    let mut model = vec![0u8; DEVICE as usize];
+    for e in &got {
+        if let Event::Write { offset, data, .. } = e {
+            model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+    }
+    assert!(r.device.snapshot() == model);
+    let status = tap.status();
+    assert_eq!(status.writes, 6);
+    assert_eq!(status.last_seq, Seq(12));
+}
+
+#[test]
+fn a_write_completed_before_a_flush_was_issued_is_ordered_before_it() {
+    let r = rig(TapConfig::default());
+    let tap = Arc::new(r.tap);
+    let completed: Arc<Mutex<Vec<Seq>>> = Arc::default();
+    let writers: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (tap, completed) = (tap.clone(), completed.clone());
+            thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                for i in 0..300u64 {
+                    let offset = rng.gen_range(0..DEVICE / 4096) * 4096;
+                    let c = tap.write(offset, data((t * 31 + i) as u8, 4096)).expect("write");
+                    completed.lock().expect("list").push(seq_of(c));
+                }
+            })
+        })
+        .collect();
+    let flusher = {
+        let (tap, completed) = (tap.clone(), completed.clone());
+        thread::spawn(move || {
+            let mut checks = Vec::new();
+            for _ in 0..200 {
+                // Every write whose call returned before this flush is issued ...
+                let done: Vec<Seq> = completed.lock().expect("list").clone();
+                let barrier = seq_of(tap.flush().expect("flush"));
+                // ... is before the flush's barrier.
+                if let Some(&latest) = done.iter().max() {
+                    assert!(latest < barrier, "write {latest} completed before flush {barrier}");
+                }
+                checks.push(barrier);
+                thread::yield_now();
+            }
+            checks
+        })
+    };
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let barriers = flusher.join().expect("flusher");
+    let events: BTreeMap<Seq, Event> = spooled(&tap).into_iter().collect();
+    for b in &barriers {
+        assert_eq!(events.get(b), Some(&Event::Barrier), "flush {b} is a barrier in the spool");
+    }
+    assert_eq!(events.values().filter(|e| matches!(e, Event::Write { .. })).count(), 1800);
+    let seqs: Vec<u64> = events.keys().map(|s| s.0).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "one gap-free order");
+}
+
+#[test]
+fn a_spool_overflow_falls_back_to_the_intent_map() {
+    let r = rig_with(64 << 10, 64, TapConfig::default());
+    let tap = &r.tap;
+    let mut spooled_writes = Vec::new();
+    let mut tracked = RegionSet::new();
+    for i in 0..40u64 {
+        let offset = i * REGION + 512;
+        match tap.write(offset, data(i as u8, 4096)).expect("write never fails for the spool") {
+            Captured::Spooled(seq) => spooled_writes.push((seq, offset)),
+            Captured::OutOfSync => tracked.insert(offset / REGION),
+            Captured::Nothing => panic!("not empty"),
+        }
+    }
+    assert!(!spooled_writes.is_empty() && !tracked.is_empty(), "the spool filled up part way");
+    let status = tap.status();
+    let overflow = status.overflow.expect("overflow state");
+    assert!(overflow.cause.contains("spool full"), "{}", overflow.cause);
+    assert_eq!(overflow.events_not_spooled, tracked.region_count());
+    assert_eq!(overflow.last_spooled, spooled_writes.last().expect("some").0);
+    assert!(r.device.snapshot()[39 * REGION as usize + 512] != 0, "the backing write happened");
+
+    // Once overflowed, the tap keeps tracking (a gap in the stream needs a resync anyway),
+    // even after acknowledgements free space; flushes are not recorded.
+    tap.acknowledge(tap.status().last_seq).expect("ack");
+    assert_eq!(tap.write(45 * REGION, data(9, 512)).expect("write"), Captured::OutOfSync);
+    tracked.insert(45);
+    assert_eq!(tap.flush().expect("flush"), Captured::OutOfSync);
+    assert_eq!(tap.status().overflow.expect("still").points_not_spooled, 1);
+
+    // The tracked writes are out of sync in the map, durably.
+    assert!(tap.intent().out_of_sync().covers(&tracked));
+    let crashed = r.map_dir.crash(CrashMode::LoseUnsynced);
+    let (_, report) =
+        IntentMap::open(crashed.open(MAP, false).expect("map"), DEVICE, intent_cfg(64))
+            .expect("reopen");
+    assert!(report.dirty.covers(&tracked), "{} vs {}", report.dirty, tracked);
+
+    // Resuming hands the regions to resync and spools again.
+    let to_resync = tap.resume_spooling();
+    assert!(to_resync.covers(&tracked));
+    assert!(tap.status().overflow.is_none());
+    assert!(matches!(tap.write(50 * REGION, data(1, 512)).expect("write"), Captured::Spooled(_)));
+}
+
+/// A write's regions and what became of it.
+struct Issued {
+    first: u64,
+    end: u64,
+    seq: Option<Seq>,
+}
+
+fn check_cover(tap: &Tap, map_dir: &MemDir, issued: &[Issued], acked: Seq, when: &str) {
+    let mut must = RegionSet::new();
+    for w in issued {
+        if w.seq.is_none_or(|s| s > acked) {
+            must.insert_range(w.first, w.end);
+        }
+    }
+    let live = tap.intent().dirty_regions();
+    assert!(live.covers(&must), "{when}: live map {live} does not cover {must}");
+    let crashed = map_dir.crash(CrashMode::LoseUnsynced);
+    let (_, report) =
+        IntentMap::open(crashed.open(MAP, false).expect("map"), DEVICE, intent_cfg(16))
+            .expect("reopen after crash");
+    assert!(
+        report.dirty.covers(&must),
+        "{when}: after a crash {} does not cover {must}",
+        report.dirty
+    );
+}
+
+#[test]
+fn the_intent_map_covers_every_unacknowledged_write() {
+    for completion in [CompletionPolicy::Backing, CompletionPolicy::Spooled] {
+        let cfg = TapConfig { completion, ..TapConfig::default() };
+        let r = rig_with(256 << 10, 16, cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut issued = Vec::new();
+        let mut acked = Seq::ZERO;
+        for step in 0..400 {
+            match rng.gen_range(0..12) {
+                0..=6 => {
+                    let offset = rng.gen_range(0..DEVICE / 512 - 64) * 512;
+                    let len = rng.gen_range(1..=64u64) * 512;
+                    let c = match rng.gen_range(0..4) {
+                        0 => r.tap.write_zeroes(offset, len),
+                        1 => r.tap.discard(offset, len),
+                        2 => r.tap.write_fua(offset, data(step as u8, len as usize)),
+                        _ => r.tap.write(offset, data(step as u8, len as usize)),
+                    }
+                    .expect("write");
+                    let seq = match c {
+                        Captured::Spooled(s) => Some(s),
+                        _ => None,
+                    };
+                    issued.push(Issued {
+                        first: offset / REGION,
+                        end: (offset + len - 1) / REGION + 1,
+                        seq,
+                    });
+                }
+                7 | 8 => {
+                    r.tap.flush().expect("flush");
+                }
+                9 | 10 => {
+                    // The target acknowledges part of what was shipped: durable events only.
+                    if rng.gen_bool(0.5) && r.tap.status().overflow.is_none() {
+                        r.tap.sync_spool().expect("sync spool");
+                    }
+                    let durable = r.tap.status().durable_seq;
+                    let upto = Seq(rng.gen_range(acked.0..=durable.0.max(acked.0)));
+                    r.tap.acknowledge(upto).expect("ack");
+                    acked = upto;
+                }
+                _ => r.tap.clear_clean().expect("clear"),
+            }
+            if completion == CompletionPolicy::Spooled {
+                let status = r.tap.status();
+                if status.overflow.is_none() {
+                    assert_eq!(
+                        status.durable_seq, status.last_seq,
+                        "spooled policy: durable before return"
+                    );
+                }
+            }
+            if step % 20 == 0 {
+                check_cover(
+                    &r.tap,
+                    &r.map_dir,
+                    &issued,
+                    acked,
+                    &format!("{completion:?} step {step}"),
+                );
+            }
+        }
+        check_cover(&r.tap, &r.map_dir, &issued, acked, &format!("{completion:?} end"));
+        let status = r.tap.status();
+        assert!(status.intent.hot_regions <= 16, "hot bound kept: {status:?}");
+        // The workload is sized to reach both fallbacks.
+        assert!(status.hot_full_events > 0, "{completion:?}: the hot bound was reached");
+        assert!(status.overflow.is_some(), "{completion:?}: the spool overflowed");
+
+        // Everything acknowledged and a clean shutdown: nothing left to resync, unless the
+        // hot bound or an overflow sent ranges out of sync.
+        // A spool that overflowed for lack of space still syncs what it holds.
+        let last = r.tap.sync_spool().expect("sync");
+        assert_eq!(last, status.last_seq);
+        r.tap.acknowledge(last).expect("ack");
+        let out_of_sync = r.tap.intent().out_of_sync();
+        let map_dir = r.map_dir.clone();
+        r.tap.close().expect("close");
+        let (_, report) =
+            IntentMap::open(map_dir.open(MAP, false).expect("map"), DEVICE, intent_cfg(16))
+                .expect("reopen");
+        assert!(
+            out_of_sync.covers(&report.dirty),
+            "{completion:?}: left {} beyond {}",
+            report.dirty,
+            out_of_sync
+        );
+    }
+}
+
+#[test]
+fn a_clean_shutdown_after_full_acknowledgement_leaves_nothing_to_resync() {
+    let r = rig(TapConfig::default());
+    for i in 0..20u64 {
+        r.tap.write(i * 3 * REGION, data(i as u8, 4096)).expect("write");
+    }
+    r.tap.flush().expect("flush");
+    assert!(r.tap.intent().dirty_regions().region_count() >= 20);
+    let last = r.tap.sync_spool().expect("sync");
+    assert_eq!(last, r.tap.status().last_seq);
+    r.tap.acknowledge(last).expect("ack");
+    let (map_dir, spool_dir) = (r.map_dir.clone(), r.spool_dir.clone());
+    r.tap.close().expect("close");
+    let (_, report) =
+        IntentMap::open(map_dir.open(MAP, false).expect("map"), DEVICE, intent_cfg(64))
+            .expect("reopen");
+    assert!(report.dirty.is_empty(), "{}", report.dirty);
+    let clock = Arc::new(ManualClock::new(Nanos(1)));
+    let (spool, _) = Spool::open(Arc::new(spool_dir), spool_cfg(1 << 30), clock).expect("spool");
+    assert_eq!(spool.backlog_events(), 0);
+}
+
+#[test]
+fn the_spooled_policy_makes_the_event_durable_before_the_call_returns() {
+    for (completion, survives) in
+        [(CompletionPolicy::Spooled, true), (CompletionPolicy::Backing, false)]
+    {
+        let r = rig(TapConfig { completion, ..TapConfig::default() });
+        let seq = seq_of(r.tap.write(REGION, data(5, 4096)).expect("write"));
+        let clock = Arc::new(ManualClock::new(Nanos(1)));
+        let crashed = r.spool_dir.crash(CrashMode::LoseUnsynced);
+        let (spool, _) = Spool::open(Arc::new(crashed), spool_cfg(1 << 30), clock).expect("spool");
+        assert_eq!(spool.durable_seq() >= seq, survives, "{completion:?}");
+        // Either way the intent map covers the write.
+        let crashed = r.map_dir.crash(CrashMode::LoseUnsynced);
+        let (_, report) =
+            IntentMap::open(crashed.open(MAP, false).expect("map"), DEVICE, intent_cfg(64))
+                .expect("reopen");
+        assert!(report.dirty.contains(1), "{completion:?}");
+    }
+}
+
+#[test]
+fn the_hot_bound_sends_ranges_out_of_sync_or_waits_for_acknowledgements() {
+    let r = rig_with(1 << 30, 2, TapConfig::default());
+    let s1 = seq_of(r.tap.write(0, data(1, 512)).expect("write"));
+    r.tap.write(REGION, data(2, 512)).expect("write");
+    // Third hot region: tracked out of sync, still spooled, the write still done.
+    assert!(matches!(r.tap.write(5 * REGION, data(3, 512)).expect("write"), Captured::Spooled(_)));
+    assert_eq!(r.tap.status().hot_full_events, 1);
+    assert!(r.tap.intent().out_of_sync().contains(5));
+
+    let cfg = TapConfig {
+        hot_full: HotFullPolicy::Wait(Duration::from_secs(10)),
+        ..TapConfig::default()
+    };
+    let r2 = rig_with(1 << 30, 2, cfg);
+    let tap = Arc::new(r2.tap);
+    let first = seq_of(tap.write(0, data(1, 512)).expect("write"));
+    tap.write(REGION, data(2, 512)).expect("write");
+    let acker = {
+        let tap = tap.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(50));
+            tap.acknowledge(first).expect("ack");
+        })
+    };
+    tap.write(5 * REGION, data(3, 512)).expect("write waits, then goes hot");
+    acker.join().expect("acker");
+    assert_eq!(tap.status().hot_full_events, 0);
+    assert!(tap.intent().out_of_sync().is_empty());
+    assert_eq!(s1, first);
+}
+
+/// A device whose writes fail.
+#[derive(Debug)]
+struct FailingDevice(MemVolume);
+
+impl BlockIo for FailingDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+        Err(io::Error::other("injected write failure"))
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn name(&self) -> String {
+        "failing-device".into()
+    }
+}
+
+#[test]
+fn a_failed_backing_write_is_an_error_and_its_regions_stay_dirty() {
+    let spool_dir = MemDir::new();
+    let map_dir = MemDir::new();
+    let clock = Arc::new(ManualClock::new(Nanos(1)));
+    let (spool, _) = Spool::open(Arc::new(spool_dir), spool_cfg(1 << 30), clock).expect("spool");
+    let (intent, _) =
+        IntentMap::open(map_dir.open(MAP, true).expect("map"), DEVICE, intent_cfg(64))
+            .expect("map");
+    let tap = Tap::new(
+        Arc::new(FailingDevice(MemVolume::new(DEVICE))),
+        spool,
+        intent,
+        TapConfig::default(),
+    )
+    .expect("tap");
+    match tap.write(3 * REGION, data(1, 4096)) {
+        Err(e @ TapError::Io { op: "write", .. }) => {
+            assert!(e.to_string().contains("failing-device"))
+        }
+        other => panic!("expected a write error, got {other:?}"),
+    }
+    assert!(tap.intent().out_of_sync().contains(3), "never silently clean");
+    assert_eq!(tap.status().last_seq, Seq::ZERO, "nothing spooled");
+    match tap.write(DEVICE - 512, data(1, 1024)) {
+        Err(e @ TapError::OutOfRange { .. }) => {
+            assert!(e.to_string().contains("protected device failing-device"))
+        }
+        other => panic!("expected OutOfRange, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tap_refuses_a_map_of_another_size() {
+    let clock = Arc::new(ManualClock::new(Nanos(1)));
+    let (spool, _) =
+        Spool::open(Arc::new(MemDir::new()), spool_cfg(1 << 30), clock).expect("spool");
+    let (intent, _) =
+        IntentMap::open(MemDir::new().open(MAP, true).expect("map"), DEVICE * 2, intent_cfg(64))
+            .expect("map");
+    assert!(matches!(
+        Tap::new(Arc::new(MemVolume::new(DEVICE)), spool, intent, TapConfig::default()),
+        Err(TapError::Config(_))
+    ));
+}
