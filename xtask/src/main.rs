@@ -2,7 +2,8 @@
 //!
 //! This crate owns the project's single test command, `cargo xtask ci`, which CI runs on a
 //! fresh Debian machine through `.ci/run`. It also owns the developer entry points for the
-//! benchmarks (`cargo xtask bench`) and the fuzz targets (`cargo xtask fuzz`).
+//! benchmarks (`cargo xtask bench`), the fuzz targets (`cargo xtask fuzz`) and the kernel lab
+//! (`cargo xtask lab`, in [`lab`]: the ublk and device-mapper tests in a QEMU guest).
 //!
 //! The CI pipeline is a fixed list of steps (see [`STEPS`]); each step prints a banner and its
 //! elapsed time, the first failing step stops the run with a nonzero exit, and a summary table
@@ -25,6 +26,8 @@ use std::{env, fs};
 
 use anyhow::{Context, Result, bail, ensure};
 
+mod lab;
+
 /// Seconds of fuzzing per target in the CI smoke step, unless `TIDEMARK_FUZZ_SECONDS` is set.
 const CI_FUZZ_SECONDS: u64 = 20;
 /// Seconds of fuzzing per target for `cargo xtask fuzz`, unless overridden.
@@ -43,6 +46,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("rsync", "rsync"),
     ("zstd", "zstd"),
     ("e2fsprogs", "mkfs.ext4"),
+    ("mount", "mount"),
+    ("util-linux", "blkdiscard"),
     ("qemu-utils", "qemu-io"),
 ];
 
@@ -52,6 +57,7 @@ const STEPS: &[(&str, &str)] = &[
     ("fmt", "cargo fmt --all -- --check"),
     ("clippy", "cargo clippy --workspace --all-targets -- -D warnings"),
     ("test", "cargo test --workspace --release"),
+    ("lab", "cargo xtask lab: ublk + dm-log-writes tests in a QEMU guest (6.12 kernel)"),
     ("fuzz", "cargo fuzz run <target> for every fuzz target (smoke)"),
     ("bench", "cargo run --release -p tidemark-benches -- --smoke all"),
     ("demo", "cargo run --release -p tidemark -- demo"),
@@ -78,6 +84,7 @@ fn run(args: &[String]) -> Result<()> {
         "ci" => ci(rest),
         "bench" => bench(rest),
         "fuzz" => fuzz_command(rest),
+        "lab" => lab_command(rest),
         "help" | "--help" | "-h" => {
             print_help();
             Ok(())
@@ -117,6 +124,14 @@ USAGE:
         (default {DEV_FUZZ_SECONDS}), on a temporary copy of fuzz/corpus/<TARGET>/. Needs cargo-fuzz
         (`cargo install cargo-fuzz --locked`). Crash inputs land in fuzz/artifacts/<TARGET>/.
 
+    cargo xtask lab
+        Boots Debian's 6.12 cloud kernel under QEMU (TCG) with the guest tests in the
+        initramfs: the ublk frontend (device up, ext4 mkfs/mount/fsck, flush/FUA capture
+        replayed, kill -9 + user recovery) and dm-log-writes read back and replayed. Installs
+        qemu-system-x86, busybox-static, cpio, xz-utils when missing (root); caches the
+        kernel under target/lab/. Fails unless the guest's last line is
+        `TIDEMARK-LAB: PASS <n> tests`.
+
     cargo xtask help
         Prints this message.
 
@@ -124,6 +139,7 @@ ENVIRONMENT:
     {FUZZ_SECONDS_ENV}   seconds per fuzz target, for the ci fuzz step (default {CI_FUZZ_SECONDS})
                             and for `cargo xtask fuzz` without --seconds
     PROPTEST_CASES          proptest cases for the ci test step (default {CI_PROPTEST_CASES})
+    TIDEMARK_LAB_TIMEOUT    seconds the lab guest may run before it is killed (default 300)
 
 Step names: {steps}",
         steps = steps.join(", "),
@@ -222,6 +238,7 @@ fn ci(args: &[String]) -> Result<()> {
                     .map(|()| Outcome::Passed)
             }
             "test" => step_test(&root),
+            "lab" => lab::lab(&root).map(|_| Outcome::Passed),
             "fuzz" => step_fuzz(&root, None, fuzz_seconds(None, CI_FUZZ_SECONDS)?, false),
             "bench" => {
                 cargo(&root, ["run", "--release", "-p", "tidemark-benches", "--", "--smoke", "all"])
@@ -563,6 +580,18 @@ impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// `cargo xtask lab`.
+fn lab_command(args: &[String]) -> Result<()> {
+    if let Some(arg) = args.first() {
+        if arg == "--help" || arg == "-h" {
+            print_help();
+            return Ok(());
+        }
+        bail!("`lab` takes no arguments (got `{arg}`)");
+    }
+    lab::lab(&repo_root()).map(drop)
 }
 
 // ---------------------------------------------------------------------------------------

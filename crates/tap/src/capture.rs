@@ -209,6 +209,21 @@ impl Tap {
         self.capture.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Reads `buf.len()` bytes at byte `offset` from the protected device. Reads are not
+    /// captured; a kernel frontend serves them here so that it needs no second handle on
+    /// the device.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.device
+            .read_at(buf, offset)
+            .map_err(|e| TapError::io("read", self.device_name.clone(), e))
+    }
+
+    /// Length of the protected device in bytes.
+    pub fn device_len(&self) -> u64 {
+        self.device_len
+    }
+
     /// Writes `data` at byte `offset`.
     pub fn write(&self, offset: u64, data: Bytes) -> Result<Captured> {
         self.write_inner(offset, data, false)

@@ -223,6 +223,63 @@ pub enum TapError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A FUSE frontend's mount point is already mounted by something alive (another
+    /// agent's FUSE server, or any other filesystem); it is not mounted over.
+    #[error("mount point {mountpoint} is in use by a live {fstype} mount of {mounted}")]
+    MountPointBusy {
+        /// The mount point.
+        mountpoint: String,
+        /// The filesystem type mounted there.
+        fstype: String,
+        /// What is mounted there (the mount's source).
+        mounted: String,
+    },
+    /// A FUSE frontend's volume was still in use when it was torn down: the FUSE connection
+    /// was aborted, and whoever still uses the volume (the loop device's users) gets I/O
+    /// errors. The frontend is torn down all the same.
+    #[error(
+        "FUSE mount {mountpoint} still in use after {waited_ms} ms ({holder}): its FUSE \
+         connection was aborted, remaining users get I/O errors"
+    )]
+    TeardownForced {
+        /// The mount point.
+        mountpoint: String,
+        /// Who still held the volume (a loop device and its users, or an open file).
+        holder: String,
+        /// How long the teardown waited.
+        waited_ms: u64,
+    },
+    /// The ublk driver is not usable here: its control device does not open (module
+    /// `ublk_drv` not loaded, a kernel older than 6.0, or not root).
+    #[error("ublk control device {path} is not available (is the ublk_drv module loaded?)")]
+    UblkUnavailable {
+        /// The control device's path.
+        path: String,
+        /// Why it did not open.
+        #[source]
+        source: io::Error,
+    },
+    /// A ublk control command failed.
+    #[error("ublk {command} failed for {device}")]
+    UblkCommand {
+        /// The command (`ADD_DEV`, `START_DEV`, ...).
+        command: &'static str,
+        /// The device (`ublk device N`).
+        device: String,
+        /// The driver's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A ublk queue thread failed; the queue no longer serves requests.
+    #[error("ublk device {dev} queue {queue}: {reason}")]
+    UblkQueue {
+        /// The device number.
+        dev: u32,
+        /// The queue (`65535` when no single queue is concerned).
+        queue: u16,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl TapError {

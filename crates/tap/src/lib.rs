@@ -9,19 +9,26 @@
 //! - [`capture`]: the in-process capture API for embedders ([`Tap`]): intent mark, pass-through
 //!   to the protected device, spool append, in the capture order.
 //! - [`regions`]: sets of regions as sorted runs, shared by the intent map and its callers.
+//! - [`ublk`]: the ublk frontend, a user-space block device server over io_uring that
+//!   passes `/dev/ublkbN` through to the protected device via a [`Tap`] (Linux >= 6.0).
 //!
-//! The kernel frontends (ublk, FUSE + loop) are not built yet (issue 4).
+//! - [`fuse`]: the FUSE + loop frontend, the fallback where ublk is missing: the volume as a
+//!   file on a FUSE mount with a loop device over it, every request through a [`Tap`].
 
 pub mod capture;
 pub mod dmlog;
 pub mod error;
+pub mod fuse;
 pub mod intent;
 pub mod regions;
+pub mod ublk;
 
 pub use capture::{
     Captured, CompletionPolicy, HotFullPolicy, OverflowState, Tap, TapConfig, TapStatus,
 };
 pub use dmlog::{DmLog, EntryFlags, LogEntry, LogSuper, ReplayPoint, ReplayReport};
 pub use error::{Result, TapError};
+pub use fuse::{FuseCounters, FuseLoopConfig, FuseLoopFrontend, LoopDevice, LoopOptions};
 pub use intent::{IntentConfig, IntentMap, IntentOpenReport, IntentStatus, WriteIntent};
 pub use regions::{RegionRun, RegionSet};
+pub use ublk::{UblkConfig, UblkServer, UblkStats};
