@@ -3,6 +3,7 @@
 
 mod demo;
 mod inspect;
+mod keygen;
 
 use std::path::PathBuf;
 
@@ -24,6 +25,9 @@ enum Command {
     /// Run the end-to-end demonstration on this machine: a protected volume, a workload
     /// with bookmarks, the CDP retention log, and every bookmark recovered and verified.
     Demo(demo::Args),
+    /// Make this node's key pair (for mutual authentication with its peers) and print the
+    /// fingerprint to compare when pairing.
+    Keygen(keygen::Args),
     /// Show what a journal directory holds: manifest, segments, records, damage.
     Inspect {
         /// The journal directory.
@@ -42,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Keygen(args) => keygen::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
     }
 }
