@@ -473,20 +473,26 @@ pub fn decode_bookmark(p: &[u8]) -> std::result::Result<Bookmark, String> {
     Bookmark::new(name, kind, group).map_err(|e| e.to_string())
 }
 
-/// The record header fields and plaintext payload that represent an event.
-pub fn event_to_record(event: &Event) -> (RecordKind, VolumeId, u64, u32, Vec<u8>) {
+/// The record header fields and plaintext payload that represent an event (write data is
+/// borrowed, not copied).
+pub fn event_to_record(
+    event: &Event,
+) -> (RecordKind, VolumeId, u64, u32, std::borrow::Cow<'_, [u8]>) {
+    use std::borrow::Cow;
     match event {
         Event::Write { volume, offset, data } => {
-            (RecordKind::Write, *volume, *offset, data.len() as u32, data.to_vec())
+            (RecordKind::Write, *volume, *offset, data.len() as u32, Cow::Borrowed(&data[..]))
         }
         Event::WriteZeroes { volume, offset, len } => {
-            (RecordKind::WriteZeroes, *volume, *offset, *len, Vec::new())
+            (RecordKind::WriteZeroes, *volume, *offset, *len, Cow::Borrowed(&[][..]))
         }
         Event::Discard { volume, offset, len } => {
-            (RecordKind::Discard, *volume, *offset, *len, Vec::new())
+            (RecordKind::Discard, *volume, *offset, *len, Cow::Borrowed(&[][..]))
         }
-        Event::Barrier => (RecordKind::Barrier, VolumeId(0), 0, 0, Vec::new()),
-        Event::Bookmark(b) => (RecordKind::Bookmark, VolumeId(0), 0, 0, encode_bookmark(b)),
+        Event::Barrier => (RecordKind::Barrier, VolumeId(0), 0, 0, Cow::Borrowed(&[][..])),
+        Event::Bookmark(b) => {
+            (RecordKind::Bookmark, VolumeId(0), 0, 0, Cow::Owned(encode_bookmark(b)))
+        }
     }
 }
 

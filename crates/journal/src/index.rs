@@ -69,6 +69,13 @@ impl Entry {
     fn order(&self) -> (u64, u64) {
         (self.key.0, self.seq.0)
     }
+
+    /// A total order: equal (key, seq) pairs (never written by the journal, but possible in
+    /// a damaged one) fall back to log position, so the later record wins lookups and an
+    /// unstable sort gives the same result as a stable one.
+    fn total_order(&self) -> (u64, u64, u64) {
+        (self.key.0, self.seq.0, self.packed & !FULL_BIT)
+    }
 }
 
 const BUFFER_LIMIT: usize = 512;
@@ -89,8 +96,8 @@ impl BlockIndex {
 
     /// Builds an index from entries in any order, with one sort.
     pub fn from_entries(mut entries: Vec<Entry>) -> Self {
-        // Stable, so equal (key, seq) pairs keep log order and the later one wins.
-        entries.sort_by_key(Entry::order);
+        // Unstable (no scratch memory) but on a total order, so ties follow log position.
+        entries.sort_unstable_by_key(Entry::total_order);
         let runs = if entries.is_empty() { Vec::new() } else { vec![entries] };
         Self { runs, buffer: Vec::new() }
     }
@@ -110,8 +117,7 @@ impl BlockIndex {
         self.buffer.push(e);
         if self.buffer.len() >= BUFFER_LIMIT {
             let mut run = std::mem::take(&mut self.buffer);
-            // Stable: equal (key, seq) keep insertion order, so the later one wins lookups.
-            run.sort_by_key(Entry::order);
+            run.sort_unstable_by_key(Entry::total_order);
             self.push_run(run);
         }
     }
@@ -179,7 +185,7 @@ fn merge(a: Vec<Entry>, b: Vec<Entry>) -> Vec<Entry> {
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         // `a` is older: on equal order it goes first, so a later duplicate wins lookups.
-        if a[i].order() <= b[j].order() {
+        if a[i].total_order() <= b[j].total_order() {
             out.push(a[i]);
             i += 1;
         } else {

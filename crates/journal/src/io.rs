@@ -31,6 +31,13 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
     }
     /// Truncates or extends to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Hints that `len` bytes at `offset`, just written, should start going to the disk now
+    /// (so a later [`BlockIo::sync`] finds less to do). No durability promise; the default
+    /// does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// A name for error messages.
     fn name(&self) -> String;
 }
@@ -122,6 +129,30 @@ impl BlockIo for FileIo {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: sync_file_range on a descriptor we own; it reads no memory of ours.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // Not every file supports it (block devices on some kernels, FUSE): a hint only.
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ESPIPE) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+            ) {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn name(&self) -> String {

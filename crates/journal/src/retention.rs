@@ -684,6 +684,10 @@ impl RetentionLog {
                 ki += 1;
             }
             out.write_at(chunk, pos).map_err(|e| JournalError::io("write", out.name(), e))?;
+            // Let the disk work while the next chunk is read and hashed, instead of all of it
+            // in the final fdatasync.
+            out.start_writeback(pos, n as u64)
+                .map_err(|e| JournalError::io("sync_file_range", out.name(), e))?;
             hasher.update(chunk);
             pos += n as u64;
             progress(pos, vlen);
