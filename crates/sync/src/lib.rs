@@ -11,12 +11,27 @@
 //! - [`connection`]: the two together, plus the opening exchange (`Hello`, then `Welcome`
 //!   or `Refuse`).
 //!
-//! Shipping, apply, dedupe, shaping and resync build on these and arrive with issue 3.
+//! On top of them, the replication stream:
+//! - [`ship`]: the source's [`Shipper`]: spool -> batches -> wire, acks -> spool trim,
+//!   reconnect with backoff and resume;
+//! - [`apply`]: the target's [`Receiver`]: wire -> retention log with group commit, acks of
+//!   durable data only, resume point for each new connection;
+//! - [`shape`]: the bandwidth limit ([`TokenBucket`], daily [`shape::Schedule`]) and the cap
+//!   on concurrent resyncs ([`shape::ResyncSlots`]).
+//!
+//! Dedupe, initial sync, fast resync and verify arrive later with issue 3.
 
+pub mod apply;
 pub mod connection;
 pub mod pipe;
 pub mod secure;
+pub mod shape;
+pub mod ship;
 pub mod wire;
+
+pub use apply::{ApplyError, Receiver, ReceiverConfig, ReceiverStatus};
+pub use shape::{Rate, TokenBucket};
+pub use ship::{LinkState, ShipError, Shipper, ShipperConfig, ShipperHandle, ShipperStatus};
 
 pub use connection::{Connection, ConnectionError};
 pub use secure::{

@@ -183,6 +183,9 @@ impl RefuseReason {
     pub const ROLE_CONFLICT: Self = Self(4);
     /// The pair already has a live connection, or the target is at its connection limit.
     pub const BUSY: Self = Self(5);
+    /// The target cannot take a session now (its retention log failed, or it is shutting
+    /// down); the source retries later.
+    pub const UNAVAILABLE: Self = Self(6);
 
     /// The reason's name, or `None` for a code this build does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -192,6 +195,7 @@ impl RefuseReason {
             Self::VOLUME_MISMATCH => "volume mismatch",
             Self::ROLE_CONFLICT => "role conflict",
             Self::BUSY => "busy",
+            Self::UNAVAILABLE => "unavailable",
             _ => return None,
         })
     }

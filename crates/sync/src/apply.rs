@@ -1,0 +1,949 @@
+//! The target side of replication: the [`Receiver`] accepts a source's connection, tells it
+//! where to resume, applies its batches to the [`RetentionLog`] in sequence order with group
+//! commit, and acknowledges what is durable.
+//!
+//! ```text
+//!  source ---- TCP / pipe ----> net reader: open records, decode + decompress frames,
+//!                                   answer Ping with Pong
+//!                                       |  bounded channel (queue_depth batches)
+//!                                       v
+//!                               applier: check order, RetentionLog::append,
+//!                                   group commit (sync) -> Ack { upto: durable } ----> source
+//! ```
+//!
+//! One receiver serves one replication pair and holds its retention log. Connections come
+//! and go; the log and the sequence stream continue across them. A new connection from the
+//! pair (authenticated, with a valid `Hello`) replaces the live one: the old one is shut
+//! down, its applier finishes the batch in hand and stops, and only then is the new one
+//! told where to resume.
+//!
+//! Invariants:
+//! 1. **Ack**: the receiver acknowledges seq N only with a value `RetentionLog::sync` returned,
+//!    so every event up to N is durable in the retention log when the source hears of it
+//!    (data-path invariant 3 in `ARCHITECTURE.md`). `Resume { last_acked }` is the same: it
+//!    is the value of a `sync` run after the previous connection's applier stopped, so it
+//!    covers everything ever appended. Acks on a connection only grow, starting from its
+//!    `Resume`.
+//! 2. **Order**: events are appended in sequence order with no gap: a batch must start at
+//!    or below `last received + 1`. Entries at or below the last received seq are
+//!    duplicates (legal after a reconnect, or from a source whose spool replays acknowledged
+//!    events after a crash) and are dropped without being appended again; a batch starting
+//!    beyond `last received + 1` is refused (`Error` code 3, sequence gap) and nothing of it
+//!    is appended.
+//! 3. **Validation before apply**: every new entry of a batch is checked (volume range, size,
+//!    kind) before the first is appended, so a refused batch changes nothing.
+//! 4. **Barriers**: events keep their source order and barriers and bookmarks are appended
+//!    as records in that order, so every recovery point the retention log offers is a
+//!    prefix of the source's stream ending at a barrier or bookmark.
+//! 5. **One applier**: at most one connection appends at a time; a replaced connection
+//!    appends nothing after its replacement was told where to resume.
+//! 6. After a storage error the receiver refuses every further session (the journal may
+//!    be poisoned) until it is rebuilt over a reopened log.
+
+use std::fmt;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidemark_journal::format::MAX_PAYLOAD;
+use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
+
+use crate::connection::{Connection, ConnectionError};
+use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
+use crate::ship::error_chain;
+use crate::wire::{
+    Batch, Codec, EntryBody, ErrorCode, Hello, MAX_TEXT, Message, MessageType, PairId, Refuse,
+    RefuseReason, SUPPORTED_VERSIONS, WireError,
+};
+
+/// What went wrong on the target side of replication.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// The receiver's configuration is unusable.
+    #[error("receiver configuration: {field} is {found}, expected {expected}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        found: String,
+        /// What a valid value looks like.
+        expected: String,
+    },
+    /// An operation on the connection's byte stream failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// The secure channel failed (handshake, an unknown key, a tampered or cut stream).
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// Opening the session failed, or this receiver refused it.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// A frame from the source did not decode (the source is told, `Error` code 1).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A batch does not continue from the last sequence number received.
+    #[error(
+        "Batch starting at seq {found}: sequence gap, expected a batch starting at or below seq {expected}"
+    )]
+    SequenceGap {
+        /// The next sequence number due.
+        expected: Seq,
+        /// The batch's first sequence number.
+        found: Seq,
+    },
+    /// A change falls outside its volume (or names a volume the pair does not have).
+    #[error(
+        "Batch entry seq {seq}: volume {volume} range {offset}+{len} lies outside the volume of {volume_len} bytes"
+    )]
+    OutOfRange {
+        /// The entry's sequence number.
+        seq: Seq,
+        /// The volume named.
+        volume: u16,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The volume's size (0 for a volume the pair does not have).
+        volume_len: u64,
+    },
+    /// A dedupe reference this receiver cannot resolve (it keeps no dedupe window yet).
+    #[error("Batch entry seq {seq}: unknown dedupe reference; resend the write as data")]
+    UnknownReference {
+        /// The entry's sequence number.
+        seq: Seq,
+    },
+    /// A write larger than the journal's largest record.
+    #[error(
+        "Batch entry seq {seq}: write of {len} bytes exceeds the journal's maximum record of {max} bytes"
+    )]
+    EventTooLarge {
+        /// The entry's sequence number.
+        seq: Seq,
+        /// The data length.
+        len: u64,
+        /// The journal's limit.
+        max: u64,
+    },
+    /// A well-formed message the protocol does not allow from a source here.
+    #[error("expected Batch or Ping from the source, received {found}")]
+    UnexpectedMessage {
+        /// The message type received.
+        found: MessageType,
+    },
+    /// The source reported an error.
+    #[error("the source reported an error: {code}: {message}")]
+    PeerError {
+        /// What kind of error.
+        code: ErrorCode,
+        /// The source's sentence.
+        message: String,
+    },
+    /// The retention log failed; the receiver refuses further sessions.
+    #[error("retention log: {op} failed")]
+    Storage {
+        /// What was being done (`appending seq 17`, `group commit`).
+        op: String,
+        /// The journal's error.
+        #[source]
+        source: JournalError,
+    },
+    /// A newer connection from the pair replaced this one.
+    #[error("the connection was replaced by a newer connection from the same pair")]
+    Replaced,
+    /// A pipeline thread could not be started or panicked.
+    #[error("receiver thread: {what}")]
+    Thread {
+        /// What happened.
+        what: String,
+    },
+}
+
+impl ApplyError {
+    /// The `Error` code the source is sent before the connection closes, for errors this
+    /// side detects in what the source sent or in its own storage.
+    pub fn wire_code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            Self::Wire(_) | Self::EventTooLarge { .. } => ErrorCode::MALFORMED,
+            Self::UnexpectedMessage { .. } => ErrorCode::UNEXPECTED_MESSAGE,
+            Self::SequenceGap { .. } => ErrorCode::SEQUENCE_GAP,
+            Self::OutOfRange { .. } => ErrorCode::OUT_OF_RANGE,
+            Self::UnknownReference { .. } => ErrorCode::UNKNOWN_REFERENCE,
+            Self::Storage { .. } => ErrorCode::STORAGE,
+            Self::Thread { .. } => ErrorCode::INTERNAL,
+            _ => return None,
+        })
+    }
+}
+
+type Result<T, E = ApplyError> = std::result::Result<T, E>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every structure behind these locks stays consistent between statements.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a receiver runs.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// This node's name, sent in `Welcome`.
+    pub node: String,
+    /// The replication pair this receiver serves; a `Hello` for another is refused.
+    pub pair: PairId,
+    /// Keys and transport limits.
+    pub secure: SecureConfig,
+    /// The codec's maximum frame length (at most `secure.max_message_len`).
+    pub max_frame_len: u32,
+    /// Group commit once this many event bytes were appended since the last one.
+    pub sync_bytes: u64,
+    /// Group commit once the oldest unsynced event is this old, even under a steady stream.
+    /// (A commit also runs whenever the inbound queue is empty.)
+    pub sync_interval: Duration,
+    /// Decoded batches waiting for the applier.
+    pub queue_depth: usize,
+    /// After sending an `Error`, how long to keep reading (and dropping) what the source
+    /// still sends, so that the `Error` reaches it before the connection is reset.
+    pub linger: Duration,
+}
+
+impl ReceiverConfig {
+    /// The defaults for `node`, `pair` and `secure`.
+    pub fn new(node: impl Into<String>, pair: PairId, secure: SecureConfig) -> Self {
+        Self {
+            node: node.into(),
+            pair,
+            max_frame_len: secure.max_message_len,
+            secure,
+            sync_bytes: 8 << 20,
+            sync_interval: Duration::from_millis(10),
+            queue_depth: 4,
+            linger: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A snapshot of a receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReceiverStatus {
+    /// A session is open.
+    pub connected: bool,
+    /// The source's node name, while connected.
+    pub peer: Option<String>,
+    /// Sessions opened.
+    pub sessions: u64,
+    /// Connections replaced by a newer one.
+    pub replaced: u64,
+    /// The last sequence number appended.
+    pub received: Seq,
+    /// The last sequence number made durable.
+    pub durable: Seq,
+    /// The last sequence number acknowledged (or sent as a resume point).
+    pub acked: Seq,
+    /// Batches applied.
+    pub batches: u64,
+    /// Events appended.
+    pub events: u64,
+    /// Bytes of write data appended.
+    pub data_bytes: u64,
+    /// Events dropped as duplicates of events already appended.
+    pub duplicates: u64,
+    /// Group commits.
+    pub syncs: u64,
+    /// The last error of a connection.
+    pub last_error: Option<String>,
+    /// Set after a storage failure: no further session is accepted.
+    pub failed: Option<String>,
+}
+
+type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
+
+/// Connections a [`Listener`] serves at once (handshakes included); more are closed at
+/// accept. One pair needs one, plus one replacing it after a network failure.
+pub const MAX_CONNECTIONS: usize = 16;
+
+struct Slots {
+    next_id: u64,
+    /// The newest admitted connection and how to shut its stream down.
+    active: Option<(u64, Kill)>,
+    /// The connection whose applier owns the log.
+    applying: Option<u64>,
+    failed: Option<String>,
+    shutting_down: bool,
+}
+
+struct Inner {
+    cfg: ReceiverConfig,
+    log: Mutex<RetentionLog>,
+    volume_lens: Vec<u64>,
+    slots: Mutex<Slots>,
+    slots_changed: Condvar,
+    status: Mutex<ReceiverStatus>,
+    status_changed: Condvar,
+}
+
+/// The target side of one replication pair (see the module documentation). Cheap to
+/// clone: clones share the log and the sessions.
+#[derive(Clone)]
+pub struct Receiver {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+/// The messages the applier sends back: acks, pongs, the final error.
+struct Outbound<S: Stream> {
+    tx: SecureSender<S>,
+    codec: Codec,
+    buf: Vec<u8>,
+}
+
+impl<S: Stream> Outbound<S> {
+    fn send(&mut self, message: &Message) -> Result<()> {
+        self.buf.clear();
+        self.codec.encode(message, &mut self.buf)?;
+        self.tx.send(&self.buf)?;
+        Ok(())
+    }
+}
+
+enum Inbound {
+    Batch(Batch),
+    /// The source closed the channel normally.
+    Closed,
+    Failed(ApplyError),
+}
+
+impl Receiver {
+    /// A receiver applying to `log`.
+    pub fn new(log: RetentionLog, cfg: ReceiverConfig) -> Result<Self> {
+        Codec::new(cfg.max_frame_len)?;
+        let bad = |field, found: String, expected: &str| {
+            Err(ApplyError::Config { field, found, expected: expected.to_owned() })
+        };
+        if cfg.max_frame_len > cfg.secure.max_message_len {
+            return bad(
+                "max_frame_len",
+                cfg.max_frame_len.to_string(),
+                "at most secure.max_message_len",
+            );
+        }
+        if cfg.sync_bytes == 0 {
+            return bad("sync_bytes", "0".to_owned(), "at least 1");
+        }
+        if cfg.queue_depth == 0 {
+            return bad("queue_depth", "0".to_owned(), "at least 1");
+        }
+        let mut volume_lens = Vec::new();
+        while let Ok(len) = log.volume_len(VolumeId(volume_lens.len() as u16)) {
+            volume_lens.push(len);
+            if volume_lens.len() == usize::from(u16::MAX) {
+                break;
+            }
+        }
+        let status = ReceiverStatus {
+            received: log.last_seq(),
+            durable: log.durable_seq(),
+            acked: log.durable_seq(),
+            ..Default::default()
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                log: Mutex::new(log),
+                volume_lens,
+                slots: Mutex::new(Slots {
+                    next_id: 1,
+                    active: None,
+                    applying: None,
+                    failed: None,
+                    shutting_down: false,
+                }),
+                slots_changed: Condvar::new(),
+                status: Mutex::new(status),
+                status_changed: Condvar::new(),
+            }),
+        })
+    }
+
+    /// A snapshot of the receiver's state.
+    pub fn status(&self) -> ReceiverStatus {
+        lock(&self.inner.status).clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout` passes; returns the status
+    /// that satisfied it, or `None` on timeout.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ReceiverStatus) -> bool,
+    ) -> Option<ReceiverStatus> {
+        let until = Instant::now() + timeout;
+        let mut s = lock(&self.inner.status);
+        loop {
+            if pred(&s) {
+                return Some(s.clone());
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = self
+                .inner
+                .status_changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReceiverStatus)) {
+        f(&mut lock(&self.inner.status));
+        self.inner.status_changed.notify_all();
+    }
+
+    /// Runs `f` on the retention log (point-in-time reads, retention passes). Appends wait
+    /// meanwhile.
+    pub fn with_log<R>(&self, f: impl FnOnce(&mut RetentionLog) -> R) -> R {
+        f(&mut lock(&self.inner.log))
+    }
+
+    /// The retention log back, once every clone of the receiver and every session is gone.
+    pub fn into_log(self) -> Result<RetentionLog, Self> {
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => Ok(inner.log.into_inner().unwrap_or_else(|e| e.into_inner())),
+            Err(inner) => Err(Self { inner }),
+        }
+    }
+
+    /// Ends the live session and refuses new ones; returns once no applier runs.
+    pub fn shutdown(&self) {
+        let mut s = lock(&self.inner.slots);
+        s.shutting_down = true;
+        if let Some((_, kill)) = &s.active {
+            kill(Shutdown::Both);
+        }
+        while s.applying.is_some() {
+            s = self.inner.slots_changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Serves one connection from a source on this thread: handshake, opening exchange,
+    /// then apply until the connection ends. Returns `Ok` when the source closed normally.
+    pub fn serve<S: Stream + Send + 'static>(&self, stream: S) -> Result<()> {
+        let result = self.serve_inner(stream);
+        if let Err(e) = &result {
+            let text = error_chain(e);
+            self.update(|s| s.last_error = Some(text));
+        }
+        result
+    }
+
+    fn serve_inner<S: Stream + Send + 'static>(&self, stream: S) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let control = stream
+            .try_clone()
+            .map_err(|source| ApplyError::Io { op: "cloning the stream", source })?;
+        // In a mutex: the stream need not be `Sync` for the handle to be shared.
+        let control = Mutex::new(control);
+        let kill: Kill = Arc::new(move |how| {
+            let _ = lock(&control).shutdown(how);
+        });
+        let channel = SecureChannel::accept(stream, &cfg.secure)?;
+        let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
+        let mut admitted = None;
+        let opened = conn.answer_session(&cfg.node, |hello| {
+            self.check_hello(hello)?;
+            let id = self.take_over(kill.clone())?;
+            // Everything the previous connection appended becomes durable, and is where
+            // this one resumes.
+            let synced = lock(&self.inner.log).sync();
+            match synced {
+                Ok(durable) => {
+                    admitted = Some((id, durable));
+                    Ok(durable)
+                }
+                Err(source) => {
+                    let e = ApplyError::Storage { op: "group commit".to_owned(), source };
+                    self.mark_failed(&e);
+                    self.release(id);
+                    Err(unavailable(&format!("the target's retention log failed: {e}")))
+                }
+            }
+        });
+        let hello = match opened {
+            Ok((hello, _version)) => hello,
+            Err(e) => {
+                if let Some((id, _)) = admitted {
+                    self.release(id);
+                }
+                return Err(e.into());
+            }
+        };
+        let (id, resume) = admitted.expect("an accepted session was admitted");
+        self.update(|s| {
+            s.connected = true;
+            s.sessions += 1;
+            s.peer = Some(hello.node.clone());
+            s.durable = resume;
+            s.acked = resume;
+            s.received = resume;
+        });
+        let result = self.run_session(id, conn, &kill, resume);
+        self.release(id);
+        result
+    }
+
+    fn check_hello(&self, hello: &Hello) -> Result<(), Refuse> {
+        let cfg = &self.inner.cfg;
+        if hello.pair != cfg.pair {
+            return Err(Refuse {
+                reason: RefuseReason::UNKNOWN_PAIR,
+                supported: SUPPORTED_VERSIONS,
+                message: format!("this target serves pair {}, not {}", cfg.pair, hello.pair),
+            });
+        }
+        let lens = &self.inner.volume_lens;
+        let matches = hello.volumes.len() == lens.len()
+            && hello
+                .volumes
+                .iter()
+                .enumerate()
+                .all(|(i, v)| usize::from(v.id.0) == i && v.size == lens[i]);
+        if !matches {
+            let theirs: Vec<String> =
+                hello.volumes.iter().map(|v| format!("{}:{}", v.id, v.size)).collect();
+            let ours: Vec<String> =
+                lens.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect();
+            return Err(Refuse {
+                reason: RefuseReason::VOLUME_MISMATCH,
+                supported: SUPPORTED_VERSIONS,
+                message: truncate(format!(
+                    "the replica's volumes (id:bytes) are {}, the source announced {}",
+                    ours.join(" "),
+                    theirs.join(" ")
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes the connection `kill` belongs to the live one: shuts the previous one down
+    /// and waits until its applier has stopped.
+    fn take_over(&self, kill: Kill) -> Result<u64, Refuse> {
+        let mut s = lock(&self.inner.slots);
+        if s.shutting_down {
+            return Err(unavailable("the target is shutting down"));
+        }
+        if let Some(f) = &s.failed {
+            return Err(unavailable(&format!("the target's retention log failed: {f}")));
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        if let Some((_, old)) = s.active.replace((id, kill)) {
+            old(Shutdown::Both);
+            self.update(|st| st.replaced += 1);
+        }
+        loop {
+            if s.active.as_ref().map(|a| a.0) != Some(id) {
+                return Err(Refuse {
+                    reason: RefuseReason::BUSY,
+                    supported: SUPPORTED_VERSIONS,
+                    message: "replaced by a newer connection from the same pair".to_owned(),
+                });
+            }
+            if s.applying.is_none() {
+                break;
+            }
+            s = self.inner.slots_changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.applying = Some(id);
+        Ok(id)
+    }
+
+    fn release(&self, id: u64) {
+        let mut s = lock(&self.inner.slots);
+        if s.applying == Some(id) {
+            s.applying = None;
+        }
+        let idle = match &s.active {
+            Some((active, _)) if *active == id => {
+                s.active = None;
+                true
+            }
+            Some(_) => false,
+            None => true,
+        };
+        drop(s);
+        self.inner.slots_changed.notify_all();
+        if idle {
+            self.update(|st| {
+                st.connected = false;
+                st.peer = None;
+            });
+        }
+    }
+
+    fn is_replaced(&self, id: u64) -> bool {
+        lock(&self.inner.slots).active.as_ref().map(|a| a.0) != Some(id)
+    }
+
+    fn mark_failed(&self, e: &ApplyError) {
+        let text = error_chain(e);
+        lock(&self.inner.slots).failed.get_or_insert_with(|| text.clone());
+        self.update(|s| {
+            s.failed.get_or_insert(text);
+        });
+    }
+
+    fn run_session<S: Stream + Send + 'static>(
+        &self,
+        id: u64,
+        conn: Connection<S>,
+        kill: &Kill,
+        resume: Seq,
+    ) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let (channel, codec) = conn.into_parts();
+        let (rx_half, tx_half) = channel.split()?;
+        let out = Arc::new(Mutex::new(Outbound {
+            tx: tx_half,
+            codec: Codec::new(cfg.max_frame_len)?,
+            buf: Vec::new(),
+        }));
+        let (tx, rx) = mpsc::sync_channel::<Inbound>(cfg.queue_depth);
+        let reader = {
+            let out = out.clone();
+            thread::Builder::new()
+                .name("tidemark-recv-read".to_owned())
+                .spawn(move || run_net_reader(rx_half, codec, &tx, &out))
+                .map_err(|e| ApplyError::Thread { what: format!("spawning the reader: {e}") })?
+        };
+        let result = self.apply_loop(id, &rx, &out, resume);
+        match &result {
+            Ok(()) => {
+                let _ = lock(&out).tx.close();
+            }
+            Err(e) => {
+                if let Some(code) = e.wire_code() {
+                    // Tell the source, stop writing, and keep reading (dropping) what it
+                    // still sends until it hangs up or `linger` passes, so that the
+                    // `Error` reaches it rather than a reset.
+                    let message = truncate(error_chain(e));
+                    let mut o = lock(&out);
+                    let _ = o.send(&Message::Error { code, message: message.clone() });
+                    let _ = o.tx.close_with(CloseCode::PROTOCOL_VIOLATION, &message);
+                    drop(o);
+                    kill(Shutdown::Write);
+                    let until = Instant::now() + cfg.linger;
+                    loop {
+                        let left = until.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(Inbound::Batch(_)) => {}
+                            Ok(_)
+                            | Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        kill(Shutdown::Both);
+        drop(rx);
+        if reader.join().is_err() && result.is_ok() {
+            return Err(ApplyError::Thread { what: "the reader panicked".to_owned() });
+        }
+        result
+    }
+
+    fn apply_loop<S: Stream>(
+        &self,
+        id: u64,
+        rx: &mpsc::Receiver<Inbound>,
+        out: &Mutex<Outbound<S>>,
+        resume: Seq,
+    ) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let mut acked = resume;
+        let mut pending_bytes = 0u64;
+        let mut pending_since: Option<Instant> = None;
+        let gone = || ApplyError::Thread { what: "the reader ended without a word".to_owned() };
+        loop {
+            let item = if pending_since.is_some() {
+                match rx.try_recv() {
+                    Ok(item) => item,
+                    Err(TryRecvError::Empty) => {
+                        // The queue ran dry: commit now rather than wait for more.
+                        self.commit(out, &mut acked)?;
+                        pending_bytes = 0;
+                        pending_since = None;
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => return Err(gone()),
+                }
+            } else {
+                rx.recv().map_err(|_| gone())?
+            };
+            match item {
+                Inbound::Batch(batch) => {
+                    let (events, bytes) = self.apply_batch(id, &batch)?;
+                    if events > 0 {
+                        pending_bytes += bytes + 24 * events;
+                        let since = *pending_since.get_or_insert_with(Instant::now);
+                        if pending_bytes >= cfg.sync_bytes || since.elapsed() >= cfg.sync_interval {
+                            self.commit(out, &mut acked)?;
+                            pending_bytes = 0;
+                            pending_since = None;
+                        }
+                    }
+                }
+                Inbound::Closed => {
+                    if pending_since.is_some() {
+                        self.commit(out, &mut acked)?;
+                    }
+                    return Ok(());
+                }
+                Inbound::Failed(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Group commit, then an ack of what it made durable.
+    fn commit<S: Stream>(&self, out: &Mutex<Outbound<S>>, acked: &mut Seq) -> Result<()> {
+        let synced = lock(&self.inner.log).sync();
+        let durable = match synced {
+            Ok(d) => d,
+            Err(source) => {
+                let e = ApplyError::Storage { op: "group commit".to_owned(), source };
+                self.mark_failed(&e);
+                return Err(e);
+            }
+        };
+        self.update(|s| {
+            s.durable = durable;
+            s.syncs += 1;
+        });
+        if durable > *acked {
+            lock(out).send(&Message::Ack { upto: durable })?;
+            *acked = durable;
+            self.update(|s| s.acked = durable);
+        }
+        Ok(())
+    }
+
+    /// Checks and appends one batch; returns the events appended and their data bytes.
+    fn apply_batch(&self, id: u64, batch: &Batch) -> Result<(u64, u64)> {
+        if self.is_replaced(id) {
+            return Err(ApplyError::Replaced);
+        }
+        let mut log = lock(&self.inner.log);
+        let last = log.last_seq();
+        if batch.first_seq > last.next() {
+            return Err(ApplyError::SequenceGap { expected: last.next(), found: batch.first_seq });
+        }
+        let duplicates = (last.0 + 1 - batch.first_seq.0).min(batch.entries.len() as u64);
+        let fresh = || batch.iter().skip(duplicates as usize);
+        let mut data_bytes = 0;
+        for (seq, entry) in fresh() {
+            let event = match &entry.body {
+                EntryBody::Event(e) => e,
+                EntryBody::Ref(_) => return Err(ApplyError::UnknownReference { seq }),
+            };
+            if let Some((volume, offset, len)) = event.range() {
+                let volume_len = self.inner.volume_lens.get(usize::from(volume.0)).copied();
+                if offset.checked_add(len).is_none_or(|end| end > volume_len.unwrap_or(0)) {
+                    return Err(ApplyError::OutOfRange {
+                        seq,
+                        volume: volume.0,
+                        offset,
+                        len,
+                        volume_len: volume_len.unwrap_or(0),
+                    });
+                }
+            }
+            if let Event::Write { data, .. } = event {
+                if data.len() > MAX_PAYLOAD {
+                    return Err(ApplyError::EventTooLarge {
+                        seq,
+                        len: data.len() as u64,
+                        max: MAX_PAYLOAD as u64,
+                    });
+                }
+                data_bytes += data.len() as u64;
+            }
+        }
+        let mut events = 0;
+        for (seq, entry) in fresh() {
+            let EntryBody::Event(event) = &entry.body else { unreachable!("checked above") };
+            if let Err(source) = log.append(seq, entry.time, event) {
+                let e = ApplyError::Storage { op: format!("appending seq {seq}"), source };
+                drop(log);
+                self.mark_failed(&e);
+                return Err(e);
+            }
+            events += 1;
+        }
+        let received = log.last_seq();
+        drop(log);
+        self.update(|s| {
+            s.received = received;
+            s.batches += 1;
+            s.events += events;
+            s.data_bytes += data_bytes;
+            s.duplicates += duplicates;
+        });
+        Ok((events, data_bytes))
+    }
+
+    /// Accepts connections on `listener` on a thread of its own, serving each on another.
+    pub fn listen(&self, listener: TcpListener) -> io::Result<Listener> {
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sessions: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let thread = {
+            let (receiver, stop, sessions) = (self.clone(), stop.clone(), sessions.clone());
+            thread::Builder::new().name("tidemark-recv-accept".to_owned()).spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            receiver.update(|s| s.last_error = Some(format!("accept: {e}")));
+                            continue;
+                        }
+                    };
+                    let mut list = lock(&sessions);
+                    list.retain(|h| !h.is_finished());
+                    if list.len() >= MAX_CONNECTIONS {
+                        // A flood of connections (each may sit in its handshake until the
+                        // handshake timeout) must not pile up threads.
+                        drop(stream);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let r = receiver.clone();
+                    let spawned =
+                        thread::Builder::new().name("tidemark-recv".to_owned()).spawn(move || {
+                            let _ = r.serve(stream);
+                        });
+                    if let Ok(h) = spawned {
+                        list.push(h);
+                    }
+                }
+            })?
+        };
+        Ok(Listener { addr, stop, thread: Some(thread), sessions })
+    }
+}
+
+/// The net reader: records -> frames -> batches for the applier; `Ping` answered here.
+fn run_net_reader<S: Stream>(
+    mut rx_half: crate::secure::SecureReceiver<S>,
+    mut codec: Codec,
+    tx: &SyncSender<Inbound>,
+    out: &Mutex<Outbound<S>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let item = match rx_half.recv_into(&mut buf) {
+            Ok(false) => Inbound::Closed,
+            Err(e) => Inbound::Failed(e.into()),
+            Ok(true) => match codec.decode(Bytes::from(std::mem::take(&mut buf))) {
+                Ok(Message::Batch(b)) => Inbound::Batch(b),
+                Ok(Message::Ping { nonce }) => match lock(out).send(&Message::Pong { nonce }) {
+                    Ok(()) => continue,
+                    Err(e) => Inbound::Failed(e),
+                },
+                Ok(Message::Pong { .. }) => continue,
+                Ok(Message::Error { code, message }) => {
+                    Inbound::Failed(ApplyError::PeerError { code, message })
+                }
+                Ok(other) => {
+                    Inbound::Failed(ApplyError::UnexpectedMessage { found: other.message_type() })
+                }
+                Err(e) => Inbound::Failed(e.into()),
+            },
+        };
+        let last = !matches!(item, Inbound::Batch(_));
+        if tx.send(item).is_err() || last {
+            return;
+        }
+    }
+}
+
+fn unavailable(message: &str) -> Refuse {
+    Refuse {
+        reason: RefuseReason::UNAVAILABLE,
+        supported: SUPPORTED_VERSIONS,
+        message: truncate(message.to_owned()),
+    }
+}
+
+/// Cuts `text` to what a wire text field holds, without control characters.
+fn truncate(text: String) -> String {
+    let mut cut = text.len().min(MAX_TEXT);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// A receiver's TCP accept loop. Stopping it stops accepting; sessions already open go on
+/// until [`Receiver::shutdown`] or their end.
+#[derive(Debug)]
+pub struct Listener {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    sessions: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Listener {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and waits for the accept thread and every session thread (call
+    /// [`Receiver::shutdown`] first, or this waits for the sources to hang up).
+    pub fn stop(mut self) {
+        self.stop_inner();
+        let sessions = std::mem::take(&mut *lock(&self.sessions));
+        for h in sessions {
+            let _ = h.join();
+        }
+    }
+
+    fn stop_inner(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            // Wake the blocking accept with a connection of our own.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}

@@ -1,0 +1,1284 @@
+//! The source side of replication: the [`Shipper`] reads the spool in sequence order, ships
+//! it to the target in `Batch` messages, and trims the spool as the target acknowledges.
+//! One shipper is one logical replication session: it survives the loss of its connection
+//! by reconnecting with backoff and resuming where the target says.
+//!
+//! ```text
+//!             Arc<Mutex<Spool>>  (the tap appends and syncs; rings the Doorbell)
+//!                  |  read_after(last queued)                    ^ ack(upto)
+//!                  v                                             |
+//!   encoder: build Batch (<= batch_bytes), compress   ack reader: Ack { upto } -> spool.ack,
+//!            wait for room in the window                          release the window
+//!                  |  bounded channel (queue_depth frames)       ^
+//!                  v                                             |
+//!   writer:  token bucket, seal and send; Ping when idle ---- TCP / pipe ----> target
+//! ```
+//!
+//! Memory is bounded: at most `queue_depth` encoded frames wait for the writer, the encoder
+//! holds one more, and at most `window_bytes` of frames are sent but unacknowledged (one
+//! batch may exceed it when the window is empty, so a large write always moves).
+//! Backpressure is explicit: a slow link fills the channel and blocks the encoder; a slow
+//! target withholds acks, the window fills and blocks the encoder; either way the spool
+//! grows (until it overflows and the tap falls back to dirty-region tracking).
+//!
+//! Invariants:
+//! 1. Events are shipped in sequence order, without gaps: batch `k + 1` starts right after
+//!    batch `k` ends, and the first batch of a connection starts right after the target's
+//!    `Resume { last_acked }`. An event is never skipped.
+//! 2. The spool is trimmed only up to a sequence number the target reported durable (`Ack`
+//!    or `Resume`), so an unacknowledged event is never lost on the source.
+//! 3. Acknowledged data is never re-sent: a connection starts from the target's resume
+//!    point, which is at or above every ack received before.
+//! 4. Acks only grow: an `Ack` below the previous one, or above what was sent, is a protocol
+//!    violation that ends the connection; a `Resume` below the spool's trimmed point means
+//!    the target lost acknowledged data, and stops the shipper ([`ShipError::TargetBehind`]).
+//! 5. Errors that a reconnect cannot fix (a refused key or pair, a target ahead of or behind
+//!    the spool, a batch the target rejects as out of range) stop the shipper in
+//!    [`LinkState::Failed`]; every other error is followed by a reconnect after a backoff.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidemark_journal::format::MAX_PAYLOAD;
+use tidemark_journal::{Event, JournalError, Seq, Spool, SpooledEvent};
+
+use crate::connection::{Connection, ConnectionError};
+use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, Stream};
+use crate::shape::TokenBucket;
+use crate::wire::{
+    Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
+    Hello, Message, MessageType, RefuseReason, WireError,
+};
+
+/// What went wrong on the source side of replication.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShipError {
+    /// The shipper's configuration is unusable.
+    #[error("shipper configuration: {field} is {found}, expected {expected}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        found: String,
+        /// What a valid value looks like.
+        expected: String,
+    },
+    /// Connecting to the target failed.
+    #[error("connecting to the target failed")]
+    Connect {
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// The secure channel failed (handshake, refusal, a tampered or cut stream).
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// Opening the session failed (refused, another protocol version, the target's error).
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// A frame could not be encoded, or one from the target could not be decoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The spool failed.
+    #[error("spool: {op} failed")]
+    Spool {
+        /// What was being done (`reading events after seq 41`, `trimming up to seq 90`).
+        op: String,
+        /// The journal's error.
+        #[source]
+        source: JournalError,
+    },
+    /// The target resumes after a sequence number this source never assigned.
+    #[error(
+        "the target holds events up to seq {target} but this source's spool ends at seq {spool_last}: \
+         another source's replica, or a source that lost its spool; resync needed"
+    )]
+    TargetAhead {
+        /// The target's resume point.
+        target: Seq,
+        /// The spool's last sequence number.
+        spool_last: Seq,
+    },
+    /// The target resumes below what it acknowledged before: the spool no longer holds
+    /// the events it lacks.
+    #[error(
+        "the target resumes after seq {target} but it acknowledged up to seq {trimmed} before, \
+         and the spool has trimmed those events: the target lost acknowledged data; resync needed"
+    )]
+    TargetBehind {
+        /// The target's resume point.
+        target: Seq,
+        /// The spool's acknowledged (trimmed) point.
+        trimmed: Seq,
+    },
+    /// The spool offered events that do not follow the last one shipped.
+    #[error("spool: expected seq {expected} next, read seq {found}")]
+    SpoolGap {
+        /// The sequence number due.
+        expected: Seq,
+        /// The one read.
+        found: Seq,
+    },
+    /// The target acknowledged less than it did before on this connection.
+    #[error("the target acknowledged seq {got} after seq {previous}: acks must grow")]
+    AckWentBack {
+        /// The ack received.
+        got: Seq,
+        /// The ack before it.
+        previous: Seq,
+    },
+    /// The target acknowledged events that were never sent to it.
+    #[error("the target acknowledged seq {got} but only seq {sent} was sent")]
+    AckAhead {
+        /// The ack received.
+        got: Seq,
+        /// The last sequence number sent.
+        sent: Seq,
+    },
+    /// The target reported an error and closed the connection.
+    #[error("the target reported an error: {code}: {message}")]
+    PeerError {
+        /// What kind of error.
+        code: ErrorCode,
+        /// The target's sentence.
+        message: String,
+    },
+    /// A well-formed message the protocol does not allow from a target here.
+    #[error("expected Ack or Pong from the target, received {found}")]
+    UnexpectedMessage {
+        /// The message type received.
+        found: MessageType,
+    },
+    /// The target closed the connection normally although the shipper was not stopping.
+    #[error("the target closed the connection")]
+    PeerClosed,
+    /// A pipeline thread could not be started or panicked.
+    #[error("shipper thread {name}: {what}")]
+    Thread {
+        /// The thread.
+        name: &'static str,
+        /// What happened to it.
+        what: String,
+    },
+}
+
+impl ShipError {
+    /// True when reconnecting cannot help: the shipper stops in [`LinkState::Failed`].
+    pub fn is_fatal(&self) -> bool {
+        fn secure_fatal(e: &SecureError) -> bool {
+            matches!(
+                e,
+                SecureError::PeerNotAllowed { .. }
+                    | SecureError::RefusedByPeer { .. }
+                    | SecureError::VersionMismatch { .. }
+                    | SecureError::NotTidemark { .. }
+                    | SecureError::InvalidConfig { .. }
+                    | SecureError::BadKey { .. }
+            )
+        }
+        fn code_fatal(code: ErrorCode) -> bool {
+            matches!(
+                code,
+                ErrorCode::MALFORMED
+                    | ErrorCode::UNEXPECTED_MESSAGE
+                    | ErrorCode::SEQUENCE_GAP
+                    | ErrorCode::OUT_OF_RANGE
+            )
+        }
+        match self {
+            Self::Config { .. }
+            | Self::Spool { .. }
+            | Self::TargetAhead { .. }
+            | Self::TargetBehind { .. }
+            | Self::SpoolGap { .. }
+            | Self::AckWentBack { .. }
+            | Self::AckAhead { .. } => true,
+            Self::Secure(e) => secure_fatal(e),
+            Self::PeerError { code, .. } => code_fatal(*code),
+            Self::Connection(e) => match e {
+                ConnectionError::Secure(e) => secure_fatal(e),
+                ConnectionError::VersionMismatch { .. } | ConnectionError::LimitMismatch { .. } => {
+                    true
+                }
+                ConnectionError::Refused { reason, .. } => {
+                    !matches!(*reason, RefuseReason::BUSY | RefuseReason::UNAVAILABLE)
+                }
+                ConnectionError::PeerError { code, .. } => code_fatal(*code),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+type Result<T, E = ShipError> = std::result::Result<T, E>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every structure behind these locks stays consistent between statements, so a panic
+    // elsewhere does not make it unusable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Opens the byte stream to the target, once per connection attempt.
+pub trait Connect<S: Stream>: Send {
+    /// A fresh stream to the target.
+    fn connect(&mut self) -> io::Result<S>;
+}
+
+impl<S: Stream, F: FnMut() -> io::Result<S> + Send> Connect<S> for F {
+    fn connect(&mut self) -> io::Result<S> {
+        self()
+    }
+}
+
+/// Connects over TCP, with Nagle's algorithm off (an `Ack` must not wait).
+#[derive(Debug, Clone)]
+pub struct TcpConnect {
+    /// The target's address.
+    pub addr: SocketAddr,
+    /// How long a connection attempt may take.
+    pub timeout: Duration,
+}
+
+impl Connect<TcpStream> for TcpConnect {
+    fn connect(&mut self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&self.addr, self.timeout)?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// Reconnection delays: `initial`, then multiplied by `factor` after each failed attempt,
+/// up to `max`. A connection that got as far as shipping resets the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// The growth factor (at least 1).
+    pub factor: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { initial: Duration::from_millis(100), max: Duration::from_secs(30), factor: 2 }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnection attempt `attempt` (counted from 0).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let mut d = self.initial;
+        for _ in 0..attempt {
+            d = d.saturating_mul(self.factor.max(1));
+            if d >= self.max {
+                return self.max;
+            }
+        }
+        d.min(self.max)
+    }
+}
+
+/// What the encoder saw of the last batch: the input of an adaptive compression policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    /// The compression used.
+    pub compression: Compression,
+    /// Uncompressed body bytes.
+    pub raw_bytes: u64,
+    /// Frame bytes put in the queue (compressed when that helped).
+    pub frame_bytes: u64,
+    /// Time spent encoding and compressing.
+    pub encode_time: Duration,
+    /// The writer's queue was full when the frame was ready: the link (or the bandwidth
+    /// limit) is the bottleneck, so spending more CPU on compression would pay.
+    pub link_bound: bool,
+}
+
+/// Chooses the compression of each batch. The hook for a level that adapts to the link: a
+/// link-bound pipeline ([`BatchStats::link_bound`]) wants a higher level, a CPU-bound one
+/// a lower level or none.
+pub trait CompressionPolicy: Send + fmt::Debug {
+    /// The compression for the next batch, knowing how the last one went (`None` for the
+    /// first batch of a connection).
+    fn next(&mut self, last: Option<&BatchStats>) -> Compression;
+}
+
+/// The same compression for every batch.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedCompression(pub Compression);
+
+impl CompressionPolicy for FixedCompression {
+    fn next(&mut self, _: Option<&BatchStats>) -> Compression {
+        self.0
+    }
+}
+
+/// How a shipper runs.
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// The opening message: this node, the pair, the volumes.
+    pub hello: Hello,
+    /// Keys and transport limits.
+    pub secure: SecureConfig,
+    /// The codec's maximum frame length; at least the journal's largest record plus 64 KiB,
+    /// and at most `secure.max_message_len`.
+    pub max_frame_len: u32,
+    /// Spool bytes read into one batch (the first event always goes, whatever its size).
+    pub batch_bytes: u64,
+    /// Frame bytes sent and not yet acknowledged before the encoder waits.
+    pub window_bytes: u64,
+    /// Encoded frames waiting for the writer.
+    pub queue_depth: usize,
+    /// Compression of batches (until changed with [`ShipperHandle::set_compression`]).
+    pub compression: Compression,
+    /// Send a write whose data is all zeros as a write-zeroes range.
+    pub zero_detect: bool,
+    /// How often the encoder looks at the spool when nobody rings the doorbell.
+    pub poll_interval: Duration,
+    /// A `Ping` goes out after this long without a frame, so neither side's I/O timeout
+    /// fires on an idle link. Keep it well below `secure.io_timeout`.
+    pub keepalive: Duration,
+    /// Delays between reconnection attempts.
+    pub backoff: Backoff,
+    /// On stop, how long to wait for the target's last ack and close.
+    pub stop_timeout: Duration,
+}
+
+impl ShipperConfig {
+    /// Default batch size (1 MiB).
+    pub const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
+    /// Default window (64 MiB).
+    pub const DEFAULT_WINDOW_BYTES: u64 = 64 << 20;
+
+    /// The defaults for `hello` and `secure`.
+    pub fn new(hello: Hello, secure: SecureConfig) -> Self {
+        Self {
+            hello,
+            max_frame_len: secure.max_message_len,
+            secure,
+            batch_bytes: Self::DEFAULT_BATCH_BYTES,
+            window_bytes: Self::DEFAULT_WINDOW_BYTES,
+            queue_depth: 4,
+            compression: Compression::Zstd { level: 1 },
+            zero_detect: true,
+            poll_interval: Duration::from_millis(50),
+            keepalive: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |field, found: String, expected: String| {
+            Err(ShipError::Config { field, found, expected })
+        };
+        let min_frame = MAX_PAYLOAD as u64 + (64 << 10);
+        if u64::from(self.max_frame_len) < min_frame {
+            return bad(
+                "max_frame_len",
+                self.max_frame_len.to_string(),
+                format!("at least {min_frame} (the largest journal record and a batch header)"),
+            );
+        }
+        if self.max_frame_len > self.secure.max_message_len {
+            return bad(
+                "max_frame_len",
+                self.max_frame_len.to_string(),
+                format!("at most secure.max_message_len ({})", self.secure.max_message_len),
+            );
+        }
+        let max_batch = u64::from(self.max_frame_len) / 2;
+        if self.batch_bytes == 0 || self.batch_bytes > max_batch {
+            return bad("batch_bytes", self.batch_bytes.to_string(), format!("1 to {max_batch}"));
+        }
+        if self.window_bytes == 0 {
+            return bad("window_bytes", "0".to_owned(), "at least 1".to_owned());
+        }
+        if self.queue_depth == 0 {
+            return bad("queue_depth", "0".to_owned(), "at least 1".to_owned());
+        }
+        if self.poll_interval.is_zero() || self.keepalive.is_zero() {
+            return bad("poll_interval or keepalive", "0".to_owned(), "more than zero".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Where a shipper's connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkState {
+    /// Opening a connection and a session.
+    Connecting,
+    /// A session is open; events flow as the spool fills.
+    Shipping,
+    /// The connection was lost (see [`ShipperStatus::last_error`]).
+    Disconnected,
+    /// Waiting out a backoff delay before the next attempt.
+    Reconnecting,
+    /// Stopped on request.
+    Stopped,
+    /// Stopped by an error a reconnect cannot fix (see [`ShipperStatus::last_error`]).
+    Failed,
+}
+
+/// A snapshot of a shipper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShipperStatus {
+    /// Where the connection stands.
+    pub state: LinkState,
+    /// Connection attempts made.
+    pub attempts: u64,
+    /// Sessions opened (connections that got as far as `Resume`).
+    pub sessions: u64,
+    /// The current reconnection attempt (0 while connected).
+    pub reconnect_attempt: u32,
+    /// The backoff delay in force while reconnecting.
+    pub reconnect_delay: Duration,
+    /// The target's node name, while connected.
+    pub peer: Option<String>,
+    /// The last sequence number put on the wire.
+    pub last_sent: Seq,
+    /// The highest sequence number the target reported durable (only grows).
+    pub acked: Seq,
+    /// Bytes of unacknowledged events in the spool.
+    pub backlog_bytes: u64,
+    /// Unacknowledged events in the spool.
+    pub backlog_events: u64,
+    /// Frame bytes sent and not yet acknowledged on this connection.
+    pub in_flight_bytes: u64,
+    /// Frame bytes sent (all connections).
+    pub wire_bytes: u64,
+    /// Uncompressed batch body bytes sent (all connections).
+    pub raw_bytes: u64,
+    /// Batches sent (all connections).
+    pub batches: u64,
+    /// Keepalive `Ping`s sent (all connections).
+    pub pings: u64,
+    /// The last error (the reason for the last disconnection, or for the failure).
+    pub last_error: Option<String>,
+}
+
+/// A state transition or progress, as the shipper reports it to its observer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShipperEvent {
+    /// A session opened; the target resumes after `resume`.
+    Connected {
+        /// The target's node name.
+        peer: String,
+        /// The target's `Resume { last_acked }`.
+        resume: Seq,
+    },
+    /// The target acknowledged every event up to `upto`.
+    Acked {
+        /// The ack.
+        upto: Seq,
+    },
+    /// The connection was lost.
+    Disconnected {
+        /// Why.
+        error: String,
+    },
+    /// Reconnecting after `delay`.
+    Reconnecting {
+        /// The attempt number (from 1).
+        attempt: u32,
+        /// The backoff delay.
+        delay: Duration,
+    },
+    /// Stopped on request.
+    Stopped,
+    /// Stopped by an error a reconnect cannot fix.
+    Failed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// A callback that sees every [`ShipperEvent`], on the shipper's threads (keep it short).
+pub type Observer = Box<dyn Fn(&ShipperEvent) + Send + Sync>;
+
+/// Wakes the shipper when the spool has new durable events. The tap rings it after each
+/// group commit; without it the shipper looks every `poll_interval`.
+#[derive(Debug, Clone, Default)]
+pub struct Doorbell(Arc<(Mutex<u64>, Condvar)>);
+
+impl Doorbell {
+    /// Signals new events.
+    pub fn ring(&self) {
+        *lock(&self.0.0) += 1;
+        self.0.1.notify_all();
+    }
+
+    fn generation(&self) -> u64 {
+        *lock(&self.0.0)
+    }
+
+    /// Waits until rung after `seen`, or `timeout`.
+    fn wait(&self, seen: u64, timeout: Duration) {
+        let g = lock(&self.0.0);
+        if *g == seen {
+            let _ = self.0.1.wait_timeout(g, timeout);
+        }
+    }
+}
+
+struct Shared {
+    spool: Arc<Mutex<Spool>>,
+    cfg: ShipperConfig,
+    bucket: Option<Arc<TokenBucket>>,
+    doorbell: Doorbell,
+    stopping: AtomicBool,
+    status: Mutex<ShipperStatus>,
+    status_changed: Condvar,
+    policy: Mutex<Box<dyn CompressionPolicy>>,
+    observer: Option<Observer>,
+    link: Mutex<Option<Arc<Link>>>,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ShipperStatus)) {
+        f(&mut lock(&self.status));
+        self.status_changed.notify_all();
+    }
+
+    fn emit(&self, event: ShipperEvent) {
+        if let Some(observer) = &self.observer {
+            observer(&event);
+        }
+    }
+
+    fn backlog(&self, spool: &Spool) {
+        let (bytes, events) = (spool.backlog_bytes(), spool.backlog_events() as u64);
+        self.update(|s| {
+            s.backlog_bytes = bytes;
+            s.backlog_events = events;
+        });
+    }
+}
+
+/// The state of one connection, shared by its three pipeline threads.
+struct Link {
+    state: Mutex<LinkInner>,
+    changed: Condvar,
+    kill: Box<dyn Fn() + Send + Sync>,
+}
+
+struct LinkInner {
+    error: Option<ShipError>,
+    dead: bool,
+    /// Batches queued or sent and not yet acknowledged: (last seq, frame bytes).
+    in_flight: VecDeque<(Seq, u64)>,
+    in_flight_bytes: u64,
+    /// The last sequence number handed to the writer.
+    queued: Seq,
+    /// The last ack (or the resume point).
+    acked: Seq,
+    /// Pipeline threads that have ended.
+    finished: usize,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, LinkInner> {
+        lock(&self.state)
+    }
+
+    fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    /// Records the first error, shuts the stream down so every thread of the connection
+    /// stops, and wakes whatever waits.
+    fn fail(&self, error: ShipError, shared: &Shared) {
+        let mut l = self.lock();
+        if l.error.is_none() && !l.dead {
+            l.error = Some(error);
+        }
+        l.dead = true;
+        drop(l);
+        (self.kill)();
+        self.changed.notify_all();
+        shared.doorbell.ring();
+        if let Some(b) = &shared.bucket {
+            b.wake_all();
+        }
+    }
+}
+
+/// Counts a pipeline thread out when it ends, panicking included (a panic also fails the
+/// link, so the others stop).
+struct Finished<'a> {
+    shared: &'a Shared,
+    link: &'a Link,
+    name: &'static str,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            let what = "panicked".to_owned();
+            self.link.fail(ShipError::Thread { name: self.name, what }, self.shared);
+        }
+        self.link.lock().finished += 1;
+        self.link.changed.notify_all();
+    }
+}
+
+/// Builds and starts a [`Shipper`].
+pub struct Shipper {
+    spool: Arc<Mutex<Spool>>,
+    cfg: ShipperConfig,
+    bucket: Option<Arc<TokenBucket>>,
+    policy: Option<Box<dyn CompressionPolicy>>,
+    observer: Option<Observer>,
+    doorbell: Doorbell,
+}
+
+impl fmt::Debug for Shipper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shipper").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+impl Shipper {
+    /// A shipper of `spool` (shared with the tap, which appends to it).
+    pub fn new(spool: Arc<Mutex<Spool>>, cfg: ShipperConfig) -> Self {
+        Self {
+            spool,
+            cfg,
+            bucket: None,
+            policy: None,
+            observer: None,
+            doorbell: Doorbell::default(),
+        }
+    }
+
+    /// Limits the bytes put on the wire (the bucket may be shared with other shippers).
+    pub fn bucket(mut self, bucket: Arc<TokenBucket>) -> Self {
+        self.bucket = Some(bucket);
+        self
+    }
+
+    /// Chooses the compression of each batch (instead of `cfg.compression`).
+    pub fn compression_policy(mut self, policy: Box<dyn CompressionPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Sees every state transition and ack.
+    pub fn observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Uses `doorbell` (one the tap already holds) instead of a new one.
+    pub fn doorbell(mut self, doorbell: Doorbell) -> Self {
+        self.doorbell = doorbell;
+        self
+    }
+
+    /// Starts shipping: connects with `connector`, and reconnects with it after every loss.
+    pub fn start<S, C>(self, connector: C) -> Result<ShipperHandle>
+    where
+        S: Stream + Send + 'static,
+        C: Connect<S> + 'static,
+    {
+        self.cfg.validate()?;
+        let (acked, backlog_bytes, backlog_events) = {
+            let spool = lock(&self.spool);
+            (spool.acked(), spool.backlog_bytes(), spool.backlog_events() as u64)
+        };
+        let policy =
+            self.policy.unwrap_or_else(|| Box::new(FixedCompression(self.cfg.compression)));
+        let shared = Arc::new(Shared {
+            spool: self.spool,
+            bucket: self.bucket,
+            doorbell: self.doorbell,
+            stopping: AtomicBool::new(false),
+            status: Mutex::new(ShipperStatus {
+                state: LinkState::Connecting,
+                attempts: 0,
+                sessions: 0,
+                reconnect_attempt: 0,
+                reconnect_delay: Duration::ZERO,
+                peer: None,
+                last_sent: acked,
+                acked,
+                backlog_bytes,
+                backlog_events,
+                in_flight_bytes: 0,
+                wire_bytes: 0,
+                raw_bytes: 0,
+                batches: 0,
+                pings: 0,
+                last_error: None,
+            }),
+            status_changed: Condvar::new(),
+            policy: Mutex::new(policy),
+            observer: self.observer,
+            link: Mutex::new(None),
+            cfg: self.cfg,
+        });
+        let s = shared.clone();
+        let supervisor = thread::Builder::new()
+            .name("tidemark-ship".to_owned())
+            .spawn(move || supervise(&s, connector))
+            .map_err(|e| ShipError::Thread { name: "supervisor", what: e.to_string() })?;
+        Ok(ShipperHandle { shared, supervisor: Some(supervisor) })
+    }
+}
+
+/// A running shipper: status, run-time controls, stop. Dropping it stops the shipper.
+pub struct ShipperHandle {
+    shared: Arc<Shared>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for ShipperHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShipperHandle").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+impl ShipperHandle {
+    /// A snapshot of the shipper's state.
+    pub fn status(&self) -> ShipperStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout` passes; returns the status
+    /// that satisfied it, or `None` on timeout.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ShipperStatus) -> bool,
+    ) -> Option<ShipperStatus> {
+        let until = Instant::now() + timeout;
+        let mut s = lock(&self.shared.status);
+        loop {
+            if pred(&s) {
+                return Some(s.clone());
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = self
+                .shared
+                .status_changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Tells the shipper the spool has new durable events.
+    pub fn notify(&self) {
+        self.shared.doorbell.ring();
+    }
+
+    /// The doorbell, for the tap to ring after each group commit.
+    pub fn doorbell(&self) -> Doorbell {
+        self.shared.doorbell.clone()
+    }
+
+    /// Uses `compression` for every batch from the next one on.
+    pub fn set_compression(&self, compression: Compression) {
+        *lock(&self.shared.policy) = Box::new(FixedCompression(compression));
+    }
+
+    /// Replaces the compression policy from the next batch on.
+    pub fn set_compression_policy(&self, policy: Box<dyn CompressionPolicy>) {
+        *lock(&self.shared.policy) = policy;
+    }
+
+    /// Stops shipping: no new batch is sent; the connection is closed normally and the
+    /// target's last ack awaited (up to `stop_timeout`). Unacknowledged events stay in the
+    /// spool for the next shipper. Returns the final status.
+    pub fn stop(mut self) -> ShipperStatus {
+        self.stop_inner();
+        self.status()
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.update(|_| {});
+        self.shared.doorbell.ring();
+        if let Some(link) = lock(&self.shared.link).clone() {
+            let _l = link.lock();
+            link.changed.notify_all();
+        }
+        if let Some(b) = &self.shared.bucket {
+            b.wake_all();
+        }
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ShipperHandle {
+    fn drop(&mut self) {
+        if self.supervisor.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+/// The supervisor: one connection after another until stopped or failed.
+fn supervise<S: Stream + Send + 'static, C: Connect<S>>(shared: &Arc<Shared>, mut connector: C) {
+    let mut attempt: u32 = 0;
+    loop {
+        if shared.stopping() {
+            break;
+        }
+        shared.update(|s| {
+            s.state = LinkState::Connecting;
+            s.attempts += 1;
+        });
+        let mut shipped = false;
+        let outcome = run_connection(shared, &mut connector, &mut shipped);
+        shared.update(|s| {
+            s.peer = None;
+            s.in_flight_bytes = 0;
+        });
+        if shipped {
+            attempt = 0;
+        }
+        match outcome {
+            Ok(()) => break,
+            Err(_) if shared.stopping() => break,
+            Err(e) => {
+                let text = error_chain(&e);
+                let fatal = e.is_fatal();
+                shared.update(|s| {
+                    s.state = if fatal { LinkState::Failed } else { LinkState::Disconnected };
+                    s.last_error = Some(text.clone());
+                });
+                shared.emit(ShipperEvent::Disconnected { error: text.clone() });
+                if fatal {
+                    shared.emit(ShipperEvent::Failed { error: text });
+                    return;
+                }
+            }
+        }
+        let delay = shared.cfg.backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        shared.update(|s| {
+            s.state = LinkState::Reconnecting;
+            s.reconnect_attempt = attempt;
+            s.reconnect_delay = delay;
+        });
+        shared.emit(ShipperEvent::Reconnecting { attempt, delay });
+        let until = Instant::now() + delay;
+        let mut s = lock(&shared.status);
+        while !shared.stopping() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = shared.status_changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+    shared.update(|s| {
+        s.state = LinkState::Stopped;
+        s.reconnect_attempt = 0;
+    });
+    shared.emit(ShipperEvent::Stopped);
+}
+
+/// The error and its sources, one sentence each, as the top level prints them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// One connection: open the session, reconcile with the spool, run the pipeline until the
+/// connection fails or the shipper stops. `Ok` only when stopped.
+fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
+    shared: &Arc<Shared>,
+    connector: &mut C,
+    shipped: &mut bool,
+) -> Result<()> {
+    let cfg = &shared.cfg;
+    let stream = connector.connect().map_err(|source| ShipError::Connect { source })?;
+    let killer = stream.try_clone().map_err(|source| ShipError::Connect { source })?;
+    let channel = SecureChannel::initiate(stream, &cfg.secure)?;
+    let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
+    let session = conn.open_session(&cfg.hello)?;
+    let resume = session.last_acked;
+    if let Err(e) = reconcile(shared, resume) {
+        // Tell the target why this source hangs up (it reports the close reason).
+        let (mut channel, _) = conn.into_parts();
+        let _ = channel.close_with(CloseCode::PROTOCOL_VIOLATION, &error_chain(&e));
+        return Err(e);
+    }
+    let link = Arc::new(Link {
+        state: Mutex::new(LinkInner {
+            error: None,
+            dead: false,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            queued: resume,
+            acked: resume,
+            finished: 0,
+        }),
+        changed: Condvar::new(),
+        kill: {
+            // In a mutex: the stream need not be `Sync` for the link to be shared.
+            let killer = Mutex::new(killer);
+            Box::new(move || {
+                let _ = lock(&killer).shutdown(Shutdown::Both);
+            })
+        },
+    });
+    *lock(&shared.link) = Some(link.clone());
+    if shared.stopping() {
+        (link.kill)();
+        *lock(&shared.link) = None;
+        return Ok(());
+    }
+    *shipped = true;
+    shared.update(|s| {
+        s.state = LinkState::Shipping;
+        s.sessions += 1;
+        s.reconnect_attempt = 0;
+        s.peer = Some(session.peer_node.clone());
+        s.acked = s.acked.max(resume);
+        s.last_sent = resume;
+    });
+    shared.emit(ShipperEvent::Connected { peer: session.peer_node.clone(), resume });
+
+    let (channel, codec) = conn.into_parts();
+    let (rx_half, tx_half) = channel.split()?;
+    let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
+
+    let spawn = |name: &'static str, f: Box<dyn FnOnce() -> Result<()> + Send>| {
+        let (shared, link) = (shared.clone(), link.clone());
+        thread::Builder::new().name(format!("tidemark-ship-{name}")).spawn(move || {
+            let _finished = Finished { shared: &shared, link: &link, name };
+            if let Err(e) = f() {
+                link.fail(e, &shared);
+            }
+        })
+    };
+    let threads = [
+        spawn("encode", {
+            let (shared, link) = (shared.clone(), link.clone());
+            Box::new(move || run_encoder(&shared, &link, codec, tx, resume))
+        }),
+        spawn("write", {
+            let (shared, link) = (shared.clone(), link.clone());
+            Box::new(move || run_writer(&shared, &link, tx_half, rx))
+        }),
+        spawn("acks", {
+            let (shared, link) = (shared.clone(), link.clone());
+            Box::new(move || run_ack_reader(&shared, &link, rx_half))
+        }),
+    ];
+    let mut handles = Vec::new();
+    for (t, name) in threads.into_iter().zip(["encode", "write", "acks"]) {
+        match t {
+            Ok(h) => handles.push(h),
+            Err(e) => link.fail(ShipError::Thread { name, what: e.to_string() }, shared),
+        }
+    }
+    // The threads end by themselves once the link dies. On a stop they get `stop_timeout`
+    // to finish (the ack reader waits for the target's last ack and close); then the
+    // stream is shut down under them.
+    {
+        let mut deadline = None;
+        let mut l = link.lock();
+        while l.finished < handles.len() {
+            if shared.stopping() {
+                let until = *deadline.get_or_insert_with(|| Instant::now() + cfg.stop_timeout);
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                l = link.changed.wait_timeout(l, left).unwrap_or_else(|e| e.into_inner()).0;
+            } else {
+                l = link.changed.wait(l).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+    (link.kill)();
+    if let Some(b) = &shared.bucket {
+        b.wake_all();
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    *lock(&shared.link) = None;
+    let error = link.lock().error.take();
+    match error {
+        Some(e) => Err(e),
+        None if shared.stopping() => Ok(()),
+        None => Err(ShipError::PeerClosed),
+    }
+}
+
+/// Checks the target's resume point against the spool and trims up to it.
+fn reconcile(shared: &Shared, resume: Seq) -> Result<()> {
+    let mut spool = lock(&shared.spool);
+    if resume > spool.last_seq() {
+        return Err(ShipError::TargetAhead { target: resume, spool_last: spool.last_seq() });
+    }
+    if resume < spool.acked() {
+        return Err(ShipError::TargetBehind { target: resume, trimmed: spool.acked() });
+    }
+    spool.ack(resume).map_err(|source| ShipError::Spool {
+        op: format!("trimming up to seq {resume} (the target's resume point)"),
+        source,
+    })?;
+    shared.backlog(&spool);
+    Ok(())
+}
+
+/// A frame for the writer.
+struct Outgoing {
+    frame: Vec<u8>,
+    last_seq: Seq,
+    raw_bytes: u64,
+}
+
+/// The encoder: spool -> batches -> frames, in order, within the window.
+fn run_encoder(
+    shared: &Shared,
+    link: &Link,
+    mut codec: Codec,
+    tx: SyncSender<Outgoing>,
+    resume: Seq,
+) -> Result<()> {
+    let cfg = &shared.cfg;
+    let mut after = resume;
+    let mut last_stats: Option<BatchStats> = None;
+    loop {
+        if shared.stopping() || link.is_dead() {
+            return Ok(());
+        }
+        let seen = shared.doorbell.generation();
+        let events = {
+            let spool = lock(&shared.spool);
+            let events = spool.read_after(after, cfg.batch_bytes).map_err(|source| {
+                ShipError::Spool { op: format!("reading events after seq {after}"), source }
+            })?;
+            shared.backlog(&spool);
+            events
+        };
+        if events.is_empty() {
+            shared.doorbell.wait(seen, cfg.poll_interval);
+            continue;
+        }
+        let batch = build_batch(after, events, cfg.zero_detect)?;
+        let last_seq = batch.last_seq();
+        let compression = lock(&shared.policy).next(last_stats.as_ref());
+        codec.set_compression(compression);
+        let started = Instant::now();
+        let mut frame = Vec::new();
+        codec.encode(&Message::Batch(batch), &mut frame)?;
+        let encode_time = started.elapsed();
+        let raw_bytes = if frame[7] & FLAG_COMPRESSED != 0 {
+            u64::from(u32::from_le_bytes(frame[12..16].try_into().expect("4 bytes")))
+        } else {
+            (frame.len() - FRAME_HEADER_LEN) as u64
+        };
+        let frame_bytes = frame.len() as u64;
+        // Wait for room in the window (an empty window takes any one batch).
+        {
+            let mut l = link.lock();
+            while !l.dead
+                && !shared.stopping()
+                && l.in_flight_bytes > 0
+                && l.in_flight_bytes + frame_bytes > cfg.window_bytes
+            {
+                l = link.changed.wait(l).unwrap_or_else(|e| e.into_inner());
+            }
+            if l.dead || shared.stopping() {
+                return Ok(());
+            }
+            l.in_flight.push_back((last_seq, frame_bytes));
+            l.in_flight_bytes += frame_bytes;
+            l.queued = last_seq;
+            let in_flight = l.in_flight_bytes;
+            drop(l);
+            shared.update(|s| s.in_flight_bytes = in_flight);
+        }
+        let out = Outgoing { frame, last_seq, raw_bytes };
+        let link_bound = match tx.try_send(out) {
+            Ok(()) => false,
+            Err(TrySendError::Full(out)) => {
+                if tx.send(out).is_err() {
+                    return Ok(());
+                }
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => return Ok(()),
+        };
+        last_stats =
+            Some(BatchStats { compression, raw_bytes, frame_bytes, encode_time, link_bound });
+        after = last_seq;
+    }
+}
+
+/// Consecutive spooled events after `after` as one batch.
+fn build_batch(after: Seq, events: Vec<SpooledEvent>, zero_detect: bool) -> Result<Batch> {
+    let first_seq = after.next();
+    let mut entries = Vec::with_capacity(events.len());
+    for (i, e) in events.into_iter().enumerate() {
+        let expected = Seq(first_seq.0 + i as u64);
+        if e.seq != expected {
+            return Err(ShipError::SpoolGap { expected, found: e.seq });
+        }
+        let event = match e.event {
+            Event::Write { volume, offset, data } if zero_detect && is_zero(&data) => {
+                // A write's data fits the journal's largest payload, well under 4 GiB.
+                Event::WriteZeroes { volume, offset, len: data.len() as u32 }
+            }
+            other => other,
+        };
+        entries.push(BatchEntry { time: e.time, body: EntryBody::Event(event) });
+    }
+    Ok(Batch { first_seq, entries })
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    // Eight bytes at a time: this runs over every byte shipped.
+    let mut words = data.chunks_exact(8);
+    words.by_ref().all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// The writer: frames -> token bucket -> secure channel; pings when idle.
+fn run_writer<S: Stream>(
+    shared: &Shared,
+    link: &Link,
+    mut tx_half: crate::secure::SecureSender<S>,
+    rx: mpsc::Receiver<Outgoing>,
+) -> Result<()> {
+    let cfg = &shared.cfg;
+    let mut codec = Codec::new(cfg.max_frame_len)?;
+    let mut ping = Vec::new();
+    let mut nonce = 0u64;
+    let cancelled = || shared.stopping() || link.is_dead();
+    loop {
+        match rx.recv_timeout(cfg.keepalive) {
+            Ok(out) => {
+                if let Some(bucket) = &shared.bucket {
+                    if !bucket.take(out.frame.len() as u64, &cancelled) {
+                        break;
+                    }
+                }
+                if cancelled() {
+                    break;
+                }
+                tx_half.send(&out.frame)?;
+                let len = out.frame.len() as u64;
+                shared.update(|s| {
+                    s.wire_bytes += len;
+                    s.raw_bytes += out.raw_bytes;
+                    s.batches += 1;
+                    s.last_sent = out.last_seq;
+                });
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if cancelled() {
+                    break;
+                }
+                nonce += 1;
+                ping.clear();
+                codec.encode(&Message::Ping { nonce }, &mut ping)?;
+                tx_half.send(&ping)?;
+                shared.update(|s| s.pings += 1);
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if shared.stopping() && !link.is_dead() {
+        // Best effort: the target then syncs, sends its last ack and closes.
+        let _ = tx_half.close_with(CloseCode::NORMAL, "");
+    }
+    Ok(())
+}
+
+/// The ack reader: `Ack` -> window and spool trim; `Error` -> the connection ends.
+fn run_ack_reader<S: Stream>(
+    shared: &Shared,
+    link: &Link,
+    mut rx_half: crate::secure::SecureReceiver<S>,
+) -> Result<()> {
+    let mut codec = Codec::new(shared.cfg.max_frame_len)?;
+    let mut buf = Vec::new();
+    loop {
+        let more = match rx_half.recv_into(&mut buf) {
+            Ok(more) => more,
+            // An error caused by this side shutting the stream down is not news.
+            Err(_) if link.is_dead() || shared.stopping() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if !more {
+            return if shared.stopping() { Ok(()) } else { Err(ShipError::PeerClosed) };
+        }
+        match codec.decode(Bytes::from(std::mem::take(&mut buf)))? {
+            Message::Ack { upto } => on_ack(shared, link, upto)?,
+            Message::Pong { .. } | Message::Ping { .. } => {}
+            Message::Error { code, message } => return Err(ShipError::PeerError { code, message }),
+            other => return Err(ShipError::UnexpectedMessage { found: other.message_type() }),
+        }
+    }
+}
+
+fn on_ack(shared: &Shared, link: &Link, upto: Seq) -> Result<()> {
+    let mut l = link.lock();
+    if upto < l.acked {
+        return Err(ShipError::AckWentBack { got: upto, previous: l.acked });
+    }
+    if upto > l.queued {
+        return Err(ShipError::AckAhead { got: upto, sent: l.queued });
+    }
+    if upto == l.acked {
+        return Ok(());
+    }
+    while l.in_flight.front().is_some_and(|&(seq, _)| seq <= upto) {
+        let (_, bytes) = l.in_flight.pop_front().expect("checked");
+        l.in_flight_bytes -= bytes;
+    }
+    l.acked = upto;
+    let in_flight = l.in_flight_bytes;
+    drop(l);
+    link.changed.notify_all();
+    {
+        let mut spool = lock(&shared.spool);
+        spool.ack(upto).map_err(|source| ShipError::Spool {
+            op: format!("trimming up to seq {upto}"),
+            source,
+        })?;
+        shared.backlog(&spool);
+    }
+    shared.update(|s| {
+        s.acked = s.acked.max(upto);
+        s.in_flight_bytes = in_flight;
+    });
+    shared.emit(ShipperEvent::Acked { upto });
+    Ok(())
+}
