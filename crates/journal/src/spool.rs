@@ -192,11 +192,16 @@ impl Spool {
         Ok(())
     }
 
-    /// Records the acknowledged point durably (call on clean shutdown).
-    pub fn close(mut self) -> Result<()> {
+    /// Syncs and records the acknowledged point durably, without closing.
+    pub fn checkpoint(&mut self) -> Result<()> {
         self.log.sync()?;
         let acked = self.acked;
         self.log.update_manifest(|m| m.base_seq = acked)
+    }
+
+    /// Records the acknowledged point durably (call on clean shutdown).
+    pub fn close(mut self) -> Result<()> {
+        self.checkpoint()
     }
 
     /// The highest acknowledged sequence number.

@@ -148,7 +148,9 @@ pub struct TapStatus {
 
 #[derive(Debug)]
 struct Capture {
-    spool: Spool,
+    /// Shared with the shipper, which reads and trims it. Lock order: the capture lock,
+    /// then the spool's; the shipper takes only the spool's.
+    spool: Arc<Mutex<Spool>>,
     overflow: Option<OverflowState>,
     last_was_barrier: bool,
     writes: u64,
@@ -173,6 +175,16 @@ impl Tap {
     pub fn new(
         device: Arc<dyn BlockIo>,
         spool: Spool,
+        intent: IntentMap,
+        cfg: TapConfig,
+    ) -> Result<Tap> {
+        Self::with_shared_spool(device, Arc::new(Mutex::new(spool)), intent, cfg)
+    }
+
+    /// As [`Tap::new`], with a spool shared with a shipper (which reads and trims it).
+    pub fn with_shared_spool(
+        device: Arc<dyn BlockIo>,
+        spool: Arc<Mutex<Spool>>,
         intent: IntentMap,
         cfg: TapConfig,
     ) -> Result<Tap> {
@@ -202,6 +214,11 @@ impl Tap {
             hot_full_events: 0,
         };
         Ok(Tap { device, device_name, device_len, intent, cfg, capture: Mutex::new(capture) })
+    }
+
+    /// The spool, shared: hand it to a shipper.
+    pub fn shared_spool(&self) -> Arc<Mutex<Spool>> {
+        self.lock().spool.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Capture> {
@@ -327,7 +344,9 @@ impl Tap {
     /// The target acknowledged every event up to `upto`: trims the spool and lets the intent
     /// map clear the regions whose writes are all acknowledged (lazily).
     pub fn acknowledge(&self, upto: Seq) -> Result<()> {
-        self.lock().spool.ack(upto).map_err(|source| TapError::Spool { op: "ack", source })?;
+        lock_spool(&self.lock().spool)
+            .ack(upto)
+            .map_err(|source| TapError::Spool { op: "ack", source })?;
         self.intent.acknowledge(upto);
         Ok(())
     }
@@ -337,21 +356,20 @@ impl Tap {
     /// [`CompletionPolicy::Backing`] the shipper (or a timer) calls this; the disk wait runs
     /// without holding the tap's lock, so captures go on meanwhile.
     pub fn sync_spool(&self) -> Result<Seq> {
-        let ticket = self
-            .lock()
-            .spool
+        let ticket = lock_spool(&self.lock().spool)
             .begin_sync()
             .map_err(|source| TapError::Spool { op: "sync", source })?;
         let outcome = ticket.wait();
-        self.lock().spool.end_sync(outcome).map_err(|source| TapError::Spool { op: "sync", source })
+        lock_spool(&self.lock().spool)
+            .end_sync(outcome)
+            .map_err(|source| TapError::Spool { op: "sync", source })
     }
 
     /// Durable, unacknowledged events after `after`, up to about `max_bytes` (for the
     /// shipper). Events not yet durable in the spool are not offered (see
     /// [`Tap::sync_spool`]).
     pub fn read_after(&self, after: Seq, max_bytes: u64) -> Result<Vec<SpooledEvent>> {
-        self.lock()
-            .spool
+        lock_spool(&self.lock().spool)
             .read_after(after, max_bytes)
             .map_err(|source| TapError::Spool { op: "read", source })
     }
@@ -379,24 +397,26 @@ impl Tap {
 
     /// Runs `f` on the spool (for a shipper that needs more than [`Tap::read_after`]).
     pub fn with_spool<R>(&self, f: impl FnOnce(&mut Spool) -> R) -> R {
-        f(&mut self.lock().spool)
+        f(&mut lock_spool(&self.lock().spool))
     }
 
     /// Counters.
     pub fn status(&self) -> TapStatus {
         let intent = self.intent.status();
         let c = self.lock();
+        let spool = lock_spool(&c.spool);
         let status = TapStatus {
             overflow: c.overflow.clone(),
             intent,
-            last_seq: c.spool.last_seq(),
-            durable_seq: c.spool.durable_seq(),
-            acked: c.spool.acked(),
-            backlog_bytes: c.spool.backlog_bytes(),
+            last_seq: spool.last_seq(),
+            durable_seq: spool.durable_seq(),
+            acked: spool.acked(),
+            backlog_bytes: spool.backlog_bytes(),
             writes: c.writes,
             bytes: c.bytes,
             hot_full_events: c.hot_full_events,
         };
+        drop(spool);
         drop(c);
         status
     }
@@ -406,7 +426,9 @@ impl Tap {
     pub fn close(self) -> Result<()> {
         self.sync_device()?;
         let capture = self.capture.into_inner().unwrap_or_else(|e| e.into_inner());
-        capture.spool.close().map_err(|source| TapError::Spool { op: "close", source })?;
+        lock_spool(&capture.spool)
+            .checkpoint()
+            .map_err(|source| TapError::Spool { op: "close", source })?;
         self.intent.close()
     }
 
@@ -465,7 +487,8 @@ impl Tap {
         }
         let mut last = None;
         for event in events {
-            match c.spool.append(event) {
+            let appended = lock_spool(&c.spool).append(event);
+            match appended {
                 Ok(seq) => last = Some(seq),
                 Err(e) => {
                     Self::enter_overflow(&mut c, &e);
@@ -498,9 +521,10 @@ impl Tap {
             return Captured::OutOfSync;
         }
         if matches!(event, Event::Barrier) && c.last_was_barrier {
-            return Captured::Spooled(c.spool.last_seq());
+            return Captured::Spooled(lock_spool(&c.spool).last_seq());
         }
-        match c.spool.append(&event) {
+        let appended = lock_spool(&c.spool).append(&event);
+        match appended {
             Ok(seq) => {
                 c.last_was_barrier = matches!(event, Event::Barrier);
                 Captured::Spooled(seq)
@@ -522,7 +546,7 @@ impl Tap {
         }
         tracing::warn!(cause, "spool refused an event: tracking writes in the write-intent map");
         c.overflow = Some(OverflowState {
-            last_spooled: c.spool.last_seq(),
+            last_spooled: lock_spool(&c.spool).last_seq(),
             cause,
             events_not_spooled: 0,
             bytes_not_spooled: 0,
@@ -540,10 +564,11 @@ impl Tap {
         }
         let ticket = {
             let mut c = self.lock();
-            if c.spool.durable_seq() >= seq {
+            if lock_spool(&c.spool).durable_seq() >= seq {
                 return Ok(captured);
             }
-            match c.spool.begin_sync() {
+            let begun = lock_spool(&c.spool).begin_sync();
+            match begun {
                 Ok(t) => t,
                 Err(e) => {
                     Self::enter_overflow(&mut c, &e);
@@ -553,9 +578,15 @@ impl Tap {
         };
         let outcome = ticket.wait();
         let mut c = self.lock();
-        if let Err(e) = c.spool.end_sync(outcome) {
+        let ended = lock_spool(&c.spool).end_sync(outcome);
+        if let Err(e) = ended {
             Self::enter_overflow(&mut c, &e);
         }
         Ok(captured)
     }
+}
+
+fn lock_spool(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
+    // The spool's state is consistent between its calls; a panic elsewhere leaves it usable.
+    spool.lock().unwrap_or_else(|e| e.into_inner())
 }
