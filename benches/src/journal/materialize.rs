@@ -66,6 +66,24 @@ fn time_materialize(log: &RetentionLog, at: &PointInfo, out: &Path) -> Result<(D
     Ok((took, report.journal_blocks))
 }
 
+/// Resolving `point` and reading 2000 random 4 KiB blocks from it (page cache warm): the
+/// resolve time and the median read latency, in µs.
+fn open_and_read(log: &RetentionLog, point: &RecoveryPoint, volume: u64) -> Result<(f64, f64)> {
+    let t = Instant::now();
+    let p = log.resolve(point)?;
+    let resolve_us = t.elapsed().as_secs_f64() * 1e6;
+    let mut r = rng(7);
+    let mut buf = vec![0u8; 4096];
+    let mut lat = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let off = r.gen_range(0..volume / 4096) * 4096;
+        let t = Instant::now();
+        log.read_at(&p, VolumeId(0), off, &mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((resolve_us, median(lat.into_iter())))
+}
+
 fn time_cp(base: &Path, out: &Path) -> Result<Duration> {
     let start = Instant::now();
     sys::run_command(Command::new("cp").arg(base).arg(out))?;
@@ -91,6 +109,15 @@ pub fn run(env: &Env<'_>) -> Result<Vec<Figure>> {
     )?;
     let (writes, records) = write_history(&mut log, &clock, env, volume)?;
     let at = log.resolve(&RecoveryPoint::Time(clock.now().minus(Duration::from_secs(3600))))?;
+    // The cost to open a point as a virtual snapshot: resolve it, then read from it. With a
+    // redo journal "latest" and "one hour ago" cost the same; an undo journal would serve
+    // latest from the replica and pay a lookup for the older one.
+    let open_latest = open_and_read(&log, &RecoveryPoint::Latest, volume)?;
+    let open_hour_ago = open_and_read(
+        &log,
+        &RecoveryPoint::Time(clock.now().minus(Duration::from_secs(3600))),
+        volume,
+    )?;
 
     let mut ours = Vec::new();
     let mut cp = Vec::new();
@@ -119,7 +146,19 @@ pub fn run(env: &Env<'_>) -> Result<Vec<Figure>> {
         size(volume)
     );
     let cp_version = sys::program_version("cp").unwrap_or_else(|| "cp".to_owned());
+    let open_note = |which: &str| {
+        format!(
+            "RecoveryPoint::{which} resolved, then 2000 RetentionLog::read_at of a random 4 KiB \
+             block of the {} volume (page cache warm); median; resolve took {{}} µs",
+            size(volume)
+        )
+    };
     Ok(vec![
+        Figure::new("open_latest_read_4k_p50", open_latest.1, "µs")
+            .note(open_note("Latest").replace("{}", &format!("{:.1}", open_latest.0))),
+        Figure::new("open_hour_ago_read_4k_p50", open_hour_ago.1, "µs")
+            .compared("open_latest_read_4k_p50 (same run)".to_owned(), Some(open_hour_ago.1 / open_latest.1))
+            .note(open_note("Time(now - 1h)").replace("{}", &format!("{:.1}", open_hour_ago.0))),
         Figure::new("materialize_1h_back", ours, "s")
             .compared(
                 format!(
