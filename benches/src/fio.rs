@@ -1,5 +1,5 @@
-//! The `fio` reference: sequential writes to a new file with a given fdatasync cadence, with
-//! fio's `--output-format=json` parsed.
+//! The `fio` reference: sequential writes to a new file with a given fdatasync cadence, and
+//! jobs against an existing file or block device, with fio's `--output-format=json` parsed.
 
 use std::path::Path;
 use std::process::Command;
@@ -41,6 +41,8 @@ pub struct FioResult {
     pub bytes_per_sec: f64,
     /// fdatasync calls fio made (not counting the final fsync).
     pub syncs: u64,
+    /// Write operations per second (fio's `iops`).
+    pub iops: f64,
 }
 
 /// Runs the job and removes its file.
@@ -61,6 +63,17 @@ pub fn seq_write(job: &SeqWrite<'_>) -> Result<FioResult> {
     parse(&String::from_utf8_lossy(&out?.stdout))
 }
 
+/// Runs one fio job named `name` against an existing file or block device `target` with
+/// the given job options (`--rw=`, `--bs=`, ...), and parses its write results.
+pub fn device_job(name: &str, target: &Path, options: &[String]) -> Result<FioResult> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--name={name}"))
+        .arg(format!("--filename={}", target.display()))
+        .args(options)
+        .arg("--output-format=json");
+    parse(&String::from_utf8_lossy(&sys::run_command(&mut cmd)?.stdout))
+}
+
 /// Reads the first job's write results from fio's JSON output (fio may print notes before
 /// the JSON document).
 fn parse(stdout: &str) -> Result<FioResult> {
@@ -78,7 +91,8 @@ fn parse(stdout: &str) -> Result<FioResult> {
         .filter(|b| *b > 0.0)
         .ok_or_else(|| anyhow!("fio's JSON has no write bandwidth"))?;
     let syncs = job["sync"]["lat_ns"]["N"].as_u64().unwrap_or(0);
-    Ok(FioResult { bytes_per_sec, syncs })
+    let iops = job["write"]["iops"].as_f64().unwrap_or(0.0);
+    Ok(FioResult { bytes_per_sec, syncs, iops })
 }
 
 #[cfg(test)]
@@ -92,13 +106,14 @@ mod tests {
   "fio version" : "fio-3.33",
   "jobs" : [
     { "jobname" : "append", "error" : 0,
-      "write" : { "io_bytes" : 67108864, "bw_bytes" : 233016888 },
+      "write" : { "io_bytes" : 67108864, "bw_bytes" : 233016888, "iops" : 222.2 },
       "sync" : { "total_ios" : 0, "lat_ns" : { "mean" : 3077227.1, "N" : 63 } } }
   ]
 }"#;
         let r = parse(out).unwrap();
         assert_eq!(r.bytes_per_sec, 233016888.0);
         assert_eq!(r.syncs, 63);
+        assert_eq!(r.iops, 222.2);
         assert!(parse("no json here").is_err());
         assert!(parse(r#"{"jobs": [{"error": 5}]}"#).is_err());
     }

@@ -2,7 +2,7 @@
 //! journal emulation) measured in the same run on the same filesystem.
 //!
 //! ```text
-//! tidemark-bench [--smoke] [--dir PATH] <journal|all>...
+//! tidemark-bench [--smoke] [--dir PATH] <journal|tap|all>...
 //! ```
 //!
 //! Each benchmark prints a table and writes its figures to `target/bench/<name>.json`.
@@ -11,6 +11,7 @@ mod figure;
 mod fio;
 mod journal;
 mod sys;
+mod tap;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,13 +39,15 @@ pub struct Ctx {
 type BenchFn = fn(&Ctx) -> Result<Vec<Figure>>;
 
 /// Every benchmark, by name.
-const BENCHES: &[(&str, BenchFn)] = &[("journal", journal::run)];
+const BENCHES: &[(&str, BenchFn)] = &[("journal", journal::run), ("tap", tap::run)];
 
 const USAGE: &str = "\
 usage: tidemark-bench [--smoke] [--dir PATH] <BENCH|all>...
 
 Benchmarks (each writes target/bench/<BENCH>.json):
   journal   spool append throughput and CPU, point-in-time reads, materialize, redo vs undo
+  tap       fio through the FUSE + loop frontend vs a plain loop device (root), capture
+            pipeline CPU per 4 KiB write; ublk overhead: the command that measures it
   all       every benchmark
 
 Options:
@@ -184,12 +187,12 @@ mod tests {
     fn argument_orders() {
         let a = parse(&["--smoke", "all"]).unwrap().unwrap();
         assert!(a.smoke);
-        assert_eq!(a.benches, ["journal"]);
+        assert_eq!(a.benches, ["journal", "tap"]);
         let a = parse(&["journal", "--smoke", "--dir", "/x"]).unwrap().unwrap();
         assert!(a.smoke);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/x")));
         let a = parse(&["all", "journal", "--dir=/y"]).unwrap().unwrap();
-        assert_eq!(a.benches, ["journal"]);
+        assert_eq!(a.benches, ["journal", "tap"]);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/y")));
         assert!(parse(&["--smoke"]).is_err());
         assert!(parse(&["nope"]).is_err());

@@ -16,6 +16,8 @@ use anyhow::{Context, Result, bail};
 pub struct Usage {
     /// User plus system CPU time.
     pub cpu: Duration,
+    /// User CPU time alone.
+    pub user: Duration,
     /// Peak resident set size, in bytes.
     pub max_rss: u64,
 }
@@ -35,6 +37,7 @@ pub fn usage() -> Usage {
     let ru = unsafe { ru.assume_init() };
     Usage {
         cpu: timeval(ru.ru_utime) + timeval(ru.ru_stime),
+        user: timeval(ru.ru_utime),
         // Linux reports kilobytes.
         max_rss: ru.ru_maxrss.max(0) as u64 * 1024,
     }
