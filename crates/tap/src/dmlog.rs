@@ -41,6 +41,7 @@ use bytes::Bytes;
 use tidemark_journal::{BlockIo, Bookmark, BookmarkKind, Event, VolumeId};
 
 use crate::error::{Result, TapError};
+use crate::le::{le32, le64};
 
 /// The super block's magic number (`"rhswfsj\0"` on disk).
 pub const LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
@@ -843,18 +844,6 @@ impl Replay<'_> {
         self.target.sync().map_err(|e| TapError::io("fdatasync", self.target.name(), e))?;
         Ok(&self.report)
     }
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
 }
 
 /// Fuzz entry point: reads arbitrary bytes as a log, walks its entries and events, and

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use tidemark_journal::{BlockIo, Seq};
 
 use crate::error::{Result, TapError};
+use crate::le::{le32, le64};
 use crate::regions::{RegionRun, RegionSet};
 
 /// Magic at the start of the map header.
@@ -1093,18 +1094,6 @@ impl Drop for WriteIntent {
     fn drop(&mut self) {
         self.resolve_out_of_sync();
     }
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
 }
 
 /// Fuzz entry point: decodes arbitrary bytes as a map file (header, both slots, and the open

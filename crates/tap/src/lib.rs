@@ -20,6 +20,7 @@ pub mod dmlog;
 pub mod error;
 pub mod fuse;
 pub mod intent;
+mod le;
 pub mod regions;
 pub mod ublk;
 
