@@ -341,6 +341,113 @@ impl Tap {
         self.complete(captured)
     }
 
+    /// Resync (initial sync, fast resync, failback): appends the current content of `len`
+    /// bytes at `offset` of the protected device to the capture stream, as write events, so
+    /// that it reaches the replica in order with the application's writes.
+    ///
+    /// Each piece (at most `max_event_bytes`) is read from the device and appended under
+    /// the capture lock, so no application write can be appended between the read and the
+    /// append: a write appended before the piece had completed on the device before the
+    /// read (the piece holds its data or newer), and one appended after follows it in the
+    /// stream. Either way the replica ends with the device's content. All-zero 4 KiB blocks
+    /// become write-zeroes ranges, or nothing with [`ZeroBlocks::Skip`] (for a replica
+    /// known to be zero there). The intent map is not touched: the device does not change.
+    pub fn resync_copy(&self, offset: u64, len: u64, zeros: ZeroBlocks) -> Result<ResyncCopied> {
+        self.check_range(offset, len)?;
+        let mut copied = ResyncCopied::default();
+        let step = self.cfg.max_event_bytes as u64;
+        let mut buf = vec![0u8; len.min(step) as usize];
+        let mut done = 0;
+        while done < len {
+            let at = offset + done;
+            let piece = (len - done).min(step) as usize;
+            let buf = &mut buf[..piece];
+            let mut c = self.lock();
+            if let Some(ov) = &c.overflow {
+                return Err(TapError::NotSpooling {
+                    what: format!("resync copy of {piece} bytes at byte {at}"),
+                    cause: ov.cause.clone(),
+                });
+            }
+            self.device
+                .read_at(buf, at)
+                .map_err(|e| TapError::io("read", self.device_name.clone(), e))?;
+            let mut spool = lock_spool(&c.spool);
+            let mut run_start = 0;
+            while run_start < piece {
+                let run_zero = is_zero(&buf[run_start..(run_start + RESYNC_BLOCK).min(piece)]);
+                let mut run_end = (run_start + RESYNC_BLOCK).min(piece);
+                while run_end < piece
+                    && is_zero(&buf[run_end..(run_end + RESYNC_BLOCK).min(piece)]) == run_zero
+                {
+                    run_end = (run_end + RESYNC_BLOCK).min(piece);
+                }
+                let (volume, ev_at) = (self.cfg.volume, at + run_start as u64);
+                let n = (run_end - run_start) as u64;
+                let event = if !run_zero {
+                    copied.data_bytes += n;
+                    Some(Event::Write {
+                        volume,
+                        offset: ev_at,
+                        data: Bytes::copy_from_slice(&buf[run_start..run_end]),
+                    })
+                } else {
+                    copied.zero_bytes += n;
+                    // A piece is at most `MAX_PAYLOAD`, well under `u32::MAX`.
+                    (zeros == ZeroBlocks::Send).then_some(Event::WriteZeroes {
+                        volume,
+                        offset: ev_at,
+                        len: n as u32,
+                    })
+                };
+                if let Some(event) = event {
+                    match spool.append(&event) {
+                        Ok(seq) => copied.last_seq = Some(seq),
+                        Err(e) => {
+                            drop(spool);
+                            Self::enter_overflow(&mut c, &e);
+                            return Err(TapError::Spool { op: "append", source: e });
+                        }
+                    }
+                }
+                run_start = run_end;
+            }
+            drop(spool);
+            c.last_was_barrier = false;
+            drop(c);
+            done += piece as u64;
+        }
+        Ok(copied)
+    }
+
+    /// Appends a marker event that carries no data and is not a barrier (the resync
+    /// window's begin and end), in order with the writes; returns its sequence number.
+    pub fn append_marker(&self, event: Event) -> Result<Seq> {
+        if event.range().is_some() || matches!(event, Event::Barrier | Event::Bookmark(_)) {
+            return Err(TapError::Config(format!(
+                "append_marker takes a marker event, not {event:?}"
+            )));
+        }
+        let mut c = self.lock();
+        if let Some(ov) = &c.overflow {
+            return Err(TapError::NotSpooling {
+                what: "a resync marker".to_owned(),
+                cause: ov.cause.clone(),
+            });
+        }
+        let appended = lock_spool(&c.spool).append(&event);
+        match appended {
+            Ok(seq) => {
+                c.last_was_barrier = false;
+                Ok(seq)
+            }
+            Err(e) => {
+                Self::enter_overflow(&mut c, &e);
+                Err(TapError::Spool { op: "append", source: e })
+            }
+        }
+    }
+
     /// The target acknowledged every event up to `upto`: trims the spool and lets the intent
     /// map clear the regions whose writes are all acknowledged (lazily).
     pub fn acknowledge(&self, upto: Seq) -> Result<()> {
@@ -584,6 +691,35 @@ impl Tap {
         }
         Ok(captured)
     }
+}
+
+/// Granularity of zero detection in [`Tap::resync_copy`].
+const RESYNC_BLOCK: usize = 4096;
+
+/// What [`Tap::resync_copy`] does with all-zero blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroBlocks {
+    /// Sends them as write-zeroes ranges (the replica may hold anything there).
+    Send,
+    /// Leaves them out (the replica is known to hold zeros there: an initial sync).
+    Skip,
+}
+
+/// What one [`Tap::resync_copy`] appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResyncCopied {
+    /// Bytes appended as data.
+    pub data_bytes: u64,
+    /// Bytes found all-zero (sent as ranges, or skipped).
+    pub zero_bytes: u64,
+    /// The last sequence number appended (`None` if nothing was).
+    pub last_seq: Option<Seq>,
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(8);
+    words.by_ref().all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 fn lock_spool(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {

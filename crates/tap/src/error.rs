@@ -220,6 +220,15 @@ pub enum TapError {
         #[source]
         source: JournalError,
     },
+    /// A resync copy or marker was asked for while the tap is not spooling (overflow): the
+    /// caller resumes spooling first ([`crate::Tap::resume_spooling`]).
+    #[error("{what} refused: the tap is in overflow and not spooling ({cause})")]
+    NotSpooling {
+        /// What was asked (`resync copy of 4096 bytes at 8192`).
+        what: String,
+        /// Why the tap stopped spooling.
+        cause: String,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -25,7 +25,8 @@ pub mod regions;
 pub mod ublk;
 
 pub use capture::{
-    Captured, CompletionPolicy, HotFullPolicy, OverflowState, Tap, TapConfig, TapStatus,
+    Captured, CompletionPolicy, HotFullPolicy, OverflowState, ResyncCopied, Tap, TapConfig,
+    TapStatus, ZeroBlocks,
 };
 pub use dmlog::{DmLog, EntryFlags, LogEntry, LogSuper, ReplayPoint, ReplayReport};
 pub use error::{Result, TapError};

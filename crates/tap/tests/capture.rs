@@ -502,3 +502,96 @@ fn a_tap_refuses_a_map_of_another_size() {
         Err(TapError::Config(_))
     ));
 }
+
+/// Replays `events` onto `image` (a replica model).
+fn replay(image: &mut [u8], events: &[(Seq, Event)]) {
+    for (_, e) in events {
+        match e {
+            Event::Write { offset, data, .. } => {
+                image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+            Event::WriteZeroes { offset, len, .. } | Event::Discard { offset, len, .. } => {
+                image[*offset as usize..(*offset + u64::from(*len)) as usize].fill(0);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_resync_copy_racing_application_writes_leaves_the_replica_equal_to_the_device() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cfg = TapConfig { max_event_bytes: 256 << 10, ..TapConfig::default() };
+    let r = rig(cfg);
+    // Content written before protection (not captured): random, with zero stretches.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut initial = vec![0u8; DEVICE as usize];
+    for (i, block) in initial.chunks_mut(4096).enumerate() {
+        if i % 5 != 0 {
+            rng.fill(block);
+        }
+    }
+    r.device.write_at(&initial, 0).expect("prefill");
+    let before = r.tap.status().last_seq;
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    let copied = thread::scope(|s| {
+        for t in 0..2u64 {
+            let (tap, stop, writes) = (&r.tap, &stop, &writes);
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + t);
+                while !stop.load(Ordering::SeqCst) {
+                    let len = rng.gen_range(1..=16usize) * 512;
+                    let offset = rng.gen_range(0..(DEVICE - len as u64) / 512) * 512;
+                    let seed = rng.r#gen::<u8>();
+                    tap.write(offset, data(seed, len)).expect("write");
+                    writes.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        // Start once the writers are going, so that the copy races them.
+        while writes.load(Ordering::SeqCst) < 50 {
+            thread::yield_now();
+        }
+        let during_from = writes.load(Ordering::SeqCst);
+        let copied = r.tap.resync_copy(0, DEVICE, tidemark_tap::ZeroBlocks::Send).expect("copy");
+        let during = writes.load(Ordering::SeqCst) - during_from;
+        stop.store(true, Ordering::SeqCst);
+        (copied, during)
+    });
+    let (copied, during) = copied;
+    assert!(during > 0, "no application write raced the copy");
+    assert!(copied.zero_bytes >= DEVICE / 5 / 2, "zero blocks not detected: {copied:?}");
+    assert_eq!(copied.data_bytes + copied.zero_bytes, DEVICE);
+    // A replica that held garbage before the copy: the events from the copy on make it
+    // equal to the device.
+    let events: Vec<_> = spooled(&r.tap).into_iter().filter(|(s, _)| *s > before).collect();
+    let mut replica = vec![0xA5u8; DEVICE as usize];
+    replay(&mut replica, &events);
+    let mut device = vec![0u8; DEVICE as usize];
+    r.device.read_at(&mut device, 0).expect("read device");
+    assert!(replica == device, "replica differs from the device after the resync copy");
+}
+
+#[test]
+fn a_resync_copy_can_skip_zero_blocks_and_refuses_while_not_spooling() {
+    let r = rig_with(1 << 20, 64, TapConfig::default());
+    r.device.write_at(&[7u8; 8192], 64 << 10).expect("prefill");
+    let copied = r.tap.resync_copy(0, 256 << 10, tidemark_tap::ZeroBlocks::Skip).expect("copy");
+    assert_eq!(copied.data_bytes, 8192);
+    assert_eq!(copied.zero_bytes, (256 << 10) - 8192);
+    let events = spooled(&r.tap);
+    assert_eq!(events.len(), 1, "{:?}", events.iter().map(|e| summary(&e.1)).collect::<Vec<_>>());
+    assert!(matches!(&events[0].1, Event::Write { offset, data, .. }
+        if *offset == 64 << 10 && data.len() == 8192));
+    assert!(r.tap.append_marker(Event::Barrier).is_err(), "a barrier is not a marker");
+    // Fill the 1 MiB spool until it refuses: the tap overflows, and a copy is refused.
+    let mut i = 0u64;
+    while r.tap.status().overflow.is_none() {
+        r.tap.write((i % 64) * 65536, data(i as u8, 65536)).expect("write");
+        i += 1;
+    }
+    let err = r.tap.resync_copy(0, 4096, tidemark_tap::ZeroBlocks::Send).unwrap_err();
+    assert!(matches!(err, TapError::NotSpooling { .. }), "{err}");
+    assert!(err.to_string().contains("overflow"), "{err}");
+}
