@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
