@@ -9,9 +9,10 @@ use std::path::Path;
 use bytes::Bytes;
 use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 use tidemark_sync::wire::{
-    Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, EntryBody, ErrorCode, HashReply,
-    HashRequest, Hello, Message, NodeHash, NodeRange, PairId, RefSource, Refuse, RefuseReason,
-    Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo, Welcome,
+    Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, DedupedWrite, EntryBody,
+    ErrorCode, HashReply, HashRequest, Hello, Message, NodeHash, NodeRange, PairId, RefSource,
+    RefSpan, Refuse, RefuseReason, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
+    Welcome,
 };
 
 fn messages() -> Vec<Message> {
@@ -85,6 +86,16 @@ fn messages() -> Vec<Message> {
                         offset: 2 << 20,
                         len: 4096,
                         source: RefSource::Hash(ContentHash([0xc3; 32])),
+                    }),
+                ),
+                entry(
+                    8,
+                    EntryBody::Deduped(DedupedWrite {
+                        volume: VolumeId(0),
+                        offset: 3 << 20,
+                        len: 3 * 4096 + 100,
+                        spans: vec![RefSpan { first_block: 1, blocks: 1, seq: Seq(1001), at: 0 }],
+                        literal: Bytes::from(vec![0x62; 2 * 4096 + 100]),
                     }),
                 ),
             ],

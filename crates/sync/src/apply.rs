@@ -31,7 +31,9 @@
 //!    beyond `last received + 1` is refused (`Error` code 3, sequence gap) and nothing of it
 //!    is appended.
 //! 3. **Validation before apply**: every new entry of a batch is checked (volume range, size,
-//!    kind) before the first is appended, so a refused batch changes nothing.
+//!    kind) and its dedupe references resolved ([`crate::dedupe`]) before the first is
+//!    appended, so a refused batch changes nothing. A reference is resolved only from the
+//!    write it names, within this connection's window, or refused (`Error` code 5).
 //! 4. **Barriers**: events keep their source order and barriers and bookmarks are appended
 //!    as records in that order, so every recovery point the retention log offers is a
 //!    prefix of the source's stream ending at a barrier or bookmark.
@@ -54,6 +56,7 @@ use tidemark_journal::format::MAX_PAYLOAD;
 use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
 
 use crate::connection::{Connection, ConnectionError};
+use crate::dedupe::{self, AppliedWindow};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
 use crate::ship::error_chain;
 use crate::wire::{
@@ -119,11 +122,14 @@ pub enum ApplyError {
         /// The volume's size (0 for a volume the pair does not have).
         volume_len: u64,
     },
-    /// A dedupe reference this receiver cannot resolve (it keeps no dedupe window yet).
-    #[error("Batch entry seq {seq}: unknown dedupe reference; resend the write as data")]
+    /// A dedupe reference this receiver cannot resolve: the write it names left the
+    /// connection's dedupe window, or the retention log no longer holds it.
+    #[error("Batch entry seq {seq}: unknown dedupe reference ({why}); resend the write as data")]
     UnknownReference {
         /// The entry's sequence number.
         seq: Seq,
+        /// Which reference, and what is missing.
+        why: String,
     },
     /// A write larger than the journal's largest record.
     #[error(
@@ -216,6 +222,10 @@ pub struct ReceiverConfig {
     /// After sending an `Error`, how long to keep reading (and dropping) what the source
     /// still sends, so that the `Error` reaches it before the connection is reset.
     pub linger: Duration,
+    /// Bytes of recent writes of a connection that dedupe references may name (see
+    /// [`crate::dedupe`]); at least the sources' window, or their references fail and
+    /// are resent as data. 0 refuses every reference.
+    pub dedupe_window_bytes: u64,
 }
 
 impl ReceiverConfig {
@@ -230,6 +240,7 @@ impl ReceiverConfig {
             sync_interval: Duration::from_millis(10),
             queue_depth: 4,
             linger: Duration::from_secs(2),
+            dedupe_window_bytes: dedupe::DEFAULT_WINDOW_BYTES,
         }
     }
 }
@@ -257,6 +268,10 @@ pub struct ReceiverStatus {
     pub events: u64,
     /// Bytes of write data appended.
     pub data_bytes: u64,
+    /// Entries received as dedupe references (whole or partial).
+    pub deduped_entries: u64,
+    /// Bytes of write data received by reference and read back from the retention log.
+    pub deduped_bytes: u64,
     /// Events dropped as duplicates of events already appended.
     pub duplicates: u64,
     /// Group commits.
@@ -681,6 +696,7 @@ impl Receiver {
     ) -> Result<()> {
         let cfg = &self.inner.cfg;
         let mut acked = resume;
+        let mut window = AppliedWindow::new(cfg.dedupe_window_bytes);
         let mut pending_bytes = 0u64;
         let mut pending_since: Option<Instant> = None;
         let gone = || ApplyError::Thread { what: "the reader ended without a word".to_owned() };
@@ -702,7 +718,7 @@ impl Receiver {
             };
             match item {
                 Inbound::Batch(batch) => {
-                    let (events, bytes) = self.apply_batch(id, &batch)?;
+                    let (events, bytes) = self.apply_batch(id, &batch, &mut window)?;
                     if events > 0 {
                         pending_bytes += bytes + 24 * events;
                         let since = *pending_since.get_or_insert_with(Instant::now);
@@ -747,8 +763,14 @@ impl Receiver {
         Ok(())
     }
 
-    /// Checks and appends one batch; returns the events appended and their data bytes.
-    fn apply_batch(&self, id: u64, batch: &Batch) -> Result<(u64, u64)> {
+    /// Checks and appends one batch, resolving its dedupe references through `window`;
+    /// returns the events appended and their data bytes.
+    fn apply_batch(
+        &self,
+        id: u64,
+        batch: &Batch,
+        window: &mut AppliedWindow,
+    ) -> Result<(u64, u64)> {
         if self.is_replaced(id) {
             return Err(ApplyError::Replaced);
         }
@@ -760,12 +782,31 @@ impl Receiver {
         let duplicates = (last.0 + 1 - batch.first_seq.0).min(batch.entries.len() as u64);
         let fresh = || batch.iter().skip(duplicates as usize);
         let mut data_bytes = 0;
+        let (mut deduped_entries, mut deduped_bytes) = (0, 0);
         for (seq, entry) in fresh() {
-            let event = match &entry.body {
-                EntryBody::Event(e) => e,
-                EntryBody::Ref(_) => return Err(ApplyError::UnknownReference { seq }),
+            // The range and, for a write, its length, checked before a reference is
+            // resolved so that no entry makes the receiver read or allocate past a volume
+            // or the largest record.
+            let (range, write_len) = match &entry.body {
+                EntryBody::Event(e) => {
+                    let len = match e {
+                        Event::Write { data, .. } => Some(data.len() as u64),
+                        _ => None,
+                    };
+                    (e.range(), len)
+                }
+                EntryBody::Ref(r) => {
+                    deduped_entries += 1;
+                    deduped_bytes += u64::from(r.len);
+                    (Some((r.volume, r.offset, u64::from(r.len))), Some(u64::from(r.len)))
+                }
+                EntryBody::Deduped(d) => {
+                    deduped_entries += 1;
+                    deduped_bytes += d.referenced_bytes();
+                    (Some((d.volume, d.offset, u64::from(d.len))), Some(u64::from(d.len)))
+                }
             };
-            if let Some((volume, offset, len)) = event.range() {
+            if let Some((volume, offset, len)) = range {
                 let volume_len = self.inner.volume_lens.get(usize::from(volume.0)).copied();
                 if offset.checked_add(len).is_none_or(|end| end > volume_len.unwrap_or(0)) {
                     return Err(ApplyError::OutOfRange {
@@ -777,20 +818,17 @@ impl Receiver {
                     });
                 }
             }
-            if let Event::Write { data, .. } = event {
-                if data.len() > MAX_PAYLOAD {
-                    return Err(ApplyError::EventTooLarge {
-                        seq,
-                        len: data.len() as u64,
-                        max: MAX_PAYLOAD as u64,
-                    });
+            if let Some(len) = write_len {
+                if len > MAX_PAYLOAD as u64 {
+                    return Err(ApplyError::EventTooLarge { seq, len, max: MAX_PAYLOAD as u64 });
                 }
-                data_bytes += data.len() as u64;
+                data_bytes += len;
             }
         }
+        let resolved = dedupe::resolve_batch(&log, window, fresh().map(|(s, e)| (s, &e.body)))
+            .map_err(|u| ApplyError::UnknownReference { seq: u.entry, why: u.to_string() })?;
         let mut events = 0;
-        for (seq, entry) in fresh() {
-            let EntryBody::Event(event) = &entry.body else { unreachable!("checked above") };
+        for ((seq, entry), event) in fresh().zip(&resolved) {
             if let Err(source) = log.append(seq, entry.time, event) {
                 let e = ApplyError::Storage { op: format!("appending seq {seq}"), source };
                 drop(log);
@@ -806,6 +844,8 @@ impl Receiver {
             s.batches += 1;
             s.events += events;
             s.data_bytes += data_bytes;
+            s.deduped_entries += deduped_entries;
+            s.deduped_bytes += deduped_bytes;
             s.duplicates += duplicates;
         });
         Ok((events, data_bytes))

@@ -19,10 +19,16 @@
 //! - [`shape`]: the bandwidth limit ([`TokenBucket`], daily [`shape::Schedule`]) and the cap
 //!   on concurrent resyncs ([`shape::ResyncSlots`]).
 //!
-//! Dedupe, initial sync, fast resync and verify arrive later with issue 3.
+//! - [`dedupe`]: the windows of recent writes on both sides, so that a block the target
+//!   already holds travels as a reference;
+//! - [`compress`]: the adaptive zstd level of batches.
+//!
+//! Initial sync, fast resync and verify arrive later with issue 3.
 
 pub mod apply;
+pub mod compress;
 pub mod connection;
+pub mod dedupe;
 pub mod pipe;
 pub mod secure;
 pub mod shape;

@@ -14,6 +14,12 @@
 //!   writer:  token bucket, seal and send; Ping when idle ---- TCP / pipe ----> target
 //! ```
 //!
+//! The encoder sends all-zero writes as zero ranges, and the 4 KiB blocks of a write that
+//! repeat a block of the connection's recent writes as references ([`crate::dedupe`]); a
+//! reference the target cannot resolve ends the connection, and the next one resends those
+//! batches as data. The zstd level follows [`crate::compress::AdaptiveCompression`] unless
+//! fixed.
+//!
 //! Memory is bounded: at most `queue_depth` encoded frames wait for the writer, the encoder
 //! holds one more, and at most `window_bytes` of frames are sent but unacknowledged (one
 //! batch may exceed it when the window is empty, so a large write always moves).
@@ -40,7 +46,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -50,7 +56,9 @@ use bytes::Bytes;
 use tidemark_journal::format::MAX_PAYLOAD;
 use tidemark_journal::{Event, JournalError, Seq, Spool, SpooledEvent};
 
+use crate::compress::AdaptiveCompression;
 use crate::connection::{Connection, ConnectionError};
+use crate::dedupe::{self, DedupeStats, DedupeWindow};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, Stream};
 use crate::shape::TokenBucket;
 use crate::wire::{
@@ -333,6 +341,9 @@ pub struct BatchStats {
     /// The writer's queue was full when the frame was ready: the link (or the bandwidth
     /// limit) is the bottleneck, so spending more CPU on compression would pay.
     pub link_bound: bool,
+    /// The spool held more events behind the batch when it was read. Without
+    /// `link_bound`, the encoder is the bottleneck, so a lower level would pay.
+    pub backlogged: bool,
 }
 
 /// Chooses the compression of each batch. The hook for a level that adapts to the link: a
@@ -370,8 +381,17 @@ pub struct ShipperConfig {
     pub window_bytes: u64,
     /// Encoded frames waiting for the writer.
     pub queue_depth: usize,
-    /// Compression of batches (until changed with [`ShipperHandle::set_compression`]).
+    /// Compression of batches (until changed with [`ShipperHandle::set_compression`]):
+    /// the starting level when `adaptive_compression` is on, `Off` for none.
     pub compression: Compression,
+    /// Adapt the zstd level to the link and the CPU ([`AdaptiveCompression`], from
+    /// `compression`'s level); off: `compression` for every batch.
+    pub adaptive_compression: bool,
+    /// Bytes of recent writes of a connection whose 4 KiB blocks are sent as references
+    /// when they repeat (see [`crate::dedupe`]); 0 turns dedupe off. Keep it at most the
+    /// target's window: a reference the target cannot resolve costs a reconnection, after
+    /// which the shipper halves its window.
+    pub dedupe_window_bytes: u64,
     /// Send a write whose data is all zeros as a write-zeroes range.
     pub zero_detect: bool,
     /// How often the encoder looks at the spool when nobody rings the doorbell.
@@ -401,6 +421,8 @@ impl ShipperConfig {
             window_bytes: Self::DEFAULT_WINDOW_BYTES,
             queue_depth: 4,
             compression: Compression::Zstd { level: 1 },
+            adaptive_compression: true,
+            dedupe_window_bytes: dedupe::DEFAULT_WINDOW_BYTES,
             zero_detect: true,
             poll_interval: Duration::from_millis(50),
             keepalive: Duration::from_secs(10),
@@ -495,6 +517,17 @@ pub struct ShipperStatus {
     pub batches: u64,
     /// Keepalive `Ping`s sent (all connections).
     pub pings: u64,
+    /// The compression of the last batch encoded.
+    pub compression: Compression,
+    /// 4 KiB blocks sent as dedupe references (all connections).
+    pub blocks_deduped: u64,
+    /// Data bytes not sent thanks to dedupe references, less the references' own bytes.
+    pub dedupe_bytes_saved: u64,
+    /// Connections the target ended over a reference it could not resolve (the batches
+    /// they had queued were resent as data on the next one).
+    pub dedupe_resends: u64,
+    /// The dedupe window in force (halved after each unresolved reference).
+    pub dedupe_window_bytes: u64,
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
     /// `HashRequest`s sent (all connections).
@@ -581,6 +614,11 @@ struct Shared {
     policy: Mutex<Box<dyn CompressionPolicy>>,
     observer: Option<Observer>,
     link: Mutex<Option<Arc<Link>>>,
+    /// Batches up to this seq go without dedupe references: the target could not resolve
+    /// one of them (see [`Link::fail`]).
+    refs_off_through: AtomicU64,
+    /// The dedupe window in force.
+    dedupe_budget: AtomicU64,
     calls: Mutex<HashCalls>,
     calls_changed: Condvar,
 }
@@ -653,11 +691,28 @@ impl Link {
     /// stops, and wakes whatever waits.
     fn fail(&self, error: ShipError, shared: &Shared) {
         let mut l = self.lock();
+        let unresolved =
+            matches!(&error, ShipError::PeerError { code: ErrorCode::UNKNOWN_REFERENCE, .. });
+        if unresolved {
+            // Every batch queued on this connection may hold the reference: the next
+            // connection resends them as data.
+            shared.refs_off_through.fetch_max(l.queued.0, Ordering::SeqCst);
+        }
         if l.error.is_none() && !l.dead {
             l.error = Some(error);
         }
         l.dead = true;
         drop(l);
+        if unresolved {
+            // And with a window half the size, so that it converges to what the target
+            // keeps.
+            let halved = shared.dedupe_budget.load(Ordering::SeqCst) / 2;
+            shared.dedupe_budget.store(halved, Ordering::SeqCst);
+            shared.update(|s| {
+                s.dedupe_resends += 1;
+                s.dedupe_window_bytes = halved;
+            });
+        }
         (self.kill)();
         self.changed.notify_all();
         drop(lock(&shared.calls));
@@ -752,8 +807,12 @@ impl Shipper {
             let spool = lock(&self.spool);
             (spool.acked(), spool.backlog_bytes(), spool.backlog_events() as u64)
         };
-        let policy =
-            self.policy.unwrap_or_else(|| Box::new(FixedCompression(self.cfg.compression)));
+        let policy = self.policy.unwrap_or_else(|| match self.cfg.compression {
+            Compression::Zstd { level } if self.cfg.adaptive_compression => {
+                Box::new(AdaptiveCompression::new(level))
+            }
+            c => Box::new(FixedCompression(c)),
+        });
         let shared = Arc::new(Shared {
             spool: self.spool,
             bucket: self.bucket,
@@ -775,6 +834,11 @@ impl Shipper {
                 raw_bytes: 0,
                 batches: 0,
                 pings: 0,
+                compression: self.cfg.compression,
+                blocks_deduped: 0,
+                dedupe_bytes_saved: 0,
+                dedupe_resends: 0,
+                dedupe_window_bytes: self.cfg.dedupe_window_bytes,
                 last_error: None,
                 hash_requests: 0,
                 hash_request_bytes: 0,
@@ -786,6 +850,8 @@ impl Shipper {
             link: Mutex::new(None),
             calls: Mutex::new(HashCalls::default()),
             calls_changed: Condvar::new(),
+            refs_off_through: AtomicU64::new(0),
+            dedupe_budget: AtomicU64::new(self.cfg.dedupe_window_bytes),
             cfg: self.cfg,
         });
         let s = shared.clone();
@@ -1123,6 +1189,7 @@ struct Outgoing {
     frame: Vec<u8>,
     last_seq: Option<Seq>,
     raw_bytes: u64,
+    deduped: DedupeStats,
 }
 
 /// The encoder: spool -> batches -> frames, in order, within the window.
@@ -1136,25 +1203,30 @@ fn run_encoder(
     let cfg = &shared.cfg;
     let mut after = resume;
     let mut last_stats: Option<BatchStats> = None;
+    // Per connection: the target's window starts empty too.
+    let mut window = DedupeWindow::new(shared.dedupe_budget.load(Ordering::SeqCst));
     loop {
         if shared.stopping() || link.is_dead() {
             return Ok(());
         }
         let seen = shared.doorbell.generation();
-        let events = {
+        let (events, spool_last) = {
             let spool = lock(&shared.spool);
             let events = spool.read_after(after, cfg.batch_bytes).map_err(|source| {
                 ShipError::Spool { op: format!("reading events after seq {after}"), source }
             })?;
             shared.backlog(&spool);
-            events
+            (events, spool.last_seq())
         };
         if events.is_empty() {
             shared.doorbell.wait(seen, cfg.poll_interval);
             continue;
         }
-        let batch = build_batch(after, events, cfg.zero_detect)?;
+        let refs_off_through = Seq(shared.refs_off_through.load(Ordering::SeqCst));
+        let (batch, deduped) =
+            build_batch(after, events, cfg.zero_detect, &mut window, refs_off_through)?;
         let last_seq = batch.last_seq();
+        let backlogged = spool_last > last_seq;
         let compression = lock(&shared.policy).next(last_stats.as_ref());
         codec.set_compression(compression);
         let started = Instant::now();
@@ -1187,7 +1259,8 @@ fn run_encoder(
             drop(l);
             shared.update(|s| s.in_flight_bytes = in_flight);
         }
-        let out = Outgoing { frame, last_seq: Some(last_seq), raw_bytes };
+        shared.update(|s| s.compression = compression);
+        let out = Outgoing { frame, last_seq: Some(last_seq), raw_bytes, deduped };
         let link_bound = match tx.try_send(out) {
             Ok(()) => false,
             Err(TrySendError::Full(out)) => {
@@ -1198,16 +1271,32 @@ fn run_encoder(
             }
             Err(TrySendError::Disconnected(_)) => return Ok(()),
         };
-        last_stats =
-            Some(BatchStats { compression, raw_bytes, frame_bytes, encode_time, link_bound });
+        last_stats = Some(BatchStats {
+            compression,
+            raw_bytes,
+            frame_bytes,
+            encode_time,
+            link_bound,
+            backlogged,
+        });
         after = last_seq;
     }
 }
 
-/// Consecutive spooled events after `after` as one batch.
-fn build_batch(after: Seq, events: Vec<SpooledEvent>, zero_detect: bool) -> Result<Batch> {
+/// Consecutive spooled events after `after` as one batch: all-zero writes as zero ranges
+/// (with `zero_detect`), and repeated 4 KiB blocks as references to the window's writes,
+/// except for the events up to `refs_off_through` (a batch the target could not resolve,
+/// resent as data).
+fn build_batch(
+    after: Seq,
+    events: Vec<SpooledEvent>,
+    zero_detect: bool,
+    window: &mut DedupeWindow,
+    refs_off_through: Seq,
+) -> Result<(Batch, DedupeStats)> {
     let first_seq = after.next();
     let mut entries = Vec::with_capacity(events.len());
+    let mut stats = DedupeStats::default();
     for (i, e) in events.into_iter().enumerate() {
         let expected = Seq(first_seq.0 + i as u64);
         if e.seq != expected {
@@ -1220,9 +1309,18 @@ fn build_batch(after: Seq, events: Vec<SpooledEvent>, zero_detect: bool) -> Resu
             }
             other => other,
         };
-        entries.push(BatchEntry { time: e.time, body: EntryBody::Event(event) });
+        let body = match event {
+            Event::Write { volume, offset, data } => {
+                let (body, s) =
+                    window.encode_write(e.seq, volume, offset, data, e.seq > refs_off_through);
+                stats.add(s);
+                body
+            }
+            other => EntryBody::Event(other),
+        };
+        entries.push(BatchEntry { time: e.time, body });
     }
-    Ok(Batch { first_seq, entries })
+    Ok((Batch { first_seq, entries }, stats))
 }
 
 fn is_zero(data: &[u8]) -> bool {
@@ -1262,6 +1360,8 @@ fn run_writer<S: Stream>(
                     match out.last_seq {
                         Some(last_seq) => {
                             s.raw_bytes += out.raw_bytes;
+                            s.blocks_deduped += out.deduped.blocks_deduped;
+                            s.dedupe_bytes_saved += out.deduped.bytes_saved;
                             s.batches += 1;
                             s.last_sent = last_seq;
                         }
@@ -1434,7 +1534,11 @@ impl HashClient {
             forget();
             return Err(e.into());
         }
-        if link.control.send(Outgoing { frame, last_seq: None, raw_bytes: 0 }).is_err() {
+        if link
+            .control
+            .send(Outgoing { frame, last_seq: None, raw_bytes: 0, deduped: DedupeStats::default() })
+            .is_err()
+        {
             forget();
             return Err(lost(id, "the connection was lost before it was sent", &request));
         }

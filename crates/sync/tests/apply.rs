@@ -159,7 +159,10 @@ fn a_batch_with_a_write_outside_the_volume_is_refused_whole() {
     conn.send(&Message::Batch(Batch { first_seq: Seq(1), entries: vec![reference] })).unwrap();
     assert!(matches!(next(&mut conn), Message::Error { code: ErrorCode::UNKNOWN_REFERENCE, .. }));
     drop(conn);
-    assert!(matches!(server.join().unwrap(), Err(ApplyError::UnknownReference { seq: Seq(1) })));
+    assert!(matches!(
+        server.join().unwrap(),
+        Err(ApplyError::UnknownReference { seq: Seq(1), .. })
+    ));
     assert!(target.journal_seqs().is_empty(), "nothing reached the journal");
 }
 

@@ -18,11 +18,12 @@ use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 
 use super::merkle::TreeShape;
 use super::{
-    Batch, BatchEntry, BlockRef, ContentHash, DEFAULT_MAX_FRAME_LEN, EntryBody, ErrorCode,
-    FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, HASH_LEN, HashReply, HashRequest, Hello,
-    MAX_FRAME_LEN_CEILING, MAX_NODE_NAME, MAX_TEXT, MIN_FRAME_LEN_FLOOR, Message, MessageType,
-    NodeHash, NodeRange, PROTOCOL_VERSION, PairId, RefSource, Refuse, RefuseReason, Role,
-    SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome, WireError,
+    Batch, BatchEntry, BlockRef, ContentHash, DEDUPE_BLOCK, DEFAULT_MAX_FRAME_LEN, DedupedWrite,
+    EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, HASH_LEN, HashReply,
+    HashRequest, Hello, MAX_FRAME_LEN_CEILING, MAX_NODE_NAME, MAX_TEXT, MIN_FRAME_LEN_FLOOR,
+    Message, MessageType, NodeHash, NodeRange, PROTOCOL_VERSION, PairId, REF_SPAN_LEN, RefSource,
+    RefSpan, Refuse, RefuseReason, Role, SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome,
+    WireError,
 };
 
 type Result<T, E = WireError> = std::result::Result<T, E>;
@@ -66,6 +67,7 @@ const ENTRY_DISCARD: u8 = 3;
 const ENTRY_BARRIER: u8 = 4;
 const ENTRY_BOOKMARK: u8 = 5;
 const ENTRY_REF: u8 = 6;
+const ENTRY_DEDUPED: u8 = 7;
 /// Dedupe reference source codes.
 const REF_EARLIER: u8 = 1;
 const REF_HASH: u8 = 2;
@@ -660,7 +662,63 @@ fn check_entry(obj: Obj, seq: u64, body: &EntryBody) -> Result<()> {
             }
             Ok(())
         }
+        EntryBody::Deduped(d) => check_deduped(obj, seq, d),
     }
+}
+
+fn check_deduped(obj: Obj, seq: u64, d: &DedupedWrite) -> Result<()> {
+    if d.len == 0 {
+        return Err(invalid(obj, "length", "0".to_owned(), "at least 1".to_owned()));
+    }
+    check_range_end(obj, d.offset, u64::from(d.len))?;
+    if d.spans.is_empty() {
+        return Err(invalid(obj, "span_count", "0".to_owned(), "at least 1".to_owned()));
+    }
+    let whole_blocks = u64::from(d.len / DEDUPE_BLOCK);
+    let mut next_free = 0u64;
+    for span in &d.spans {
+        let start = u64::from(span.first_block);
+        let end = start + u64::from(span.blocks);
+        if span.blocks == 0 || start < next_free || end > whole_blocks {
+            return Err(invalid(
+                obj,
+                "ref_span",
+                format!("blocks {start}..{end}"),
+                format!(
+                    "at least one block, from block {next_free} on (ascending, not overlapping), \
+                     within the write's {whole_blocks} whole blocks"
+                ),
+            ));
+        }
+        next_free = end;
+        if span.seq.0 == 0 || span.seq.0 >= seq {
+            return Err(invalid(
+                obj,
+                "ref_seq",
+                span.seq.to_string(),
+                format!("1 to {} (an earlier entry)", seq - 1),
+            ));
+        }
+        let bytes = u64::from(span.blocks) * u64::from(DEDUPE_BLOCK);
+        if u64::from(span.at) + bytes > u64::from(u32::MAX) {
+            return Err(invalid(
+                obj,
+                "ref_at",
+                span.at.to_string(),
+                format!("at + {bytes} (the span's bytes) within 2^32"),
+            ));
+        }
+    }
+    let literal = u64::from(d.len) - d.referenced_bytes();
+    if d.literal.len() as u64 != literal {
+        return Err(invalid(
+            obj,
+            "literal",
+            format!("{} bytes", d.literal.len()),
+            format!("{literal} bytes (the length less the referenced blocks)"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_batch_header(first_seq: Seq, count: u64) -> Result<()> {
@@ -926,6 +984,20 @@ fn encode_entry(entry: &BatchEntry, out: &mut Vec<u8>) {
                 }
             }
         }
+        EntryBody::Deduped(d) => {
+            entry_header(out, ENTRY_DEDUPED, d.volume, d.len, t, d.offset);
+            // Checked by `check_deduped`: fewer spans than whole blocks of a u32 length.
+            put_u32(out, d.spans.len() as u32);
+            put_zeros(out, 4);
+            for span in &d.spans {
+                put_u32(out, span.first_block);
+                put_u32(out, span.blocks);
+                put_u64(out, span.seq.0);
+                put_u32(out, span.at);
+                put_zeros(out, 4);
+            }
+            out.extend_from_slice(&d.literal);
+        }
     }
 }
 
@@ -1181,17 +1253,57 @@ fn decode_entry(r: &mut Reader<'_>, obj: Obj) -> Result<BatchEntry> {
             };
             EntryBody::Ref(BlockRef { volume, offset, len, source })
         }
+        ENTRY_DEDUPED => EntryBody::Deduped(decode_deduped(r, obj, volume, offset, len)?),
         _ => {
             return Err(invalid(
                 obj,
                 "kind",
                 kind.to_string(),
-                "1 (write), 2 (write zeroes), 3 (discard), 4 (barrier), 5 (bookmark) or 6 (ref)"
+                "1 (write), 2 (write zeroes), 3 (discard), 4 (barrier), 5 (bookmark), 6 (ref) \
+                 or 7 (deduplicated write)"
                     .to_owned(),
             ));
         }
     };
     Ok(BatchEntry { time, body })
+}
+
+/// The tail of a deduplicated write: the spans, then as many literal bytes as the spans
+/// leave (the rest of the checks are `check_deduped`'s).
+fn decode_deduped(
+    r: &mut Reader<'_>,
+    obj: Obj,
+    volume: VolumeId,
+    offset: u64,
+    len: u32,
+) -> Result<DedupedWrite> {
+    let count = r.u32(obj)? as usize;
+    r.reserved(4, obj)?;
+    if count > r.remaining() / REF_SPAN_LEN {
+        return Err(count_error(obj, "span_count", count, r.remaining(), REF_SPAN_LEN));
+    }
+    let mut spans = Vec::with_capacity(count);
+    let mut referenced = 0u64;
+    for _ in 0..count {
+        let first_block = r.u32(obj)?;
+        let blocks = r.u32(obj)?;
+        let seq = Seq(r.u64(obj)?);
+        let at = r.u32(obj)?;
+        r.reserved(4, obj)?;
+        // Saturating: a hostile count of huge spans must fail the check below, not wrap.
+        referenced = referenced.saturating_add(u64::from(blocks) * u64::from(DEDUPE_BLOCK));
+        spans.push(RefSpan { first_block, blocks, seq, at });
+    }
+    let Some(literal_len) = u64::from(len).checked_sub(referenced) else {
+        return Err(invalid(
+            obj,
+            "ref_span",
+            format!("{referenced} bytes referenced"),
+            format!("at most the write's length ({len})"),
+        ));
+    };
+    let literal = r.share(literal_len as usize, obj)?;
+    Ok(DedupedWrite { volume, offset, len, spans, literal })
 }
 
 /// Fuzz entry point (`fuzz/fuzz_targets/wire_frame.rs`): decodes arbitrary bytes as a frame.

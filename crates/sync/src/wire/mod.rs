@@ -302,6 +302,53 @@ pub struct BlockRef {
     pub source: RefSource,
 }
 
+/// The block size of a deduplicated write: its data is cut into blocks of this many bytes,
+/// counted from the start of the write, and only whole blocks are sent by reference.
+pub const DEDUPE_BLOCK: u32 = 4096;
+/// Length of one [`RefSpan`] on the wire.
+pub const REF_SPAN_LEN: usize = 24;
+
+/// A run of consecutive whole blocks of a [`DedupedWrite`] whose bytes the target holds:
+/// blocks `first_block .. first_block + blocks` of the write are bytes
+/// `at .. at + blocks * DEDUPE_BLOCK` of the data of the earlier write `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RefSpan {
+    /// Index of the first block of the run in the write (block `i` starts at byte
+    /// `i * DEDUPE_BLOCK` of the write's data).
+    pub first_block: u32,
+    /// Number of blocks in the run (at least 1).
+    pub blocks: u32,
+    /// The earlier write's sequence number (below the referring entry's own).
+    pub seq: Seq,
+    /// Offset into that write's data.
+    pub at: u32,
+}
+
+/// A write sent partly by reference (dedupe): the blocks its spans name are bytes the
+/// target already holds, the others travel as data.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupedWrite {
+    /// Volume in the group.
+    pub volume: VolumeId,
+    /// Byte offset of the write.
+    pub offset: u64,
+    /// Length of the write in bytes (at least 1).
+    pub len: u32,
+    /// The referenced runs: ascending, not overlapping, whole blocks inside the write; at
+    /// least one.
+    pub spans: Vec<RefSpan>,
+    /// The bytes of every block no span covers, in write order (the last block may be
+    /// partial): `len` minus the referenced bytes.
+    pub literal: bytes::Bytes,
+}
+
+impl DedupedWrite {
+    /// Bytes of the write sent by reference.
+    pub fn referenced_bytes(&self) -> u64 {
+        self.spans.iter().map(|s| u64::from(s.blocks) * u64::from(DEDUPE_BLOCK)).sum()
+    }
+}
+
 /// What one batch entry carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryBody {
@@ -310,6 +357,9 @@ pub enum EntryBody {
     Event(Event),
     /// A write sent as a reference to bytes the target holds (dedupe).
     Ref(BlockRef),
+    /// A write sent partly as references to blocks the target holds, partly as data
+    /// (dedupe).
+    Deduped(DedupedWrite),
 }
 
 /// One entry of a batch. Its sequence number is implied by its position.
