@@ -24,12 +24,14 @@
 pub mod apply;
 pub mod connection;
 pub mod pipe;
+pub mod resync;
 pub mod secure;
 pub mod shape;
 pub mod ship;
 pub mod wire;
 
 pub use apply::{ApplyError, Receiver, ReceiverConfig, ReceiverStatus};
+pub use resync::{BlockSource, Diff, HashOracle, MerkleTree, ResyncError};
 pub use shape::{Rate, TokenBucket};
 pub use ship::{LinkState, ShipError, Shipper, ShipperConfig, ShipperHandle, ShipperStatus};
 
