@@ -30,12 +30,14 @@ pub mod compress;
 pub mod connection;
 pub mod dedupe;
 pub mod pipe;
+pub mod resync;
 pub mod secure;
 pub mod shape;
 pub mod ship;
 pub mod wire;
 
 pub use apply::{ApplyError, Receiver, ReceiverConfig, ReceiverStatus};
+pub use resync::{BlockSource, Diff, HashOracle, MerkleTree, ResyncError};
 pub use shape::{Rate, TokenBucket};
 pub use ship::{LinkState, ShipError, Shipper, ShipperConfig, ShipperHandle, ShipperStatus};
 
