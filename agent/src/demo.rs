@@ -300,6 +300,7 @@ fn kind_name(k: &PointKind) -> &'static str {
         PointKind::Barrier => "barrier",
         PointKind::Bookmark(_) => "bookmark",
         PointKind::Latest => "latest",
+        PointKind::ResyncEnd { .. } => "resync end",
     }
 }
 

@@ -217,6 +217,16 @@ pub enum JournalError {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// A resync begin or end does not fit the windows open at that point of the stream.
+    #[error("seq {seq}: resync id {id}: {reason}")]
+    Resync {
+        /// The sequence number of the offending event.
+        seq: Seq,
+        /// The resync id it carries.
+        id: u64,
+        /// What is wrong (for example, an end for a window that is not open).
+        reason: String,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -1,4 +1,5 @@
-//! The on-disk formats: segment header, record header, bookmark payload and manifest.
+//! The on-disk formats: segment header, record header, bookmark and resync payloads, and
+//! manifest.
 //!
 //! `docs/journal-format.md` is the written spec; this module is its only implementation.
 //! All integers are little-endian. Every parser validates each field before using it, so no
@@ -34,15 +35,20 @@ pub const FLAG_ENCRYPTED: u8 = 1;
 pub enum FormatVersion {
     /// The first version (2026-11).
     V1 = 1,
+    /// Adds the record kinds `ResyncBegin` (6) and `ResyncEnd` (7) (2026-11). A v1 reader
+    /// would take those records for damage (and cut them as a torn tail in the newest
+    /// segment), so they get a new version that a v1 reader refuses by name.
+    V2 = 2,
 }
 
 impl FormatVersion {
     /// The version this build writes.
-    pub const CURRENT: FormatVersion = FormatVersion::V1;
+    pub const CURRENT: FormatVersion = FormatVersion::V2;
 
     fn parse(object: &str, v: u32) -> Result<Self> {
         match v {
             1 => Ok(Self::V1),
+            2 => Ok(Self::V2),
             _ => Err(JournalError::UnsupportedVersion {
                 object: object.to_owned(),
                 found: v,
@@ -123,6 +129,9 @@ fn reserved_zero(object: &str, field: &'static str, bytes: &[u8]) -> Result<()> 
 /// The fixed header at the start of every segment file (128 bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// The format version of the segment: which record kinds it may hold. Writers create
+    /// segments of [`FormatVersion::CURRENT`] only.
+    pub version: FormatVersion,
     /// The role of the journal the segment belongs to.
     pub role: Role,
     /// Whether record payloads are encrypted.
@@ -144,7 +153,7 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
         let mut b = [0u8; SEGMENT_HEADER_LEN];
         b[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        b[8..12].copy_from_slice(&(FormatVersion::CURRENT as u32).to_le_bytes());
+        b[8..12].copy_from_slice(&(self.version as u32).to_le_bytes());
         b[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
         b[16] = self.role as u8;
         b[17] = if self.encrypted { FLAG_ENCRYPTED } else { 0 };
@@ -178,7 +187,7 @@ impl SegmentHeader {
         if b.len() < 12 {
             return Err(truncated());
         }
-        FormatVersion::parse(object, le32(b, 8))?;
+        let version = FormatVersion::parse(object, le32(b, 8))?;
         if b.len() < SEGMENT_HEADER_LEN {
             return Err(truncated());
         }
@@ -214,6 +223,7 @@ impl SegmentHeader {
         reserved_zero(object, "reserved", &b[18..24])?;
         reserved_zero(object, "reserved", &b[80..124])?;
         Ok(Self {
+            version,
             role,
             encrypted: flags & FLAG_ENCRYPTED != 0,
             log_id: arr16(b, 24),
@@ -244,6 +254,10 @@ pub enum RecordKind {
     Barrier = 4,
     /// A bookmark (payload: the bookmark); also a flush point.
     Bookmark = 5,
+    /// A resync window opens (payload: the 8-byte resync id). Format version 2.
+    ResyncBegin = 6,
+    /// A resync window closes (payload: the 8-byte resync id). Format version 2.
+    ResyncEnd = 7,
 }
 
 impl RecordKind {
@@ -254,8 +268,23 @@ impl RecordKind {
             3 => Self::Discard,
             4 => Self::Barrier,
             5 => Self::Bookmark,
+            6 => Self::ResyncBegin,
+            7 => Self::ResyncEnd,
             _ => return None,
         })
+    }
+
+    /// The first format version whose segments may hold this kind.
+    pub fn since(self) -> FormatVersion {
+        match self {
+            Self::ResyncBegin | Self::ResyncEnd => FormatVersion::V2,
+            _ => FormatVersion::V1,
+        }
+    }
+
+    /// True for the resync window markers.
+    pub fn is_resync(self) -> bool {
+        matches!(self, Self::ResyncBegin | Self::ResyncEnd)
     }
 
     /// True for kinds that change volume content.
@@ -263,9 +292,10 @@ impl RecordKind {
         matches!(self, Self::Write | Self::WriteZeroes | Self::Discard)
     }
 
-    /// True for kinds that end a consistent prefix.
+    /// True for kinds that can end a consistent prefix (a `ResyncEnd` does when it closes
+    /// the last open resync window).
     pub fn is_point(self) -> bool {
-        matches!(self, Self::Barrier | Self::Bookmark)
+        matches!(self, Self::Barrier | Self::Bookmark | Self::ResyncEnd)
     }
 }
 
@@ -412,6 +442,14 @@ impl RecordHeader {
                     return Err(RecordDefect::Field("payload_len", payload_len));
                 }
             }
+            RecordKind::ResyncBegin | RecordKind::ResyncEnd => {
+                if self.length != 0
+                    || self.offset != 0
+                    || payload_len != RESYNC_BODY_LEN as u64 + tag
+                {
+                    return Err(RecordDefect::Field("payload_len", payload_len));
+                }
+            }
         }
         Ok(())
     }
@@ -473,6 +511,20 @@ pub fn decode_bookmark(p: &[u8]) -> std::result::Result<Bookmark, String> {
     Bookmark::new(name, kind, group).map_err(|e| e.to_string())
 }
 
+/// Length of a resync record's payload: the resync id.
+pub const RESYNC_BODY_LEN: usize = 8;
+
+/// Decodes a resync record's payload: the `u64` id, nonzero.
+pub fn decode_resync_id(p: &[u8]) -> std::result::Result<u64, String> {
+    let bytes: [u8; RESYNC_BODY_LEN] = p
+        .try_into()
+        .map_err(|_| format!("resync payload of {} bytes, expected {RESYNC_BODY_LEN}", p.len()))?;
+    match u64::from_le_bytes(bytes) {
+        0 => Err("resync id is 0 (ids are nonzero)".to_owned()),
+        id => Ok(id),
+    }
+}
+
 /// The record header fields and plaintext payload that represent an event (write data is
 /// borrowed, not copied).
 pub fn event_to_record(
@@ -493,6 +545,12 @@ pub fn event_to_record(
         Event::Bookmark(b) => {
             (RecordKind::Bookmark, VolumeId(0), 0, 0, Cow::Owned(encode_bookmark(b)))
         }
+        Event::ResyncBegin { id } => {
+            (RecordKind::ResyncBegin, VolumeId(0), 0, 0, Cow::Owned(id.to_le_bytes().to_vec()))
+        }
+        Event::ResyncEnd { id } => {
+            (RecordKind::ResyncEnd, VolumeId(0), 0, 0, Cow::Owned(id.to_le_bytes().to_vec()))
+        }
     }
 }
 
@@ -508,6 +566,8 @@ pub fn record_to_event(h: &RecordHeader, payload: Vec<u8>) -> std::result::Resul
         RecordKind::Discard => Event::Discard { volume: h.volume, offset: h.offset, len: h.length },
         RecordKind::Barrier => Event::Barrier,
         RecordKind::Bookmark => Event::Bookmark(decode_bookmark(&payload)?),
+        RecordKind::ResyncBegin => Event::ResyncBegin { id: decode_resync_id(&payload)? },
+        RecordKind::ResyncEnd => Event::ResyncEnd { id: decode_resync_id(&payload)? },
     })
 }
 
@@ -564,6 +624,17 @@ fn record_at(
     if let Err(reason) = h.check_encryption(seg.encrypted) {
         return Err((true, reason));
     }
+    if h.kind.since() > seg.version {
+        return Err((
+            true,
+            format!(
+                "record kind {} needs format version {} but the segment is version {}",
+                h.kind as u8,
+                h.kind.since() as u32,
+                seg.version as u32
+            ),
+        ));
+    }
     let end = pos as u64 + h.total_len();
     if end > b.len() as u64 {
         return Err((
@@ -584,6 +655,9 @@ fn record_at(
     }
     if h.kind == RecordKind::Bookmark && !h.encrypted {
         decode_bookmark(payload).map_err(|e| (true, e))?;
+    }
+    if h.kind.is_resync() && !h.encrypted {
+        decode_resync_id(payload).map_err(|e| (true, e))?;
     }
     Ok(h)
 }

@@ -163,6 +163,25 @@ impl BlockIndex {
         self.buffer.retain(&mut keep);
     }
 
+    /// The keys from `lo` to `hi` (inclusive) that have an entry at or below `at`, sorted
+    /// and without duplicates: a binary search per run, then only the entries in the range,
+    /// so a range the journal never touched costs O(runs x log n).
+    pub fn keys_in_range(&self, lo: BlockKey, hi: BlockKey, at: Seq) -> Vec<BlockKey> {
+        let mut keys: Vec<BlockKey> = Vec::new();
+        for run in &self.runs {
+            let i = run.partition_point(|e| e.key < lo);
+            keys.extend(
+                run[i..].iter().take_while(|e| e.key <= hi).filter(|e| e.seq <= at).map(|e| e.key),
+            );
+        }
+        keys.extend(
+            self.buffer.iter().filter(|e| e.key >= lo && e.key <= hi && e.seq <= at).map(|e| e.key),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
     /// Every key with an entry at or below `at` whose sequence number is above `after`,
     /// sorted and without duplicates.
     pub fn keys_between(&self, after: Seq, at: Seq) -> Vec<BlockKey> {
@@ -230,5 +249,12 @@ mod tests {
         ix.retain(|e| e.seq > Seq(5));
         assert_eq!(ix.lookup_le(k, Seq(8)), None);
         assert_eq!(ix.keys_between(Seq(0), Seq(102)).len(), 4);
+        let lo = BlockKey::new(VolumeId(0), 10);
+        let hi = BlockKey::new(VolumeId(0), 20);
+        let want: Vec<BlockKey> = (10..=20).map(|b| BlockKey::new(VolumeId(0), b)).collect();
+        assert_eq!(ix.keys_in_range(lo, hi, Seq(1000)), want);
+        assert_eq!(ix.keys_in_range(lo, hi, Seq(114)).len(), 5, "entries above `at` are left out");
+        assert_eq!(ix.keys_in_range(k, k, Seq(100)), vec![k]);
+        assert!(ix.keys_in_range(k, k, Seq(5)).is_empty());
     }
 }

@@ -26,8 +26,8 @@ pub use crypto::JournalKey;
 pub use error::{JournalError, Result};
 pub use io::{BlockIo, CrashMode, Dir, FileIo, FsDir, MemDir, MemVolume};
 pub use retention::{
-    Keep, MaterializeReport, PointInfo, PointKind, RecoveryPoint, RetentionConfig, RetentionLog,
-    RetentionPolicy, RetentionReport, RetentionStatus, Tier,
+    Keep, MaterializeReport, PointInfo, PointKind, RecoveryPoint, ResyncWindowInfo,
+    RetentionConfig, RetentionLog, RetentionPolicy, RetentionReport, RetentionStatus, Tier,
 };
 pub use spool::{Spool, SpoolConfig, SpooledEvent};
 pub use types::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};

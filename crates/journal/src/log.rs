@@ -89,6 +89,8 @@ pub struct Visit<'a> {
     pub header: &'a RecordHeader,
     /// The decoded bookmark for bookmark records.
     pub bookmark: Option<Bookmark>,
+    /// The decoded resync id for `ResyncBegin` and `ResyncEnd` records.
+    pub resync_id: Option<u64>,
     /// The manifest's base sequence number (records at or below it are history the base
     /// already holds, or acknowledged spool records).
     pub base_seq: Seq,
@@ -421,15 +423,26 @@ impl SegmentLog {
                 break;
             }
             let mut bookmark = None;
-            if r.header.kind == RecordKind::Bookmark {
+            let mut resync_id = None;
+            if r.header.kind == RecordKind::Bookmark || r.header.kind.is_resync() {
                 let start = r.offset as usize + RECORD_HEADER_LEN;
                 let payload = &bytes[start..start + r.header.payload_len as usize];
-                match decode_payload(&seg, r.offset, &r.header, payload).and_then(|p| {
-                    format::decode_bookmark(&p).map_err(|e| corrupt(&seg, r.offset, e))
-                }) {
-                    Ok(b) => bookmark = Some(b),
+                let decoded = decode_payload(&seg, r.offset, &r.header, payload).and_then(|p| {
+                    if r.header.kind == RecordKind::Bookmark {
+                        bookmark = Some(
+                            format::decode_bookmark(&p).map_err(|e| corrupt(&seg, r.offset, e))?,
+                        );
+                    } else {
+                        resync_id = Some(
+                            format::decode_resync_id(&p).map_err(|e| corrupt(&seg, r.offset, e))?,
+                        );
+                    }
+                    Ok(())
+                });
+                match decoded {
+                    Ok(()) => {}
                     Err(e) => {
-                        tracing::error!(segment = %name, offset = r.offset, "bookmark record skipped: {e}");
+                        tracing::error!(segment = %name, offset = r.offset, kind = ?r.header.kind, "record skipped: {e}");
                         report.defects.push((
                             name.clone(),
                             Defect {
@@ -466,6 +479,7 @@ impl SegmentLog {
                 loc: Loc { slot, offset: r.offset as u32 },
                 header: &r.header,
                 bookmark,
+                resync_id,
                 base_seq: self.manifest.base_seq,
                 block_size: self.manifest.block_size,
             });
@@ -731,6 +745,7 @@ impl SegmentLog {
         self.manifest.next_segment_id += 1;
         let name = format::segment_file_name(id);
         let header = SegmentHeader {
+            version: format::FormatVersion::CURRENT,
             role: self.manifest.role,
             encrypted: self.manifest.encrypted,
             log_id: self.manifest.log_id,

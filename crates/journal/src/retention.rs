@@ -22,6 +22,18 @@
 //!   status flag.
 //! - A base advance is redo-idempotent: the manifest records the target first, records are
 //!   deleted only after the base is synced, and an interrupted advance is finished on open.
+//! - A resync never destroys the last consistent recovery point before it completes. A
+//!   resync window runs from a `ResyncBegin` until every id opened since has its
+//!   `ResyncEnd` (overlapping windows form one span). No barrier or bookmark inside a span
+//!   is offered, no sequence number inside one resolves, and the `ResyncEnd` that closes a
+//!   span is a point. Since the base only ever moves to an offered point, retention never
+//!   folds history past the last consistent point before an open span, whatever the
+//!   policy; a space limit that cannot be met because of that is reported, not enforced.
+//! - A resync span that opens before any consistent point of a journal whose base is still
+//!   at seq 0 is an initial sync into a blank replica: not even the base is offered until it
+//!   completes. (The journal cannot see whether the base device held a consistent state.)
+//! - Resync spans are rebuilt from the `ResyncBegin`/`ResyncEnd` records on open; a
+//!   compaction keeps a span's markers exactly when it keeps the point that closes it.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -71,6 +83,11 @@ pub enum PointKind {
     Bookmark(Bookmark),
     /// Everything received (may end between barriers).
     Latest,
+    /// The end of a resync: the replica is consistent again after it.
+    ResyncEnd {
+        /// The id of the resync window whose end closed the last open window.
+        id: u64,
+    },
 }
 
 /// A recovery point the log offers.
@@ -206,6 +223,25 @@ pub struct RetentionReport {
     pub bytes_after: u64,
     /// History was dropped to stay within the space limit.
     pub thinned_for_space: bool,
+    /// The space limit is still exceeded because an open resync window holds everything
+    /// since the last consistent point before it (see [`RetentionStatus::inconsistent`]).
+    pub space_held_by_resync: bool,
+}
+
+/// The resync window that leaves the replica inconsistent now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncWindowInfo {
+    /// The id of the `ResyncBegin` that opened the span of (possibly overlapping) windows.
+    pub id: u64,
+    /// Its sequence number.
+    pub begin_seq: Seq,
+    /// Its time.
+    pub begin_time: Nanos,
+    /// The ids still open, in the order they began.
+    pub open_ids: Vec<u64>,
+    /// True when no consistent point precedes the window (an initial sync into a blank
+    /// replica): nothing can be recovered until it ends.
+    pub initial_sync: bool,
 }
 
 /// The state of the window, for status output.
@@ -231,6 +267,152 @@ pub struct RetentionStatus {
     pub thinned_for_space: bool,
     /// What the last forced thinning did.
     pub space_note: Option<String>,
+    /// The open resync window, if the replica is inconsistent now.
+    pub inconsistent: Option<ResyncWindowInfo>,
+    /// What [`RecoveryPoint::Latest`] resolves to: the newest consistent state (`None`
+    /// during an initial sync).
+    pub last_consistent: Option<PointInfo>,
+    /// At the last retention pass the space limit could not be met because of the open
+    /// resync window.
+    pub space_held_by_resync: bool,
+}
+
+/// A stretch of the capture stream during which at least one resync window was open.
+#[derive(Debug, Clone)]
+struct ResyncSpan {
+    /// Id of the `ResyncBegin` that opened the span.
+    first_id: u64,
+    begin_seq: Seq,
+    begin_time: Nanos,
+    /// The `ResyncEnd` that closed the last open window; `None` while open.
+    end: Option<Seq>,
+    /// Ids open now, in begin order (empty once closed).
+    open_ids: Vec<(u64, Seq)>,
+    /// Bookmarks taken inside the span (never offered): (seq, name).
+    bookmarks: Vec<(Seq, String)>,
+}
+
+impl ResyncSpan {
+    /// True when the state after `s` lies inside the span (`begin_seq <= s < end`).
+    fn contains(&self, s: Seq) -> bool {
+        s >= self.begin_seq && self.end.is_none_or(|e| s < e)
+    }
+
+    fn describe(&self) -> String {
+        match self.end {
+            Some(e) => {
+                format!("resync window id {} (seqs {}..{})", self.first_id, self.begin_seq, e)
+            }
+            None => {
+                format!("resync window id {} (open since seq {})", self.first_id, self.begin_seq)
+            }
+        }
+    }
+}
+
+/// The resync spans above the base, in sequence order (only the last may be open).
+#[derive(Debug, Default)]
+struct Windows {
+    spans: Vec<ResyncSpan>,
+}
+
+impl Windows {
+    fn open(&self) -> Option<&ResyncSpan> {
+        self.spans.last().filter(|s| s.end.is_none())
+    }
+
+    fn containing(&self, s: Seq) -> Option<&ResyncSpan> {
+        let i = self.spans.partition_point(|sp| sp.begin_seq <= s);
+        self.spans[..i].last().filter(|sp| sp.contains(s))
+    }
+
+    /// The seq of the `ResyncEnd` closing the span that holds the marker at `s`.
+    fn closes_at(&self, s: Seq) -> Option<Seq> {
+        let i = self.spans.partition_point(|sp| sp.begin_seq <= s);
+        let sp = self.spans[..i].last()?;
+        sp.end.filter(|e| *e >= s)
+    }
+
+    /// Checks a resync marker against the open windows, without changing anything.
+    fn check(&self, seq: Seq, event: &Event) -> Result<()> {
+        let err = |id: u64, reason: String| JournalError::Resync { seq, id, reason };
+        let open_ids = || -> Vec<u64> {
+            self.open()
+                .map(|sp| sp.open_ids.iter().map(|(id, _)| *id).collect())
+                .unwrap_or_default()
+        };
+        match event {
+            Event::ResyncBegin { id: 0 } | Event::ResyncEnd { id: 0 } => {
+                Err(err(0, "resync ids are nonzero".to_owned()))
+            }
+            Event::ResyncBegin { id } => match self
+                .open()
+                .and_then(|sp| sp.open_ids.iter().find(|(i, _)| i == id))
+            {
+                Some((_, since)) => Err(err(
+                    *id,
+                    format!("ResyncBegin for a window that is already open (since seq {since})"),
+                )),
+                None => Ok(()),
+            },
+            Event::ResyncEnd { id } => {
+                let open = open_ids();
+                if open.contains(id) {
+                    Ok(())
+                } else if open.is_empty() {
+                    Err(err(
+                        *id,
+                        "ResyncEnd without a ResyncBegin: no resync window is open".to_owned(),
+                    ))
+                } else {
+                    Err(err(
+                        *id,
+                        format!("ResyncEnd for a window that is not open (open ids: {open:?})"),
+                    ))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Applies a checked event: opens or closes windows, hides points inside them. Returns
+    /// the kind of point the event makes, if it makes one.
+    fn apply(&mut self, seq: Seq, time: Nanos, event: &Event) -> Option<PointKind> {
+        let open = self.spans.last_mut().filter(|s| s.end.is_none());
+        match (event, open) {
+            (Event::ResyncBegin { id }, Some(sp)) => {
+                sp.open_ids.push((*id, seq));
+                None
+            }
+            (Event::ResyncBegin { id }, None) => {
+                self.spans.push(ResyncSpan {
+                    first_id: *id,
+                    begin_seq: seq,
+                    begin_time: time,
+                    end: None,
+                    open_ids: vec![(*id, seq)],
+                    bookmarks: Vec::new(),
+                });
+                None
+            }
+            (Event::ResyncEnd { id }, Some(sp)) => {
+                sp.open_ids.retain(|(i, _)| i != id);
+                if sp.open_ids.is_empty() {
+                    sp.end = Some(seq);
+                    Some(PointKind::ResyncEnd { id: *id })
+                } else {
+                    None
+                }
+            }
+            (Event::Bookmark(b), Some(sp)) => {
+                sp.bookmarks.push((seq, b.name.clone()));
+                None
+            }
+            (Event::Bookmark(b), None) => Some(PointKind::Bookmark(b.clone())),
+            (Event::Barrier, None) => Some(PointKind::Barrier),
+            _ => None,
+        }
+    }
 }
 
 /// What [`RetentionLog::materialize`] wrote.
@@ -254,8 +436,12 @@ pub struct RetentionLog {
     volumes: Vec<Arc<dyn BlockIo>>,
     volume_lens: Vec<u64>,
     index: BlockIndex,
-    /// Barriers and bookmarks above the base, in sequence order.
+    /// Offered points above the base (barriers, bookmarks and resync ends outside resync
+    /// spans), in sequence order.
     points: Vec<PointInfo>,
+    /// Resync spans above the base.
+    windows: Windows,
+    space_held_by_resync: bool,
     base: PointInfo,
     last_time: Nanos,
     bs: u64,
@@ -308,6 +494,8 @@ impl RetentionLog {
         };
         let mut idx = Vec::new();
         let mut points = Vec::new();
+        let mut windows = Windows::default();
+        let mut resync_defects: Vec<(Loc, u64, String)> = Vec::new();
         let mut last_time = Nanos(0);
         let mut mismatch: Option<JournalError> = None;
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
@@ -341,26 +529,35 @@ impl RetentionLog {
                     return;
                 }
             }
-            match v.header.kind {
-                RecordKind::Barrier => {
-                    points.push(PointInfo {
-                        seq: v.header.seq,
-                        time: v.header.time,
-                        kind: PointKind::Barrier,
-                    });
+            let (seq, time) = (v.header.seq, v.header.time);
+            let event = match (v.header.kind, v.bookmark, v.resync_id) {
+                (k, _, _) if k.is_data() => {
+                    block_entries(v.header, v.loc, u64::from(v.block_size), |e| idx.push(e));
+                    return;
                 }
-                RecordKind::Bookmark => {
-                    if let Some(b) = v.bookmark {
-                        points.push(PointInfo {
-                            seq: v.header.seq,
-                            time: v.header.time,
-                            kind: PointKind::Bookmark(b),
-                        });
-                    }
-                }
-                _ => block_entries(v.header, v.loc, u64::from(v.block_size), |e| idx.push(e)),
+                (RecordKind::Barrier, _, _) => Event::Barrier,
+                (RecordKind::Bookmark, Some(b), _) => Event::Bookmark(b),
+                (RecordKind::ResyncBegin, _, Some(id)) => Event::ResyncBegin { id },
+                (RecordKind::ResyncEnd, _, Some(id)) => Event::ResyncEnd { id },
+                _ => return,
+            };
+            if let Err(e) = windows.check(seq, &event) {
+                // Only damage (a lost begin record) can produce this: report it, skip it.
+                resync_defects.push((v.loc, v.header.total_len(), e.to_string()));
+                return;
+            }
+            if let Some(kind) = windows.apply(seq, time, &event) {
+                points.push(PointInfo { seq, time, kind });
             }
         })?;
+        let mut report = report;
+        for (loc, len, reason) in resync_defects {
+            let segment = log.segment_name(loc.slot);
+            tracing::error!(%segment, offset = loc.offset, "resync record skipped: {reason}");
+            report
+                .defects
+                .push((segment, format::Defect { offset: u64::from(loc.offset), len, reason }));
+        }
         if let Some(e) = mismatch {
             return Err(e);
         }
@@ -377,6 +574,8 @@ impl RetentionLog {
             volumes,
             volume_lens,
             points,
+            windows,
+            space_held_by_resync: false,
             bs,
             policy: cfg.policy,
             segment_bytes: cfg.segment_bytes,
@@ -425,10 +624,15 @@ impl RetentionLog {
 
     /// Appends one event received from the source. Sequence numbers must grow; times that
     /// go back are clamped to the previous time so points stay ordered in time.
+    ///
+    /// Resync markers must pair up: a `ResyncBegin` with id 0 or with an id already open, and
+    /// a `ResyncEnd` whose id is not open, are refused ([`JournalError::Resync`]) before
+    /// anything is written.
     pub fn append(&mut self, seq: Seq, time: Nanos, event: &Event) -> Result<()> {
         if let Some((volume, offset, len)) = event.range() {
             self.check_range(volume, offset, len)?;
         }
+        self.windows.check(seq, event)?;
         let time = time.max(self.last_time);
         let (kind, volume, offset, length, payload) = format::event_to_record(event);
         if payload.len() > MAX_PAYLOAD {
@@ -441,11 +645,15 @@ impl RetentionLog {
         let loc = self.log.append(spec, &payload)?;
         self.last_time = time;
         match event {
-            Event::Barrier => self.points.push(PointInfo { seq, time, kind: PointKind::Barrier }),
-            Event::Bookmark(b) => {
-                self.points.push(PointInfo { seq, time, kind: PointKind::Bookmark(b.clone()) })
+            Event::Barrier
+            | Event::Bookmark(_)
+            | Event::ResyncBegin { .. }
+            | Event::ResyncEnd { .. } => {
+                if let Some(kind) = self.windows.apply(seq, time, event) {
+                    self.points.push(PointInfo { seq, time, kind });
+                }
             }
-            _ => {
+            Event::Write { .. } | Event::WriteZeroes { .. } | Event::Discard { .. } => {
                 let h = RecordHeader {
                     kind,
                     encrypted: false,
@@ -487,40 +695,90 @@ impl RetentionLog {
         self.log.durable_seq()
     }
 
-    /// Every point offered, oldest first: the base, then barriers and bookmarks.
+    /// Every point offered, oldest first: the base, then barriers, bookmarks and resync
+    /// ends. Points inside a resync window are never offered, and neither is the base while
+    /// it is the blank replica of an initial sync.
     pub fn points(&self) -> Vec<PointInfo> {
         let mut out = Vec::with_capacity(self.points.len() + 1);
-        out.push(self.base.clone());
+        if self.initial_sync().is_none() {
+            out.push(self.base.clone());
+        }
         out.extend(self.points.iter().cloned());
         out
     }
 
-    /// Resolves a recovery point to the sequence number whose state it names.
+    /// The first resync span when it is an initial sync: the base is still the blank replica
+    /// at seq 0 and no consistent point precedes the span.
+    fn initial_sync(&self) -> Option<&ResyncSpan> {
+        let first = self.windows.spans.first()?;
+        (self.base.seq == Seq::ZERO && self.points.first().is_none_or(|p| p.seq > first.begin_seq))
+            .then_some(first)
+    }
+
+    /// The newest consistent state: everything received, or, while a resync window is open,
+    /// the state right before it.
+    fn latest(&self) -> std::result::Result<PointInfo, String> {
+        let Some(open) = self.windows.open() else {
+            return Ok(PointInfo {
+                seq: self.last_seq().max(self.base.seq),
+                time: self.last_time,
+                kind: PointKind::Latest,
+            });
+        };
+        if self.initial_sync().is_some_and(|sp| sp.begin_seq == open.begin_seq) {
+            return Err(format!(
+                "the initial sync ({}) has not completed: the replica holds no consistent state yet",
+                open.describe()
+            ));
+        }
+        // The base never moves into a span, so the state before it is retained.
+        let before = Seq(open.begin_seq.0 - 1);
+        if before == self.base.seq {
+            return Ok(self.base.clone());
+        }
+        if let Some(p) = self.points.iter().find(|p| p.seq == before) {
+            return Ok(p.clone());
+        }
+        Ok(PointInfo { seq: before, time: self.time_of(before), kind: PointKind::Latest })
+    }
+
+    /// Resolves a recovery point to the sequence number whose state it names. Only
+    /// consistent states resolve: a sequence number or bookmark inside a resync window is
+    /// refused, and `Latest` is the state before an open window.
     pub fn resolve(&self, point: &RecoveryPoint) -> Result<PointInfo> {
         let unknown =
             |reason: String| JournalError::UnknownPoint { point: point.to_string(), reason };
         let last = self.last_seq();
+        let initial = self.initial_sync();
         match point {
-            RecoveryPoint::Latest => Ok(PointInfo {
-                seq: last.max(self.base.seq),
-                time: self.last_time,
-                kind: PointKind::Latest,
-            }),
+            RecoveryPoint::Latest => self.latest().map_err(unknown),
             RecoveryPoint::Seq(s) => {
-                if *s == self.base.seq {
-                    return Ok(self.base.clone());
-                }
                 if *s < self.base.seq {
                     return Err(unknown(format!(
                         "older than the retention window, which starts at seq {}",
                         self.base.seq
                     )));
                 }
+                if let Some(sp) = initial.filter(|sp| *s < sp.begin_seq) {
+                    return Err(unknown(format!(
+                        "seq {s} precedes the initial sync ({}): the replica was blank, not a state of the source",
+                        sp.describe()
+                    )));
+                }
+                if *s == self.base.seq {
+                    return Ok(self.base.clone());
+                }
                 if *s > last {
                     return Err(unknown(format!("not received yet (newest is seq {last})")));
                 }
                 if let Some(p) = self.points.iter().find(|p| p.seq == *s) {
                     return Ok(p.clone());
+                }
+                if let Some(sp) = self.windows.containing(*s) {
+                    return Err(unknown(format!(
+                        "seq {s} is inside {}: the replica was inconsistent",
+                        sp.describe()
+                    )));
                 }
                 if *s <= self.log.manifest().thin_horizon {
                     return Err(unknown(format!(
@@ -538,19 +796,40 @@ impl RetentionLog {
                     )));
                 }
                 let i = self.points.partition_point(|p| p.time <= *t);
-                Ok(if i == 0 { self.base.clone() } else { self.points[i - 1].clone() })
+                if i > 0 {
+                    return Ok(self.points[i - 1].clone());
+                }
+                match initial {
+                    Some(sp) => Err(unknown(format!(
+                        "no consistent point at or before this time: the initial sync ({}) completed later or not at all",
+                        sp.describe()
+                    ))),
+                    None => Ok(self.base.clone()),
+                }
             }
-            RecoveryPoint::Bookmark(name) => self
-                .points
-                .iter()
-                .rev()
-                .find(|p| matches!(&p.kind, PointKind::Bookmark(b) if &b.name == name))
-                .cloned()
-                .or_else(|| {
-                    matches!(&self.base.kind, PointKind::Bookmark(b) if &b.name == name)
-                        .then(|| self.base.clone())
-                })
-                .ok_or_else(|| unknown("no retained bookmark has this name".to_owned())),
+            RecoveryPoint::Bookmark(name) => {
+                let offered = self
+                    .points
+                    .iter()
+                    .rev()
+                    .find(|p| matches!(&p.kind, PointKind::Bookmark(b) if &b.name == name))
+                    .cloned()
+                    .or_else(|| {
+                        matches!(&self.base.kind, PointKind::Bookmark(b) if &b.name == name)
+                            .then(|| self.base.clone())
+                    });
+                let hidden = self.windows.spans.iter().rev().find_map(|sp| {
+                    sp.bookmarks.iter().rev().find(|(_, n)| n == name).map(|(s, _)| (*s, sp))
+                });
+                match (offered, hidden) {
+                    (Some(p), h) if h.is_none_or(|(s, _)| s < p.seq) => Ok(p),
+                    (_, Some((s, sp))) => Err(unknown(format!(
+                        "bookmark {name:?} (seq {s}) was taken during a resync, inside {}: the replica was inconsistent",
+                        sp.describe()
+                    ))),
+                    _ => Err(unknown("no retained bookmark has this name".to_owned())),
+                }
+            }
         }
     }
 
@@ -578,6 +857,18 @@ impl RetentionLog {
 
     /// The content of one block as of `at` (the newest version at or below it).
     fn block_view(&self, key: BlockKey, at: Seq, out: &mut [u8]) -> Result<bool> {
+        self.block_over(key, at, out, false)
+    }
+
+    /// Like [`Self::block_view`]; with `base_loaded`, `out` already holds the block's base
+    /// content, so the base is not read again.
+    fn block_over(
+        &self,
+        key: BlockKey,
+        at: Seq,
+        out: &mut [u8],
+        base_loaded: bool,
+    ) -> Result<bool> {
         let mut stack: Vec<Entry> = Vec::new();
         let mut s = at;
         while let Some(e) = self.index.lookup_le(key, s) {
@@ -587,7 +878,7 @@ impl RetentionLog {
             }
             s = Seq(e.seq.0 - 1);
         }
-        let from_base = stack.last().is_none_or(|e| !e.full());
+        let from_base = !base_loaded && stack.last().is_none_or(|e| !e.full());
         if from_base {
             let v = &self.volumes[usize::from(key.volume().0)];
             v.read_at(out, key.block() * self.bs)
@@ -625,20 +916,49 @@ impl RetentionLog {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
+        self.read_range(at.seq, volume, offset, buf)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of `volume` as the replica holds them now: every
+    /// event received applied, consistent or not (inside a resync window this is a state
+    /// the source never had; it is what a resync compares against the source). Costs one
+    /// read of the base for the whole range plus one per block the journal changed in it.
+    pub fn read_current(&self, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_range(self.last_seq().max(self.base.seq), volume, offset, buf)
+    }
+
+    /// The state at `at` of a byte range: one base read for the whole range, then the blocks
+    /// the journal changed at or below `at` laid over it.
+    fn read_range(&self, at: Seq, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(volume, offset, buf.len() as u64)?;
-        let mut block = vec![0u8; self.bs as usize];
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let b = off / self.bs;
-            let key = BlockKey::new(volume, b);
-            let blen = self.block_len(key);
-            let view = &mut block[..blen];
-            self.block_view(key, at.seq, view)?;
-            let within = (off - b * self.bs) as usize;
-            let n = (blen - within).min(buf.len() - pos);
-            buf[pos..pos + n].copy_from_slice(&view[within..within + n]);
-            pos += n;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let base = &self.volumes[usize::from(volume.0)];
+        base.read_at(buf, offset).map_err(|e| JournalError::io("read", base.name(), e))?;
+        let end = offset + buf.len() as u64;
+        let keys = self.index.keys_in_range(
+            BlockKey::new(volume, offset / self.bs),
+            BlockKey::new(volume, (end - 1) / self.bs),
+            at,
+        );
+        let mut block = Vec::new();
+        for k in keys {
+            let bstart = k.block() * self.bs;
+            let blen = self.block_len(k);
+            let bend = bstart + blen as u64;
+            if bstart >= offset && bend <= end {
+                // Whole block inside the buffer, which already holds its base content.
+                let dst = &mut buf[(bstart - offset) as usize..(bend - offset) as usize];
+                self.block_over(k, at, dst, true)?;
+            } else {
+                block.resize(blen, 0);
+                self.block_over(k, at, &mut block, false)?;
+                let s = bstart.max(offset);
+                let t = bend.min(end);
+                buf[(s - offset) as usize..(t - offset) as usize]
+                    .copy_from_slice(&block[(s - bstart) as usize..(t - bstart) as usize]);
+            }
         }
         Ok(())
     }
@@ -678,7 +998,7 @@ impl RetentionLog {
                 let k = keys[ki];
                 let s = (k.block() * self.bs - pos) as usize;
                 let blen = self.block_len(k);
-                if self.block_view(k, at.seq, &mut chunk[s..s + blen])? {
+                if self.block_over(k, at.seq, &mut chunk[s..s + blen], true)? {
                     journal_blocks += 1;
                 }
                 ki += 1;
@@ -704,11 +1024,22 @@ impl RetentionLog {
             newest_time: self.last_time,
             window_available: self.last_time.saturating_sub(self.base.time),
             window_configured: self.policy.max_age,
-            points: self.points.len() + 1,
+            points: self.points.len() + usize::from(self.initial_sync().is_none()),
             bytes: self.log.bytes(),
             max_bytes: self.policy.max_bytes,
             thinned_for_space: self.thinned_for_space,
             space_note: self.space_note.clone(),
+            inconsistent: self.windows.open().map(|sp| ResyncWindowInfo {
+                id: sp.first_id,
+                begin_seq: sp.begin_seq,
+                begin_time: sp.begin_time,
+                open_ids: sp.open_ids.iter().map(|(id, _)| *id).collect(),
+                initial_sync: self
+                    .initial_sync()
+                    .is_some_and(|first| first.begin_seq == sp.begin_seq),
+            }),
+            last_consistent: self.latest().ok(),
+            space_held_by_resync: self.space_held_by_resync,
         }
     }
 
@@ -807,9 +1138,21 @@ impl RetentionLog {
             if self.log.bytes() > max {
                 self.enforce_space(max, &mut report)?;
             }
+            if let Some(open) = self.windows.open().filter(|_| self.log.bytes() > max) {
+                // Everything since the last consistent point before the open window must
+                // stay until the window closes.
+                tracing::warn!(
+                    bytes = self.log.bytes(),
+                    max_bytes = max,
+                    "space limit not met: {} holds the history since the last consistent point before it",
+                    open.describe()
+                );
+                report.space_held_by_resync = true;
+            }
         }
+        self.space_held_by_resync = report.space_held_by_resync;
         report.bytes_after = self.log.bytes();
-        report.retained_points = self.points.len() + 1;
+        report.retained_points = self.points.len() + usize::from(self.initial_sync().is_none());
         Ok(report)
     }
 
@@ -844,6 +1187,10 @@ impl RetentionLog {
         if target.seq <= self.base.seq {
             return Ok(());
         }
+        debug_assert!(
+            self.windows.containing(target.seq).is_none(),
+            "the base never moves into a resync window"
+        );
         self.log.update_manifest(|m| m.pending_base = target.seq)?;
         let keys = self.index.keys_between(self.base.seq, target.seq);
         let mut buf = vec![0u8; self.bs as usize];
@@ -874,6 +1221,7 @@ impl RetentionLog {
         let gone: HashSet<u32> = done.into_iter().collect();
         self.index.retain(|e| e.seq > seq && !gone.contains(&e.loc().slot));
         self.points.retain(|p| p.seq > seq);
+        self.windows.spans.retain(|sp| sp.end.is_none_or(|e| e > seq));
         self.base = PointInfo { kind: PointKind::Base, ..target };
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.segment_count = self.log.segment_count();
@@ -933,8 +1281,21 @@ impl RetentionLog {
                                 self.emit_coalesced(&mut out, &keys, h.seq, h.time)?;
                                 let (_, payload) = self.log.read(loc)?;
                                 out.copy(&mut self.log, &h, &payload)?;
+                            } else if h.kind.is_resync()
+                                && self.windows.closes_at(h.seq) == Some(intervals[ii].1)
+                            {
+                                // The markers of a resync span whose closing point is
+                                // retained stay, so the span is rebuilt on open.
+                                let (_, payload) = self.log.read(loc)?;
+                                out.copy(&mut self.log, &h, &payload)?;
                             } else {
-                                debug_assert!(dropped.contains(&h.seq));
+                                // A dropped point, a point hidden inside a resync span, or a
+                                // marker of a span whose closing point is dropped.
+                                debug_assert!(
+                                    dropped.contains(&h.seq)
+                                        || self.windows.containing(h.seq).is_some()
+                                        || self.windows.closes_at(h.seq).is_some()
+                                );
                             }
                         }
                         None => {
@@ -958,6 +1319,14 @@ impl RetentionLog {
             *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         self.points.retain(|p| !dropped.contains(&p.seq));
+        // Spans inside coalesced intervals: gone with their closing point, or kept without
+        // the bookmarks hidden in them (their records were not copied).
+        self.windows.spans.retain(|sp| sp.end.is_none_or(|e| !dropped.contains(&e)));
+        for sp in &mut self.windows.spans {
+            if in_interval(sp.begin_seq).is_some() {
+                sp.bookmarks.clear();
+            }
+        }
         self.segment_count = self.log.segment_count();
         Ok(())
     }

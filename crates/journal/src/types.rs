@@ -175,12 +175,29 @@ pub enum Event {
     Barrier,
     /// A named consistency point (also a barrier).
     Bookmark(Bookmark),
+    /// A resync starts: the blocks it sends (ordinary [`Event::Write`] and
+    /// [`Event::WriteZeroes`] events, interleaved with the application's writes) are not part
+    /// of the source's ordered write history, so from here until the matching
+    /// [`Event::ResyncEnd`] the replica is not a state the source ever had. Windows may
+    /// overlap: the replica is consistent again only when every open id has ended.
+    ResyncBegin {
+        /// Chosen by the source, nonzero; pairs this begin with its end.
+        id: u64,
+    },
+    /// The resync with this id has sent all of its blocks. When it closes the last open
+    /// window, the state after it is consistent again (a recovery point, like a barrier).
+    ResyncEnd {
+        /// The id of the matching [`Event::ResyncBegin`].
+        id: u64,
+    },
 }
 
 impl Event {
-    /// True for events that end a crash-consistent prefix (barriers and bookmarks).
+    /// True for events that end a crash-consistent prefix: barriers, bookmarks and resync
+    /// ends (a [`Event::ResyncEnd`] that leaves another window open is not a point in the
+    /// retention log; see `RetentionLog`). False for [`Event::ResyncBegin`].
     pub fn is_point(&self) -> bool {
-        matches!(self, Event::Barrier | Event::Bookmark(_))
+        matches!(self, Event::Barrier | Event::Bookmark(_) | Event::ResyncEnd { .. })
     }
 
     /// The volume range the event changes, if any: `(volume, offset, len)`.
@@ -190,7 +207,10 @@ impl Event {
             Event::WriteZeroes { volume, offset, len } | Event::Discard { volume, offset, len } => {
                 Some((*volume, *offset, u64::from(*len)))
             }
-            Event::Barrier | Event::Bookmark(_) => None,
+            Event::Barrier
+            | Event::Bookmark(_)
+            | Event::ResyncBegin { .. }
+            | Event::ResyncEnd { .. } => None,
         }
     }
 }

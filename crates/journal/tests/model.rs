@@ -1,6 +1,8 @@
 //! Model test: random interleavings of writes, zeroes, discards, barriers, bookmarks,
-//! retention passes, syncs, reopenings and crashes against a plain in-memory model of the
-//! volume. Every point the log offers must read back byte for byte as the model had it.
+//! resync windows (nested, and ends without a begin), retention passes, syncs, reopenings
+//! and crashes against a plain in-memory model of the volume. Exactly the consistent points
+//! (those outside every resync window, and the ends that close one) are offered, and every
+//! one reads back byte for byte as the model had it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -8,8 +10,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use tidemark_journal::{
-    BlockIo, Bookmark, BookmarkKind, Clock, CrashMode, Event, JournalKey, Keep, ManualClock,
-    MemDir, MemVolume, Nanos, PointKind, RecoveryPoint, RetentionConfig, RetentionLog,
+    BlockIo, Bookmark, BookmarkKind, Clock, CrashMode, Event, JournalError, JournalKey, Keep,
+    ManualClock, MemDir, MemVolume, Nanos, PointKind, RecoveryPoint, RetentionConfig, RetentionLog,
     RetentionPolicy, Seq, Tier, VolumeId,
 };
 
@@ -18,11 +20,28 @@ const SECTOR: u64 = 512;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { vol: u16, sector: u64, sectors: u64, seed: u8 },
-    Zero { vol: u16, sector: u64, sectors: u64 },
-    Discard { vol: u16, sector: u64, sectors: u64 },
+    Write {
+        vol: u16,
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    Zero {
+        vol: u16,
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        vol: u16,
+        sector: u64,
+        sectors: u64,
+    },
     Barrier,
     Bookmark(u8),
+    /// Opens a resync window with a fresh id.
+    ResyncBegin,
+    /// Closes the open window picked by the number (or, with none open, must be refused).
+    ResyncEnd(u8),
     Time(u64),
     Enforce,
     Sync,
@@ -38,6 +57,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => range.prop_map(|(vol, sector, sectors)| Op::Discard { vol, sector, sectors }),
         3 => Just(Op::Barrier),
         1 => (0u8..3).prop_map(Op::Bookmark),
+        1 => Just(Op::ResyncBegin),
+        1 => any::<u8>().prop_map(Op::ResyncEnd),
         3 => (1u64..40).prop_map(Op::Time),
         2 => Just(Op::Enforce),
         1 => Just(Op::Sync),
@@ -76,8 +97,60 @@ struct Model {
     states: BTreeMap<Seq, Vec<Vec<u8>>>,
     cur: Vec<Vec<u8>>,
     seq: Seq,
-    points: BTreeSet<Seq>,
+    /// The non-data events (barriers, bookmarks, resync markers) by sequence number.
+    marks: BTreeMap<Seq, Event>,
     dropped: BTreeSet<Seq>,
+    next_resync_id: u64,
+}
+
+/// What the marks say about consistency.
+struct Analysis {
+    /// Consistent points: barriers and bookmarks outside resync spans, and the resync ends
+    /// that close a span.
+    points: BTreeSet<Seq>,
+    /// Resync spans: (begin, closing end).
+    spans: Vec<(Seq, Option<Seq>)>,
+    /// Ids open at the end.
+    open: Vec<u64>,
+}
+
+impl Model {
+    fn analyze(&self) -> Analysis {
+        let mut a = Analysis { points: BTreeSet::new(), spans: Vec::new(), open: Vec::new() };
+        for (s, e) in &self.marks {
+            match e {
+                Event::ResyncBegin { id } => {
+                    if a.open.is_empty() {
+                        a.spans.push((*s, None));
+                    }
+                    a.open.push(*id);
+                }
+                Event::ResyncEnd { id } => {
+                    a.open.retain(|i| i != id);
+                    if a.open.is_empty() {
+                        a.spans.last_mut().expect("span").1 = Some(*s);
+                        a.points.insert(*s);
+                    }
+                }
+                _ if a.open.is_empty() => {
+                    a.points.insert(*s);
+                }
+                _ => {}
+            }
+        }
+        a
+    }
+}
+
+impl Analysis {
+    fn inside(&self, s: Seq) -> bool {
+        self.spans.iter().any(|(b, e)| s >= *b && e.is_none_or(|e| s < e))
+    }
+
+    /// True when the log must treat its blank base as "before the initial sync".
+    fn initial_sync(&self, base: Seq) -> bool {
+        base == Seq(0) && self.spans.first().is_some_and(|(b, _)| self.points.iter().all(|p| p > b))
+    }
 }
 
 fn data(seed: u8, seq: Seq, len: usize) -> Vec<u8> {
@@ -88,19 +161,29 @@ fn data(seed: u8, seq: Seq, len: usize) -> Vec<u8> {
 
 fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
     let points = log.points();
-    let newest_point = model.points.iter().next_back().copied();
+    let an = model.analyze();
+    let base = log.status().oldest.seq;
+    let newest_point = an.points.iter().next_back().copied();
+    // Exactly the consistent points that are neither thinned nor folded into the base.
+    let want: BTreeSet<Seq> =
+        an.points.iter().copied().filter(|s| *s > base && !model.dropped.contains(s)).collect();
+    let got: BTreeSet<Seq> =
+        points.iter().filter(|p| p.kind != PointKind::Base).map(|p| p.seq).collect();
+    prop_assert_eq!(&got, &want, "offered points");
+    prop_assert_eq!(
+        points.iter().any(|p| p.kind == PointKind::Base),
+        !an.initial_sync(base),
+        "the base is offered unless it is the blank replica of an initial sync"
+    );
     for p in &points {
         prop_assert!(
             !model.dropped.contains(&p.seq) || p.kind == PointKind::Base,
             "point {} was dropped earlier but is offered again",
             p.seq
         );
-        if p.kind != PointKind::Base {
-            prop_assert!(
-                model.points.contains(&p.seq),
-                "point {} was never a barrier or bookmark",
-                p.seq
-            );
+        prop_assert!(!an.inside(p.seq), "point {} lies inside a resync window", p.seq);
+        if let PointKind::ResyncEnd { id } = p.kind {
+            prop_assert_eq!(&model.marks[&p.seq], &Event::ResyncEnd { id });
         }
         let want = model.states.get(&p.seq).expect("model has every seq");
         for (v, want_v) in want.iter().enumerate() {
@@ -116,11 +199,37 @@ fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
             np
         );
     }
-    let latest = log.resolve(&RecoveryPoint::Latest).expect("latest");
     let mut got = vec![0u8; VOL as usize];
+    let open_span = an.spans.last().filter(|(_, e)| e.is_none()).map(|(b, _)| *b);
+    match open_span {
+        Some(b) if an.initial_sync(base) && an.spans.len() == 1 => {
+            let e = log.resolve(&RecoveryPoint::Latest).expect_err("latest during initial sync");
+            prop_assert!(e.to_string().contains("initial sync"), "{}", e);
+            prop_assert!(log.status().last_consistent.is_none());
+            prop_assert_eq!(log.status().inconsistent.map(|w| w.begin_seq), Some(b));
+        }
+        _ => {
+            let want_seq = open_span.map_or(model.seq, |b| Seq(b.0 - 1)).max(base);
+            let latest = log.resolve(&RecoveryPoint::Latest).expect("latest");
+            prop_assert_eq!(latest.seq, want_seq, "latest is the newest consistent state");
+            prop_assert_eq!(log.status().inconsistent.map(|w| w.begin_seq), open_span);
+            for (v, want) in model.states[&want_seq].iter().enumerate() {
+                log.read_at(&latest, VolumeId(v as u16), 0, &mut got).expect("read latest");
+                prop_assert!(&got == want, "latest state of volume {} differs", v);
+            }
+        }
+    }
+    // The replica as it is now, consistent or not.
     for (v, want) in model.cur.iter().enumerate() {
-        log.read_at(&latest, VolumeId(v as u16), 0, &mut got).expect("read latest");
-        prop_assert!(&got == want, "latest state of volume {} differs", v);
+        log.read_current(VolumeId(v as u16), 0, &mut got).expect("read current");
+        prop_assert!(&got == want, "current state of volume {} differs", v);
+        let mut part = vec![0u8; 5000];
+        log.read_current(VolumeId(v as u16), 3000, &mut part).expect("read current, unaligned");
+        prop_assert!(
+            part[..] == want[3000..8000],
+            "unaligned current read of volume {} differs",
+            v
+        );
     }
     Ok(())
 }
@@ -154,8 +263,9 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
         states: BTreeMap::from([(Seq(0), vec![vec![0; VOL as usize]; 2])]),
         cur: vec![vec![0; VOL as usize]; 2],
         seq: Seq(0),
-        points: BTreeSet::new(),
+        marks: BTreeMap::new(),
         dropped: BTreeSet::new(),
+        next_resync_id: 1,
     };
     for op in ops {
         let now = clock.now();
@@ -190,6 +300,27 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                 Bookmark::new(format!("bm-{}", model.seq.0 + 1), BookmarkKind::ALL[k as usize], 0)
                     .expect("name"),
             )),
+            Op::ResyncBegin => {
+                model.next_resync_id += 1;
+                Some(Event::ResyncBegin { id: model.next_resync_id - 1 })
+            }
+            Op::ResyncEnd(k) => {
+                let open = model.analyze().open;
+                if open.is_empty() {
+                    let seq = model.seq.next();
+                    let e = log
+                        .append(seq, now, &Event::ResyncEnd { id: 999 })
+                        .expect_err("an end without a begin");
+                    prop_assert!(
+                        matches!(e, JournalError::Resync { id: 999, seq: s, .. } if s == seq),
+                        "{:?}",
+                        e
+                    );
+                    None
+                } else {
+                    Some(Event::ResyncEnd { id: open[usize::from(k) % open.len()] })
+                }
+            }
             Op::Time(s) => {
                 clock.advance(Duration::from_secs(s));
                 None
@@ -207,7 +338,7 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                 }
                 if let Some(max_age) = cfg.policy.max_age {
                     let now = clock.now();
-                    for p in log.points().iter().skip(1) {
+                    for p in log.points().iter().filter(|p| p.kind != PointKind::Base) {
                         prop_assert!(
                             now.saturating_sub(p.time) <= max_age,
                             "point {} older than the maximum age survived",
@@ -236,7 +367,7 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                 // What was not durable is gone from the model too.
                 let keep_to = log.last_seq();
                 model.states.retain(|s, _| *s <= keep_to);
-                model.points.retain(|s| *s <= keep_to);
+                model.marks.retain(|s, _| *s <= keep_to);
                 model.cur = model.states[&keep_to].clone();
                 model.seq = keep_to;
                 None
@@ -253,8 +384,8 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                     _ => dst.fill(0),
                 }
             }
-            if ev.is_point() {
-                model.points.insert(seq);
+            if ev.range().is_none() {
+                model.marks.insert(seq, ev);
             }
             model.states.insert(seq, model.cur.clone());
         }
@@ -262,24 +393,33 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
     check_all(&log, &model)?;
     // Materialize one point per volume and compare whole images.
     let points = log.points();
-    let p = &points[points.len() / 2];
-    for v in 0..2u16 {
-        let out = MemVolume::new(0);
-        let rep = log.materialize(p, VolumeId(v), &out, &mut |_, _| {}).expect("materialize");
-        prop_assert!(
-            out.snapshot() == model.states[&p.seq][v as usize],
-            "materialized image differs"
-        );
-        prop_assert_eq!(rep.hash, *blake3::hash(&model.states[&p.seq][v as usize]).as_bytes());
+    if let Some(p) = points.get(points.len() / 2) {
+        for v in 0..2u16 {
+            let out = MemVolume::new(0);
+            let rep = log.materialize(p, VolumeId(v), &out, &mut |_, _| {}).expect("materialize");
+            prop_assert!(
+                out.snapshot() == model.states[&p.seq][v as usize],
+                "materialized image differs"
+            );
+            let want = blake3::hash(&model.states[&p.seq][v as usize]);
+            prop_assert_eq!(rep.hash, *want.as_bytes());
+        }
     }
-    // Seq reads in the unthinned region are exact too.
+    // Seq reads in the unthinned region are exact too, unless inside a resync window.
     let horizon = points.iter().map(|p| p.seq).max().unwrap_or(Seq(0));
     let last = log.last_seq();
+    let an = model.analyze();
     if last > horizon {
-        let at = log.resolve(&RecoveryPoint::Seq(last)).expect("seq");
-        let mut got = vec![0u8; VOL as usize];
-        log.read_at(&at, VolumeId(0), 0, &mut got).expect("read");
-        prop_assert!(got == model.states[&last][0]);
+        let r = log.resolve(&RecoveryPoint::Seq(last));
+        if an.inside(last) {
+            let e = r.expect_err("a seq inside a resync window or before the initial sync");
+            prop_assert!(e.to_string().contains("resync window id"), "{}", e);
+        } else {
+            let at = r.expect("seq");
+            let mut got = vec![0u8; VOL as usize];
+            log.read_at(&at, VolumeId(0), 0, &mut got).expect("read");
+            prop_assert!(got == model.states[&last][0]);
+        }
     }
     Ok(stats)
 }
@@ -319,6 +459,13 @@ fn thinning_keeps_every_retained_point_exact() {
             }
             if i % 40 == 39 {
                 ops.push(Op::Enforce);
+            }
+            // Resync windows, one of them overlapping another, so thinning and base
+            // advances meet open and closed windows.
+            match i % 90 {
+                10 | 30 => ops.push(Op::ResyncBegin),
+                40 | 70 => ops.push(Op::ResyncEnd(0)),
+                _ => {}
             }
             if i % 150 == 149 {
                 ops.push(Op::Crash);

@@ -500,6 +500,8 @@ fn arb_event() -> impl Strategy<Value = Event> {
             len
         }),
         Just(Event::Barrier),
+        (1..=u64::MAX).prop_map(|id| Event::ResyncBegin { id }),
+        (1..=u64::MAX).prop_map(|id| Event::ResyncEnd { id }),
         ("[a-zA-Z0-9_.-][a-zA-Z0-9 _.-]{0,40}", 0..3usize, any::<u64>()).prop_map(
             |(name, k, group)| {
                 Event::Bookmark(Bookmark::new(name, BookmarkKind::ALL[k], group).unwrap())

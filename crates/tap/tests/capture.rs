@@ -83,6 +83,8 @@ fn summary(e: &Event) -> String {
         Event::Discard { volume, offset, len } => format!("discard v{volume} @{offset}+{len}"),
         Event::Barrier => "barrier".into(),
         Event::Bookmark(b) => format!("bookmark {:?} {:?} group {}", b.name, b.kind, b.group),
+        Event::ResyncBegin { id } => format!("resync begin {id}"),
+        Event::ResyncEnd { id } => format!("resync end {id}"),
     }
 }
 

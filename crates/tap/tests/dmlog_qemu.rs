@@ -147,7 +147,10 @@ fn qemu_sessions_replay_identical_at_every_session_end() {
             Event::Discard { offset, len, .. } | Event::WriteZeroes { offset, len, .. } => {
                 model[offset as usize..(offset + u64::from(len)) as usize].fill(0);
             }
-            Event::Barrier | Event::Bookmark(_) => {}
+            Event::Barrier
+            | Event::Bookmark(_)
+            | Event::ResyncBegin { .. }
+            | Event::ResyncEnd { .. } => {}
         }
     }
     assert!(model == checkpoints.last().expect("sessions").1, "events differ from qemu's image");

@@ -161,7 +161,10 @@ fn replay(events: &[SpooledEvent], len: u64) -> Vec<u8> {
             Event::WriteZeroes { offset, len, .. } | Event::Discard { offset, len, .. } => {
                 img[*offset as usize..(*offset + u64::from(*len)) as usize].fill(0);
             }
-            Event::Barrier | Event::Bookmark(_) => {}
+            Event::Barrier
+            | Event::Bookmark(_)
+            | Event::ResyncBegin { .. }
+            | Event::ResyncEnd { .. } => {}
         }
     }
     img
@@ -251,6 +254,8 @@ fn shapes(events: &[Event]) -> Vec<String> {
             Event::Discard { offset, len, .. } => format!("D {offset}+{len}"),
             Event::Barrier => "B".into(),
             Event::Bookmark(b) => format!("M {}", b.name),
+            Event::ResyncBegin { id } => format!("RB {id}"),
+            Event::ResyncEnd { id } => format!("RE {id}"),
         })
         .collect()
 }

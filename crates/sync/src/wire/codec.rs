@@ -44,6 +44,8 @@ pub const BATCH_FIXED_LEN: usize = 16;
 pub const ENTRY_HEADER_LEN: usize = 24;
 /// Length of a bookmark entry's tail before the name.
 pub const BOOKMARK_TAIL_LEN: usize = 16;
+/// Length of a resync begin or end entry's tail: the resync id.
+pub const RESYNC_TAIL_LEN: usize = 8;
 /// Length of a dedupe reference's tail after the entry header, source `earlier`.
 pub const REF_EARLIER_TAIL_LEN: usize = 16;
 /// Length of a dedupe reference's tail after the entry header, source `hash`.
@@ -68,6 +70,8 @@ const ENTRY_BARRIER: u8 = 4;
 const ENTRY_BOOKMARK: u8 = 5;
 const ENTRY_REF: u8 = 6;
 const ENTRY_DEDUPED: u8 = 7;
+const ENTRY_RESYNC_BEGIN: u8 = 8;
+const ENTRY_RESYNC_END: u8 = 9;
 /// Dedupe reference source codes.
 const REF_EARLIER: u8 = 1;
 const REF_HASH: u8 = 2;
@@ -635,6 +639,12 @@ fn check_entry(obj: Obj, seq: u64, body: &EntryBody) -> Result<()> {
             check_range_end(obj, *offset, u64::from(*len))
         }
         EntryBody::Event(Event::Barrier) => Ok(()),
+        EntryBody::Event(Event::ResyncBegin { id } | Event::ResyncEnd { id }) => {
+            if *id == 0 {
+                return Err(invalid(obj, "resync_id", "0".to_owned(), "nonzero".to_owned()));
+            }
+            Ok(())
+        }
         EntryBody::Event(Event::Bookmark(b)) => validate_bookmark_name(&b.name)
             .map_err(|e| invalid(obj, "bookmark_name", format!("{:?}", b.name), e.to_string())),
         EntryBody::Ref(r) => {
@@ -961,6 +971,14 @@ fn encode_entry(entry: &BatchEntry, out: &mut Vec<u8>) {
             entry_header(out, ENTRY_DISCARD, *volume, *len, t, *offset);
         }
         EntryBody::Event(Event::Barrier) => entry_header(out, ENTRY_BARRIER, VolumeId(0), 0, t, 0),
+        EntryBody::Event(Event::ResyncBegin { id }) => {
+            entry_header(out, ENTRY_RESYNC_BEGIN, VolumeId(0), 0, t, 0);
+            put_u64(out, *id);
+        }
+        EntryBody::Event(Event::ResyncEnd { id }) => {
+            entry_header(out, ENTRY_RESYNC_END, VolumeId(0), 0, t, 0);
+            put_u64(out, *id);
+        }
         EntryBody::Event(Event::Bookmark(b)) => {
             entry_header(out, ENTRY_BOOKMARK, VolumeId(0), b.name.len() as u32, t, 0);
             put_u64(out, b.group);
@@ -1205,6 +1223,26 @@ fn decode_entry(r: &mut Reader<'_>, obj: Obj) -> Result<BatchEntry> {
             }
             EntryBody::Event(Event::Barrier)
         }
+        ENTRY_RESYNC_BEGIN | ENTRY_RESYNC_END => {
+            no_range("resync")?;
+            if len != 0 {
+                return Err(invalid(
+                    obj,
+                    "length",
+                    len.to_string(),
+                    "0 on a resync entry".to_owned(),
+                ));
+            }
+            let id = r.u64(obj)?;
+            if id == 0 {
+                return Err(invalid(obj, "resync_id", "0".to_owned(), "nonzero".to_owned()));
+            }
+            EntryBody::Event(if kind == ENTRY_RESYNC_BEGIN {
+                Event::ResyncBegin { id }
+            } else {
+                Event::ResyncEnd { id }
+            })
+        }
         ENTRY_BOOKMARK => {
             no_range("bookmark")?;
             if len == 0 || len as usize > MAX_BOOKMARK_NAME {
@@ -1259,8 +1297,8 @@ fn decode_entry(r: &mut Reader<'_>, obj: Obj) -> Result<BatchEntry> {
                 obj,
                 "kind",
                 kind.to_string(),
-                "1 (write), 2 (write zeroes), 3 (discard), 4 (barrier), 5 (bookmark), 6 (ref) \
-                 or 7 (deduplicated write)"
+                "1 (write), 2 (write zeroes), 3 (discard), 4 (barrier), 5 (bookmark), 6 (ref), \
+                 7 (deduplicated write), 8 (resync begin) or 9 (resync end)"
                     .to_owned(),
             ));
         }
