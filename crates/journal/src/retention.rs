@@ -927,6 +927,35 @@ impl RetentionLog {
         self.read_range(self.last_seq().max(self.base.seq), volume, offset, buf)
     }
 
+    /// Reads `buf.len()` bytes at `offset` of `volume` as they were right after event `seq`
+    /// was applied, whether or not that is a recovery point (inside a resync window it is a
+    /// state the source never had). For reading back the data of a retained write (the
+    /// target's dedupe references), not for recovery: use [`RetentionLog::resolve`] and
+    /// [`RetentionLog::read_at`] for that. `seq` must be retained: at or above the base and
+    /// at or below the newest event received.
+    pub fn read_as_of(
+        &self,
+        seq: Seq,
+        volume: VolumeId,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let unknown = |reason: String| JournalError::UnknownPoint {
+            point: format!("the state after seq {seq}"),
+            reason,
+        };
+        if seq < self.base.seq {
+            return Err(unknown(format!(
+                "older than the retention window, which starts at seq {}",
+                self.base.seq
+            )));
+        }
+        if seq > self.last_seq() {
+            return Err(unknown(format!("not received yet (newest is seq {})", self.last_seq())));
+        }
+        self.read_range(seq, volume, offset, buf)
+    }
+
     /// The state at `at` of a byte range: one base read for the whole range, then the blocks
     /// the journal changed at or below `at` laid over it.
     fn read_range(&self, at: Seq, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -33,7 +33,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::{Bytes, BytesMut};
-use tidemark_journal::{Event, RecoveryPoint, RetentionLog, Seq, VolumeId};
+use tidemark_journal::{Event, RetentionLog, Seq, VolumeId};
 
 use crate::wire::{BlockRef, DEDUPE_BLOCK, DedupedWrite, EntryBody, RefSource, RefSpan};
 
@@ -377,10 +377,9 @@ fn read_ref(
         buf.copy_from_slice(&data[at as usize..at as usize + buf.len()]);
         return Ok(());
     }
-    let point = log
-        .resolve(&RecoveryPoint::Seq(from))
-        .map_err(|e| fail(format!("the retention log cannot resolve it: {e}")))?;
-    log.read_at(&point, volume, offset + u64::from(at), buf)
+    // The state right after that write, which holds its bytes: a recovery point or not
+    // (a write inside a resync window is not one).
+    log.read_as_of(from, volume, offset + u64::from(at), buf)
         .map_err(|e| fail(format!("reading it from the retention log failed: {e}")))
 }
 
