@@ -57,11 +57,12 @@ use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
 
 use crate::connection::{Connection, ConnectionError};
 use crate::dedupe::{self, AppliedWindow};
+use crate::resync::{BlockSource, MerkleTree, ResyncError, hash_nodes};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
 use crate::ship::error_chain;
 use crate::wire::{
-    Batch, Codec, EntryBody, ErrorCode, Hello, MAX_TEXT, Message, MessageType, PairId, Refuse,
-    RefuseReason, SUPPORTED_VERSIONS, WireError,
+    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_TEXT, Message,
+    MessageType, PairId, Refuse, RefuseReason, SUPPORTED_VERSIONS, TreeShape, WireError,
 };
 
 /// What went wrong on the target side of replication.
@@ -157,6 +158,25 @@ pub enum ApplyError {
         /// The source's sentence.
         message: String,
     },
+    /// A hash request named a volume the pair does not have.
+    #[error("hash request {id} names volume {volume}, the pair has {volumes} volume(s)")]
+    UnknownVolume {
+        /// The request id.
+        id: u32,
+        /// The volume named.
+        volume: u16,
+        /// Volumes of the pair.
+        volumes: usize,
+    },
+    /// Hashing the replica to answer a hash request failed.
+    #[error("answering hash request {id} failed")]
+    Hashing {
+        /// The request id.
+        id: u32,
+        /// The cause.
+        #[source]
+        source: ResyncError,
+    },
     /// The retention log failed; the receiver refuses further sessions.
     #[error("retention log: {op} failed")]
     Storage {
@@ -185,7 +205,8 @@ impl ApplyError {
             Self::Wire(_) | Self::EventTooLarge { .. } => ErrorCode::MALFORMED,
             Self::UnexpectedMessage { .. } => ErrorCode::UNEXPECTED_MESSAGE,
             Self::SequenceGap { .. } => ErrorCode::SEQUENCE_GAP,
-            Self::OutOfRange { .. } => ErrorCode::OUT_OF_RANGE,
+            Self::OutOfRange { .. } | Self::UnknownVolume { .. } => ErrorCode::OUT_OF_RANGE,
+            Self::Hashing { .. } => ErrorCode::STORAGE,
             Self::UnknownReference { .. } => ErrorCode::UNKNOWN_REFERENCE,
             Self::Storage { .. } => ErrorCode::STORAGE,
             Self::Thread { .. } => ErrorCode::INTERNAL,
@@ -276,6 +297,8 @@ pub struct ReceiverStatus {
     pub duplicates: u64,
     /// Group commits.
     pub syncs: u64,
+    /// Hash requests answered (fast resync, verify).
+    pub hash_requests: u64,
     /// The last error of a connection.
     pub last_error: Option<String>,
     /// Set after a storage failure: no further session is accepted.
@@ -642,14 +665,30 @@ impl Receiver {
             buf: Vec::new(),
         }));
         let (tx, rx) = mpsc::sync_channel::<Inbound>(cfg.queue_depth);
+        let (hash_tx, hash_rx) = mpsc::sync_channel::<HashRequest>(HASH_QUEUE);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let hasher = {
+            let (out, inner, tx, cancel) =
+                (out.clone(), self.inner.clone(), tx.clone(), cancel.clone());
+            thread::Builder::new()
+                .name("tidemark-recv-hash".to_owned())
+                .spawn(move || {
+                    if let Err(e) = run_hasher(&inner, &hash_rx, &out, &cancel) {
+                        // The applier ends the session with it (and tells the source).
+                        let _ = tx.send(Inbound::Failed(e));
+                    }
+                })
+                .map_err(|e| ApplyError::Thread { what: format!("spawning the hasher: {e}") })?
+        };
         let reader = {
             let out = out.clone();
             thread::Builder::new()
                 .name("tidemark-recv-read".to_owned())
-                .spawn(move || run_net_reader(rx_half, codec, &tx, &out))
+                .spawn(move || run_net_reader(rx_half, codec, &tx, &hash_tx, &out))
                 .map_err(|e| ApplyError::Thread { what: format!("spawning the reader: {e}") })?
         };
         let result = self.apply_loop(id, &rx, &out, resume);
+        cancel.store(true, Ordering::SeqCst);
         match &result {
             Ok(()) => {
                 let _ = lock(&out).tx.close();
@@ -681,8 +720,13 @@ impl Receiver {
         }
         kill(Shutdown::Both);
         drop(rx);
-        if reader.join().is_err() && result.is_ok() {
-            return Err(ApplyError::Thread { what: "the reader panicked".to_owned() });
+        let reader_ok = reader.join().is_ok();
+        // The reader held the hasher's queue: with it gone, the hasher ends.
+        let hasher_ok = hasher.join().is_ok();
+        if !(reader_ok && hasher_ok) && result.is_ok() {
+            return Err(ApplyError::Thread {
+                what: "the reader or the hasher panicked".to_owned(),
+            });
         }
         result
     }
@@ -899,6 +943,7 @@ fn run_net_reader<S: Stream>(
     mut rx_half: crate::secure::SecureReceiver<S>,
     mut codec: Codec,
     tx: &SyncSender<Inbound>,
+    hash_tx: &SyncSender<HashRequest>,
     out: &Mutex<Outbound<S>>,
 ) {
     let mut buf = Vec::new();
@@ -913,6 +958,12 @@ fn run_net_reader<S: Stream>(
                     Err(e) => Inbound::Failed(e),
                 },
                 Ok(Message::Pong { .. }) => continue,
+                Ok(Message::HashRequest(request)) => match hash_tx.send(request) {
+                    Ok(()) => continue,
+                    Err(_) => {
+                        Inbound::Failed(ApplyError::Thread { what: "the hasher ended".to_owned() })
+                    }
+                },
                 Ok(Message::Error { code, message }) => {
                     Inbound::Failed(ApplyError::PeerError { code, message })
                 }
@@ -927,6 +978,85 @@ fn run_net_reader<S: Stream>(
             return;
         }
     }
+}
+
+/// Hash requests decoded and waiting for the hasher.
+const HASH_QUEUE: usize = 4;
+
+/// The replica's current state of one volume, read through the retention log (consistent
+/// or not: a comparison must see what the resync has already written), as a
+/// [`BlockSource`]. Each read holds the log's lock for that read only, so batches keep
+/// being applied while a comparison hashes.
+struct ReplicaSource<'a> {
+    inner: &'a Inner,
+    volume: VolumeId,
+    len: u64,
+    cancel: &'a AtomicBool,
+}
+
+impl BlockSource for ReplicaSource<'_> {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the session ended"));
+        }
+        lock(&self.inner.log).read_current(self.volume, offset, buf).map_err(io::Error::other)
+    }
+
+    fn describe(&self) -> String {
+        format!("replica volume {}", self.volume)
+    }
+}
+
+/// Answers the session's hash requests in order, on a thread of its own. A request for the
+/// root level (the start of a comparison) hashes the whole replica and keeps the tree for
+/// the requests that follow; a request for a lower level without such a tree (a comparison
+/// limited to dirty regions) hashes just the nodes asked.
+fn run_hasher<S: Stream>(
+    inner: &Inner,
+    requests: &mpsc::Receiver<HashRequest>,
+    out: &Mutex<Outbound<S>>,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let mut cache: Option<(VolumeId, TreeShape, MerkleTree)> = None;
+    for request in requests {
+        let (id, volume) = (request.id, request.volume);
+        let Some(&len) = inner.volume_lens.get(usize::from(volume.0)) else {
+            return Err(ApplyError::UnknownVolume {
+                id,
+                volume: volume.0,
+                volumes: inner.volume_lens.len(),
+            });
+        };
+        let source = ReplicaSource { inner, volume, len, cancel };
+        let failed = |source| ApplyError::Hashing { id, source };
+        let reply = if request.level >= request.shape.root_level(len) {
+            let tree = MerkleTree::build(&source, request.shape, 0).map_err(failed)?;
+            let reply = tree.answer(volume, &request).map_err(failed)?;
+            cache = Some((volume, request.shape, tree));
+            reply
+        } else {
+            match &cache {
+                Some((v, shape, tree)) if *v == volume && *shape == request.shape => {
+                    tree.answer(volume, &request).map_err(failed)?
+                }
+                _ => HashReply {
+                    id,
+                    volume,
+                    level: request.level,
+                    hashes: hash_nodes(&source, request.shape, request.level, &request.ranges, 0)
+                        .map_err(failed)?,
+                },
+            }
+        };
+        lock(out).send(&Message::HashReply(reply))?;
+        lock(&inner.status).hash_requests += 1;
+        inner.status_changed.notify_all();
+    }
+    Ok(())
 }
 
 fn unavailable(message: &str) -> Refuse {

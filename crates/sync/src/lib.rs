@@ -34,6 +34,7 @@ pub mod resync;
 pub mod secure;
 pub mod shape;
 pub mod ship;
+pub mod syncer;
 pub mod wire;
 
 pub use apply::{ApplyError, Receiver, ReceiverConfig, ReceiverStatus};

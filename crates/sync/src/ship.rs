@@ -660,8 +660,9 @@ struct Link {
     state: Mutex<LinkInner>,
     changed: Condvar,
     kill: Box<dyn Fn() + Send + Sync>,
-    /// The writer's queue, for frames other than batches (hash requests).
-    control: SyncSender<Outgoing>,
+    /// The writer's queue, for frames other than batches (hash requests). Taken away when
+    /// the encoder ends, so that the writer sees its queue disconnected then.
+    control: Mutex<Option<SyncSender<Outgoing>>>,
 }
 
 struct LinkInner {
@@ -888,23 +889,7 @@ impl ShipperHandle {
         timeout: Duration,
         pred: impl Fn(&ShipperStatus) -> bool,
     ) -> Option<ShipperStatus> {
-        let until = Instant::now() + timeout;
-        let mut s = lock(&self.shared.status);
-        loop {
-            if pred(&s) {
-                return Some(s.clone());
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            s = self
-                .shared
-                .status_changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        wait_status(&self.shared, timeout, pred)
     }
 
     /// Tells the shipper the spool has new durable events.
@@ -1079,7 +1064,7 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
                 let _ = lock(&killer).shutdown(Shutdown::Both);
             })
         },
-        control: tx.clone(),
+        control: Mutex::new(Some(tx.clone())),
     });
     *lock(&shared.link) = Some(link.clone());
     if shared.stopping() {
@@ -1113,7 +1098,11 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let threads = [
         spawn("encode", {
             let (shared, link) = (shared.clone(), link.clone());
-            Box::new(move || run_encoder(&shared, &link, codec, tx, resume))
+            Box::new(move || {
+                let result = run_encoder(&shared, &link, codec, tx, resume);
+                lock(&link.control).take();
+                result
+            })
         }),
         spawn("write", {
             let (shared, link) = (shared.clone(), link.clone());
@@ -1484,6 +1473,25 @@ impl fmt::Debug for HashClient {
 }
 
 impl HashClient {
+    /// A snapshot of the shipper's state.
+    pub fn status(&self) -> ShipperStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// As [`ShipperHandle::wait_for`].
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&ShipperStatus) -> bool,
+    ) -> Option<ShipperStatus> {
+        wait_status(&self.shared, timeout, pred)
+    }
+
+    /// Tells the shipper the spool has new durable events.
+    pub fn ring(&self) {
+        self.shared.doorbell.ring();
+    }
+
     /// Sends `request` (its `id` is replaced by a fresh one) and waits for the reply, up to
     /// `timeout` in all (connecting included). The reply is checked to answer the request:
     /// same volume and level, one hash per node asked.
@@ -1534,11 +1542,17 @@ impl HashClient {
             forget();
             return Err(e.into());
         }
-        if link
-            .control
-            .send(Outgoing { frame, last_seq: None, raw_bytes: 0, deduped: DedupeStats::default() })
-            .is_err()
-        {
+        let control = lock(&link.control).clone();
+        let sent = control.is_some_and(|c| {
+            c.send(Outgoing {
+                frame,
+                last_seq: None,
+                raw_bytes: 0,
+                deduped: DedupeStats::default(),
+            })
+            .is_ok()
+        });
+        if !sent {
             forget();
             return Err(lost(id, "the connection was lost before it was sent", &request));
         }
@@ -1581,5 +1595,25 @@ impl HashClient {
             });
         }
         Ok(reply)
+    }
+}
+
+/// Waits until `pred` holds for the shipper's status, or `timeout` passes.
+fn wait_status(
+    shared: &Shared,
+    timeout: Duration,
+    pred: impl Fn(&ShipperStatus) -> bool,
+) -> Option<ShipperStatus> {
+    let until = Instant::now() + timeout;
+    let mut s = lock(&shared.status);
+    loop {
+        if pred(&s) {
+            return Some(s.clone());
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        s = shared.status_changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
     }
 }
