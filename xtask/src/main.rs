@@ -46,6 +46,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("rsync", "rsync"),
     ("zstd", "zstd"),
     ("e2fsprogs", "mkfs.ext4"),
+    ("iproute2", "tc"),
     ("mount", "mount"),
     ("util-linux", "blkdiscard"),
     ("qemu-utils", "qemu-io"),

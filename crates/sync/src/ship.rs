@@ -55,7 +55,7 @@ use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, Stream}
 use crate::shape::TokenBucket;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
-    Hello, Message, MessageType, RefuseReason, WireError,
+    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, WireError,
 };
 
 /// What went wrong on the source side of replication.
@@ -153,10 +153,39 @@ pub enum ShipError {
         message: String,
     },
     /// A well-formed message the protocol does not allow from a target here.
-    #[error("expected Ack or Pong from the target, received {found}")]
+    #[error("expected Ack, HashReply or Pong from the target, received {found}")]
     UnexpectedMessage {
         /// The message type received.
         found: MessageType,
+    },
+    /// The target answered a hash request this source did not send (or twice).
+    #[error("the target sent a HashReply with id {id}, which no request in flight has")]
+    UnexpectedReply {
+        /// The reply's id.
+        id: u32,
+    },
+    /// A hash request could not be answered: the connection was lost, the shipper stopped,
+    /// or no connection came up in time. The caller retries the comparison.
+    #[error("hash request {id} for level {level} of volume {volume}: {why}")]
+    HashRequestLost {
+        /// The request's id (0 if it was never sent).
+        id: u32,
+        /// The volume.
+        volume: u16,
+        /// The tree level.
+        level: u8,
+        /// What happened.
+        why: &'static str,
+    },
+    /// A `HashReply` that does not answer its request.
+    #[error("HashReply {id} carries {found}, expected {expected}")]
+    BadReply {
+        /// The request id.
+        id: u32,
+        /// What the reply holds.
+        found: String,
+        /// What the request asked for.
+        expected: String,
     },
     /// The target closed the connection normally although the shipper was not stopping.
     #[error("the target closed the connection")]
@@ -201,7 +230,8 @@ impl ShipError {
             | Self::TargetBehind { .. }
             | Self::SpoolGap { .. }
             | Self::AckWentBack { .. }
-            | Self::AckAhead { .. } => true,
+            | Self::AckAhead { .. }
+            | Self::UnexpectedReply { .. } => true,
             Self::Secure(e) => secure_fatal(e),
             Self::PeerError { code, .. } => code_fatal(*code),
             Self::Connection(e) => match e {
@@ -467,6 +497,13 @@ pub struct ShipperStatus {
     pub pings: u64,
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
+    /// `HashRequest`s sent (all connections).
+    pub hash_requests: u64,
+    /// Frame bytes of `HashRequest`s sent (all connections): the source's share of the
+    /// hash-exchange overhead of a fast resync or verify.
+    pub hash_request_bytes: u64,
+    /// Frame bytes of `HashReply`s received (all connections): the target's share.
+    pub hash_reply_bytes: u64,
 }
 
 /// A state transition or progress, as the shipper reports it to its observer.
@@ -544,6 +581,15 @@ struct Shared {
     policy: Mutex<Box<dyn CompressionPolicy>>,
     observer: Option<Observer>,
     link: Mutex<Option<Arc<Link>>>,
+    calls: Mutex<HashCalls>,
+    calls_changed: Condvar,
+}
+
+/// The hash requests in flight, by id, with their replies once they arrive.
+#[derive(Default)]
+struct HashCalls {
+    next_id: u32,
+    waiting: std::collections::HashMap<u32, Option<HashReply>>,
 }
 
 impl Shared {
@@ -576,6 +622,8 @@ struct Link {
     state: Mutex<LinkInner>,
     changed: Condvar,
     kill: Box<dyn Fn() + Send + Sync>,
+    /// The writer's queue, for frames other than batches (hash requests).
+    control: SyncSender<Outgoing>,
 }
 
 struct LinkInner {
@@ -612,6 +660,8 @@ impl Link {
         drop(l);
         (self.kill)();
         self.changed.notify_all();
+        drop(lock(&shared.calls));
+        shared.calls_changed.notify_all();
         shared.doorbell.ring();
         if let Some(b) = &shared.bucket {
             b.wake_all();
@@ -726,11 +776,16 @@ impl Shipper {
                 batches: 0,
                 pings: 0,
                 last_error: None,
+                hash_requests: 0,
+                hash_request_bytes: 0,
+                hash_reply_bytes: 0,
             }),
             status_changed: Condvar::new(),
             policy: Mutex::new(policy),
             observer: self.observer,
             link: Mutex::new(None),
+            calls: Mutex::new(HashCalls::default()),
+            calls_changed: Condvar::new(),
             cfg: self.cfg,
         });
         let s = shared.clone();
@@ -794,6 +849,12 @@ impl ShipperHandle {
     /// The doorbell, for the tap to ring after each group commit.
     pub fn doorbell(&self) -> Doorbell {
         self.shared.doorbell.clone()
+    }
+
+    /// A client for the target's Merkle tree hashes (fast resync, verify), carried on this
+    /// shipper's connection alongside the batches.
+    pub fn hash_client(&self) -> HashClient {
+        HashClient { shared: self.shared.clone() }
     }
 
     /// Uses `compression` for every batch from the next one on.
@@ -927,6 +988,7 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
     let session = conn.open_session(&cfg.hello)?;
     let resume = session.last_acked;
+    let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
     if let Err(e) = reconcile(shared, resume) {
         // Tell the target why this source hangs up (it reports the close reason).
         let (mut channel, _) = conn.into_parts();
@@ -951,6 +1013,7 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
                 let _ = lock(&killer).shutdown(Shutdown::Both);
             })
         },
+        control: tx.clone(),
     });
     *lock(&shared.link) = Some(link.clone());
     if shared.stopping() {
@@ -971,7 +1034,6 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
 
     let (channel, codec) = conn.into_parts();
     let (rx_half, tx_half) = channel.split()?;
-    let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
 
     let spawn = |name: &'static str, f: Box<dyn FnOnce() -> Result<()> + Send>| {
         let (shared, link) = (shared.clone(), link.clone());
@@ -1055,10 +1117,11 @@ fn reconcile(shared: &Shared, resume: Seq) -> Result<()> {
     Ok(())
 }
 
-/// A frame for the writer.
+/// A frame for the writer: a batch (with its last sequence number and uncompressed body
+/// length) or a hash request (`last_seq` is `None`).
 struct Outgoing {
     frame: Vec<u8>,
-    last_seq: Seq,
+    last_seq: Option<Seq>,
     raw_bytes: u64,
 }
 
@@ -1124,7 +1187,7 @@ fn run_encoder(
             drop(l);
             shared.update(|s| s.in_flight_bytes = in_flight);
         }
-        let out = Outgoing { frame, last_seq, raw_bytes };
+        let out = Outgoing { frame, last_seq: Some(last_seq), raw_bytes };
         let link_bound = match tx.try_send(out) {
             Ok(()) => false,
             Err(TrySendError::Full(out)) => {
@@ -1196,9 +1259,17 @@ fn run_writer<S: Stream>(
                 let len = out.frame.len() as u64;
                 shared.update(|s| {
                     s.wire_bytes += len;
-                    s.raw_bytes += out.raw_bytes;
-                    s.batches += 1;
-                    s.last_sent = out.last_seq;
+                    match out.last_seq {
+                        Some(last_seq) => {
+                            s.raw_bytes += out.raw_bytes;
+                            s.batches += 1;
+                            s.last_sent = last_seq;
+                        }
+                        None => {
+                            s.hash_requests += 1;
+                            s.hash_request_bytes += len;
+                        }
+                    }
                 });
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -1239,13 +1310,27 @@ fn run_ack_reader<S: Stream>(
         if !more {
             return if shared.stopping() { Ok(()) } else { Err(ShipError::PeerClosed) };
         }
+        let frame_len = buf.len() as u64;
         match codec.decode(Bytes::from(std::mem::take(&mut buf)))? {
             Message::Ack { upto } => on_ack(shared, link, upto)?,
+            Message::HashReply(reply) => on_hash_reply(shared, reply, frame_len)?,
             Message::Pong { .. } | Message::Ping { .. } => {}
             Message::Error { code, message } => return Err(ShipError::PeerError { code, message }),
             other => return Err(ShipError::UnexpectedMessage { found: other.message_type() }),
         }
     }
+}
+
+fn on_hash_reply(shared: &Shared, reply: HashReply, frame_len: u64) -> Result<()> {
+    let mut calls = lock(&shared.calls);
+    match calls.waiting.get_mut(&reply.id) {
+        Some(slot @ None) => *slot = Some(reply),
+        _ => return Err(ShipError::UnexpectedReply { id: reply.id }),
+    }
+    drop(calls);
+    shared.calls_changed.notify_all();
+    shared.update(|s| s.hash_reply_bytes += frame_len);
+    Ok(())
 }
 
 fn on_ack(shared: &Shared, link: &Link, upto: Seq) -> Result<()> {
@@ -1281,4 +1366,116 @@ fn on_ack(shared: &Shared, link: &Link, upto: Seq) -> Result<()> {
     });
     shared.emit(ShipperEvent::Acked { upto });
     Ok(())
+}
+
+/// Asks the target for Merkle tree hashes over the shipper's connection (see
+/// [`ShipperHandle::hash_client`]). Requests wait for a connection; a request whose
+/// connection is lost fails with [`ShipError::HashRequestLost`] and is not retried here
+/// (the comparison restarts, since the target's tree may be from another session).
+#[derive(Clone)]
+pub struct HashClient {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for HashClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HashClient").finish_non_exhaustive()
+    }
+}
+
+impl HashClient {
+    /// Sends `request` (its `id` is replaced by a fresh one) and waits for the reply, up to
+    /// `timeout` in all (connecting included). The reply is checked to answer the request:
+    /// same volume and level, one hash per node asked.
+    pub fn request(&self, mut request: HashRequest, timeout: Duration) -> Result<HashReply> {
+        let shared = &self.shared;
+        let until = Instant::now() + timeout;
+        let lost = |id: u32, why: &'static str, r: &HashRequest| ShipError::HashRequestLost {
+            id,
+            volume: r.volume.0,
+            level: r.level,
+            why,
+        };
+        // A live connection.
+        let link = loop {
+            if shared.stopping() {
+                return Err(lost(0, "the shipper is stopping", &request));
+            }
+            if let Some(link) = lock(&shared.link).clone() {
+                if !link.is_dead() {
+                    break link;
+                }
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(lost(0, "no connection to the target came up in time", &request));
+            }
+            let s = lock(&shared.status);
+            let _ = shared
+                .status_changed
+                .wait_timeout(s, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|e| e.into_inner());
+        };
+        let id = {
+            let mut calls = lock(&shared.calls);
+            calls.next_id = calls.next_id.wrapping_add(1).max(1);
+            let id = calls.next_id;
+            calls.waiting.insert(id, None);
+            id
+        };
+        request.id = id;
+        let forget = || {
+            lock(&shared.calls).waiting.remove(&id);
+        };
+        let mut frame = Vec::new();
+        let encoded = Codec::new(shared.cfg.max_frame_len)
+            .and_then(|mut c| c.encode(&Message::HashRequest(request.clone()), &mut frame));
+        if let Err(e) = encoded {
+            forget();
+            return Err(e.into());
+        }
+        if link.control.send(Outgoing { frame, last_seq: None, raw_bytes: 0 }).is_err() {
+            forget();
+            return Err(lost(id, "the connection was lost before it was sent", &request));
+        }
+        let mut calls = lock(&shared.calls);
+        let reply = loop {
+            if let Some(Some(_)) = calls.waiting.get(&id) {
+                break calls.waiting.remove(&id).flatten().expect("checked");
+            }
+            if link.is_dead() || shared.stopping() {
+                calls.waiting.remove(&id);
+                return Err(lost(id, "the connection was lost before the reply", &request));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                calls.waiting.remove(&id);
+                return Err(lost(id, "no reply in time", &request));
+            }
+            calls =
+                shared.calls_changed.wait_timeout(calls, left).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(calls);
+        if reply.volume != request.volume
+            || reply.level != request.level
+            || reply.hashes.len() as u64 != request.node_count()
+        {
+            return Err(ShipError::BadReply {
+                id,
+                found: format!(
+                    "volume {}, level {}, {} hashes",
+                    reply.volume,
+                    reply.level,
+                    reply.hashes.len()
+                ),
+                expected: format!(
+                    "volume {}, level {}, {} hashes",
+                    request.volume,
+                    request.level,
+                    request.node_count()
+                ),
+            });
+        }
+        Ok(reply)
+    }
 }

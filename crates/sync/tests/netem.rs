@@ -14,7 +14,7 @@
 //!
 //! These need root, `ip` and `tc` (Debian package iproute2), network namespaces, and for
 //! all but the link-flap test the `sch_netem` qdisc. Where that is missing they print
-//! `SKIP netem: <reason>` and pass, unless `CI=1` or `TIDEMARK_REQUIRE_NETNS=1`: then they
+//! `SKIP netem: <reason>` and pass, unless `TIDEMARK_REQUIRE_NETNS=1`: then they
 //! fail.
 
 mod common;

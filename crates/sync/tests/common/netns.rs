@@ -17,7 +17,7 @@
 //!
 //! Where this cannot run (not root, no `ip`/`tc`, namespaces refused, no `sch_netem`),
 //! [`pair_or_skip`] prints a loud `SKIP netem:` line and the test returns, unless the
-//! environment asks for these tests (`CI=1` or `TIDEMARK_REQUIRE_NETNS=1`): then it fails.
+//! environment asks for these tests (`TIDEMARK_REQUIRE_NETNS=1`): then it fails.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -338,7 +338,7 @@ impl Drop for NsListener {
     }
 }
 
-/// True when the environment demands these tests run (CI, or an explicit request).
+/// True when the environment demands these tests run (`TIDEMARK_REQUIRE_NETNS`).
 pub fn required() -> bool {
     let on =
         |var: &str| std::env::var(var).is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
@@ -376,7 +376,7 @@ pub fn pair_or_skip(test: &str, netem: bool) -> Option<NetPair> {
     match try_pair(netem) {
         Ok(pair) => Some(pair),
         Err(reason) if required() => {
-            panic!("{test}: namespaces required (CI or TIDEMARK_REQUIRE_NETNS) but: {reason}")
+            panic!("{test}: namespaces required (TIDEMARK_REQUIRE_NETNS) but: {reason}")
         }
         Err(reason) => {
             // Straight to the stream: the test harness captures `eprintln!` of passing tests.
