@@ -1,16 +1,24 @@
 //! `cargo xtask lab`: the kernel lab. Boots Debian's 6.12 cloud kernel (which has
-//! `ublk_drv` and device-mapper as modules) under QEMU's software emulation, with the
-//! guest tests in the initramfs and four virtio disks, and reads the results off the
-//! serial console.
+//! `ublk_drv`, device-mapper, `veth` and `sch_netem` as modules) under QEMU's software
+//! emulation, with the guest test suites in the initramfs and four virtio disks, and reads
+//! the results off the serial console.
 //!
 //! Steps: install the host tools it needs (`qemu-system-x86`, `busybox-static`, `cpio`,
-//! `xz-utils`, `e2fsprogs`, `dmsetup`) when missing; fetch the newest
+//! `xz-utils`, `e2fsprogs`, `dmsetup`, `iproute2`) when missing; fetch the newest
 //! `linux-image-6.12.*-cloud-amd64-unsigned` with `apt-get download` and unpack it with
 //! `dpkg -x` under `target/lab/kernel/` (kept, so later runs reuse it); build the guest
-//! test binary (`tidemark-tap`'s `ublk_lab` test, release); assemble an initramfs with
-//! busybox, the decompressed modules in dependency order, the test binary,
-//! `mkfs.ext4`/`e2fsck`/`dmsetup` and every shared library `ldd` names for them; boot;
-//! stream the console; pass only on the guest's last line `TIDEMARK-LAB: PASS <n> tests`.
+//! test binaries ([`SUITES`], release); assemble an initramfs with busybox, the decompressed
+//! modules in dependency order, the test binaries (debug info stripped when `objcopy` is
+//! there), `mkfs.ext4`/`e2fsck`/`dmsetup`/`ip`/`tc` and every shared library `ldd` names
+//! for them; boot; stream the console.
+//!
+//! The guest runs the suites one after the other, each between `TIDEMARK-LAB: begin
+//! <suite>` and `TIDEMARK-LAB: end <suite> <exit status>`. `ublk_lab` reports in
+//! `TIDEMARK-LAB: PASS|FAIL` lines of its own; `netem` is a libtest binary run with
+//! `TIDEMARK_REQUIRE_NETNS=1`, so a missing namespace or qdisc fails instead of skipping,
+//! and its `test <name> ... ok` lines are read as they are. The lab passes only when every
+//! suite ran, exited 0, reported a summary matching its per-test lines, and every test
+//! passed ([`Console::verdict`]).
 //!
 //! Timings inside the guest mean nothing (TCG emulates the CPU); only correctness counts.
 
@@ -23,7 +31,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use std::{env, fs, thread};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::{command_exists, format_duration, is_root, run_command};
 
@@ -35,16 +43,64 @@ const LAB_PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "xz"),
     ("e2fsprogs", "e2fsck"),
     ("dmsetup", "dmsetup"),
+    ("iproute2", "tc"),
 ];
 
 /// The kernel package family (bookworm backports): has ublk_drv, dm-log-writes, virtio_blk.
 const KERNEL_PATTERN: &str = r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$";
 
 /// Modules loaded in the guest (their dependencies are added first).
-const MODULES: &[&str] = &["virtio_blk", "dm-mod", "dm-bufio", "dm-log-writes", "ublk_drv"];
+const MODULES: &[&str] =
+    &["virtio_blk", "dm-mod", "dm-bufio", "dm-log-writes", "ublk_drv", "veth", "sch_netem"];
 
 /// Programs copied into the guest's `/sbin` with their libraries.
-const GUEST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "dmsetup"];
+const GUEST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "dmsetup", "ip", "tc"];
+
+/// How a suite reports on the console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `TIDEMARK-LAB: PASS <test> ...` / `FAIL <test> ...` per test, then `PASS <n> tests`
+    /// or `FAIL <k> of <n> tests`.
+    Lab,
+    /// libtest's own output: `test <name> ... ok|FAILED|ignored`, then `test result: ...`.
+    Libtest,
+}
+
+/// A test binary the guest runs.
+#[derive(Debug)]
+struct Suite {
+    /// Its name in the console markers and the report.
+    name: &'static str,
+    /// The cargo package and test target it is built from.
+    package: &'static str,
+    test: &'static str,
+    /// Where it sits in the initramfs.
+    guest_path: &'static str,
+    /// The shell command line the guest's init runs it with.
+    command: &'static str,
+    format: Format,
+}
+
+/// The guest's suites, in the order they run. The namespace tests run with
+/// `TIDEMARK_REQUIRE_NETNS=1`: in the lab a skip is a failure.
+const SUITES: &[Suite] = &[
+    Suite {
+        name: "ublk_lab",
+        package: "tidemark-tap",
+        test: "ublk_lab",
+        guest_path: "bin/ublk-lab",
+        command: "/bin/ublk-lab --lab",
+        format: Format::Lab,
+    },
+    Suite {
+        name: "netem",
+        package: "tidemark-sync",
+        test: "netem",
+        guest_path: "bin/netem",
+        command: "TIDEMARK_REQUIRE_NETNS=1 /bin/netem --test-threads=1",
+        format: Format::Libtest,
+    },
+];
 
 /// The guest's disks: name and size in MiB. vda sits behind the ublk device of tests 1-3,
 /// vdb/vdc are dm-log-writes' data and log devices, vdd sits behind the recovery test's.
@@ -66,9 +122,13 @@ pub fn lab(root: &Path) -> Result<String> {
     install_tools()?;
     let kernel = kernel(&lab_dir)?;
     println!("lab: kernel {} ({})", kernel.release, kernel.vmlinuz.display());
-    let test_bin = build_test_binary(root)?;
-    println!("lab: guest test binary {}", test_bin.display());
-    let initrd = initramfs(&lab_dir, &kernel, &test_bin)?;
+    let mut test_bins = Vec::new();
+    for suite in SUITES {
+        let bin = build_test_binary(root, suite)?;
+        println!("lab: guest suite {} from {}", suite.name, bin.display());
+        test_bins.push(bin);
+    }
+    let initrd = initramfs(&lab_dir, &kernel, &test_bins)?;
     let disks = disks(&lab_dir)?;
     let timeout = timeout()?;
     println!("lab: host side ready in {}", format_duration(start.elapsed()));
@@ -254,30 +314,33 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 // Guest test binary
 // ---------------------------------------------------------------------------------------
 
-/// Builds `tidemark-tap`'s `ublk_lab` test (release) and returns its executable, found in
-/// cargo's JSON messages.
-fn build_test_binary(root: &Path) -> Result<PathBuf> {
+/// Builds `suite`'s test target (release) and returns its executable, found in cargo's
+/// JSON messages. One cargo run per suite, so each package's features resolve as they do
+/// in `cargo test -p <package>` and the artifacts are shared with it.
+fn build_test_binary(root: &Path, suite: &Suite) -> Result<PathBuf> {
     let mut command = Command::new(crate::cargo_bin());
-    command.current_dir(root).args([
-        "test",
-        "--release",
-        "-p",
-        "tidemark-tap",
-        "--test",
-        "ublk_lab",
+    command.current_dir(root).args(["test", "--release", "-p", suite.package, "--test"]).args([
+        suite.test,
         "--no-run",
         "--message-format=json",
     ]);
     println!("$ {}", crate::show_command(&command));
     let out = command.stderr(Stdio::inherit()).output().context("could not run cargo test")?;
-    ensure!(out.status.success(), "building the lab test binary failed with {}", out.status);
+    ensure!(
+        out.status.success(),
+        "building the lab test binary {} ({}) failed with {}",
+        suite.test,
+        suite.package,
+        out.status
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let target = format!("\"name\":\"{}\"", suite.test);
     stdout
         .lines()
-        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"ublk_lab\""))
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&target))
         .find_map(|l| json_string_field(l, "executable"))
         .map(PathBuf::from)
-        .context("cargo reported no executable for the ublk_lab test")
+        .with_context(|| format!("cargo reported no executable for the {} test", suite.test))
 }
 
 /// The value of `"field":"..."` in one line of JSON (enough for cargo's paths, which have
@@ -293,13 +356,15 @@ fn json_string_field(line: &str, field: &str) -> Option<String> {
 // Initramfs
 // ---------------------------------------------------------------------------------------
 
-/// Builds `target/lab/initrd.gz`.
-fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bin: &Path) -> Result<PathBuf> {
+/// Builds `target/lab/initrd.gz`; `test_bins` are the executables of [`SUITES`], in order.
+fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bins: &[PathBuf]) -> Result<PathBuf> {
     let stage = lab_dir.join("initramfs");
     let _ = fs::remove_dir_all(&stage);
-    for dir in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "mnt", "modules"] {
+    for dir in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "mnt", "run", "var", "modules"] {
         fs::create_dir_all(stage.join(dir))?;
     }
+    // iproute2 may look under /var/run as well as /run.
+    std::os::unix::fs::symlink("../run", stage.join("var/run"))?;
     let busybox = which("busybox")?;
     copy_exec(&busybox, &stage.join("bin/busybox"))?;
 
@@ -318,8 +383,19 @@ fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bin: &Path) -> Result<PathBuf
     println!("lab: modules {}", names.join(" "));
 
     let mut libs = BTreeSet::new();
-    copy_exec(test_bin, &stage.join("bin/ublk-lab"))?;
-    libs.extend(shared_libs(test_bin)?);
+    let strip = command_exists("objcopy");
+    for (suite, bin) in SUITES.iter().zip(test_bins) {
+        let target = stage.join(suite.guest_path);
+        if strip {
+            copy_stripped(bin, &target)?;
+        } else {
+            copy_exec(bin, &target)?;
+        }
+        libs.extend(shared_libs(bin)?);
+    }
+    if !strip {
+        println!("lab: no objcopy (binutils); the test binaries keep their debug info");
+    }
     for tool in GUEST_TOOLS {
         let path = which(tool)?;
         copy_exec(&path, &stage.join("sbin").join(tool))?;
@@ -338,7 +414,7 @@ fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bin: &Path) -> Result<PathBuf
         fs::copy("/etc/mke2fs.conf", stage.join("etc/mke2fs.conf"))?;
     }
     let init = stage.join("init");
-    fs::write(&init, INIT_SCRIPT)?;
+    fs::write(&init, init_script(SUITES))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
     let initrd = lab_dir.join("initrd.gz");
@@ -354,24 +430,52 @@ fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bin: &Path) -> Result<PathBuf
     Ok(initrd)
 }
 
-/// The guest's init: mounts, loads the modules, runs the tests, powers off.
-const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
+/// The guest's init up to the suites: mounts, modules, what `ip netns` needs (a writable
+/// `/run` with `/run/netns`; `/var/run` links to it), loopback up.
+const INIT_PRELUDE: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=600m tmp /tmp
+mount -t tmpfs -o mode=0755,size=16m run /run
+mkdir -p /run/netns
 echo "TIDEMARK-LAB: booted $(uname -r)"
 for m in $(cat /modules/order); do
     insmod /modules/$m.ko || echo "TIDEMARK-LAB: insmod $m failed"
 done
-/bin/ublk-lab --lab
-rc=$?
-[ $rc -eq 0 ] || echo "TIDEMARK-LAB: guest tests exited with status $rc"
-sync
-poweroff -f
+ip link set lo up || echo "TIDEMARK-LAB: setup of lo failed"
 "#;
+
+/// The guest's init: [`INIT_PRELUDE`], then each suite between its `begin` and `end`
+/// markers (every suite runs, whatever the previous ones did), then power-off.
+fn init_script(suites: &[Suite]) -> String {
+    let mut script = INIT_PRELUDE.to_owned();
+    for suite in suites {
+        script.push_str(&format!(
+            "echo \"{MARK} begin {name}\"\n{command}\necho \"{MARK} end {name} $?\"\n",
+            name = suite.name,
+            command = suite.command,
+        ));
+    }
+    script.push_str("sync\npoweroff -f\n");
+    script
+}
+
+/// Copies an executable without its debug sections (the symbols stay, for backtraces):
+/// the release test binaries carry tens of MiB of DWARF the guest would only unpack.
+fn copy_stripped(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("could not run objcopy")?;
+    ensure!(status.success(), "objcopy --strip-debug {} failed with {status}", from.display());
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
 
 fn copy_exec(from: &Path, to: &Path) -> Result<()> {
     fs::copy(from, to)
@@ -487,7 +591,8 @@ fn disks(lab_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Boots the guest and streams its console; returns the verdict line on PASS.
+/// Boots the guest and streams its console; returns the verdict ([`Console::verdict`]) on
+/// PASS.
 fn boot(kernel: &Kernel, initrd: &Path, disks: &[PathBuf], timeout: Duration) -> Result<String> {
     let qemu = which("qemu-system-x86_64")?;
     let mut command = Command::new(qemu);
@@ -522,8 +627,7 @@ fn boot(kernel: &Kernel, initrd: &Path, disks: &[PathBuf], timeout: Duration) ->
     });
 
     let started = Instant::now();
-    let mut verdict: Option<String> = None;
-    let mut failures = Vec::new();
+    let mut console = Console::new(SUITES);
     let timed_out = loop {
         let left = timeout.saturating_sub(started.elapsed());
         if left.is_zero() {
@@ -532,18 +636,7 @@ fn boot(kernel: &Kernel, initrd: &Path, disks: &[PathBuf], timeout: Duration) ->
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
                 println!("  | {line}");
-                if let Some(rest) = line.trim().strip_prefix(MARK) {
-                    let rest = rest.trim();
-                    if rest.starts_with("FAIL")
-                        || rest.contains("failed")
-                        || rest.contains("exited")
-                    {
-                        failures.push(rest.to_owned());
-                    }
-                    if is_summary(rest) {
-                        verdict = Some(rest.to_owned());
-                    }
-                }
+                console.feed(&line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if child.try_wait()?.is_some() && reader.is_finished() {
@@ -559,29 +652,259 @@ fn boot(kernel: &Kernel, initrd: &Path, disks: &[PathBuf], timeout: Duration) ->
     let status = child.wait()?;
     let _ = reader.join();
     let elapsed = format_duration(started.elapsed());
+    console.print_report();
     if timed_out {
         bail!(
             "the guest did not finish within {} (killed after {elapsed})",
             format_duration(timeout)
         );
     }
-    match verdict {
-        Some(v) if v.starts_with("PASS") && failures.is_empty() => Ok(v),
-        Some(v) => bail!("guest tests failed ({v}): {}", failures.join("; ")),
-        None => bail!(
-            "the guest ended ({status}, after {elapsed}) without a `{MARK} PASS <n> tests` line{}",
-            if failures.is_empty() { String::new() } else { format!(": {}", failures.join("; ")) }
-        ),
+    console.verdict().map_err(|problems| {
+        anyhow!("guest tests failed (qemu {status}, after {elapsed}): {problems}")
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading the console
+// ---------------------------------------------------------------------------------------
+
+/// What became of one test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Failed,
+    /// Not run (`#[ignore]`): a failure in the lab, where every test must run.
+    Ignored,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "FAILED",
+            Self::Ignored => "ignored",
+        }
     }
 }
 
-/// `PASS 5 tests` or `FAIL 1 of 5 tests`.
-fn is_summary(rest: &str) -> bool {
+/// One test's outcome as the guest reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TestOutcome {
+    name: String,
+    outcome: Outcome,
+}
+
+/// What the console said about one suite.
+#[derive(Debug, Default)]
+struct SuiteReport {
+    tests: Vec<TestOutcome>,
+    /// The suite's own count: (passed, total, ignored ones included).
+    summary: Option<(u32, u32)>,
+    /// The exit status the init script printed after it.
+    exit: Option<i32>,
+    /// A libtest line `test <name> ... ` whose outcome has not arrived yet (something
+    /// wrote to stderr in between).
+    pending: Option<String>,
+}
+
+/// The guest's console, read line by line: which suite is running, each test's outcome,
+/// each suite's summary and exit status, and anything else that went wrong.
+#[derive(Debug)]
+struct Console {
+    suites: Vec<(&'static str, Format, SuiteReport)>,
+    /// Index into `suites` of the one between its `begin` and `end` markers.
+    current: Option<usize>,
+    /// Failures outside any test's own outcome (a module that did not load, a skip).
+    problems: Vec<String>,
+}
+
+impl Console {
+    fn new(suites: &[Suite]) -> Self {
+        Self {
+            suites: suites.iter().map(|s| (s.name, s.format, SuiteReport::default())).collect(),
+            current: None,
+            problems: Vec::new(),
+        }
+    }
+
+    fn feed(&mut self, line: &str) {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix(MARK) {
+            self.marked(rest.trim());
+            return;
+        }
+        let Some(i) = self.current else { return };
+        let (name, format, report) = &mut self.suites[i];
+        if *format != Format::Libtest {
+            return;
+        }
+        if line.starts_with("SKIP") || line.contains("... SKIP") {
+            // The suites run with everything they need required: a skip is a failure.
+            self.problems.push(format!("{name}: {line}"));
+        }
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            match libtest_counts(counts) {
+                Some((passed, failed, ignored)) => {
+                    report.summary = Some((passed, passed + failed + ignored));
+                }
+                None => self.problems.push(format!("{name}: unreadable `{line}`")),
+            }
+        } else if let Some((test, outcome)) =
+            line.strip_prefix("test ").and_then(|t| t.split_once(" ..."))
+        {
+            report.pending = None;
+            match libtest_outcome(outcome) {
+                Some(outcome) => {
+                    report.tests.push(TestOutcome { name: test.to_owned(), outcome });
+                }
+                None => report.pending = Some(test.to_owned()),
+            }
+        } else if let Some(outcome) = report.pending.as_ref().and_then(|_| libtest_outcome(line)) {
+            let test = report.pending.take().unwrap_or_default();
+            report.tests.push(TestOutcome { name: test, outcome });
+        }
+    }
+
+    /// A `TIDEMARK-LAB:` line, without the mark.
+    fn marked(&mut self, rest: &str) {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        match words.as_slice() {
+            ["begin", suite] => {
+                self.current = self.suites.iter().position(|(n, ..)| n == suite);
+                if self.current.is_none() {
+                    self.problems.push(format!("unknown suite {suite} began"));
+                }
+                return;
+            }
+            ["end", suite, status] => {
+                match self.suites.iter_mut().find(|(n, ..)| n == suite) {
+                    Some((.., report)) => report.exit = status.parse().ok().or(Some(-1)),
+                    None => self.problems.push(format!("unknown suite {suite} ended")),
+                }
+                self.current = None;
+                return;
+            }
+            _ => {}
+        }
+        let lab_suite = self.current.filter(|&i| self.suites[i].1 == Format::Lab);
+        if let Some(i) = lab_suite {
+            let report = &mut self.suites[i].2;
+            if let Some(counts) = lab_summary(rest) {
+                report.summary = Some(counts);
+                return;
+            }
+            match words.as_slice() {
+                ["PASS", test, ..] => {
+                    let name = test.trim_end_matches(':').to_owned();
+                    report.tests.push(TestOutcome { name, outcome: Outcome::Ok });
+                    return;
+                }
+                ["FAIL", test, ..] => {
+                    let name = test.trim_end_matches(':').to_owned();
+                    report.tests.push(TestOutcome { name, outcome: Outcome::Failed });
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if rest.starts_with("FAIL") || rest.contains("failed") {
+            self.problems.push(rest.to_owned());
+        }
+    }
+
+    /// `PASS <n> tests (<suite> <n>, ...)`, or every reason the run failed.
+    fn verdict(&self) -> Result<String, String> {
+        let mut problems = self.problems.clone();
+        let mut counts = Vec::new();
+        let mut total = 0;
+        for (name, _, report) in &self.suites {
+            for t in report.tests.iter().filter(|t| t.outcome != Outcome::Ok) {
+                problems.push(format!("{name}: {} {}", t.name, t.outcome.word()));
+            }
+            match report.summary {
+                None => problems.push(format!("{name}: no summary line (did it run to the end?)")),
+                Some((passed, n)) => {
+                    if passed != n {
+                        problems.push(format!("{name}: {passed} of {n} tests passed"));
+                    }
+                    if n == 0 {
+                        problems.push(format!("{name}: ran no tests"));
+                    }
+                    if report.tests.len() != n as usize {
+                        problems.push(format!(
+                            "{name}: {} test outcomes read for a summary of {n}",
+                            report.tests.len()
+                        ));
+                    }
+                    total += n;
+                    counts.push(format!("{name} {n}"));
+                }
+            }
+            match report.exit {
+                Some(0) => {}
+                Some(status) => problems.push(format!("{name}: exited with status {status}")),
+                None => problems.push(format!("{name}: never ended")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(format!("PASS {total} tests ({})", counts.join(", ")))
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// Every test's outcome, suite by suite.
+    fn print_report(&self) {
+        println!("lab: results");
+        for (name, _, report) in &self.suites {
+            if report.tests.is_empty() {
+                println!("  {name}: no test outcomes");
+            }
+            for t in &report.tests {
+                println!("  {name}::{} ... {}", t.name, t.outcome.word());
+            }
+        }
+    }
+}
+
+/// `ok` / `FAILED` / `ignored` at the end of a libtest line.
+fn libtest_outcome(text: &str) -> Option<Outcome> {
+    match text.split_whitespace().last()? {
+        "ok" => Some(Outcome::Ok),
+        "FAILED" => Some(Outcome::Failed),
+        "ignored" => Some(Outcome::Ignored),
+        _ => None,
+    }
+}
+
+/// (passed, failed, ignored) from libtest's `ok. 4 passed; 0 failed; 0 ignored; ...`.
+fn libtest_counts(text: &str) -> Option<(u32, u32, u32)> {
+    let (_, counts) = text.split_once(". ")?;
+    let mut found = [None; 3];
+    for part in counts.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else { continue };
+        let slot = match what {
+            "passed" => 0,
+            "failed" => 1,
+            "ignored" => 2,
+            _ => continue,
+        };
+        found[slot] = Some(n.parse().ok()?);
+    }
+    Some((found[0]?, found[1]?, found[2]?))
+}
+
+/// (passed, total) from `PASS 5 tests` or `FAIL 1 of 5 tests`.
+fn lab_summary(rest: &str) -> Option<(u32, u32)> {
     let words: Vec<&str> = rest.split_whitespace().collect();
     match words.as_slice() {
-        ["PASS", n, "tests"] => n.parse::<u32>().is_ok(),
-        ["FAIL", k, "of", n, "tests"] => k.parse::<u32>().is_ok() && n.parse::<u32>().is_ok(),
-        _ => false,
+        ["PASS", n, "tests"] => n.parse().ok().map(|n| (n, n)),
+        ["FAIL", k, "of", n, "tests"] => {
+            let (k, n): (u32, u32) = (k.parse().ok()?, n.parse().ok()?);
+            Some((n.saturating_sub(k), n))
+        }
+        _ => None,
     }
 }
 
@@ -602,10 +925,141 @@ mod tests {
 
     #[test]
     fn summary_lines_are_recognised() {
-        assert!(is_summary("PASS 5 tests"));
-        assert!(is_summary("FAIL 1 of 5 tests"));
-        assert!(!is_summary("PASS ublk_device_up (1.2s)"));
-        assert!(!is_summary("FAIL ublk_ext4: mkfs failed"));
+        assert_eq!(lab_summary("PASS 5 tests"), Some((5, 5)));
+        assert_eq!(lab_summary("FAIL 1 of 5 tests"), Some((4, 5)));
+        assert_eq!(lab_summary("PASS ublk_device_up (1.2s)"), None);
+        assert_eq!(lab_summary("FAIL ublk_ext4: mkfs failed"), None);
+        assert_eq!(
+            libtest_counts("ok. 4 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"),
+            Some((4, 0, 0))
+        );
+        assert_eq!(
+            libtest_counts("FAILED. 3 passed; 1 failed; 0 ignored; 0 measured"),
+            Some((3, 1, 0))
+        );
+        assert_eq!(libtest_counts("ok. 4 passed"), None);
+    }
+
+    /// A console as the guest prints it, `netem` lines given by the caller.
+    fn console(netem: &[&str], netem_exit: i32) -> Console {
+        let mut c = Console::new(SUITES);
+        let mut lines = vec![
+            "TIDEMARK-LAB: booted 6.12.117+deb12-cloud-amd64",
+            "TIDEMARK-LAB: begin ublk_lab",
+            "TIDEMARK-LAB: PASS ublk_device_up (1.3s)",
+            "TIDEMARK-LAB: info capture: 61 events (38 writes, 10 barriers)",
+            "TIDEMARK-LAB: PASS dm_log_writes_replay (3.0s)",
+            "TIDEMARK-LAB: PASS 2 tests",
+            "TIDEMARK-LAB: end ublk_lab 0",
+            "TIDEMARK-LAB: begin netem",
+            "",
+            "running 2 tests",
+        ];
+        lines.extend_from_slice(netem);
+        let end = format!("TIDEMARK-LAB: end netem {netem_exit}");
+        lines.push(&end);
+        for line in lines {
+            c.feed(line);
+        }
+        c
+    }
+
+    #[test]
+    fn a_clean_run_passes_with_every_suite_counted() {
+        let c = console(
+            &[
+                "test netns_a ... ok",
+                // Something wrote to stderr between the name and the outcome.
+                "test netns_b ... note from the test",
+                "ok",
+                "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
+                 finished in 41.20s",
+            ],
+            0,
+        );
+        assert_eq!(c.verdict(), Ok("PASS 4 tests (ublk_lab 2, netem 2)".to_owned()));
+        let netem = &c.suites[1].2.tests;
+        assert_eq!(
+            netem.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            ["netns_a", "netns_b"]
+        );
+    }
+
+    #[test]
+    fn a_failed_skipped_or_missing_netem_test_fails_the_lab() {
+        let failed = console(
+            &[
+                "test netns_a ... ok",
+                "test netns_b ... FAILED",
+                "test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            ],
+            101,
+        );
+        let why = failed.verdict().unwrap_err();
+        assert!(why.contains("netns_b FAILED") && why.contains("status 101"), "{why}");
+
+        let skipped = console(
+            &[
+                "test netns_a ... ok",
+                "test netns_b ... SKIP netem: netns_b: sch_netem is not available",
+                "ok",
+                "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            ],
+            0,
+        );
+        let why = skipped.verdict().unwrap_err();
+        assert!(why.contains("SKIP netem"), "{why}");
+
+        // The binary died before its summary (a kernel oops, a crash).
+        let cut = console(&["test netns_a ... ok"], 139);
+        let why = cut.verdict().unwrap_err();
+        assert!(why.contains("netem: no summary line"), "{why}");
+
+        let ignored = console(
+            &[
+                "test netns_a ... ok",
+                "test netns_b ... ignored",
+                "test result: ok. 1 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out",
+            ],
+            0,
+        );
+        let why = ignored.verdict().unwrap_err();
+        assert!(why.contains("netns_b ignored") && why.contains("1 of 2 tests passed"), "{why}");
+    }
+
+    #[test]
+    fn a_failed_module_or_missing_suite_fails_the_lab() {
+        let mut c = Console::new(SUITES);
+        for line in [
+            "TIDEMARK-LAB: insmod sch_netem failed",
+            "TIDEMARK-LAB: begin ublk_lab",
+            "TIDEMARK-LAB: FAIL ublk_device_up (0.1s): no /dev/ublk-control",
+            "TIDEMARK-LAB: FAIL 1 of 1 tests",
+            "TIDEMARK-LAB: end ublk_lab 1",
+        ] {
+            c.feed(line);
+        }
+        let why = c.verdict().unwrap_err();
+        for part in [
+            "insmod sch_netem failed",
+            "ublk_device_up FAILED",
+            "0 of 1 tests passed",
+            "netem: no summary line",
+            "netem: never ended",
+        ] {
+            assert!(why.contains(part), "`{part}` missing from: {why}");
+        }
+    }
+
+    #[test]
+    fn the_init_script_brackets_every_suite() {
+        let script = init_script(SUITES);
+        let begin = script.find("TIDEMARK-LAB: begin netem").unwrap();
+        let run = script.find("TIDEMARK_REQUIRE_NETNS=1 /bin/netem").unwrap();
+        let end = script.find("TIDEMARK-LAB: end netem $?").unwrap();
+        assert!(begin < run && run < end);
+        assert!(script.find("end ublk_lab").unwrap() < begin);
+        assert!(script.trim_end().ends_with("poweroff -f"));
     }
 
     #[test]

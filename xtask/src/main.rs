@@ -3,7 +3,8 @@
 //! This crate owns the project's single test command, `cargo xtask ci`, which CI runs on a
 //! fresh Debian machine through `.ci/run`. It also owns the developer entry points for the
 //! benchmarks (`cargo xtask bench`), the fuzz targets (`cargo xtask fuzz`) and the kernel lab
-//! (`cargo xtask lab`, in [`lab`]: the ublk and device-mapper tests in a QEMU guest).
+//! (`cargo xtask lab`, in [`lab`]: the ublk, device-mapper and netem namespace tests in a
+//! QEMU guest).
 //!
 //! The CI pipeline is a fixed list of steps (see [`STEPS`]); each step prints a banner and its
 //! elapsed time, the first failing step stops the run with a nonzero exit, and a summary table
@@ -58,7 +59,7 @@ const STEPS: &[(&str, &str)] = &[
     ("fmt", "cargo fmt --all -- --check"),
     ("clippy", "cargo clippy --workspace --all-targets -- -D warnings"),
     ("test", "cargo test --workspace --release"),
-    ("lab", "cargo xtask lab: ublk + dm-log-writes tests in a QEMU guest (6.12 kernel)"),
+    ("lab", "cargo xtask lab: ublk, dm-log-writes and netem tests in a QEMU guest (6.12 kernel)"),
     ("fuzz", "cargo fuzz run <target> for every fuzz target (smoke)"),
     ("bench", "cargo run --release -p tidemark-benches -- --smoke all"),
     ("demo", "cargo run --release -p tidemark -- demo"),
@@ -128,10 +129,12 @@ USAGE:
     cargo xtask lab
         Boots Debian's 6.12 cloud kernel under QEMU (TCG) with the guest tests in the
         initramfs: the ublk frontend (device up, ext4 mkfs/mount/fsck, flush/FUA capture
-        replayed, kill -9 + user recovery) and dm-log-writes read back and replayed. Installs
-        qemu-system-x86, busybox-static, cpio, xz-utils when missing (root); caches the
-        kernel under target/lab/. Fails unless the guest's last line is
-        `TIDEMARK-LAB: PASS <n> tests`.
+        replayed, kill -9 + user recovery), dm-log-writes read back and replayed, and
+        tidemark-sync's netem tests (replication between two network namespaces over a
+        veth pair impaired by sch_netem; TIDEMARK_REQUIRE_NETNS=1, so a skip fails).
+        Installs qemu-system-x86, busybox-static, cpio, xz-utils, e2fsprogs, dmsetup,
+        iproute2 when missing (root); caches the kernel under target/lab/. Fails unless
+        every suite ran to its end with every test passed.
 
     cargo xtask help
         Prints this message.
