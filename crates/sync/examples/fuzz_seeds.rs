@@ -34,7 +34,13 @@ fn messages() -> Vec<Message> {
             supported: SUPPORTED_VERSIONS,
             message: "this node speaks protocol version 1".to_owned(),
         }),
-        Message::Resume { last_acked: Seq(1000) },
+        Message::Resume {
+            last_acked: Seq(1000),
+            replica: tidemark_sync::wire::ReplicaState {
+                kind: tidemark_sync::wire::ReplicaKind::Inconsistent,
+                open_resyncs: vec![77, 78],
+            },
+        },
         Message::Batch(Batch {
             first_seq: Seq(1001),
             entries: vec![

@@ -61,8 +61,9 @@ use crate::resync::{BlockSource, MerkleTree, ResyncError, hash_nodes};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
 use crate::ship::error_chain;
 use crate::wire::{
-    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_TEXT, Message,
-    MessageType, PairId, Refuse, RefuseReason, SUPPORTED_VERSIONS, TreeShape, WireError,
+    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_OPEN_RESYNCS, MAX_TEXT,
+    Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind, ReplicaState,
+    SUPPORTED_VERSIONS, TreeShape, WireError,
 };
 
 /// What went wrong on the target side of replication.
@@ -510,11 +511,14 @@ impl Receiver {
             let id = self.take_over(kill.clone())?;
             // Everything the previous connection appended becomes durable, and is where
             // this one resumes.
-            let synced = lock(&self.inner.log).sync();
+            let (synced, replica) = {
+                let mut log = lock(&self.inner.log);
+                (log.sync(), replica_state(&log))
+            };
             match synced {
                 Ok(durable) => {
                     admitted = Some((id, durable));
-                    Ok(durable)
+                    Ok((durable, replica))
                 }
                 Err(source) => {
                     let e = ApplyError::Storage { op: "group commit".to_owned(), source };
@@ -977,6 +981,23 @@ fn run_net_reader<S: Stream>(
         if tx.send(item).is_err() || last {
             return;
         }
+    }
+}
+
+/// What the replica is, for `Resume`: blank when nothing was ever received, inconsistent
+/// while a resync window is open (naming its open ids, the first [`MAX_OPEN_RESYNCS`]),
+/// consistent otherwise.
+fn replica_state(log: &RetentionLog) -> ReplicaState {
+    let status = log.status();
+    match status.inconsistent {
+        Some(w) => ReplicaState {
+            kind: ReplicaKind::Inconsistent,
+            open_resyncs: w.open_ids.into_iter().take(MAX_OPEN_RESYNCS).collect(),
+        },
+        None if log.last_seq() == Seq::ZERO => {
+            ReplicaState { kind: ReplicaKind::Blank, open_resyncs: Vec::new() }
+        }
+        None => ReplicaState::consistent(),
     }
 }
 

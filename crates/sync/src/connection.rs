@@ -18,8 +18,8 @@ use tidemark_journal::Seq;
 
 use crate::secure::{SecureChannel, SecureError, Stream};
 use crate::wire::{
-    Codec, ErrorCode, Hello, MAX_TEXT, Message, MessageType, Refuse, RefuseReason, Role,
-    SUPPORTED_VERSIONS, VersionRange, Welcome, WireError,
+    Codec, ErrorCode, Hello, MAX_TEXT, Message, MessageType, Refuse, RefuseReason, ReplicaState,
+    Role, SUPPORTED_VERSIONS, VersionRange, Welcome, WireError,
 };
 
 /// What went wrong on a connection.
@@ -110,6 +110,8 @@ pub struct Session {
     pub peer_node: String,
     /// Everything up to here is durable on the target; ship from the next one.
     pub last_acked: Seq,
+    /// What the replica is (blank, consistent, inside resync windows).
+    pub replica: ReplicaState,
 }
 
 /// A secure channel that carries wire messages.
@@ -216,9 +218,12 @@ impl<S: Stream> Connection<S> {
             });
         }
         match self.recv()? {
-            Some(Message::Resume { last_acked }) => {
-                Ok(Session { version: welcome.version, peer_node: welcome.node, last_acked })
-            }
+            Some(Message::Resume { last_acked, replica }) => Ok(Session {
+                version: welcome.version,
+                peer_node: welcome.node,
+                last_acked,
+                replica,
+            }),
             other => Err(self.unexpected(other, "Resume")),
         }
     }
@@ -230,7 +235,7 @@ impl<S: Stream> Connection<S> {
     pub fn answer_session(
         &mut self,
         node: &str,
-        decide: impl FnOnce(&Hello) -> Result<Seq, Refuse>,
+        decide: impl FnOnce(&Hello) -> Result<(Seq, ReplicaState), Refuse>,
     ) -> Result<(Hello, u16)> {
         let hello = match self.recv() {
             Ok(Some(Message::Hello(h))) => h,
@@ -254,9 +259,9 @@ impl<S: Stream> Connection<S> {
             decide(&hello)
         };
         match verdict {
-            Ok(last_acked) => {
+            Ok((last_acked, replica)) => {
                 self.send(&Message::Welcome(Welcome { version, node: node.to_owned() }))?;
-                self.send(&Message::Resume { last_acked })?;
+                self.send(&Message::Resume { last_acked, replica })?;
                 Ok((hello, version))
             }
             Err(refuse) => {

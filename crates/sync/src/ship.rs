@@ -63,7 +63,7 @@ use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, Stream}
 use crate::shape::TokenBucket;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
-    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, WireError,
+    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, ReplicaState, WireError,
 };
 
 /// What went wrong on the source side of replication.
@@ -530,6 +530,9 @@ pub struct ShipperStatus {
     pub dedupe_window_bytes: u64,
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
+    /// The replica's state as the target reported it when the current (or last) session
+    /// opened; `None` before the first session.
+    pub replica: Option<ReplicaState>,
     /// `HashRequest`s sent (all connections).
     pub hash_requests: u64,
     /// Frame bytes of `HashRequest`s sent (all connections): the source's share of the
@@ -548,6 +551,8 @@ pub enum ShipperEvent {
         peer: String,
         /// The target's `Resume { last_acked }`.
         resume: Seq,
+        /// The replica's state in that `Resume`.
+        replica: ReplicaState,
     },
     /// The target acknowledged every event up to `upto`.
     Acked {
@@ -841,6 +846,7 @@ impl Shipper {
                 dedupe_resends: 0,
                 dedupe_window_bytes: self.cfg.dedupe_window_bytes,
                 last_error: None,
+                replica: None,
                 hash_requests: 0,
                 hash_request_bytes: 0,
                 hash_reply_bytes: 0,
@@ -1078,10 +1084,15 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
         s.sessions += 1;
         s.reconnect_attempt = 0;
         s.peer = Some(session.peer_node.clone());
+        s.replica = Some(session.replica.clone());
         s.acked = s.acked.max(resume);
         s.last_sent = resume;
     });
-    shared.emit(ShipperEvent::Connected { peer: session.peer_node.clone(), resume });
+    shared.emit(ShipperEvent::Connected {
+        peer: session.peer_node.clone(),
+        resume,
+        replica: session.replica.clone(),
+    });
 
     let (channel, codec) = conn.into_parts();
     let (rx_half, tx_half) = channel.split()?;

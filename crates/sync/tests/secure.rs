@@ -470,7 +470,11 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
     let (ci, cr) = paired();
     let (mut source, mut target) = connections(&ci, &cr);
     let target_side = thread::spawn(move || {
-        let (hello, version) = target.answer_session("target-1", |_| Ok(Seq(41))).unwrap();
+        let (hello, version) = target
+            .answer_session("target-1", |_| {
+                Ok((Seq(41), tidemark_sync::wire::ReplicaState::consistent()))
+            })
+            .unwrap();
         assert_eq!(hello.node, "source-1");
         assert_eq!(version, 1);
         let mut got = Vec::new();
@@ -483,7 +487,12 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
     let session = source.open_session(&hello()).unwrap();
     assert_eq!(
         session,
-        Session { version: 1, peer_node: "target-1".to_owned(), last_acked: Seq(41) }
+        Session {
+            version: 1,
+            peer_node: "target-1".to_owned(),
+            last_acked: Seq(41),
+            replica: tidemark_sync::wire::ReplicaState::consistent()
+        }
     );
     source.codec_mut().set_compression(Compression::Zstd { level: 3 });
 
@@ -552,7 +561,10 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
             level: 2,
             hashes: vec![NodeHash([9; 32]); 16],
         }),
-        Message::Resume { last_acked: Seq(3) },
+        Message::Resume {
+            last_acked: Seq(3),
+            replica: tidemark_sync::wire::ReplicaState::consistent(),
+        },
         Message::Welcome(tidemark_sync::wire::Welcome { version: 1, node: "x".to_owned() }),
         Message::Refuse(Refuse {
             reason: RefuseReason::BUSY,
@@ -575,8 +587,13 @@ fn a_protocol_version_mismatch_is_clear_on_both_sides() {
     let (ci, cr) = paired();
     // A future source: its Hello frame is in version 3 and speaks 2 to 3.
     let (source, mut target) = connections(&ci, &cr);
-    let target_side =
-        thread::spawn(move || target.answer_session("target-1", |_| Ok(Seq(0))).unwrap_err());
+    let target_side = thread::spawn(move || {
+        target
+            .answer_session("target-1", |_| {
+                Ok((Seq(0), tidemark_sync::wire::ReplicaState::consistent()))
+            })
+            .unwrap_err()
+    });
     let mut frame = Vec::new();
     let future = Hello { versions: VersionRange { min: 2, max: 3 }, ..hello() };
     Codec::default().encode(&Message::Hello(future), &mut frame).unwrap();

@@ -9,8 +9,9 @@ use tidemark_sync::wire::codec::{ENTRY_HEADER_LEN, fuzz_frame, max_hashes_per_re
 use tidemark_sync::wire::{
     Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, DEDUPE_BLOCK, DedupedWrite,
     EntryBody, ErrorCode, FRAME_HEADER_LEN, HashReply, HashRequest, Hello, Message, MessageType,
-    NodeHash, NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason, Role,
-    SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo, Welcome, WireError,
+    NodeHash, NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason, ReplicaKind,
+    ReplicaState, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo, Welcome,
+    WireError,
 };
 
 fn encode(message: &Message) -> Vec<u8> {
@@ -104,7 +105,7 @@ fn every_message() -> Vec<Message> {
             supported: SUPPORTED_VERSIONS,
             message: "no such pair".to_owned(),
         }),
-        Message::Resume { last_acked: Seq(40) },
+        Message::Resume { last_acked: Seq(40), replica: ReplicaState::consistent() },
         Message::Batch(sample_batch()),
         Message::Ack { upto: Seq(47) },
         Message::Error { code: ErrorCode::SEQUENCE_GAP, message: "expected seq 48".to_owned() },
@@ -652,7 +653,16 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u16>(), arb_versions(), arb_text(100)).prop_map(|(r, supported, message)| {
             Message::Refuse(Refuse { reason: RefuseReason(r), supported, message })
         }),
-        any::<u64>().prop_map(|s| Message::Resume { last_acked: Seq(s) }),
+        (any::<u64>(), 1..=3u8, prop::collection::vec(1..u64::MAX, 1..5)).prop_map(
+            |(s, kind, ids)| {
+                let replica = match kind {
+                    1 => ReplicaState { kind: ReplicaKind::Blank, open_resyncs: vec![] },
+                    2 => ReplicaState::consistent(),
+                    _ => ReplicaState { kind: ReplicaKind::Inconsistent, open_resyncs: ids },
+                };
+                Message::Resume { last_acked: Seq(s), replica }
+            }
+        ),
         arb_batch().prop_map(Message::Batch),
         any::<u64>().prop_map(|s| Message::Ack { upto: Seq(s) }),
         (any::<u16>(), arb_text(200))

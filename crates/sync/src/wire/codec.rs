@@ -20,10 +20,10 @@ use super::merkle::TreeShape;
 use super::{
     Batch, BatchEntry, BlockRef, ContentHash, DEDUPE_BLOCK, DEFAULT_MAX_FRAME_LEN, DedupedWrite,
     EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, HASH_LEN, HashReply,
-    HashRequest, Hello, MAX_FRAME_LEN_CEILING, MAX_NODE_NAME, MAX_TEXT, MIN_FRAME_LEN_FLOOR,
-    Message, MessageType, NodeHash, NodeRange, PROTOCOL_VERSION, PairId, REF_SPAN_LEN, RefSource,
-    RefSpan, Refuse, RefuseReason, Role, SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome,
-    WireError,
+    HashRequest, Hello, MAX_FRAME_LEN_CEILING, MAX_NODE_NAME, MAX_OPEN_RESYNCS, MAX_TEXT,
+    MIN_FRAME_LEN_FLOOR, Message, MessageType, NodeHash, NodeRange, PROTOCOL_VERSION, PairId,
+    REF_SPAN_LEN, RefSource, RefSpan, Refuse, RefuseReason, ReplicaKind, ReplicaState, Role,
+    SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome, WireError,
 };
 
 type Result<T, E = WireError> = std::result::Result<T, E>;
@@ -418,6 +418,28 @@ impl fmt::Display for Obj {
             Obj::Range(i) => write!(f, "HashRequest range {i}"),
         }
     }
+}
+
+/// A `Resume`'s replica state: open windows only when inconsistent, at least one then, none
+/// with id 0, at most [`MAX_OPEN_RESYNCS`].
+fn check_replica(obj: Obj, replica: &ReplicaState) -> Result<()> {
+    let n = replica.open_resyncs.len();
+    let ok = match replica.kind {
+        ReplicaKind::Inconsistent => (1..=MAX_OPEN_RESYNCS).contains(&n),
+        ReplicaKind::Blank | ReplicaKind::Consistent => n == 0,
+    };
+    if !ok {
+        return Err(invalid(
+            obj,
+            "open_count",
+            n.to_string(),
+            format!("1 to {MAX_OPEN_RESYNCS} when inconsistent, 0 otherwise"),
+        ));
+    }
+    if replica.open_resyncs.contains(&0) {
+        return Err(invalid(obj, "open_resync", "0".to_owned(), "nonzero".to_owned()));
+    }
+    Ok(())
 }
 
 fn invalid(obj: Obj, field: &'static str, found: String, expected: String) -> WireError {
@@ -828,7 +850,18 @@ fn encode_body(message: &Message, out: &mut Vec<u8>, max_frame_len: u32) -> Resu
             out.extend_from_slice(r.message.as_bytes());
             Ok(())
         }
-        Message::Resume { last_acked: v } | Message::Ack { upto: v } => {
+        Message::Resume { last_acked, replica } => {
+            check_replica(Obj::Body(MessageType::Resume), replica)?;
+            put_u64(out, last_acked.0);
+            out.push(replica.kind as u8);
+            put_zeros(out, 3);
+            put_u32(out, replica.open_resyncs.len() as u32);
+            for id in &replica.open_resyncs {
+                put_u64(out, *id);
+            }
+            Ok(())
+        }
+        Message::Ack { upto: v } => {
             put_u64(out, v.0);
             Ok(())
         }
@@ -1045,7 +1078,29 @@ fn decode_body(ty: MessageType, body: &Bytes, max_frame_len: u32) -> Result<Mess
             check_text(obj, "message", &message)?;
             Message::Refuse(Refuse { reason, supported, message })
         }
-        MessageType::Resume => Message::Resume { last_acked: Seq(r.u64(obj)?) },
+        MessageType::Resume => {
+            let last_acked = Seq(r.u64(obj)?);
+            let code = r.u8(obj)?;
+            let kind = ReplicaKind::from_code(code)
+                .ok_or_else(|| invalid(obj, "replica", code.to_string(), "1, 2 or 3".to_owned()))?;
+            r.reserved(3, obj)?;
+            let count = r.u32(obj)? as usize;
+            if count > MAX_OPEN_RESYNCS || count * 8 > r.remaining() {
+                return Err(invalid(
+                    obj,
+                    "open_count",
+                    count.to_string(),
+                    format!("at most {MAX_OPEN_RESYNCS}, with 8 bytes each in the frame"),
+                ));
+            }
+            let mut open_resyncs = Vec::with_capacity(count);
+            for _ in 0..count {
+                open_resyncs.push(r.u64(obj)?);
+            }
+            let replica = ReplicaState { kind, open_resyncs };
+            check_replica(obj, &replica)?;
+            Message::Resume { last_acked, replica }
+        }
         MessageType::Ack => Message::Ack { upto: Seq(r.u64(obj)?) },
         MessageType::Ping => Message::Ping { nonce: r.u64(obj)? },
         MessageType::Pong => Message::Pong { nonce: r.u64(obj)? },

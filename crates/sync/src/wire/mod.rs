@@ -440,6 +440,52 @@ pub struct HashReply {
     pub hashes: Vec<NodeHash>,
 }
 
+/// Most open resync windows a `Resume` reports.
+pub const MAX_OPEN_RESYNCS: usize = 64;
+
+/// What the target's replica is, as `Resume` reports it: what the source must do before
+/// plain shipping can keep it current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReplicaKind {
+    /// No initial sync ever completed and none is under way: the replica is blank, the
+    /// source runs step I of an initial sync.
+    Blank = 1,
+    /// The replica is at a consistent point of the source's history.
+    Consistent = 2,
+    /// A resync window is open (an initial sync or a resync was interrupted, or its end is
+    /// still on the way): the source compares and resyncs, closing the windows named.
+    Inconsistent = 3,
+}
+
+impl ReplicaKind {
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Blank),
+            2 => Some(Self::Consistent),
+            3 => Some(Self::Inconsistent),
+            _ => None,
+        }
+    }
+}
+
+/// The replica's state in a `Resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplicaState {
+    /// Blank, consistent or inconsistent.
+    pub kind: ReplicaKind,
+    /// The ids of the open resync windows (empty unless inconsistent; at most
+    /// [`MAX_OPEN_RESYNCS`]; none is 0).
+    pub open_resyncs: Vec<u64>,
+}
+
+impl ReplicaState {
+    /// A consistent replica.
+    pub fn consistent() -> Self {
+        Self { kind: ReplicaKind::Consistent, open_resyncs: Vec::new() }
+    }
+}
+
 /// A wire message: the body of one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -454,6 +500,8 @@ pub enum Message {
     Resume {
         /// The highest sequence number durable on the target (0: nothing yet).
         last_acked: Seq,
+        /// What the replica is: blank, consistent, or inside resync windows.
+        replica: ReplicaState,
     },
     /// Source to target: consecutive capture events.
     Batch(Batch),
