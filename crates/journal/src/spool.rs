@@ -219,6 +219,11 @@ impl Spool {
         self.log.durable_seq()
     }
 
+    /// The capacity: bytes of unacknowledged records beyond which appends are refused.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
     /// Bytes of unacknowledged records (what the capacity limits).
     pub fn backlog_bytes(&self) -> u64 {
         self.used

@@ -482,6 +482,19 @@ impl Receiver {
         }
     }
 
+    /// Cuts the current session, if any, as a network failure would; the receiver goes on
+    /// accepting (the source reconnects and resumes). Returns true if there was one.
+    pub fn disconnect(&self) -> bool {
+        let s = lock(&self.inner.slots);
+        match &s.active {
+            Some((_, kill)) => {
+                kill(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Serves one connection from a source on this thread: handshake, opening exchange,
     /// then apply until the connection ends. Returns `Ok` when the source closed normally.
     pub fn serve<S: Stream + Send + 'static>(&self, stream: S) -> Result<()> {
@@ -984,12 +997,18 @@ fn run_net_reader<S: Stream>(
     }
 }
 
-/// What the replica is, for `Resume`: blank when nothing was ever received, inconsistent
-/// while a resync window is open (naming its open ids, the first [`MAX_OPEN_RESYNCS`]),
+/// What the replica is, for `Resume`: blank when nothing was ever received or an initial
+/// sync is under way (naming its open windows), inconsistent while another resync window
+/// is open (naming its open ids, the first [`MAX_OPEN_RESYNCS`]),
 /// consistent otherwise.
 fn replica_state(log: &RetentionLog) -> ReplicaState {
     let status = log.status();
     match status.inconsistent {
+        // No consistent point before the window: an initial sync that has not completed.
+        Some(w) if w.initial_sync => ReplicaState {
+            kind: ReplicaKind::Blank,
+            open_resyncs: w.open_ids.into_iter().take(MAX_OPEN_RESYNCS).collect(),
+        },
         Some(w) => ReplicaState {
             kind: ReplicaKind::Inconsistent,
             open_resyncs: w.open_ids.into_iter().take(MAX_OPEN_RESYNCS).collect(),

@@ -29,6 +29,7 @@ pub mod apply;
 pub mod compress;
 pub mod connection;
 pub mod dedupe;
+pub mod pair;
 pub mod pipe;
 pub mod resync;
 pub mod secure;

@@ -159,6 +159,12 @@ pub enum SyncerError {
         #[source]
         source: Box<TapError>,
     },
+    /// A controller thread could not be started.
+    #[error("cannot start the pair controller: {what}")]
+    Thread {
+        /// What the system said.
+        what: String,
+    },
     /// The view given to step I does not have the device's length.
     #[error("initial sync: {view} holds {found} bytes, the protected device {expected}")]
     ViewLength {
@@ -302,9 +308,22 @@ impl Syncer {
         Ok(())
     }
 
+    /// The backlog limit in force: the configured one, and at most half the spool, so that
+    /// the application's writes always find room beside the resync's.
+    fn backlog_limit(&self) -> u64 {
+        let capacity = self.tap.with_spool(|s| s.capacity_bytes());
+        self.cfg.max_backlog_bytes.min(capacity / 2)
+    }
+
+    /// Bytes copied per step: the configured chunk, at most a quarter of the spool.
+    fn chunk(&self) -> u64 {
+        let capacity = self.tap.with_spool(|s| s.capacity_bytes());
+        self.cfg.copy_chunk.min(capacity / 4).max(4096)
+    }
+
     /// Waits until the spool's backlog is under the limit.
     fn throttle(&self, id: u64) -> Result<(), SyncerError> {
-        let limit = self.cfg.max_backlog_bytes;
+        let limit = self.backlog_limit();
         if self.tap.status().backlog_bytes <= limit {
             return Ok(());
         }
@@ -332,13 +351,14 @@ impl Syncer {
         report: &mut ResyncReport,
     ) -> Result<(), SyncerError> {
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let chunk = self.chunk();
         let mut done = 0;
         self.report(Phase::Copying, 0, total);
         for r in ranges {
             let mut at = r.start;
             while at < r.end {
                 self.throttle(id)?;
-                let n = (r.end - at).min(self.cfg.copy_chunk);
+                let n = (r.end - at).min(chunk);
                 let copied =
                     self.tap.resync_copy(at, n, zeros).map_err(|source| SyncerError::Tap {
                         id,
@@ -361,7 +381,14 @@ impl Syncer {
     /// (a view of the protected device: a [`crate::resync::FileSource`] of its image for
     /// holes, an [`crate::resync::Ext4InUse`] for a filesystem's allocated blocks, or
     /// [`TapSource`] for everything), all-zero blocks left out.
-    pub fn initial_sync(&self, view: &dyn BlockSource) -> Result<ResyncReport, SyncerError> {
+    ///
+    /// `also_close`: ids of resync windows already open on the blank replica (the window a
+    /// new protection opens first, an interrupted step I), closed with this one.
+    pub fn initial_sync(
+        &self,
+        view: &dyn BlockSource,
+        also_close: &[u64],
+    ) -> Result<ResyncReport, SyncerError> {
         let started = Instant::now();
         let id = Self::new_id();
         let volume = self.cfg.volume;
@@ -382,6 +409,7 @@ impl Syncer {
         report.differing_bytes = extents.iter().map(|r| r.end - r.start).sum();
         self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
         self.copy(id, &extents, ZeroBlocks::Skip, &mut report)?;
+        self.close_also(id, also_close)?;
         report.end_seq = self.marker(id, Event::ResyncEnd { id }, "appending ResyncEnd")?;
         report.elapsed = started.elapsed();
         Ok(report)
@@ -405,14 +433,29 @@ impl Syncer {
         report.differing_bytes = diff.differing_bytes();
         report.compare = diff.stats;
         self.copy(id, &diff.ranges, ZeroBlocks::Send, &mut report)?;
+        self.close_also(id, also_close)?;
+        report.end_seq = self.marker(id, Event::ResyncEnd { id }, "appending ResyncEnd")?;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    fn close_also(&self, id: u64, also_close: &[u64]) -> Result<(), SyncerError> {
         for &old in also_close {
             if old != id {
                 self.marker(id, Event::ResyncEnd { id: old }, "closing an interrupted resync")?;
             }
         }
-        report.end_seq = self.marker(id, Event::ResyncEnd { id }, "appending ResyncEnd")?;
-        report.elapsed = started.elapsed();
-        Ok(report)
+        Ok(())
+    }
+
+    /// Opens a resync window before anything else is captured, for a new protection: the
+    /// replica then stays marked as not yet initially synced whatever the application
+    /// writes before step I runs. Returns the window's id, for
+    /// [`Syncer::initial_sync`]'s `also_close`.
+    pub fn open_initial_window(&self) -> Result<u64, SyncerError> {
+        let id = Self::new_id();
+        self.marker(id, Event::ResyncBegin { id }, "opening the initial sync's window")?;
+        Ok(id)
     }
 
     /// Compares the device with the replica without sending anything; returns the

@@ -22,6 +22,7 @@ use tidemark_journal::{
     RetentionLog, Seq, Spool, SpoolConfig, SystemClock, VolumeId,
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig};
+use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
 use tidemark_sync::pipe::duplex;
 use tidemark_sync::resync::FileSource;
 use tidemark_sync::ship::{Shipper, ShipperConfig, ShipperHandle};
@@ -50,19 +51,31 @@ struct Rig {
     receiver: Receiver,
     shipper: Option<ShipperHandle>,
     size: u64,
+    /// While false, the shipper's connection attempts fail (a link down).
+    link_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Rig {
     fn new(device: Arc<dyn BlockIo>, base: Arc<dyn BlockIo>, compression: Compression) -> Rig {
+        Self::with_spool(device, base, compression, 1 << 30, None)
+    }
+
+    fn with_spool(
+        device: Arc<dyn BlockIo>,
+        base: Arc<dyn BlockIo>,
+        compression: Compression,
+        spool_bytes: u64,
+        intent_dir: Option<MemDir>,
+    ) -> Rig {
         let size = device.len().unwrap();
         let (cs, ct) = paired();
         let (spool, _) = Spool::open(
             Arc::new(MemDir::new()),
-            SpoolConfig { capacity_bytes: 1 << 30, segment_bytes: 4 << 20, key: None },
+            SpoolConfig { capacity_bytes: spool_bytes, segment_bytes: 1 << 20, key: None },
             Arc::new(SystemClock),
         )
         .unwrap();
-        let map_dir = MemDir::new();
+        let map_dir = intent_dir.unwrap_or_default();
         let (intent, _) = IntentMap::open(
             tidemark_journal::Dir::open(&map_dir, "intent.map", true).unwrap(),
             size,
@@ -82,12 +95,25 @@ impl Rig {
         let receiver = Receiver::new(log, rcfg).unwrap();
         let mut scfg = ShipperConfig::new(hello(size), cs);
         scfg.poll_interval = Duration::from_millis(5);
+        scfg.backoff = tidemark_sync::ship::Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(20),
+            factor: 2,
+        };
         scfg.compression = compression;
         let shipper = Shipper::new(tap.shared_spool(), scfg)
             .compression_policy(Box::new(tidemark_sync::ship::FixedCompression(compression)));
         let r = receiver.clone();
+        let link_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let up = link_up.clone();
         let shipper = shipper
             .start(move || {
+                if !up.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "link down (test)",
+                    ));
+                }
                 let (a, b) = duplex(1 << 20);
                 let r = r.clone();
                 std::thread::spawn(move || {
@@ -96,7 +122,7 @@ impl Rig {
                 Ok(a)
             })
             .unwrap();
-        Rig { tap, device, receiver, shipper: Some(shipper), size }
+        Rig { tap, device, receiver, shipper: Some(shipper), size, link_up }
     }
 
     fn shipper(&self) -> &ShipperHandle {
@@ -371,7 +397,7 @@ fn step_one_of_an_initial_sync_sends_only_the_data_of_a_sparse_image() {
     let base = Arc::new(MemVolume::new(size));
     let rig = Rig::new(device, base, Compression::Off);
     let view = FileSource::open(&path).unwrap();
-    let report = rig.syncer().initial_sync(&view).unwrap();
+    let report = rig.syncer().initial_sync(&view, &[]).unwrap();
     rig.caught_up();
     assert!(rig.replica_current() == rig.device_bytes(), "replica differs after step I");
     let sent = rig.shipper().status().wire_bytes;
@@ -386,4 +412,143 @@ fn step_one_of_an_initial_sync_sends_only_the_data_of_a_sparse_image() {
         "{sent} bytes on the wire for {written} written"
     );
     let _ = TapSource(rig.tap.clone());
+}
+
+impl Rig {
+    fn pair(&self) -> SourcePair {
+        self.pair_with(false)
+    }
+
+    fn pair_with(&self, fresh: bool) -> SourcePair {
+        let mut cfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
+        cfg.tick = Duration::from_millis(20);
+        cfg.fresh = fresh;
+        SourcePair::start(self.tap.clone(), self.shipper().hash_client(), cfg).unwrap()
+    }
+}
+
+fn wait_stage(pair: &SourcePair, rig: &Rig, resyncs: u64) {
+    pair.wait_for(PATIENCE, |s| s.stage == PairStage::DiffSync && s.resyncs >= resyncs)
+        .unwrap_or_else(|| {
+            panic!(
+                "pair not in diff sync after {resyncs} resyncs: {:?} {:?}",
+                pair.status(),
+                rig.shipper().status()
+            )
+        });
+}
+
+#[test]
+fn the_pair_runs_an_initial_sync_into_a_blank_replica_then_streams() {
+    let size = 32 << 20;
+    let mut rng = Rng::new(21);
+    // Data on the device before protection began: none of it is in the capture stream.
+    let image = random_image(&mut rng, size);
+    let rig = Rig::new(volume_from(&image), Arc::new(MemVolume::new(size)), Compression::Off);
+    let pair = rig.pair_with(true);
+    // Writes captured before step I runs (the window the fresh pair opened covers them).
+    rig.tap.write(8 << 20, Bytes::from(vec![7u8; 65536])).unwrap();
+    rig.tap.flush().unwrap();
+    wait_stage(&pair, &rig, 1);
+    let status = pair.status();
+    let report = status.last_resync.unwrap();
+    assert_eq!(
+        rig.shipper().status().replica.unwrap().kind,
+        tidemark_sync::wire::ReplicaKind::Blank
+    );
+    assert!(report.compare.hash_requests == 0, "step I does not compare");
+    let device = rig.device_bytes();
+    let zero_blocks = device.chunks(BLOCK as usize).filter(|b| b.iter().all(|&x| x == 0)).count();
+    assert_eq!(report.zero_bytes, zero_blocks as u64 * BLOCK, "zero blocks left out");
+    // Then writes stream as usual.
+    rig.tap.write(4096, Bytes::from(vec![1u8; 8192])).unwrap();
+    rig.tap.flush().unwrap();
+    rig.caught_up();
+    assert!(rig.replica_current() == rig.device_bytes());
+    rig.receiver.with_log(|log| {
+        let latest = log.resolve(&RecoveryPoint::Latest).unwrap();
+        let mut buf = vec![0u8; size as usize];
+        log.read_at(&latest, VolumeId(0), 0, &mut buf).unwrap();
+        assert!(buf == rig.device_bytes(), "the latest point is the device");
+    });
+    assert_eq!(pair.stop().resyncs, 1);
+}
+
+#[test]
+fn a_spool_overflow_while_the_link_is_down_is_resynced_from_the_dirty_regions() {
+    let size = 32 << 20;
+    let mut rng = Rng::new(23);
+    let image = random_image(&mut rng, size);
+    // A blank replica and a 2 MiB spool: the initial sync must pace itself to the spool,
+    // and a few writes fill it while the link is down.
+    let blank = Arc::new(MemVolume::new(size));
+    let rig = Rig::with_spool(volume_from(&image), blank, Compression::Off, 2 << 20, None);
+    let pair = rig.pair_with(true);
+    wait_stage(&pair, &rig, 1);
+    assert!(rig.replica_current() == rig.device_bytes(), "replica differs after step I");
+    rig.link_up.store(false, std::sync::atomic::Ordering::SeqCst);
+    rig.receiver.disconnect();
+    rig.shipper()
+        .wait_for(PATIENCE, |s| s.state != tidemark_sync::LinkState::Shipping)
+        .expect("the link went down");
+    // Writes into two 1 MiB regions until the spool refuses one.
+    let mut i = 0u64;
+    while rig.tap.status().overflow.is_none() {
+        let region = if i % 2 == 0 { 3 } else { 17 };
+        let offset = (region << 20) + (i % 64) * 16384;
+        rig.tap.write(offset, Bytes::from(data(&mut rng, 16384))).unwrap();
+        i += 1;
+    }
+    // More writes while overflowing, tracked only in the intent map.
+    for k in 0..20u64 {
+        rig.tap.write((17 << 20) + k * 4096, Bytes::from(data(&mut rng, 4096))).unwrap();
+    }
+    pair.wait_for(PATIENCE, |s| s.stage == PairStage::Overflow).expect("overflow stage");
+    rig.link_up.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_stage(&pair, &rig, 2);
+    rig.tap.flush().unwrap();
+    rig.caught_up();
+    let report = pair.status().last_resync.unwrap();
+    // Only the out-of-sync regions were compared: far less than the volume.
+    assert!(
+        report.compare.leaves_compared <= 2 * (1 << 20) / BLOCK,
+        "{} leaves compared",
+        report.compare.leaves_compared
+    );
+    assert!(
+        rig.replica_current() == rig.device_bytes(),
+        "replica differs after the overflow resync"
+    );
+    assert!(rig.tap.intent().out_of_sync().is_empty());
+    pair.stop();
+}
+
+#[test]
+fn an_interrupted_resync_is_redone_over_the_whole_volume_on_the_next_session() {
+    let size = 16 << 20;
+    let mut rng = Rng::new(29);
+    let image = random_image(&mut rng, size);
+    let device = volume_from(&image);
+    let rig = Rig::new(device.clone(), volume_from(&image), Compression::Off);
+    rig.tap.flush().unwrap();
+    rig.caught_up();
+    // A resync began (its end never came: the source died), and the device diverged.
+    rig.tap.append_marker(tidemark_journal::Event::ResyncBegin { id: 99 }).unwrap();
+    rig.caught_up();
+    let changed = diverge(&*device, &mut rng, size, 40);
+    assert!(rig.receiver.with_log(|log| log.status().inconsistent.is_some()));
+    // A new session reports the open window.
+    rig.receiver.disconnect();
+    rig.shipper()
+        .wait_for(PATIENCE, |s| s.sessions >= 2 && s.state == tidemark_sync::LinkState::Shipping)
+        .expect("a second session");
+    let replica = rig.shipper().status().replica.unwrap();
+    assert_eq!(replica.open_resyncs, vec![99]);
+    let pair = rig.pair();
+    wait_stage(&pair, &rig, 1);
+    rig.caught_up();
+    assert_eq!(pair.status().last_resync.unwrap().differing_bytes, changed.len() as u64 * BLOCK);
+    assert!(rig.replica_current() == rig.device_bytes());
+    rig.receiver.with_log(|log| assert!(log.status().inconsistent.is_none(), "window 99 closed"));
+    pair.stop();
 }

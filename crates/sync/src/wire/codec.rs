@@ -426,14 +426,15 @@ fn check_replica(obj: Obj, replica: &ReplicaState) -> Result<()> {
     let n = replica.open_resyncs.len();
     let ok = match replica.kind {
         ReplicaKind::Inconsistent => (1..=MAX_OPEN_RESYNCS).contains(&n),
-        ReplicaKind::Blank | ReplicaKind::Consistent => n == 0,
+        ReplicaKind::Blank => n <= MAX_OPEN_RESYNCS,
+        ReplicaKind::Consistent => n == 0,
     };
     if !ok {
         return Err(invalid(
             obj,
             "open_count",
             n.to_string(),
-            format!("1 to {MAX_OPEN_RESYNCS} when inconsistent, 0 otherwise"),
+            format!("1 to {MAX_OPEN_RESYNCS} when inconsistent, 0 when consistent"),
         ));
     }
     if replica.open_resyncs.contains(&0) {

@@ -448,8 +448,9 @@ pub const MAX_OPEN_RESYNCS: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum ReplicaKind {
-    /// No initial sync ever completed and none is under way: the replica is blank, the
-    /// source runs step I of an initial sync.
+    /// No initial sync ever completed: the replica is blank (zeros) apart from captured
+    /// events it may have received, whose windows are listed; the source runs step I of an
+    /// initial sync, closing them.
     Blank = 1,
     /// The replica is at a consistent point of the source's history.
     Consistent = 2,
@@ -474,8 +475,8 @@ impl ReplicaKind {
 pub struct ReplicaState {
     /// Blank, consistent or inconsistent.
     pub kind: ReplicaKind,
-    /// The ids of the open resync windows (empty unless inconsistent; at most
-    /// [`MAX_OPEN_RESYNCS`]; none is 0).
+    /// The ids of the open resync windows (at least one when inconsistent, none when
+    /// consistent; at most [`MAX_OPEN_RESYNCS`]; none is 0).
     pub open_resyncs: Vec<u64>,
 }
 

@@ -1,0 +1,453 @@
+//! The source side of one protected volume, end to end: the [`SourcePair`] runs beside a
+//! [`crate::Shipper`] and decides, from what the target reports and what the tap knows,
+//! whether the replica needs an initial sync, a fast resync or nothing, and runs it through
+//! the [`Syncer`].
+//!
+//! ```text
+//!             session opens: Resume { replica }           tap: overflow, out-of-sync regions
+//!                          \                                 /
+//!   stage:  Connecting -> decide --------------------------+
+//!              blank                -> InitialSync (step I over the view's data extents)
+//!              inconsistent (ids)   -> Resync (whole volume, closing the ids)
+//!              consistent + regions -> Resync (limited to the out-of-sync regions)
+//!              consistent           -> DiffSync (the shipper keeps the replica current)
+//!   spool overflow: Overflow -> wait until the spool drained -> resume spooling
+//!                   -> Resync (the regions tracked meanwhile) -> DiffSync
+//! ```
+//!
+//! Invariants:
+//! 1. A region leaves the intent map's out-of-sync set only after the resync that copied it
+//!    was acknowledged by the target up to its `ResyncEnd`: a crash before that leaves it
+//!    out of sync, to be resynced again.
+//! 2. Step I runs only on a replica the target reports blank and this pair has not synced:
+//!    a blank report after a completed initial sync means the target lost its replica, and
+//!    gets a fast resync of the whole volume instead (step I leaves zero blocks out).
+//! 3. A failed resync (lost connection, overflow) is retried on the next session or once
+//!    the overflow is over; the stage says what is pending.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tidemark_tap::{RegionSet, Tap};
+
+use crate::resync::BlockSource;
+use crate::ship::{HashClient, LinkState, ShipperStatus, error_chain};
+use crate::syncer::{Progress, ResyncReport, Syncer, SyncerConfig, SyncerError, TapSource};
+use crate::wire::ReplicaKind;
+
+/// Where a pair stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairStage {
+    /// No session with the target yet (or the link is down).
+    Connecting,
+    /// Step I of the initial sync: copying the volume's data into a blank replica.
+    InitialSync,
+    /// A fast resync (after an interruption, a crash, a spool overflow, or for failback):
+    /// the replica is inconsistent until it ends.
+    Resync,
+    /// Differential sync: the shipper streams captured writes; the replica is consistent.
+    DiffSync,
+    /// The spool overflowed: writes are tracked as dirty regions until the backlog is
+    /// shipped, then those regions are resynced.
+    Overflow,
+    /// Stopped.
+    Stopped,
+}
+
+impl PairStage {
+    /// The stage's name, as status output shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::InitialSync => "initial sync",
+            Self::Resync => "resync",
+            Self::DiffSync => "diff sync",
+            Self::Overflow => "overflow",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// A snapshot of a pair.
+#[derive(Debug, Clone)]
+pub struct PairStatus {
+    /// The stage.
+    pub stage: PairStage,
+    /// Progress of the running initial sync or resync.
+    pub progress: Option<Progress>,
+    /// The last completed initial sync or resync.
+    pub last_resync: Option<ResyncReport>,
+    /// Initial syncs and resyncs completed.
+    pub resyncs: u64,
+    /// The last failed attempt's error.
+    pub last_error: Option<String>,
+    /// Bytes of regions waiting for a resync.
+    pub pending_bytes: u64,
+}
+
+/// How a [`SourcePair`] runs.
+#[derive(Clone)]
+pub struct SourcePairConfig {
+    /// The resync driver's settings.
+    pub syncer: SyncerConfig,
+    /// The view of the device whose data extents step I copies (a
+    /// [`crate::resync::FileSource`] of a sparse image, an [`crate::resync::Ext4InUse`]);
+    /// `None`: the whole device.
+    pub initial_view: Option<Arc<dyn BlockSource>>,
+    /// How often the controller looks at the tap (overflow) when nothing else wakes it.
+    pub tick: Duration,
+    /// A new protection: the tap has captured nothing yet, and the replica is blank.
+    /// [`SourcePair::start`] then opens the initial sync's resync window before returning,
+    /// so that whatever the application writes before step I runs, the target keeps the
+    /// replica marked as not initially synced. Start the pair before the frontend.
+    pub fresh: bool,
+}
+
+impl std::fmt::Debug for SourcePairConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourcePairConfig")
+            .field("syncer", &self.syncer)
+            .field("initial_view", &self.initial_view.as_ref().map(|v| v.describe()))
+            .field("tick", &self.tick)
+            .finish()
+    }
+}
+
+impl SourcePairConfig {
+    /// Defaults around `syncer`.
+    pub fn new(syncer: SyncerConfig) -> Self {
+        Self { syncer, initial_view: None, tick: Duration::from_millis(100), fresh: false }
+    }
+}
+
+struct Inner {
+    tap: Arc<Tap>,
+    client: HashClient,
+    cfg: SourcePairConfig,
+    status: Mutex<PairStatus>,
+    changed: Condvar,
+    stopping: AtomicBool,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, PairStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PairStatus)) {
+        f(&mut self.lock());
+        self.changed.notify_all();
+    }
+
+    fn stage(&self, stage: PairStage) {
+        let mut s = self.lock();
+        if s.stage != stage {
+            tracing::info!(from = s.stage.name(), to = stage.name(), "pair stage");
+            s.stage = stage;
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+}
+
+/// The controller of one protected volume (see the module documentation).
+pub struct SourcePair {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SourcePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourcePair").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+/// What the controller runs next.
+enum Job {
+    Initial { close: Vec<u64> },
+    Full { close: Vec<u64> },
+    Regions(RegionSet),
+}
+
+impl SourcePair {
+    /// Starts the controller of `tap`'s volume, using the connection of `client` (from the
+    /// volume's shipper, [`crate::ShipperHandle::hash_client`]). The regions the tap's intent
+    /// map holds out of sync when this starts (after an unclean shutdown: every region it
+    /// marked dirty) are resynced once the replica is consistent.
+    pub fn start(
+        tap: Arc<Tap>,
+        client: HashClient,
+        cfg: SourcePairConfig,
+    ) -> Result<Self, SyncerError> {
+        let opened = if cfg.fresh {
+            Some(
+                Syncer::new(tap.clone(), client.clone(), cfg.syncer.clone())
+                    .open_initial_window()?,
+            )
+        } else {
+            None
+        };
+        let inner = Arc::new(Inner {
+            tap,
+            client,
+            cfg,
+            status: Mutex::new(PairStatus {
+                stage: PairStage::Connecting,
+                progress: None,
+                last_resync: None,
+                resyncs: 0,
+                last_error: None,
+                pending_bytes: 0,
+            }),
+            changed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
+        let i = inner.clone();
+        let thread = thread::Builder::new()
+            .name("tidemark-pair".to_owned())
+            .spawn(move || run(&i, opened))
+            .map_err(|e| SyncerError::Thread { what: e.to_string() })?;
+        Ok(Self { inner, thread: Some(thread) })
+    }
+
+    /// A snapshot.
+    pub fn status(&self) -> PairStatus {
+        self.inner.lock().clone()
+    }
+
+    /// Waits until `pred` holds for the status, or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&PairStatus) -> bool,
+    ) -> Option<PairStatus> {
+        let until = std::time::Instant::now() + timeout;
+        let mut s = self.inner.lock();
+        loop {
+            if pred(&s) {
+                return Some(s.clone());
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            s = self.inner.changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Stops the controller (a resync under way stops at its next step; its regions stay
+    /// out of sync).
+    pub fn stop(mut self) -> PairStatus {
+        self.stop_inner();
+        self.status()
+    }
+
+    fn stop_inner(&mut self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.update(|_| {});
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.inner.stage(PairStage::Stopped);
+    }
+}
+
+impl Drop for SourcePair {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+/// `opened`: the window a fresh protection opened, closed by the first sync that completes
+/// (the target may not have received it when it reported the replica's state).
+fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
+    let tick = inner.cfg.tick;
+    let mut handled_session = 0u64;
+    let mut synced_once = false;
+    // Out of sync when the pair starts: what an unclean shutdown left.
+    let mut pending = inner.tap.intent().out_of_sync();
+    let mut forced: Option<Job> = None;
+    while !inner.stopping.load(Ordering::SeqCst) {
+        let pending_bytes = region_bytes(inner, &pending);
+        inner.update(|s| s.pending_bytes = pending_bytes);
+        let st = inner.client.status();
+        // Overflow: wait until the spool is shipped, then spool again and resync what the
+        // intent map tracked meanwhile.
+        if inner.tap.status().overflow.is_some() {
+            inner.stage(PairStage::Overflow);
+            // What was appended before the overflow must become durable to be shipped.
+            let last = match inner.tap.sync_spool() {
+                Ok(last) => last,
+                Err(e) => {
+                    let text = error_chain(&e);
+                    inner.update(|s| s.last_error = Some(text));
+                    wait(inner, tick, |_| false);
+                    continue;
+                }
+            };
+            inner.client.ring();
+            if st.state == LinkState::Shipping && st.acked >= last {
+                let regions = inner.tap.resume_spooling();
+                tracing::info!(
+                    regions = regions.region_count(),
+                    "spool drained after an overflow: resyncing the regions tracked meanwhile"
+                );
+                pending = pending.union(&regions);
+                continue;
+            }
+            wait(inner, tick, |s| s.acked >= last && s.state == LinkState::Shipping);
+            continue;
+        }
+        if st.state != LinkState::Shipping {
+            inner.stage(PairStage::Connecting);
+            wait(inner, tick, |s| s.state == LinkState::Shipping);
+            continue;
+        }
+        let job = if let Some(job) = forced.take() {
+            Some(job)
+        } else if st.sessions != handled_session {
+            handled_session = st.sessions;
+            decide(&st, synced_once, &pending, opened)
+        } else if !pending.is_empty() {
+            Some(Job::Regions(pending.clone()))
+        } else {
+            None
+        };
+        let Some(job) = job else {
+            inner.stage(PairStage::DiffSync);
+            let seen = st.sessions;
+            wait(inner, tick, |s| s.sessions != seen || s.state != LinkState::Shipping);
+            continue;
+        };
+        match run_job(inner, &job) {
+            Ok(report) => {
+                // Invariant 1: the regions leave the out-of-sync set once the target holds
+                // the resync's end.
+                let end = report.end_seq;
+                let acked = inner
+                    .client
+                    .wait_for(Duration::from_secs(3600), |s| {
+                        s.acked >= end || inner.stopping.load(Ordering::SeqCst)
+                    })
+                    .is_some_and(|s| s.acked >= end);
+                if !acked {
+                    forced = Some(job);
+                    continue;
+                }
+                if let Job::Regions(done) = &job {
+                    for run in done.runs() {
+                        inner.tap.intent().resynced(run);
+                    }
+                    pending = RegionSet::new();
+                } else {
+                    // A whole-volume sync covers every region.
+                    for run in pending.runs() {
+                        inner.tap.intent().resynced(run);
+                    }
+                    pending = RegionSet::new();
+                }
+                synced_once = true;
+                opened = None;
+                inner.update(|s| {
+                    s.resyncs += 1;
+                    s.last_resync = Some(report);
+                    s.progress = None;
+                });
+            }
+            Err(e) => {
+                let text = error_chain(&e);
+                tracing::warn!(error = %text, "resync did not complete; it runs again");
+                inner.update(|s| {
+                    s.last_error = Some(text);
+                    s.progress = None;
+                });
+                // Retried: a whole-volume job as it was, a regions job from `pending`.
+                if !matches!(job, Job::Regions(_)) {
+                    forced = Some(job);
+                }
+                if !matches!(e, SyncerError::Tap { .. }) {
+                    // Wait for the link to change before trying again.
+                    let seen = inner.client.status().sessions;
+                    wait(inner, tick, |s| s.sessions != seen);
+                }
+            }
+        }
+    }
+}
+
+fn decide(
+    st: &ShipperStatus,
+    synced_once: bool,
+    pending: &RegionSet,
+    opened: Option<u64>,
+) -> Option<Job> {
+    let replica = st.replica.as_ref()?;
+    let mut ids = replica.open_resyncs.clone();
+    ids.extend(opened.filter(|id| !ids.contains(id)));
+    let replica = crate::wire::ReplicaState { kind: replica.kind, open_resyncs: ids };
+    match replica.kind {
+        ReplicaKind::Blank if !synced_once => {
+            Some(Job::Initial { close: replica.open_resyncs.clone() })
+        }
+        // Blank after an initial sync completed here: the target lost its replica.
+        ReplicaKind::Blank => Some(Job::Full { close: replica.open_resyncs.clone() }),
+        ReplicaKind::Inconsistent => Some(Job::Full { close: replica.open_resyncs.clone() }),
+        // A fresh protection against a replica that holds another history: compare it all.
+        ReplicaKind::Consistent if opened.is_some() => {
+            Some(Job::Full { close: replica.open_resyncs.clone() })
+        }
+        ReplicaKind::Consistent if !pending.is_empty() => Some(Job::Regions(pending.clone())),
+        ReplicaKind::Consistent => None,
+    }
+}
+
+fn run_job(inner: &Arc<Inner>, job: &Job) -> Result<ResyncReport, SyncerError> {
+    let sink = inner.clone();
+    let syncer = Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
+        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))));
+    match job {
+        Job::Initial { close } => {
+            inner.stage(PairStage::InitialSync);
+            let whole = TapSource(inner.tap.clone());
+            let view: &dyn BlockSource = match &inner.cfg.initial_view {
+                Some(v) => &**v,
+                None => &whole,
+            };
+            syncer.initial_sync(view, close)
+        }
+        Job::Full { close } => {
+            inner.stage(PairStage::Resync);
+            syncer.fast_resync(None, close)
+        }
+        Job::Regions(regions) => {
+            inner.stage(PairStage::Resync);
+            let ranges = byte_ranges(inner, regions);
+            syncer.fast_resync(Some(&ranges), &[])
+        }
+    }
+}
+
+fn byte_ranges(inner: &Inner, regions: &RegionSet) -> Vec<Range<u64>> {
+    regions
+        .runs()
+        .map(|run| {
+            let (offset, len) = inner.tap.intent().byte_range(run);
+            offset..offset + len
+        })
+        .collect()
+}
+
+fn region_bytes(inner: &Inner, regions: &RegionSet) -> u64 {
+    byte_ranges(inner, regions).iter().map(|r| r.end - r.start).sum()
+}
+
+/// Waits up to `tick` for the shipper's status to satisfy `pred`, or for a stop.
+fn wait(inner: &Inner, tick: Duration, pred: impl Fn(&ShipperStatus) -> bool) {
+    let stopping = || inner.stopping.load(Ordering::SeqCst);
+    inner.client.wait_for(tick, |s| pred(s) || stopping());
+}
