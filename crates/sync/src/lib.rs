@@ -17,13 +17,17 @@
 //! - [`apply`]: the target's [`Receiver`]: wire -> retention log with group commit, acks of
 //!   durable data only, resume point for each new connection;
 //! - [`shape`]: the bandwidth limit ([`TokenBucket`], daily [`shape::Schedule`]) and the cap
-//!   on concurrent resyncs ([`shape::ResyncSlots`]).
-//!
+//!   on concurrent resyncs ([`shape::ResyncSlots`]);
 //! - [`dedupe`]: the windows of recent writes on both sides, so that a block the target
 //!   already holds travels as a reference;
 //! - [`compress`]: the adaptive zstd level of batches.
 //!
-//! Initial sync, fast resync and verify arrive later with issue 3.
+//! And the comparison of two devices (`docs/resync.md`):
+//! - [`resync`]: block sources and their data extents (holes, ext4 allocation), the
+//!   parallel Merkle tree, the top-down comparison, verify;
+//! - [`syncer`]: the [`syncer::Syncer`]: initial sync step I, fast resync and verify of one
+//!   volume, copying through the tap into the capture stream;
+//! - [`pair`]: the [`pair::SourcePair`], which decides which of them a volume needs.
 
 pub mod apply;
 pub mod compress;
