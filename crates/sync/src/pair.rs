@@ -34,6 +34,7 @@ use std::time::Duration;
 use tidemark_tap::{RegionSet, Tap};
 
 use crate::resync::BlockSource;
+use crate::shape::ResyncSlots;
 use crate::ship::{HashClient, LinkState, ShipperStatus, error_chain};
 use crate::syncer::{Progress, ResyncReport, Syncer, SyncerConfig, SyncerError, TapSource};
 use crate::wire::ReplicaKind;
@@ -86,6 +87,8 @@ pub struct PairStatus {
     pub last_error: Option<String>,
     /// Bytes of regions waiting for a resync.
     pub pending_bytes: u64,
+    /// A resync is due but every slot of the node's cap is taken.
+    pub waiting_for_slot: bool,
 }
 
 /// How a [`SourcePair`] runs.
@@ -104,6 +107,9 @@ pub struct SourcePairConfig {
     /// so that whatever the application writes before step I runs, the target keeps the
     /// replica marked as not initially synced. Start the pair before the frontend.
     pub fresh: bool,
+    /// The cap on concurrent resyncs shared by the pairs of this node (changeable at run
+    /// time through [`ResyncSlots::set_limit`]); `None`: no cap.
+    pub slots: Option<Arc<ResyncSlots>>,
 }
 
 impl std::fmt::Debug for SourcePairConfig {
@@ -119,7 +125,13 @@ impl std::fmt::Debug for SourcePairConfig {
 impl SourcePairConfig {
     /// Defaults around `syncer`.
     pub fn new(syncer: SyncerConfig) -> Self {
-        Self { syncer, initial_view: None, tick: Duration::from_millis(100), fresh: false }
+        Self {
+            syncer,
+            initial_view: None,
+            tick: Duration::from_millis(100),
+            fresh: false,
+            slots: None,
+        }
     }
 }
 
@@ -201,6 +213,7 @@ impl SourcePair {
                 resyncs: 0,
                 last_error: None,
                 pending_bytes: 0,
+                waiting_for_slot: false,
             }),
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -324,6 +337,19 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
             wait(inner, tick, |s| s.sessions != seen || s.state != LinkState::Shipping);
             continue;
         };
+        // Wait for a slot under the node's cap on concurrent resyncs.
+        let _permit = match &inner.cfg.slots {
+            Some(slots) => match slots.acquire(Some(tick)) {
+                Some(permit) => Some(permit),
+                None => {
+                    inner.update(|s| s.waiting_for_slot = true);
+                    forced = Some(job);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        inner.update(|s| s.waiting_for_slot = false);
         match run_job(inner, &job) {
             Ok(report) => {
                 // Invariant 1: the regions leave the out-of-sync set once the target holds

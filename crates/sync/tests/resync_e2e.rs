@@ -552,3 +552,26 @@ fn an_interrupted_resync_is_redone_over_the_whole_volume_on_the_next_session() {
     rig.receiver.with_log(|log| assert!(log.status().inconsistent.is_none(), "window 99 closed"));
     pair.stop();
 }
+
+#[test]
+fn a_resync_waits_for_a_slot_under_the_node_cap_changed_at_run_time() {
+    let size = 8 << 20;
+    let mut rng = Rng::new(31);
+    let image = random_image(&mut rng, size);
+    let rig = Rig::new(volume_from(&image), Arc::new(MemVolume::new(size)), Compression::Off);
+    let slots = tidemark_sync::shape::ResyncSlots::new(0);
+    let mut cfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
+    cfg.tick = Duration::from_millis(20);
+    cfg.fresh = true;
+    cfg.slots = Some(slots.clone());
+    let pair = SourcePair::start(rig.tap.clone(), rig.shipper().hash_client(), cfg).unwrap();
+    pair.wait_for(PATIENCE, |s| s.waiting_for_slot).expect("waits for a slot");
+    assert_eq!(pair.status().resyncs, 0);
+    slots.set_limit(1);
+    wait_stage(&pair, &rig, 1);
+    assert!(!pair.status().waiting_for_slot);
+    rig.caught_up();
+    assert!(rig.replica_current() == rig.device_bytes());
+    assert_eq!(slots.in_use(), 0, "the permit was given back");
+    pair.stop();
+}
