@@ -23,6 +23,7 @@ const TARGETS: &[(&str, FuzzFn)] = &[
     ("intent_map", tidemark_tap::intent::fuzz_intent_map),
     ("wire_frame", tidemark_sync::wire::codec::fuzz_frame),
     ("handshake", tidemark_sync::secure::fuzz_handshake),
+    ("ext4_view", tidemark_sync::resync::ext4::fuzz_ext4_view),
 ];
 
 /// The `fuzz/` directory of the workspace.
@@ -141,4 +142,9 @@ fn every_fuzz_target_is_covered() {
         "fuzz targets in {} and TARGETS in tests/tests/fuzz_corpus.rs differ",
         targets_dir.display()
     );
+}
+
+#[test]
+fn ext4_view_corpus() {
+    run_corpus("ext4_view");
 }

@@ -353,10 +353,17 @@ impl Syncer {
         let total: u64 = ranges.iter().map(|r| r.end - r.start).sum();
         let chunk = self.chunk();
         let mut done = 0;
+        // Bytes appended since the last group commit: one commit per `chunk` of copies,
+        // not one per range (a scattered diff has thousands of 4 KiB ranges).
+        let mut uncommitted = 0;
         self.report(Phase::Copying, 0, total);
         for r in ranges {
             let mut at = r.start;
             while at < r.end {
+                if uncommitted >= chunk {
+                    self.commit(id)?;
+                    uncommitted = 0;
+                }
                 self.throttle(id)?;
                 let n = (r.end - at).min(chunk);
                 let copied =
@@ -368,11 +375,14 @@ impl Syncer {
                     })?;
                 report.data_bytes += copied.data_bytes;
                 report.zero_bytes += copied.zero_bytes;
-                self.commit(id)?;
+                uncommitted += n;
                 at += n;
                 done += n;
                 self.report(Phase::Copying, done, total);
             }
+        }
+        if uncommitted > 0 {
+            self.commit(id)?;
         }
         Ok(())
     }
