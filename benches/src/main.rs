@@ -2,7 +2,7 @@
 //! journal emulation) measured in the same run on the same filesystem.
 //!
 //! ```text
-//! tidemark-bench [--smoke] [--dir PATH] <journal|tap|all>...
+//! tidemark-bench [--smoke] [--dir PATH] <journal|tap|sync|all>...
 //! ```
 //!
 //! Each benchmark prints a table and writes its figures to `target/bench/<name>.json`.
@@ -10,6 +10,7 @@
 mod figure;
 mod fio;
 mod journal;
+mod sync;
 mod sys;
 mod tap;
 
@@ -39,7 +40,8 @@ pub struct Ctx {
 type BenchFn = fn(&Ctx) -> Result<Vec<Figure>>;
 
 /// Every benchmark, by name.
-const BENCHES: &[(&str, BenchFn)] = &[("journal", journal::run), ("tap", tap::run)];
+const BENCHES: &[(&str, BenchFn)] =
+    &[("journal", journal::run), ("tap", tap::run), ("sync", sync::run)];
 
 const USAGE: &str = "\
 usage: tidemark-bench [--smoke] [--dir PATH] <BENCH|all>...
@@ -48,6 +50,9 @@ Benchmarks (each writes target/bench/<BENCH>.json):
   journal   spool append throughput and CPU, point-in-time reads, materialize, redo vs undo
   tap       fio through the FUSE + loop frontend vs a plain loop device (root), capture
             pipeline CPU per 4 KiB write; ublk overhead: the command that measures it
+  sync      fast resync against rsync, initial sync of an ext4 image against dd,
+            ship-and-apply throughput against cat and zstd, wire bytes per changed byte
+            (needs rsync, zstd, e2fsprogs)
   all       every benchmark
 
 Options:
@@ -187,13 +192,15 @@ mod tests {
     fn argument_orders() {
         let a = parse(&["--smoke", "all"]).unwrap().unwrap();
         assert!(a.smoke);
-        assert_eq!(a.benches, ["journal", "tap"]);
+        assert_eq!(a.benches, ["journal", "tap", "sync"]);
         let a = parse(&["journal", "--smoke", "--dir", "/x"]).unwrap().unwrap();
         assert!(a.smoke);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/x")));
         let a = parse(&["all", "journal", "--dir=/y"]).unwrap().unwrap();
-        assert_eq!(a.benches, ["journal", "tap"]);
+        assert_eq!(a.benches, ["journal", "tap", "sync"]);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/y")));
+        let a = parse(&["sync", "--smoke"]).unwrap().unwrap();
+        assert_eq!(a.benches, ["sync"]);
         assert!(parse(&["--smoke"]).is_err());
         assert!(parse(&["nope"]).is_err());
         assert!(parse(&["--help"]).unwrap().is_none());
