@@ -75,7 +75,7 @@ pub fn run(dir: &Path, image: &Image) -> Result<Vec<Figure>> {
     let before = source.shipper().status();
     let start = Instant::now();
     let syncer: Syncer = source.syncer();
-    let report = syncer.initial_sync(&view).context("initial_sync")?;
+    let report = syncer.initial_sync(&view, &[]).context("initial_sync")?;
     let after = source.caught_up()?;
     let took = start.elapsed();
     let wire = after.wire_bytes - before.wire_bytes;
