@@ -117,7 +117,8 @@ const SUITES: &[Suite] = &[
 const DISKS: &[(&str, u64)] = &[("vda", 64), ("vdb", 32), ("vdc", 64), ("vdd", 32)];
 
 /// Overall limit on the guest's run, unless `TIDEMARK_LAB_TIMEOUT` (seconds) says otherwise.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// (The three suites take about two minutes of guest time on an idle machine.)
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const TIMEOUT_ENV: &str = "TIDEMARK_LAB_TIMEOUT";
 
 /// What every result line of the guest starts with.

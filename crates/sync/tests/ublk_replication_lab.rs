@@ -98,10 +98,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 
 /// Runs a command; fails with its output unless it exits 0. Returns its standard output.
 fn run(program: &str, args: &[&str]) -> TestResult<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(e(&format!("start {program}")))?;
+    let out = Command::new(program).args(args).output().map_err(e(&format!("start {program}")))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(
         out.status.success(),
@@ -176,9 +173,9 @@ impl Rig {
             Spool::open(spool_dir, cfg, Arc::new(SystemClock)).map_err(|err| chain(&err))?;
         let map_io: Arc<dyn BlockIo> =
             Arc::new(FileIo::create(work.join("intent.map"), 0).map_err(e("intent map"))?);
-        let intent_cfg = IntentConfig { region_bytes: 1 << 20, max_hot_regions: 4096, max_runs: 1024 };
-        let (intent, _) =
-            IntentMap::open(map_io, size, intent_cfg).map_err(|err| chain(&err))?;
+        let intent_cfg =
+            IntentConfig { region_bytes: 1 << 20, max_hot_regions: 4096, max_runs: 1024 };
+        let (intent, _) = IntentMap::open(map_io, size, intent_cfg).map_err(|err| chain(&err))?;
         let tap = Arc::new(
             Tap::new(device.clone(), spool, intent, TapConfig::default())
                 .map_err(|err| chain(&err))?,
@@ -186,9 +183,8 @@ impl Rig {
 
         let target = work.join("target");
         fs::create_dir_all(target.join("journal")).map_err(e("target dir"))?;
-        let base: Arc<dyn BlockIo> = Arc::new(
-            FileIo::create(target.join("base.img"), size).map_err(e("blank base image"))?,
-        );
+        let base: Arc<dyn BlockIo> =
+            Arc::new(FileIo::create(target.join("base.img"), size).map_err(e("blank base image"))?);
         let journal_dir = Arc::new(FsDir::new(target.join("journal")).map_err(e("journal dir"))?);
         let (log, _) = RetentionLog::open(
             journal_dir,
@@ -211,8 +207,11 @@ impl Rig {
         };
         let mut scfg = ShipperConfig::new(hello, source_keys);
         scfg.poll_interval = Duration::from_millis(10);
-        scfg.backoff =
-            Backoff { initial: Duration::from_millis(1), max: Duration::from_millis(50), factor: 2 };
+        scfg.backoff = Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(50),
+            factor: 2,
+        };
         let served = receiver.clone();
         let shipper = Shipper::new(tap.shared_spool(), scfg)
             .start(move || {
@@ -231,9 +230,8 @@ impl Rig {
         pcfg.tick = Duration::from_millis(50);
         pcfg.fresh = true;
         let hash_client = rig.shipper()?.hash_client();
-        rig.pair = Some(
-            SourcePair::start(rig.tap.clone(), hash_client, pcfg).map_err(|err| chain(&err))?,
-        );
+        rig.pair =
+            Some(SourcePair::start(rig.tap.clone(), hash_client, pcfg).map_err(|err| chain(&err))?);
         rig.server = Some(
             UblkServer::start(UblkConfig::default(), rig.tap.clone(), rig.device.clone())
                 .map_err(|err| chain(&err))?,
@@ -462,10 +460,21 @@ fn test_rounds(rig: &Rig, work: &Path) -> TestResult<Vec<Taken>> {
         // The filesystem is unmounted: every write completed (and went through the tap)
         // and umount's flush reached the device; nothing writes until the next mount.
         let device = hash_volume(&*rig.device, VOLUME)?;
-        let bookmark = Bookmark::new(name.clone(), BookmarkKind::User, 0)
-            .map_err(|err| chain(&err))?;
+        let bookmark =
+            Bookmark::new(name.clone(), BookmarkKind::User, 0).map_err(|err| chain(&err))?;
         rig.tap.bookmark(bookmark).map_err(|err| chain(&err))?;
         taken.push(Taken { name, files: tree.clone(), device });
+    }
+    // Each round changed the device: a check resolving the wrong bookmark cannot pass.
+    for (i, a) in taken.iter().enumerate() {
+        for b in &taken[i + 1..] {
+            ensure!(
+                a.device != b.device,
+                "the device did not change between {} and {}",
+                a.name,
+                b.name
+            );
+        }
     }
     let stats = rig.server.as_ref().ok_or("no server")?.stats();
     ensure!(stats.errors == 0, "requests failed: {stats:?}");
@@ -488,9 +497,8 @@ fn test_bookmark(rig: &Rig, work: &Path, taken: &Taken) -> TestResult {
     fs::create_dir_all(&dump).map_err(e("mkdir dump"))?;
     let out = FileIo::create(&image, 0).map_err(e("create the point image"))?;
     let report = rig.receiver.with_log(|log| {
-        let point = log
-            .resolve(&RecoveryPoint::Bookmark(taken.name.clone()))
-            .map_err(|err| chain(&err))?;
+        let point =
+            log.resolve(&RecoveryPoint::Bookmark(taken.name.clone())).map_err(|err| chain(&err))?;
         log.materialize(&point, VolumeId(0), &out, &mut |_, _| {}).map_err(|err| chain(&err))
     })?;
     drop(out);
@@ -523,14 +531,21 @@ fn test_latest(rig: &Rig, last: Seq) -> TestResult {
     let mut device = vec![0u8; 4 << 20];
     rig.receiver.with_log(|log| {
         let latest = log.resolve(&RecoveryPoint::Latest).map_err(|err| chain(&err))?;
-        ensure!(latest.seq == last, "latest point at seq {}, the tap spooled up to {last}", latest.seq);
+        ensure!(
+            latest.seq == last,
+            "latest point at seq {}, the tap spooled up to {last}",
+            latest.seq
+        );
         let mut at = 0;
         while at < VOLUME {
             let n = (VOLUME - at).min(replica.len() as u64) as usize;
             log.read_at(&latest, VolumeId(0), at, &mut replica[..n]).map_err(|err| chain(&err))?;
             rig.device.read_at(&mut device[..n], at).map_err(e("read the device"))?;
             if let Some(i) = replica[..n].iter().zip(&device[..n]).position(|(a, b)| a != b) {
-                return Err(format!("the latest point differs from the device at byte {}", at + i as u64));
+                return Err(format!(
+                    "the latest point differs from the device at byte {}",
+                    at + i as u64
+                ));
             }
             at += n as u64;
         }
