@@ -9,12 +9,14 @@
 //! `dpkg -x` under `target/lab/kernel/` (kept, so later runs reuse it); build the guest
 //! test binaries ([`SUITES`], release); assemble an initramfs with busybox, the decompressed
 //! modules in dependency order, the test binaries (debug info stripped when `objcopy` is
-//! there), `mkfs.ext4`/`e2fsck`/`dmsetup`/`ip`/`tc` and every shared library `ldd` names
+//! there), `mkfs.ext4`/`e2fsck`/`debugfs`/`dmsetup`/`ip`/`tc` and every shared library `ldd` names
 //! for them; boot; stream the console.
 //!
 //! The guest runs the suites one after the other, each between `TIDEMARK-LAB: begin
-//! <suite>` and `TIDEMARK-LAB: end <suite> <exit status>`. `ublk_lab` reports in
-//! `TIDEMARK-LAB: PASS|FAIL` lines of its own; `netem` is a libtest binary run with
+//! <suite>` and `TIDEMARK-LAB: end <suite> <exit status>`. `ublk_lab` (the ublk frontend
+//! and dm-log-writes) and `ublk_replication` (ext4 written through a ublk device, replicated
+//! to a retention log in the same process, every bookmark materialized and fsck-checked)
+//! report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
 //! `TIDEMARK_REQUIRE_NETNS=1`, so a missing namespace or qdisc fails instead of skipping,
 //! and its `test <name> ... ok` lines are read as they are. The lab passes only when every
 //! suite ran, exited 0, reported a summary matching its per-test lines, and every test
@@ -54,7 +56,7 @@ const MODULES: &[&str] =
     &["virtio_blk", "dm-mod", "dm-bufio", "dm-log-writes", "ublk_drv", "veth", "sch_netem"];
 
 /// Programs copied into the guest's `/sbin` with their libraries.
-const GUEST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "dmsetup", "ip", "tc"];
+const GUEST_TOOLS: &[&str] = &["mkfs.ext4", "e2fsck", "debugfs", "dmsetup", "ip", "tc"];
 
 /// How a suite reports on the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +102,14 @@ const SUITES: &[Suite] = &[
         command: "TIDEMARK_REQUIRE_NETNS=1 /bin/netem --test-threads=1",
         format: Format::Libtest,
     },
+    Suite {
+        name: "ublk_replication",
+        package: "tidemark-sync",
+        test: "ublk_replication_lab",
+        guest_path: "bin/ublk-replication-lab",
+        command: "/bin/ublk-replication-lab --lab",
+        format: Format::Lab,
+    },
 ];
 
 /// The guest's disks: name and size in MiB. vda sits behind the ublk device of tests 1-3,
@@ -107,7 +117,8 @@ const SUITES: &[Suite] = &[
 const DISKS: &[(&str, u64)] = &[("vda", 64), ("vdb", 32), ("vdc", 64), ("vdd", 32)];
 
 /// Overall limit on the guest's run, unless `TIDEMARK_LAB_TIMEOUT` (seconds) says otherwise.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// (The three suites take about two minutes of guest time on an idle machine.)
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const TIMEOUT_ENV: &str = "TIDEMARK_LAB_TIMEOUT";
 
 /// What every result line of the guest starts with.
@@ -958,6 +969,14 @@ mod tests {
         lines.extend_from_slice(netem);
         let end = format!("TIDEMARK-LAB: end netem {netem_exit}");
         lines.push(&end);
+        lines.extend_from_slice(&[
+            "TIDEMARK-LAB: begin ublk_replication",
+            "TIDEMARK-LAB: PASS repl_protect_initial_sync (21.0s)",
+            "TIDEMARK-LAB: info initial sync: 4194304 data bytes, 0 zero bytes left out",
+            "TIDEMARK-LAB: PASS repl_bookmark_round-1_fsck_clean_files_match (4.2s)",
+            "TIDEMARK-LAB: PASS 2 tests",
+            "TIDEMARK-LAB: end ublk_replication 0",
+        ]);
         for line in lines {
             c.feed(line);
         }
@@ -977,7 +996,10 @@ mod tests {
             ],
             0,
         );
-        assert_eq!(c.verdict(), Ok("PASS 4 tests (ublk_lab 2, netem 2)".to_owned()));
+        assert_eq!(
+            c.verdict(),
+            Ok("PASS 6 tests (ublk_lab 2, netem 2, ublk_replication 2)".to_owned())
+        );
         let netem = &c.suites[1].2.tests;
         assert_eq!(
             netem.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
@@ -1046,9 +1068,42 @@ mod tests {
             "0 of 1 tests passed",
             "netem: no summary line",
             "netem: never ended",
+            "ublk_replication: never ended",
         ] {
             assert!(why.contains(part), "`{part}` missing from: {why}");
         }
+    }
+
+    #[test]
+    fn a_failed_bookmark_check_fails_the_lab() {
+        let mut c = Console::new(SUITES);
+        for line in [
+            "TIDEMARK-LAB: begin ublk_lab",
+            "TIDEMARK-LAB: PASS ublk_device_up (1.3s)",
+            "TIDEMARK-LAB: PASS 1 tests",
+            "TIDEMARK-LAB: end ublk_lab 0",
+            "TIDEMARK-LAB: begin netem",
+            "test netns_a ... ok",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+            "TIDEMARK-LAB: end netem 0",
+            "TIDEMARK-LAB: begin ublk_replication",
+            "TIDEMARK-LAB: PASS repl_protect_initial_sync (21.0s)",
+            "TIDEMARK-LAB: FAIL repl_bookmark_round-2_fsck_clean_files_match (3.1s): \
+             `e2fsck -fn /tmp/replication-lab/point.img` exited with exit status: 4",
+            "TIDEMARK-LAB: FAIL 1 of 2 tests",
+            "TIDEMARK-LAB: end ublk_replication 1",
+        ] {
+            c.feed(line);
+        }
+        let why = c.verdict().unwrap_err();
+        for part in [
+            "repl_bookmark_round-2_fsck_clean_files_match FAILED",
+            "ublk_replication: 1 of 2 tests passed",
+            "ublk_replication: exited with status 1",
+        ] {
+            assert!(why.contains(part), "`{part}` missing from: {why}");
+        }
+        assert!(!why.contains("ublk_lab") && !why.contains("netem"), "{why}");
     }
 
     #[test]
@@ -1059,6 +1114,8 @@ mod tests {
         let end = script.find("TIDEMARK-LAB: end netem $?").unwrap();
         assert!(begin < run && run < end);
         assert!(script.find("end ublk_lab").unwrap() < begin);
+        let replication = script.find("/bin/ublk-replication-lab --lab").unwrap();
+        assert!(end < replication && replication < script.find("end ublk_replication $?").unwrap());
         assert!(script.trim_end().ends_with("poweroff -f"));
     }
 
