@@ -78,6 +78,11 @@ pub struct Args {
     /// This node's name, as the target sees it.
     #[arg(long, default_value = "source")]
     name: String,
+    /// Most regions of the write-intent map dirty at once: what a crash can cost in resync
+    /// (times the region size); writes beyond it wait or are tracked out of sync. Used when
+    /// the map is created.
+    #[arg(long)]
+    max_hot_regions: Option<u32>,
     /// Spool capacity in MiB (beyond it the tap tracks regions and resyncs them later).
     #[arg(long, default_value_t = 1024)]
     spool_mib: u64,
@@ -129,9 +134,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let intent_file =
         if fresh { FileIo::create(&intent_path, 0) } else { FileIo::open(&intent_path) }
             .with_context(|| format!("open {}", intent_path.display()))?;
-    let (intent, intent_open) =
-        IntentMap::open(Arc::new(intent_file), vol_len, IntentConfig::default())
-            .context("open the write-intent map")?;
+    let mut intent_cfg = IntentConfig::default();
+    if let Some(n) = args.max_hot_regions {
+        intent_cfg.max_hot_regions = n;
+    }
+    let (intent, intent_open) = IntentMap::open(Arc::new(intent_file), vol_len, intent_cfg)
+        .context("open the write-intent map")?;
     let tap = Arc::new(Tap::new(Arc::new(device), spool, intent, TapConfig::default())?);
     println!(
         "protecting {} ({vol_len} bytes), pair {pair_id}, {}; {} dirty bytes in the intent map",
@@ -188,8 +196,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut view = View::new(std::io::stderr().is_terminal());
     let started = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
-    let ctx =
-        DocContext { fresh, vol_len, device: device_path, dirty_at_open: intent_open.dirty_bytes };
+    let ctx = DocContext {
+        fresh,
+        leaf_bytes: tidemark_sync::resync::shape_for(vol_len).leaf_size(),
+        vol_len,
+        device: device_path,
+        dirty_at_open: intent_open.dirty_bytes,
+    };
     while !signals::stop_requested() {
         let ps = pair.status();
         view.show(&ps);
@@ -273,6 +286,8 @@ fn group_commit(
 
 struct DocContext {
     fresh: bool,
+    /// Leaf size of the volume's Merkle tree.
+    leaf_bytes: u64,
     vol_len: u64,
     device: Option<PathBuf>,
     dirty_at_open: u64,
@@ -310,7 +325,13 @@ fn document(
         })),
         "last_resync": ps.last_resync.as_ref().map(|r| json!({
             "id": r.id,
-            "compared_bytes": r.volume_bytes,
+            // What the library reports: the device's length for a fast resync (its local
+            // Merkle tree covers the whole device), the bytes scanned for step I.
+            "volume_bytes": r.volume_bytes,
+            // Leaf hashes compared with the target, in bytes: for a resync limited to
+            // regions, exactly the bytes of those regions compared.
+            "compared_bytes": r.compare.leaves_compared.saturating_mul(ctx.leaf_bytes).min(ctx.vol_len),
+            "hash_requests": r.compare.hash_requests,
             "differing_bytes": r.differing_bytes,
             "data_bytes": r.data_bytes,
             "zero_bytes": r.zero_bytes,
