@@ -314,6 +314,7 @@ fn document(
     json!({
         "role": "protect",
         "state": state,
+        "pid": std::process::id(),
         "updated_ms": status::now_ms(),
         "uptime_s": common::secs(started.elapsed()),
         "device": ctx.device.as_ref().map(|p| p.display().to_string()),

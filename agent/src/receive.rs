@@ -136,6 +136,7 @@ fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> s
     json!({
         "role": "receive",
         "state": state,
+        "pid": std::process::id(),
         "updated_ms": status::now_ms(),
         "uptime_s": common::secs(uptime),
         "listen": addr,

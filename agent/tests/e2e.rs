@@ -85,6 +85,10 @@ impl Proc {
         Proc { name, child: Some(child), lines }
     }
 
+    fn pid(&self) -> u64 {
+        u64::from(self.child.as_ref().unwrap().id())
+    }
+
     /// Waits for a stdout line starting with `prefix`; returns the rest of it.
     fn wait_line(&mut self, prefix: &str) -> String {
         let until = Instant::now() + PATIENCE;
@@ -441,8 +445,10 @@ fn kill_9_during_writes_resyncs_only_dirty_regions() {
     // whole volume.
     let (mut px, dev) = s.protect(&addr);
     cleanup.loops.push(dev);
+    // (The killed process's last status.json is still there until the new one writes.)
+    let pid = px.pid();
     let st = wait_status(&s.state(), "the resync after the crash", |v| {
-        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+        v["pid"] == pid && v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
     assert_eq!(st["fresh"], false, "{st:#}");
     let compared = u(&st, "/last_resync/compared_bytes");
