@@ -48,7 +48,9 @@ fn missing_requirement() -> Option<String> {
 macro_rules! require_env {
     ($name:expr) => {
         if let Some(why) = missing_requirement() {
-            eprintln!(
+            // Straight to stderr: the harness captures `eprintln!` of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIP {}: {why}: this end-to-end test needs root, FUSE and loop devices",
                 $name
             );
