@@ -1,9 +1,15 @@
 //! `tidemark`: the agent binary. A driver only: argument parsing, wiring, printing. The
 //! logic lives in the `tidemark-journal`, `tidemark-tap` and `tidemark-sync` crates.
 
+mod common;
 mod demo;
 mod inspect;
 mod keygen;
+mod materialize;
+mod protect;
+mod receive;
+mod signals;
+mod status;
 
 use std::path::PathBuf;
 
@@ -33,6 +39,17 @@ enum Command {
         /// The journal directory.
         dir: PathBuf,
     },
+    /// Protect a volume: capture its writes (through a frontend) and replicate them to a
+    /// `tidemark receive` target, with the initial sync, resyncs and diff sync.
+    Protect(protect::Args),
+    /// Be the target of a pair: keep the replica and its CDP retention log, serve the
+    /// paired source.
+    Receive(receive::Args),
+    /// Show the status.json of a `protect` state directory or a `receive` directory.
+    Status(status::Args),
+    /// Write the latest consistent point of a `receive` directory's replica to a file
+    /// (with `receive` stopped).
+    Materialize(materialize::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +65,9 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Keygen(args) => keygen::run(args),
         Command::Inspect { dir } => inspect::run(&dir),
+        Command::Protect(args) => protect::run(args),
+        Command::Receive(args) => receive::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Materialize(args) => materialize::run(args),
     }
 }
