@@ -113,7 +113,8 @@ pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 pub struct ResyncReport {
     /// The resync window's id.
     pub id: u64,
-    /// Bytes of the volume compared (or, for step I, scanned).
+    /// Bytes of the volume compared: the limit ranges of a limited resync, else the whole
+    /// volume (for step I: scanned).
     pub volume_bytes: u64,
     /// Bytes found different (step I: bytes of data extents).
     pub differing_bytes: u64,
@@ -436,8 +437,11 @@ impl Syncer {
     ) -> Result<ResyncReport, SyncerError> {
         let started = Instant::now();
         let id = Self::new_id();
-        let mut report =
-            ResyncReport { id, volume_bytes: self.tap.device_len(), ..ResyncReport::default() };
+        // The bytes compared: the limit ranges, or the whole volume.
+        let volume_bytes = limit.map_or(self.tap.device_len(), |ranges| {
+            ranges.iter().map(|r| r.end.min(self.tap.device_len()).saturating_sub(r.start)).sum()
+        });
+        let mut report = ResyncReport { id, volume_bytes, ..ResyncReport::default() };
         self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
         let diff = self.compare_retrying(id, limit, &mut report.attempts)?;
         report.differing_bytes = diff.differing_bytes();
@@ -511,7 +515,9 @@ impl Syncer {
             level: shape.root_level(len),
             ranges: vec![NodeRange { first: 0, count: 1 }],
         };
-        let total = len;
+        let total = limit.map_or(len, |ranges| {
+            ranges.iter().map(|r| r.end.min(len).saturating_sub(r.start)).sum()
+        });
         let done = std::sync::atomic::AtomicU64::new(0);
         let progress = |n: u64| {
             let d = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
@@ -524,7 +530,14 @@ impl Syncer {
                     (&self.client, self.cfg.request_timeout, root.clone());
                 s.spawn(move || client.request(root, timeout))
             });
-            let local = MerkleTree::build_with_progress(source, shape, self.cfg.threads, &progress);
+            // With a limit, only the leaves of the limit ranges are compared (the default
+            // `LimitMode::Leaves`): hash just those.
+            let local = match limit {
+                Some(ranges) => {
+                    MerkleTree::build_limited(source, shape, ranges, self.cfg.threads, &progress)
+                }
+                None => MerkleTree::build_with_progress(source, shape, self.cfg.threads, &progress),
+            };
             let prefetched =
                 prefetch.map(|t| t.join().expect("the prefetch thread does not panic"));
             (local, prefetched)

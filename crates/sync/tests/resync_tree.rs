@@ -476,3 +476,42 @@ fn reads_past_the_end_fail() {
 fn one(r: std::ops::Range<u64>) -> Vec<std::ops::Range<u64>> {
     std::iter::once(r).collect()
 }
+
+/// Counts the bytes read through it.
+struct Counting {
+    inner: MemSource,
+    read: std::sync::atomic::AtomicU64,
+}
+
+impl BlockSource for Counting {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(offset, buf)
+    }
+}
+
+#[test]
+fn a_limited_tree_reads_only_its_ranges_and_finds_what_the_full_tree_finds_there() {
+    let shape = TreeShape::default();
+    let local = bytes(3, 6 << 20);
+    let mut remote = local.clone();
+    // Differences inside and outside the limit.
+    for at in [4096usize, 70_000, (2 << 20) + 8192, 5 << 20] {
+        remote[at] ^= 0xff;
+    }
+    let limit = [0..128 << 10, (2 << 20)..(2 << 20) + (64 << 10)];
+    let counting = Counting { inner: MemSource::new(local.clone()), read: Default::default() };
+    let limited = MerkleTree::build_limited(&counting, shape, &limit, 2, &|_| {}).unwrap();
+    let read = counting.read.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(read <= (192 << 10), "read {read} bytes for a 192 KiB limit");
+    let full = MerkleTree::build(&MemSource::new(local), shape, 2).unwrap();
+    let other = MerkleTree::build(&MemSource::new(remote), shape, 2).unwrap();
+    let a = compare(&limited, &mut TreeOracle::new(&other), VOL, Some(&limit)).unwrap();
+    let b = compare(&full, &mut TreeOracle::new(&other), VOL, Some(&limit)).unwrap();
+    assert_eq!(a.ranges, b.ranges);
+    assert_eq!(a.ranges, vec![4096..8192, 69632..73728, (2 << 20) + 8192..(2 << 20) + 12288]);
+}

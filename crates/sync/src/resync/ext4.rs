@@ -559,7 +559,9 @@ pub fn fuzz_ext4_view(data: &[u8]) {
         last = r.end;
     }
     let mut buf = vec![0u8; 4096.min(len as usize)];
-    if view.read_at(0, &mut buf).is_ok() && extents.first().is_none_or(|r| r.start >= buf.len() as u64) {
+    if view.read_at(0, &mut buf).is_ok()
+        && extents.first().is_none_or(|r| r.start >= buf.len() as u64)
+    {
         assert!(buf.iter().all(|&b| b == 0), "bytes outside the in-use extents read as data");
     }
 }

@@ -97,6 +97,41 @@ impl MerkleTree {
         Ok(Self::from_leaves(shape, volume_len, leaves))
     }
 
+    /// A tree whose leaves are hashed only where they overlap `ranges` (byte ranges of the
+    /// volume); every other leaf is [`NodeHash::ABSENT`], and so are the nodes above them
+    /// worth nothing. Only for a comparison limited to those same ranges with
+    /// [`crate::resync::LimitMode::Leaves`] (the default), which looks at those leaves and
+    /// nothing else: a resync after a crash or an overflow then reads only the dirty regions
+    /// of the device, not all of it.
+    pub fn build_limited(
+        source: &dyn BlockSource,
+        shape: TreeShape,
+        ranges: &[Range<u64>],
+        threads: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, ResyncError> {
+        let volume_len = source.len();
+        let n0 = shape.nodes_at(volume_len, 0);
+        let count = usize::try_from(n0)
+            .map_err(|_| ResyncError::TooLarge { what: "leaf count", value: n0 })?;
+        let mut leaves = vec![NodeHash::ABSENT; count];
+        let leaf = shape.leaf_size();
+        let mut wanted: Vec<Range<u64>> = ranges
+            .iter()
+            .map(|r| r.start.min(volume_len)..r.end.min(volume_len))
+            .filter(|r| !r.is_empty())
+            .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
+            .collect();
+        wanted.sort_by_key(|r| r.start);
+        for r in wanted {
+            let hashes = hash_leaves(source, shape, r.clone(), threads, progress)?;
+            for (i, h) in hashes.into_iter().enumerate() {
+                leaves[r.start as usize + i] = h;
+            }
+        }
+        Ok(Self::from_leaves(shape, volume_len, leaves))
+    }
+
     /// The tree over precomputed leaf hashes (`shape.nodes_at(volume_len, 0)` of them).
     pub(crate) fn from_leaves(shape: TreeShape, volume_len: u64, leaves: Vec<NodeHash>) -> Self {
         debug_assert_eq!(leaves.len() as u64, shape.nodes_at(volume_len, 0));
