@@ -60,6 +60,7 @@ use crate::dedupe::{self, AppliedWindow};
 use crate::resync::{BlockSource, MerkleTree, ResyncError, hash_nodes};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
 use crate::ship::error_chain;
+use crate::watch::Watch;
 use crate::wire::{
     Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_OPEN_RESYNCS, MAX_TEXT,
     Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind, ReplicaState,
@@ -328,8 +329,7 @@ struct Inner {
     volume_lens: Vec<u64>,
     slots: Mutex<Slots>,
     slots_changed: Condvar,
-    status: Mutex<ReceiverStatus>,
-    status_changed: Condvar,
+    status: Watch<ReceiverStatus>,
 }
 
 /// The target side of one replication pair (see the module documentation). Cheap to
@@ -414,15 +414,14 @@ impl Receiver {
                     shutting_down: false,
                 }),
                 slots_changed: Condvar::new(),
-                status: Mutex::new(status),
-                status_changed: Condvar::new(),
+                status: Watch::new(status),
             }),
         })
     }
 
     /// A snapshot of the receiver's state.
     pub fn status(&self) -> ReceiverStatus {
-        lock(&self.inner.status).clone()
+        self.inner.status.get()
     }
 
     /// Waits until `pred` holds for the status, or `timeout` passes; returns the status
@@ -432,28 +431,11 @@ impl Receiver {
         timeout: Duration,
         pred: impl Fn(&ReceiverStatus) -> bool,
     ) -> Option<ReceiverStatus> {
-        let until = Instant::now() + timeout;
-        let mut s = lock(&self.inner.status);
-        loop {
-            if pred(&s) {
-                return Some(s.clone());
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            s = self
-                .inner
-                .status_changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.inner.status.wait_for(timeout, pred)
     }
 
     fn update(&self, f: impl FnOnce(&mut ReceiverStatus)) {
-        f(&mut lock(&self.inner.status));
-        self.inner.status_changed.notify_all();
+        self.inner.status.update(f);
     }
 
     /// Runs `f` on the retention log (point-in-time reads, retention passes). Appends wait
@@ -1093,8 +1075,7 @@ fn run_hasher<S: Stream>(
             }
         };
         lock(out).send(&Message::HashReply(reply))?;
-        lock(&inner.status).hash_requests += 1;
-        inner.status_changed.notify_all();
+        inner.status.update(|s| s.hash_requests += 1);
     }
     Ok(())
 }

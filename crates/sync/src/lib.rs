@@ -40,6 +40,7 @@ pub mod secure;
 pub mod shape;
 pub mod ship;
 pub mod syncer;
+pub mod watch;
 pub mod wire;
 
 pub use apply::{ApplyError, Receiver, ReceiverConfig, ReceiverStatus};

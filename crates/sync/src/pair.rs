@@ -26,8 +26,8 @@
 //!    the overflow is over; the stage says what is pending.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ use crate::resync::BlockSource;
 use crate::shape::ResyncSlots;
 use crate::ship::{HashClient, LinkState, ShipperStatus, error_chain};
 use crate::syncer::{Progress, ResyncReport, Syncer, SyncerConfig, SyncerError, TapSource};
+use crate::watch::Watch;
 use crate::wire::ReplicaKind;
 
 /// Where a pair stands.
@@ -139,29 +140,22 @@ struct Inner {
     tap: Arc<Tap>,
     client: HashClient,
     cfg: SourcePairConfig,
-    status: Mutex<PairStatus>,
-    changed: Condvar,
+    status: Watch<PairStatus>,
     stopping: AtomicBool,
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, PairStatus> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn update(&self, f: impl FnOnce(&mut PairStatus)) {
-        f(&mut self.lock());
-        self.changed.notify_all();
+        self.status.update(f);
     }
 
     fn stage(&self, stage: PairStage) {
-        let mut s = self.lock();
-        if s.stage != stage {
-            tracing::info!(from = s.stage.name(), to = stage.name(), "pair stage");
-            s.stage = stage;
-        }
-        drop(s);
-        self.changed.notify_all();
+        self.status.update(|s| {
+            if s.stage != stage {
+                tracing::info!(from = s.stage.name(), to = stage.name(), "pair stage");
+                s.stage = stage;
+            }
+        });
     }
 }
 
@@ -206,7 +200,7 @@ impl SourcePair {
             tap,
             client,
             cfg,
-            status: Mutex::new(PairStatus {
+            status: Watch::new(PairStatus {
                 stage: PairStage::Connecting,
                 progress: None,
                 last_resync: None,
@@ -215,7 +209,6 @@ impl SourcePair {
                 pending_bytes: 0,
                 waiting_for_slot: false,
             }),
-            changed: Condvar::new(),
             stopping: AtomicBool::new(false),
         });
         let i = inner.clone();
@@ -228,7 +221,7 @@ impl SourcePair {
 
     /// A snapshot.
     pub fn status(&self) -> PairStatus {
-        self.inner.lock().clone()
+        self.inner.status.get()
     }
 
     /// Waits until `pred` holds for the status, or `timeout` passes.
@@ -237,18 +230,7 @@ impl SourcePair {
         timeout: Duration,
         pred: impl Fn(&PairStatus) -> bool,
     ) -> Option<PairStatus> {
-        let until = std::time::Instant::now() + timeout;
-        let mut s = self.inner.lock();
-        loop {
-            if pred(&s) {
-                return Some(s.clone());
-            }
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            s = self.inner.changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        self.inner.status.wait_for(timeout, pred)
     }
 
     /// Stops the controller (a resync under way stops at its next step; its regions stay

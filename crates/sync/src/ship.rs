@@ -61,6 +61,7 @@ use crate::connection::{Connection, ConnectionError};
 use crate::dedupe::{self, DedupeStats, DedupeWindow};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, Stream};
 use crate::shape::TokenBucket;
+use crate::watch::Watch;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
     HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, ReplicaState, WireError,
@@ -614,8 +615,7 @@ struct Shared {
     bucket: Option<Arc<TokenBucket>>,
     doorbell: Doorbell,
     stopping: AtomicBool,
-    status: Mutex<ShipperStatus>,
-    status_changed: Condvar,
+    status: Watch<ShipperStatus>,
     policy: Mutex<Box<dyn CompressionPolicy>>,
     observer: Option<Observer>,
     link: Mutex<Option<Arc<Link>>>,
@@ -641,8 +641,7 @@ impl Shared {
     }
 
     fn update(&self, f: impl FnOnce(&mut ShipperStatus)) {
-        f(&mut lock(&self.status));
-        self.status_changed.notify_all();
+        self.status.update(f);
     }
 
     fn emit(&self, event: ShipperEvent) {
@@ -824,7 +823,7 @@ impl Shipper {
             bucket: self.bucket,
             doorbell: self.doorbell,
             stopping: AtomicBool::new(false),
-            status: Mutex::new(ShipperStatus {
+            status: Watch::new(ShipperStatus {
                 state: LinkState::Connecting,
                 attempts: 0,
                 sessions: 0,
@@ -851,7 +850,6 @@ impl Shipper {
                 hash_request_bytes: 0,
                 hash_reply_bytes: 0,
             }),
-            status_changed: Condvar::new(),
             policy: Mutex::new(policy),
             observer: self.observer,
             link: Mutex::new(None),
@@ -885,7 +883,7 @@ impl fmt::Debug for ShipperHandle {
 impl ShipperHandle {
     /// A snapshot of the shipper's state.
     pub fn status(&self) -> ShipperStatus {
-        lock(&self.shared.status).clone()
+        self.shared.status.get()
     }
 
     /// Waits until `pred` holds for the status, or `timeout` passes; returns the status
@@ -895,7 +893,7 @@ impl ShipperHandle {
         timeout: Duration,
         pred: impl Fn(&ShipperStatus) -> bool,
     ) -> Option<ShipperStatus> {
-        wait_status(&self.shared, timeout, pred)
+        self.shared.status.wait_for(timeout, pred)
     }
 
     /// Tells the shipper the spool has new durable events.
@@ -1002,15 +1000,8 @@ fn supervise<S: Stream + Send + 'static, C: Connect<S>>(shared: &Arc<Shared>, mu
             s.reconnect_delay = delay;
         });
         shared.emit(ShipperEvent::Reconnecting { attempt, delay });
-        let until = Instant::now() + delay;
-        let mut s = lock(&shared.status);
-        while !shared.stopping() {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            s = shared.status_changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
-        }
+        // The backoff delay, cut short by a stop (which updates the status).
+        shared.status.wait_for(delay, |_| shared.stopping());
     }
     shared.update(|s| {
         s.state = LinkState::Stopped;
@@ -1486,7 +1477,7 @@ impl fmt::Debug for HashClient {
 impl HashClient {
     /// A snapshot of the shipper's state.
     pub fn status(&self) -> ShipperStatus {
-        lock(&self.shared.status).clone()
+        self.shared.status.get()
     }
 
     /// As [`ShipperHandle::wait_for`].
@@ -1495,7 +1486,7 @@ impl HashClient {
         timeout: Duration,
         pred: impl Fn(&ShipperStatus) -> bool,
     ) -> Option<ShipperStatus> {
-        wait_status(&self.shared, timeout, pred)
+        self.shared.status.wait_for(timeout, pred)
     }
 
     /// Tells the shipper the spool has new durable events.
@@ -1529,11 +1520,9 @@ impl HashClient {
             if left.is_zero() {
                 return Err(lost(0, "no connection to the target came up in time", &request));
             }
-            let s = lock(&shared.status);
-            let _ = shared
-                .status_changed
-                .wait_timeout(s, left.min(Duration::from_millis(100)))
-                .unwrap_or_else(|e| e.into_inner());
+            shared.status.wait_for(left.min(Duration::from_millis(100)), |s| {
+                s.state == LinkState::Shipping || shared.stopping()
+            });
         };
         let id = {
             let mut calls = lock(&shared.calls);
@@ -1606,25 +1595,5 @@ impl HashClient {
             });
         }
         Ok(reply)
-    }
-}
-
-/// Waits until `pred` holds for the shipper's status, or `timeout` passes.
-fn wait_status(
-    shared: &Shared,
-    timeout: Duration,
-    pred: impl Fn(&ShipperStatus) -> bool,
-) -> Option<ShipperStatus> {
-    let until = Instant::now() + timeout;
-    let mut s = lock(&shared.status);
-    loop {
-        if pred(&s) {
-            return Some(s.clone());
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        s = shared.status_changed.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
     }
 }
