@@ -45,50 +45,27 @@ pub trait BlockSource: Send + Sync {
     }
 }
 
-impl<S: BlockSource + ?Sized> BlockSource for &S {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
-        (**self).data_extents(range)
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
+/// A reference, an `Arc` or a `Box` of a source is that source.
+macro_rules! forward_block_source {
+    ($($wrapper:ty),+) => {$(
+        impl<S: BlockSource + ?Sized> BlockSource for $wrapper {
+            fn len(&self) -> u64 {
+                (**self).len()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                (**self).read_at(offset, buf)
+            }
+            fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+                (**self).data_extents(range)
+            }
+            fn describe(&self) -> String {
+                (**self).describe()
+            }
+        }
+    )+};
 }
 
-impl<S: BlockSource + ?Sized> BlockSource for Arc<S> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
-        (**self).data_extents(range)
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
-
-impl<S: BlockSource + ?Sized> BlockSource for Box<S> {
-    fn len(&self) -> u64 {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
-        (**self).data_extents(range)
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
+forward_block_source!(&S, Arc<S>, Box<S>);
 
 /// Checks that `offset .. offset + len` lies inside a volume of `size` bytes.
 pub(crate) fn check_bounds(offset: u64, len: usize, size: u64) -> io::Result<()> {
