@@ -551,18 +551,29 @@ fn a_resync_copy_racing_application_writes_leaves_the_replica_equal_to_the_devic
                 }
             });
         }
-        // Start once the writers are going, so that the copy races them.
+        // Start once the writers are going, so that the copy races them. On a loaded
+        // machine the writers may not run during one copy; copy again (each copy must
+        // leave the replica right on its own) until at least one write completed while a
+        // copy was in progress, or give up after 40 (640 MiB of a 1 GiB spool).
         while writes.load(Ordering::SeqCst) < 50 {
             thread::yield_now();
         }
-        let during_from = writes.load(Ordering::SeqCst);
-        let copied = r.tap.resync_copy(0, DEVICE, tidemark_tap::ZeroBlocks::Send).expect("copy");
-        let during = writes.load(Ordering::SeqCst) - during_from;
+        let mut attempts = 0;
+        let result = loop {
+            attempts += 1;
+            let during_from = writes.load(Ordering::SeqCst);
+            let copied =
+                r.tap.resync_copy(0, DEVICE, tidemark_tap::ZeroBlocks::Send).expect("copy");
+            let during = writes.load(Ordering::SeqCst) - during_from;
+            if during > 0 || attempts == 40 {
+                break (copied, during, attempts);
+            }
+        };
         stop.store(true, Ordering::SeqCst);
-        (copied, during)
+        result
     });
-    let (copied, during) = copied;
-    assert!(during > 0, "no application write raced the copy");
+    let (copied, during, attempts) = copied;
+    assert!(during > 0, "no application write raced any of {attempts} copies");
     assert!(copied.zero_bytes >= DEVICE / 5 / 2, "zero blocks not detected: {copied:?}");
     assert_eq!(copied.data_bytes + copied.zero_bytes, DEVICE);
     // A replica that held garbage before the copy: the events from the copy on make it
