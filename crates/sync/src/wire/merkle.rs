@@ -3,13 +3,17 @@
 //!
 //! The tree of a volume of `size` bytes with shape (`L` = leaf size, `F` = fan-out):
 //! - level 0 holds `max(1, ceil(size / L))` leaves; leaf `i` covers bytes
-//!   `i*L .. min((i+1)*L, size)` and its hash is `BLAKE3(0x00 || those bytes)`;
+//!   `i*L .. min((i+1)*L, size)` and its hash is `BLAKE3-keyed(K_leaf, those bytes)`;
 //! - level `k + 1` holds `ceil(n_k / F)` nodes; node `j` has the children
 //!   `j*F .. min((j+1)*F, n_k)` of level `k` and its hash is
-//!   `BLAKE3(0x01 || child hashes in order)`;
+//!   `BLAKE3-keyed(K_node, child hashes in order)`;
 //! - the root level is the first level with one node.
 //!
-//! The one-byte prefixes keep a leaf from ever hashing like an interior node. Both sides
+//! `K_leaf` and `K_node` are `BLAKE3-derive-key` of the contexts [`LEAF_CONTEXT`] and
+//! [`NODE_CONTEXT`] over empty key material: two different keys keep a leaf from ever
+//! hashing like an interior node. (A one-byte prefix would do the same but shifts the
+//! leaf's bytes off BLAKE3's 1 KiB chunk boundaries, which halves the hashing speed: the
+//! chunks of a leaf are no longer hashed side by side in SIMD lanes.) Both sides
 //! compute the same tree from the same shape and volume size (both sent in the protocol), so
 //! a node is named by `(level, index)` alone.
 //!
@@ -17,6 +21,7 @@
 //! and any `u64` volume size.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::{HASH_LEN, WireError};
 
@@ -145,18 +150,25 @@ impl TreeShape {
     }
 }
 
+/// Context string of the key that hashes leaves.
+pub const LEAF_CONTEXT: &str = "tidemark 2026-11 merkle leaf v1";
+/// Context string of the key that hashes interior nodes.
+pub const NODE_CONTEXT: &str = "tidemark 2026-11 merkle node v1";
+
+fn key(context: &'static str, cell: &'static OnceLock<[u8; 32]>) -> &'static [u8; 32] {
+    cell.get_or_init(|| blake3::derive_key(context, &[]))
+}
+
 /// The hash of a leaf's bytes.
 pub fn leaf_hash(data: &[u8]) -> NodeHash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[0x00]);
-    h.update(data);
-    NodeHash(*h.finalize().as_bytes())
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    NodeHash(*blake3::keyed_hash(key(LEAF_CONTEXT, &KEY), data).as_bytes())
 }
 
 /// The hash of an interior node from its children's hashes, in order.
 pub fn node_hash(children: &[NodeHash]) -> NodeHash {
-    let mut h = blake3::Hasher::new();
-    h.update(&[0x01]);
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let mut h = blake3::Hasher::new_keyed(key(NODE_CONTEXT, &KEY));
     for c in children {
         h.update(&c.0);
     }
