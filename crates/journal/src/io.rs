@@ -38,8 +38,27 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(())
     }
+    /// Hints that `len` bytes at `offset` will be read soon, so that the reading can start
+    /// now, in the background (`POSIX_FADV_WILLNEED` on a file). No promise; the default
+    /// does nothing.
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// A name for error messages.
     fn name(&self) -> String;
+}
+
+/// `posix_fadvise(fd, offset, len, POSIX_FADV_WILLNEED)`: starts reading the range into the
+/// page cache in the background.
+pub fn advise_will_need(fd: std::os::fd::RawFd, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Ok(()); // beyond off_t: nothing worth hinting
+    };
+    // SAFETY: posix_fadvise takes a descriptor and plain integers; it touches no memory of
+    // ours.
+    let r = unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED) };
+    if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { Ok(()) }
 }
 
 /// A flat directory of named files: where a journal keeps its segments and manifest.
@@ -129,6 +148,10 @@ impl BlockIo for FileIo {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        advise_will_need(self.file.as_raw_fd(), offset, len)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -927,6 +927,15 @@ impl RetentionLog {
         self.read_range(self.last_seq().max(self.base.seq), volume, offset, buf)
     }
 
+    /// Hints that [`RetentionLog::read_current`] will soon read `len` bytes at `offset` of
+    /// `volume`: the base image starts reading them in the background. Cheap, and safe to
+    /// call under a lock that readers share.
+    pub fn will_need_current(&self, volume: VolumeId, offset: u64, len: u64) {
+        if let Some(base) = self.volumes.get(usize::from(volume.0)) {
+            let _ = base.will_need(offset, len);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` of `volume` as they were right after event `seq`
     /// was applied, whether or not that is a recovery point (inside a resync window it is a
     /// state the source never had). For reading back the data of a retained write (the

@@ -1028,6 +1028,13 @@ impl BlockSource for ReplicaSource<'_> {
         lock(&self.inner.log).read_current(self.volume, offset, buf).map_err(io::Error::other)
     }
 
+    fn will_need(&self, range: std::ops::Range<u64>) {
+        let len = range.end.min(self.len).saturating_sub(range.start);
+        if len > 0 {
+            lock(&self.inner.log).will_need_current(self.volume, range.start, len);
+        }
+    }
+
     fn describe(&self) -> String {
         format!("replica volume {}", self.volume)
     }

@@ -225,6 +225,10 @@ impl BlockSource for TapSource {
         self.0.read(offset, buf).map_err(std::io::Error::other)
     }
 
+    fn will_need(&self, range: std::ops::Range<u64>) {
+        self.0.will_need(range.start, range.end.saturating_sub(range.start));
+    }
+
     fn describe(&self) -> String {
         "the protected device".to_owned()
     }

@@ -236,6 +236,12 @@ impl Tap {
             .map_err(|e| TapError::io("read", self.device_name.clone(), e))
     }
 
+    /// Hints that `len` bytes at `offset` of the protected device will be read soon (a
+    /// resync hashing the device): a device on a disk starts reading them in the background.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let _ = self.device.will_need(offset, len);
+    }
+
     /// Length of the protected device in bytes.
     pub fn device_len(&self) -> u64 {
         self.device_len

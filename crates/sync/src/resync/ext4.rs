@@ -509,6 +509,10 @@ impl<S: BlockSource> BlockSource for Ext4InUse<S> {
         self.inner.len()
     }
 
+    fn will_need(&self, range: Range<u64>) {
+        self.inner.will_need(range);
+    }
+
     /// The inner bytes of in-use blocks, zeros for the others.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         super::source::check_bounds(offset, buf.len(), self.len())?;

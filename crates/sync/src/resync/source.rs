@@ -39,6 +39,13 @@ pub trait BlockSource: Send + Sync {
         Ok(if range.is_empty() { Vec::new() } else { vec![range] })
     }
 
+    /// Hints that `range` will be read soon, so that a source on a disk can start reading
+    /// it in the background while the caller hashes what it read before. No promise, no
+    /// error; the default does nothing.
+    fn will_need(&self, range: Range<u64>) {
+        let _ = range;
+    }
+
     /// What the source is, for error messages (a device path, "memory volume").
     fn describe(&self) -> String {
         "block source".to_owned()
@@ -57,6 +64,9 @@ macro_rules! forward_block_source {
             }
             fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
                 (**self).data_extents(range)
+            }
+            fn will_need(&self, range: Range<u64>) {
+                (**self).will_need(range)
             }
             fn describe(&self) -> String {
                 (**self).describe()
@@ -155,6 +165,17 @@ impl BlockSource for FileSource {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         check_bounds(offset, buf.len(), self.len)?;
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn will_need(&self, range: Range<u64>) {
+        let end = range.end.min(self.len);
+        if range.start < end {
+            let _ = tidemark_journal::io::advise_will_need(
+                self.file.as_raw_fd(),
+                range.start,
+                end - range.start,
+            );
+        }
     }
 
     fn data_extents(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {

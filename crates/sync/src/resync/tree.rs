@@ -362,6 +362,14 @@ pub(crate) fn hash_leaves(
             }
             let mut slot = slots[i].lock().expect("slot lock not poisoned");
             let first = leaves.start + (i * per_chunk) as u64;
+            // Read ahead: the chunk some worker takes after the ones in hand now, so that
+            // a disk reads it while this one is hashed.
+            let ahead = first + (threads * per_chunk) as u64;
+            if ahead < leaves.end {
+                let to = (ahead + per_chunk as u64).min(leaves.end) - 1;
+                source
+                    .will_need(shape.leaf_bytes(size, ahead).start..shape.leaf_bytes(size, to).end);
+            }
             match hash_chunk(source, shape, first, &mut slot, &mut buf) {
                 Ok(bytes) => progress(bytes),
                 Err(e) => {
