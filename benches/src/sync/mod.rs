@@ -67,11 +67,18 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Figure>> {
             bail!("{tool} is needed by the sync benchmark (apt-get install rsync zstd e2fsprogs)");
         }
     }
+    // `TIDEMARK_SYNC_PARTS=resync` (or `ext4`) runs one family only, when working on it.
+    let parts = std::env::var("TIDEMARK_SYNC_PARTS").unwrap_or_else(|_| "resync,ext4".into());
+    let wanted = |p: &str| parts.split(',').any(|w| w.trim() == p);
     let mut figures = Vec::new();
-    let d = subdir(ctx, "resync")?;
-    figures.extend(resync::run(&d, scale).context("fast resync")?);
-    remove_dir(&d)?;
-
+    if wanted("resync") {
+        let d = subdir(ctx, "resync")?;
+        figures.extend(resync::run(&d, scale).context("fast resync")?);
+        remove_dir(&d)?;
+    }
+    if !wanted("ext4") {
+        return Ok(figures);
+    }
     let d = subdir(ctx, "ext4")?;
     let image = ext4img::build(&d, scale).context("building the ext4 image")?;
     figures.extend(initial::run(&d, &image).context("initial sync")?);
