@@ -92,13 +92,40 @@ pub(crate) fn check_bounds(offset: u64, len: usize, size: u64) -> io::Result<()>
 ///
 /// Reads are `pread(2)`, so any number of threads share one descriptor. For a regular file,
 /// [`BlockSource::data_extents`] asks the file system with `lseek(SEEK_DATA / SEEK_HOLE)`,
-/// so holes are neither read nor sent; for a device every byte is data.
+/// so holes are neither read nor sent. A block device has no such call: every byte is data,
+/// except on a loop device, whose unmapped space is the holes of its backing file (a
+/// discard on the loop device punches one): there the extents come from the backing file
+/// (found through `/sys/dev/block/M:m/loop/`), after one `fdatasync` of the device at open
+/// so that nothing written before it sits in the device's page cache unseen by the backing
+/// file. (A write after the open is the stream's business: the tap captures it.) The
+/// device's `BLKDISCARDZEROES` answer is kept ([`FileSource::discard_zeroes`]); Linux has
+/// answered 0 for every device since 4.12, so zero blocks are found by reading them, and
+/// the resync leaves them out of what it sends.
 #[derive(Debug)]
 pub struct FileSource {
     file: File,
     path: PathBuf,
     len: u64,
     device: bool,
+    /// For a loop device: its backing file and the loop's offset into it.
+    backing: Option<(File, u64)>,
+    discard_zeroes: bool,
+}
+
+/// `_IO(0x12, 124)`: does a discard leave zeros (deprecated; 0 since Linux 4.12).
+const BLKDISCARDZEROES: libc::c_ulong = 0x127c;
+
+/// The backing file and offset of loop device `rdev`, if it is one with a backing file.
+fn loop_backing(rdev: u64) -> Option<(File, u64)> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}/loop"));
+    let name = std::fs::read_to_string(sys.join("backing_file")).ok()?;
+    let name = name.trim_end_matches('\n');
+    if name.ends_with(" (deleted)") {
+        return None;
+    }
+    let offset = std::fs::read_to_string(sys.join("offset")).ok()?.trim().parse().ok()?;
+    Some((File::open(name).ok()?, offset))
 }
 
 impl FileSource {
@@ -116,6 +143,22 @@ impl FileSource {
         let meta =
             file.metadata().map_err(|source| ResyncError::Open { path: path.clone(), source })?;
         let device = meta.file_type().is_block_device();
+        let (mut backing, mut discard_zeroes) = (None, false);
+        if device {
+            let mut answer: libc::c_uint = 0;
+            // SAFETY: BLKDISCARDZEROES writes one unsigned int through the pointer, which
+            // points at `answer`, alive for the call.
+            let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARDZEROES as _, &mut answer) };
+            discard_zeroes = r == 0 && answer != 0;
+            use std::os::unix::fs::MetadataExt;
+            backing = loop_backing(meta.rdev());
+            if backing.is_some() {
+                // Push what the device's page cache holds to the backing file, whose extents
+                // are then read.
+                file.sync_data()
+                    .map_err(|source| ResyncError::Open { path: path.clone(), source })?;
+            }
+        }
         let len = if device {
             // A block device's metadata says 0 bytes; its end is where seeking to the end
             // lands. The file offset is never used for reads (they are positional).
@@ -125,7 +168,17 @@ impl FileSource {
         } else {
             meta.len()
         };
-        Ok(Self { file, path, len, device })
+        Ok(Self { file, path, len, device, backing, discard_zeroes })
+    }
+
+    /// True when the device says that a discard leaves zeros (`BLKDISCARDZEROES`).
+    pub fn discard_zeroes(&self) -> bool {
+        self.discard_zeroes
+    }
+
+    /// True when the data extents of this device come from a loop device's backing file.
+    pub fn extents_from_backing_file(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// The path the source was opened with.
@@ -140,12 +193,12 @@ impl FileSource {
 
     /// `lseek(fd, offset, whence)`; `None` when there is no such position (`ENXIO`: no data,
     /// or no hole, at or after `offset`).
-    fn seek_extent(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    fn seek_extent(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
         let off = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
         // SAFETY: lseek takes a descriptor this struct owns and plain integers; it touches no
         // memory of ours. It moves the shared file offset, which no read here uses.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
         if r < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::ENXIO) {
@@ -183,14 +236,18 @@ impl BlockSource for FileSource {
         if start >= end {
             return Ok(Vec::new());
         }
-        if self.device {
-            return Ok(std::iter::once(start..end).collect());
-        }
+        // Positions in `file` are `shift` bytes past those of the volume.
+        let (file, shift) = match (&self.backing, self.device) {
+            (_, false) => (&self.file, 0),
+            (Some((backing, offset)), true) => (backing, *offset),
+            (None, true) => return Ok(std::iter::once(start..end).collect()),
+        };
+        let file_end = shift + self.len;
         let mut out = Vec::new();
         let mut pos = start;
         while pos < end {
-            let data = match self.seek_extent(pos, libc::SEEK_DATA) {
-                Ok(Some(d)) => d,
+            let data = match Self::seek_extent(file, shift + pos, libc::SEEK_DATA) {
+                Ok(Some(d)) => d.max(shift) - shift,
                 Ok(None) => break,
                 // A file system without SEEK_DATA support: everything is data.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
@@ -201,7 +258,12 @@ impl BlockSource for FileSource {
             if data >= end {
                 break;
             }
-            let hole = self.seek_extent(data, libc::SEEK_HOLE)?.unwrap_or(self.len).min(end);
+            let hole = Self::seek_extent(file, shift + data, libc::SEEK_HOLE)?
+                .unwrap_or(file_end)
+                .min(file_end)
+                .max(shift)
+                - shift;
+            let hole = hole.min(end);
             if hole <= data {
                 // The file changed under us (truncated): be conservative.
                 out.push(data..end);
