@@ -13,10 +13,11 @@
 //! for them; boot; stream the console.
 //!
 //! The guest runs the suites one after the other, each between `TIDEMARK-LAB: begin
-//! <suite>` and `TIDEMARK-LAB: end <suite> <exit status>`. `ublk_lab` (the ublk frontend
-//! and dm-log-writes) and `ublk_replication` (ext4 written through a ublk device, replicated
-//! to a retention log in the same process, every bookmark materialized and fsck-checked)
-//! report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
+//! <suite>` and `TIDEMARK-LAB: end <suite> <exit status>`. `ublk_lab` (the ublk frontend,
+//! queue depth > 1, kill -9 + user recovery, dm-log-writes) and `ublk_replication` (ext4
+//! written through a ublk device, replicated to a retention log in the same process, every
+//! bookmark materialized and fsck-checked; then kill -9 of a source agent process, user
+//! recovery and the resync of its dirty regions over loopback TCP) report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
 //! `TIDEMARK_REQUIRE_NETNS=1`, so a missing namespace or qdisc fails instead of skipping,
 //! and its `test <name> ... ok` lines are read as they are. The lab passes only when every
 //! suite ran, exited 0, reported a summary matching its per-test lines, and every test

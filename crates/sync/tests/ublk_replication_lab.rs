@@ -17,6 +17,16 @@
 //! `e2fsck -fn` clean, and hold exactly the files written up to then (read with
 //! `debugfs rdump`, no mount needed); the latest point must equal the device.
 //!
+//! A second test kills the source agent: a child process (this binary, `agent ...`) holds
+//! the tap, its spool and write-intent map, the shipper, the `SourcePair` and the ublk
+//! server with user recovery, and ships over TCP on the guest's loopback to a receiver in
+//! the test process (which survives). Writers in the test process stream O_DIRECT writes
+//! through the device; the agent is killed with SIGKILL mid-stream; a new agent reopens the
+//! spool and the map, reattaches the device (`UblkServer::recover`) and its pair resyncs
+//! the map's dirty regions. Every acknowledged write must read back whole, the resync must
+//! have compared no more than the dirty regions (and less than the volume), and the
+//! replica must equal the device.
+//!
 //! - `ublk_replication_lab --lab`: the guest run; prints `TIDEMARK-LAB: PASS <test>` /
 //!   `TIDEMARK-LAB: FAIL <test>: <why>` per test, then `TIDEMARK-LAB: PASS <n> tests` or
 //!   `TIDEMARK-LAB: FAIL <k> of <n> tests`. A missing `/dev/ublk-control` is a failure.
@@ -27,10 +37,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use std::{env, thread};
 
@@ -42,6 +56,7 @@ use tidemark_journal::{
 use tidemark_sync::apply::{Receiver, ReceiverConfig};
 use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
 use tidemark_sync::pipe::duplex;
+use tidemark_sync::secure::{AllowedPeers, Keypair, SecureConfig};
 use tidemark_sync::ship::{Backoff, Shipper, ShipperConfig, ShipperHandle};
 use tidemark_sync::syncer::SyncerConfig;
 use tidemark_sync::wire::{Hello, PairId, Role, SUPPORTED_VERSIONS, VolumeInfo};
@@ -70,7 +85,9 @@ macro_rules! ensure {
 }
 
 fn main() -> ExitCode {
-    match env::args().nth(1).as_deref() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("agent") => agent_main(&args[1..]),
         Some("--lab") => lab_main(),
         _ => host_main(),
     }
@@ -554,6 +571,519 @@ fn test_latest(rig: &Rig, last: Seq) -> TestResult {
 }
 
 // ------------------------------------------------------------------------------------------
+// Kill -9 of the source agent, user recovery, resync of the dirty regions
+// ------------------------------------------------------------------------------------------
+
+/// The crash test's volume (small: the guest runs under TCG).
+const CRASH_VOLUME: u64 = 32 << 20;
+/// The crash test's intent-map region.
+const CRASH_REGION: u64 = 1 << 20;
+const CRASH_PAIR: PairId = PairId([0x2c; 16]);
+/// The crash test's writes: 64 KiB, so a torn one (part old, part new) would show.
+const CRASH_WRITE: usize = 64 << 10;
+const CRASH_WRITERS: u64 = 4;
+/// Blocks each writer may use: the writers stay inside the first 24 MiB of the volume.
+const CRASH_MAX_PER_WRITER: u64 = 96;
+/// Acknowledged writes (all writers) before the kill.
+const CRASH_KILL_AFTER: u64 = 40;
+/// Writes each writer makes after it saw the new agent attached.
+const CRASH_AFTER_RECOVERY: u64 = 6;
+
+/// Keys both processes derive (the agent is another process): fixed test secrets.
+fn crash_keys() -> (SecureConfig, SecureConfig) {
+    let s = Keypair::from_secret([0x51; 32]);
+    let t = Keypair::from_secret([0x7a; 32]);
+    let mut source = SecureConfig::new(s.clone(), AllowedPeers::from_keys([*t.public()]));
+    let mut target = SecureConfig::new(t, AllowedPeers::from_keys([*s.public()]));
+    source.io_timeout = Some(Duration::from_secs(10));
+    target.io_timeout = Some(Duration::from_secs(10));
+    (source, target)
+}
+
+fn crash_intent_cfg() -> IntentConfig {
+    IntentConfig { region_bytes: CRASH_REGION, max_hot_regions: 4096, max_runs: 1024 }
+}
+
+/// `agent --work DIR --port P [--recover DEV_ID]`: the source side of the crash test in its
+/// own process, shipping to `127.0.0.1:P`. Prints `READY <dev_id> <bytes of the regions the
+/// intent map held dirty when opened>`; answers each `synced` line on its standard input,
+/// once the pair streams (after its resync, when one was due) and the target acknowledged
+/// everything spooled, with `SYNCED <seq> <resyncs> <bytes the last resync compared> <max
+/// requests in flight on a queue>`; at the end of its input stops everything and prints
+/// `STOPPED`. Any failure prints `ERROR <why>`.
+fn agent_main(args: &[String]) -> ExitCode {
+    let mut work = None;
+    let mut port = None;
+    let mut recover = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--work" => work = it.next().map(PathBuf::from),
+            "--port" => port = it.next().and_then(|s| s.parse::<u16>().ok()),
+            "--recover" => recover = it.next().and_then(|s| s.parse::<u32>().ok()),
+            other => {
+                println!("ERROR unknown argument {other}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let (Some(work), Some(port)) = (work, port) else {
+        println!("ERROR agent needs --work and --port");
+        return ExitCode::FAILURE;
+    };
+    match run_agent(&work, port, recover) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            println!("ERROR {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn say(line: &str) -> TestResult {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).map_err(e("stdout"))
+}
+
+fn run_agent(work: &Path, port: u16, recover: Option<u32>) -> TestResult {
+    let device: Arc<dyn BlockIo> =
+        Arc::new(FileIo::open(work.join("volume.img")).map_err(e("open the volume"))?);
+    let size = device.len().map_err(e("volume length"))?;
+    fs::create_dir_all(work.join("spool")).map_err(e("spool dir"))?;
+    let spool_dir = Arc::new(FsDir::new(work.join("spool")).map_err(e("spool dir"))?);
+    let cfg = SpoolConfig { capacity_bytes: 128 << 20, segment_bytes: 8 << 20, key: None };
+    let (spool, _) =
+        Spool::open(spool_dir, cfg, Arc::new(SystemClock)).map_err(|err| chain(&err))?;
+    let map_path = work.join("intent.map");
+    let map_io: Arc<dyn BlockIo> = if map_path.exists() {
+        Arc::new(FileIo::open(&map_path).map_err(e("open the intent map"))?)
+    } else {
+        Arc::new(FileIo::create(&map_path, 0).map_err(e("create the intent map"))?)
+    };
+    let (intent, opened) =
+        IntentMap::open(map_io, size, crash_intent_cfg()).map_err(|err| chain(&err))?;
+    let dirty_bytes = opened.dirty.region_count() * CRASH_REGION;
+    let tap = Arc::new(
+        Tap::new(device.clone(), spool, intent, TapConfig::default()).map_err(|err| chain(&err))?,
+    );
+    let hello = Hello {
+        versions: SUPPORTED_VERSIONS,
+        role: Role::Source,
+        node: "crash-source".to_owned(),
+        pair: CRASH_PAIR,
+        volumes: vec![VolumeInfo { id: VolumeId(0), block_size: BLOCK as u32, size }],
+    };
+    let mut scfg = ShipperConfig::new(hello, crash_keys().0);
+    scfg.poll_interval = Duration::from_millis(10);
+    scfg.backoff =
+        Backoff { initial: Duration::from_millis(5), max: Duration::from_millis(100), factor: 2 };
+    let shipper = Shipper::new(tap.shared_spool(), scfg)
+        .start(move || {
+            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+        .map_err(|err| chain(&err))?;
+    let mut pcfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
+    pcfg.tick = Duration::from_millis(50);
+    pcfg.fresh = recover.is_none();
+    let pair =
+        SourcePair::start(tap.clone(), shipper.hash_client(), pcfg).map_err(|err| chain(&err))?;
+    let server = match recover {
+        Some(id) => UblkServer::recover(id, UblkConfig::default(), tap.clone(), device),
+        None => UblkServer::start(UblkConfig::default(), tap.clone(), device),
+    }
+    .map_err(|err| chain(&err))?;
+    let resync_due = recover.is_none() || opened.dirty.region_count() > 0;
+    say(&format!("READY {} {dirty_bytes}", server.dev_id()))?;
+
+    for line in std::io::stdin().lock().lines() {
+        if line.map_err(e("stdin"))?.trim() != "synced" {
+            continue;
+        }
+        let status = pair
+            .wait_for(PATIENCE, |s| {
+                s.stage == PairStage::DiffSync && (s.resyncs >= 1 || !resync_due)
+            })
+            .ok_or_else(|| format!("the pair did not reach diff sync: {:?}", pair.status()))?;
+        let last = tap.sync_spool().map_err(|err| chain(&err))?;
+        shipper.notify();
+        shipper
+            .wait_for(PATIENCE, |s| s.acked >= last)
+            .ok_or_else(|| format!("not caught up to seq {last}: {:?}", shipper.status()))?;
+        let compared = status.last_resync.as_ref().map_or(0, |r| r.volume_bytes);
+        say(&format!(
+            "SYNCED {} {} {compared} {}",
+            last.0,
+            status.resyncs,
+            server.stats().max_in_flight
+        ))?;
+    }
+    server.stop().map_err(|err| chain(&err))?;
+    pair.stop();
+    shipper.stop();
+    let tap = Arc::try_unwrap(tap).map_err(|_| "the tap is still shared".to_owned())?;
+    tap.close().map_err(|err| chain(&err))?;
+    say("STOPPED")
+}
+
+/// An agent child process.
+struct Agent {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    dev_id: u32,
+    /// Bytes of the regions its intent map held dirty when it opened it.
+    dirty_bytes: u64,
+    reaped: bool,
+}
+
+/// What an agent said when asked `synced`.
+struct Synced {
+    seq: u64,
+    resyncs: u64,
+    compared: u64,
+    max_in_flight: u64,
+}
+
+impl Agent {
+    fn spawn(work: &Path, port: u16, recover: Option<u32>) -> TestResult<Agent> {
+        let exe = env::current_exe().map_err(e("current exe"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("agent").arg("--work").arg(work).arg("--port").arg(port.to_string());
+        if let Some(id) = recover {
+            cmd.arg("--recover").arg(id.to_string());
+        }
+        let mut child =
+            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().map_err(e("spawn agent"))?;
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().map(BufReader::new);
+        let mut agent = Agent {
+            child,
+            stdin,
+            out: out.ok_or("no agent stdout")?,
+            dev_id: 0,
+            dirty_bytes: 0,
+            reaped: false,
+        };
+        let line = agent.line()?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["READY", id, dirty] => {
+                agent.dev_id = id.parse().map_err(e("device id"))?;
+                agent.dirty_bytes = dirty.parse().map_err(e("dirty bytes"))?;
+                Ok(agent)
+            }
+            _ => Err(format!("the agent did not start: {line}")),
+        }
+    }
+
+    fn line(&mut self) -> TestResult<String> {
+        let mut line = String::new();
+        let n = self.out.read_line(&mut line).map_err(e("agent output"))?;
+        ensure!(n > 0, "the agent ended without a word");
+        Ok(line.trim().to_owned())
+    }
+
+    fn synced(&mut self) -> TestResult<Synced> {
+        let stdin = self.stdin.as_mut().ok_or("agent input closed")?;
+        writeln!(stdin, "synced").and_then(|()| stdin.flush()).map_err(e("agent input"))?;
+        let line = self.line()?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |s: &str| s.parse::<u64>().map_err(e("agent's number"));
+        match words.as_slice() {
+            ["SYNCED", seq, resyncs, compared, max] => Ok(Synced {
+                seq: num(seq)?,
+                resyncs: num(resyncs)?,
+                compared: num(compared)?,
+                max_in_flight: num(max)?,
+            }),
+            _ => Err(format!("the agent did not sync: {line}")),
+        }
+    }
+
+    /// Closes its input: it stops everything and must say `STOPPED` and exit 0.
+    fn stop(mut self) -> TestResult {
+        drop(self.stdin.take());
+        let line = self.line()?;
+        let status = self.child.wait().map_err(e("wait for the agent"))?;
+        self.reaped = true;
+        ensure!(status.success() && line == "STOPPED", "the agent ended with {status}: {line}");
+        Ok(())
+    }
+
+    /// SIGKILL, and reaped.
+    fn kill(mut self) -> TestResult {
+        self.child.kill().map_err(e("kill -9 the agent"))?;
+        self.child.wait().map_err(e("reap the agent"))?;
+        self.reaped = true;
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A receiver serving every connection accepted on a loopback port, until dropped.
+struct TcpTarget {
+    receiver: Receiver,
+    port: u16,
+    stopping: Arc<AtomicBool>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl TcpTarget {
+    fn start(dir: &Path) -> TestResult<TcpTarget> {
+        fs::create_dir_all(dir.join("journal")).map_err(e("target dir"))?;
+        let base: Arc<dyn BlockIo> = Arc::new(
+            FileIo::create(dir.join("base.img"), CRASH_VOLUME).map_err(e("blank base image"))?,
+        );
+        let journal_dir = Arc::new(FsDir::new(dir.join("journal")).map_err(e("journal dir"))?);
+        let (log, _) = RetentionLog::open(
+            journal_dir,
+            vec![base],
+            RetentionConfig { segment_bytes: 8 << 20, ..Default::default() },
+            Arc::new(SystemClock),
+        )
+        .map_err(|err| chain(&err))?;
+        let mut rcfg = ReceiverConfig::new("crash-target", CRASH_PAIR, crash_keys().1);
+        rcfg.sync_bytes = 1 << 20;
+        let receiver = Receiver::new(log, rcfg).map_err(|err| chain(&err))?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(e("listen"))?;
+        let port = listener.local_addr().map_err(e("listen address"))?.port();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (served, stop) = (receiver.clone(), stopping.clone());
+        let acceptor = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Ok(stream) = stream {
+                    let _ = stream.set_nodelay(true);
+                    let r = served.clone();
+                    thread::spawn(move || {
+                        let _ = r.serve(stream);
+                    });
+                }
+            }
+        });
+        Ok(TcpTarget { receiver, port, stopping, acceptor: Some(acceptor) })
+    }
+}
+
+impl Drop for TcpTarget {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        // Wake the acceptor with a connection of our own.
+        let _ = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        self.receiver.shutdown();
+    }
+}
+
+/// A buffer aligned for O_DIRECT, without unsafe code: a larger vector and the aligned
+/// window into it.
+struct Aligned {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let align = BLOCK as usize;
+        let raw = vec![0u8; len + align];
+        let start = (align - raw.as_ptr() as usize % align) % align;
+        Aligned { raw, start, len }
+    }
+    fn get(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn open_direct(path: &Path) -> TestResult<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(e(&format!("open {} O_DIRECT", path.display())))
+}
+
+/// Block `i` of the crash test: a pattern with its number in the first 8 bytes.
+fn crash_block(i: u64) -> Vec<u8> {
+    let mut b = pattern(7_000 + i, CRASH_WRITE);
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    b
+}
+
+/// Writer `t` of the crash test: writes blocks `t`, `t + WRITERS`, ... in turn (O_DIRECT,
+/// each acknowledged before the next), counting acknowledgements in `acked`, until it has
+/// made [`CRASH_AFTER_RECOVERY`] writes after `recovered` was set (or used all its blocks).
+/// Returns how many blocks it wrote.
+fn crash_writer(dev: &Path, t: u64, acked: &AtomicU64, recovered: &AtomicBool) -> TestResult<u64> {
+    let file = open_direct(dev)?;
+    let mut buf = Aligned::new(CRASH_WRITE);
+    let mut after = 0;
+    for k in 0..CRASH_MAX_PER_WRITER {
+        if after >= CRASH_AFTER_RECOVERY {
+            file.sync_all().map_err(e("fsync"))?;
+            return Ok(k);
+        }
+        if recovered.load(Ordering::Acquire) {
+            after += 1;
+        }
+        let i = t + CRASH_WRITERS * k;
+        buf.get().copy_from_slice(&crash_block(i));
+        file.write_all_at(buf.get(), i * CRASH_WRITE as u64)
+            .map_err(e(&format!("writer {t}: write of block {i}")))?;
+        acked.fetch_add(1, Ordering::AcqRel);
+    }
+    file.sync_all().map_err(e("fsync"))?;
+    Ok(CRASH_MAX_PER_WRITER)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> TestResult {
+    let start = Instant::now();
+    while !done() {
+        ensure!(start.elapsed() < PATIENCE, "timed out after {PATIENCE:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The kill -9 test (see the module documentation).
+fn test_kill9_recovery(work: &Path) -> TestResult<String> {
+    fs::create_dir_all(work).map_err(e("mkdir work"))?;
+    FileIo::create(work.join("volume.img"), CRASH_VOLUME).map_err(e("create the volume"))?;
+    let target = TcpTarget::start(&work.join("target"))?;
+    let first = Agent::spawn(work, target.port, None)?;
+    let dev_id = first.dev_id;
+    let mut first = first;
+    let initial = first.synced()?;
+    ensure!(initial.resyncs >= 1, "the first agent's initial sync did not run");
+    let dev = PathBuf::from(format!("{}{dev_id}", ublk::sys::BLOCK_PREFIX));
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let recovered = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..CRASH_WRITERS)
+        .map(|t| {
+            let (dev, acked, recovered) = (dev.clone(), acked.clone(), recovered.clone());
+            thread::spawn(move || crash_writer(&dev, t, &acked, &recovered))
+        })
+        .collect();
+    let waited = wait_until("the writes before the kill", || {
+        acked.load(Ordering::Acquire) >= CRASH_KILL_AFTER || writers.iter().all(|w| w.is_finished())
+    });
+    first.kill()?;
+    let acked_at_kill = acked.load(Ordering::Acquire);
+    waited?;
+    ensure!(
+        !writers.iter().all(|w| w.is_finished()),
+        "the writers ended before the kill: {acked_at_kill} writes"
+    );
+
+    // Writes are in progress at the kill, so the map normally holds dirty regions. If every
+    // write before the kill had been acknowledged and cleared already, kill the new agent
+    // again mid-write (the writers keep going until `recovered` is set).
+    let mut kills = 1;
+    let mut second = loop {
+        let agent = Agent::spawn(work, target.port, Some(dev_id))?;
+        ensure!(agent.dev_id == dev_id, "recovered device {}, expected {dev_id}", agent.dev_id);
+        if agent.dirty_bytes > 0 || kills >= 5 {
+            break agent;
+        }
+        let at = acked.load(Ordering::Acquire);
+        wait_until("writes through the recovered agent", || {
+            acked.load(Ordering::Acquire) >= at + 8 || writers.iter().all(|w| w.is_finished())
+        })?;
+        agent.kill()?;
+        kills += 1;
+    };
+    recovered.store(true, Ordering::Release);
+    wait_until("the writers after recovery", || writers.iter().all(|w| w.is_finished()))?;
+    let mut written = Vec::new();
+    for (t, w) in writers.into_iter().enumerate() {
+        let count = w.join().map_err(|_| format!("writer {t} panicked"))??;
+        written.push(count);
+    }
+
+    // No acknowledged write lost or torn: each block reads back whole through the device,
+    // and the rest of the writers' area still holds zeros.
+    let span = CRASH_WRITERS * CRASH_MAX_PER_WRITER * CRASH_WRITE as u64;
+    let file = open_direct(&dev)?;
+    let mut buf = Aligned::new(CRASH_WRITE);
+    for i in 0..span / CRASH_WRITE as u64 {
+        file.read_exact_at(buf.get(), i * CRASH_WRITE as u64).map_err(e("read back"))?;
+        let (t, k) = (i % CRASH_WRITERS, i / CRASH_WRITERS);
+        let expected =
+            if k < written[t as usize] { crash_block(i) } else { vec![0u8; CRASH_WRITE] };
+        ensure!(
+            buf.get()[..] == expected[..],
+            "block {i} (writer {t}, write {k} of {}) reads back wrong (bytes 0..8: {:?})",
+            written[t as usize],
+            &buf.get()[..8]
+        );
+    }
+    drop(file);
+
+    let synced = second.synced()?;
+    let dirty = second.dirty_bytes;
+    second.stop()?;
+    ensure!(dirty > 0, "the intent map held no dirty region after the kill");
+    ensure!(synced.resyncs >= 1, "the recovered agent's pair ran no resync");
+    ensure!(
+        synced.compared <= dirty && synced.compared < CRASH_VOLUME,
+        "the resync compared {} bytes; the map's dirty regions hold {dirty}, the volume {CRASH_VOLUME}",
+        synced.compared
+    );
+
+    // The replica's latest point is the device, byte for byte.
+    let device = FileIo::open_read_only(work.join("volume.img")).map_err(e("open the volume"))?;
+    let mut replica = vec![0u8; 4 << 20];
+    let mut local = vec![0u8; 4 << 20];
+    target.receiver.with_log(|log| {
+        let latest = log.resolve(&RecoveryPoint::Latest).map_err(|err| chain(&err))?;
+        ensure!(
+            latest.seq.0 == synced.seq,
+            "latest point at seq {}, the agent spooled up to {}",
+            latest.seq,
+            synced.seq
+        );
+        let mut at = 0;
+        while at < CRASH_VOLUME {
+            let n = (CRASH_VOLUME - at).min(replica.len() as u64) as usize;
+            log.read_at(&latest, VolumeId(0), at, &mut replica[..n]).map_err(|err| chain(&err))?;
+            device.read_at(&mut local[..n], at).map_err(e("read the volume"))?;
+            if let Some(i) = replica[..n].iter().zip(&local[..n]).position(|(a, b)| a != b) {
+                return Err(format!(
+                    "the replica differs from the device at byte {}",
+                    at + i as u64
+                ));
+            }
+            at += n as u64;
+        }
+        Ok(())
+    })?;
+    Ok(format!(
+        "killed after {acked_at_kill} acknowledged writes ({} in all, {kills} kill(s)); resync compared {} KiB of {} KiB dirty, volume {} KiB; max in flight on a queue after recovery {}",
+        written.iter().sum::<u64>(),
+        synced.compared >> 10,
+        dirty >> 10,
+        CRASH_VOLUME >> 10,
+        synced.max_in_flight
+    ))
+}
+
+// ------------------------------------------------------------------------------------------
 // Drivers
 // ------------------------------------------------------------------------------------------
 
@@ -639,6 +1169,12 @@ fn run_all(work: &Path) -> ExitCode {
         Some(rig) => rig.stop(),
         None => Err("needs repl_protect_initial_sync".into()),
     });
+    let crash = tally.report("repl_kill9_agent_user_recovery_resyncs_dirty_regions", || {
+        test_kill9_recovery(&work.join("crash"))
+    });
+    if let Some(info) = crash {
+        println!("{PREFIX} info kill -9: {info}");
+    }
     tally.finish()
 }
 

@@ -3,8 +3,8 @@
 //! device-mapper), built as a test binary without the libtest harness.
 //!
 //! - `ublk_lab --lab`: every test, on the guest's virtio disks (`/dev/vda` behind the ublk
-//!   device, `/dev/vdb` + `/dev/vdc` for dm-log-writes, `/dev/vdd` behind the recovery
-//!   device), printing `TIDEMARK-LAB: PASS <test>` / `TIDEMARK-LAB: FAIL <test>: <why>`
+//!   device of tests 1-3 and then of test 6, `/dev/vdb` + `/dev/vdc` for dm-log-writes,
+//!   `/dev/vdd` behind the recovery device), printing `TIDEMARK-LAB: PASS <test>` / `TIDEMARK-LAB: FAIL <test>: <why>`
 //!   per test and a last line `TIDEMARK-LAB: PASS <n> tests` or `TIDEMARK-LAB: FAIL <k> of
 //!   <n> tests`.
 //! - `ublk_lab serve ...`: a ublk server in its own process, for the kill -9 test.
@@ -637,6 +637,123 @@ fn test_recovery(backing: &Path, work: &Path) -> Result<String, String> {
 }
 
 // ------------------------------------------------------------------------------------------
+// Test 6: many requests in flight on one queue
+// ------------------------------------------------------------------------------------------
+
+/// A small xorshift generator, so that the load is reproducible per thread.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Test 6: one queue (depth 64, 8 workers) under a load of eight O_DIRECT threads: writes
+/// of 4 to 128 KiB at random offsets of a shared 16 MiB area (they overlap each other),
+/// an fsync every eight writes, and in each thread's private 1 MiB area a write read back
+/// and compared at once. Rounds of load run until the server reports that requests of the
+/// queue were served concurrently (max in-flight >= 2; a deadline only fails the test).
+/// Then the spool replayed over the area as it was before equals the device, which holds
+/// only if overlapping writes reached the device and the spool in the same order.
+fn test_queue_depth(backing: &Path, work: &Path) -> Result<String, String> {
+    const SHARED: u64 = 16 << 20;
+    const PRIVATE: u64 = 1 << 20;
+    const THREADS: u64 = 8;
+    const WRITES: u64 = 24;
+    const AREA: u64 = SHARED + THREADS * PRIVATE;
+    let before = read_device(backing, AREA)?;
+    let (tap, device) = open_tap(backing, work, CompletionPolicy::Spooled)?;
+    let config = UblkConfig { queues: 1, depth: 64, workers: 8, ..UblkConfig::default() };
+    let server = UblkServer::start(config, tap.clone(), device).map_err(|err| chain(&err))?;
+    let dev = server.block_path();
+    let started = Instant::now();
+    let mut rounds = 0u64;
+    let loaded = loop {
+        rounds += 1;
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let dev = dev.clone();
+                let seed = rounds * 1000 + t;
+                thread::spawn(move || -> TestResult {
+                    let file = open_direct(&dev, 0)?;
+                    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+                    let mut buf = Aligned::new(128 << 10);
+                    let mut back = Aligned::new(128 << 10);
+                    for i in 0..WRITES {
+                        let len = (1 + rng.below(32)) as usize * BLOCK;
+                        let at = rng.below((SHARED - len as u64) / BLOCK as u64) * BLOCK as u64;
+                        buf.get()[..len].copy_from_slice(&pattern(seed * 100 + i, len));
+                        file.write_all_at(&buf.get()[..len], at).map_err(e("shared write"))?;
+                        let mine =
+                            SHARED + t * PRIVATE + rng.below(PRIVATE / (128 << 10)) * (128 << 10);
+                        buf.get()[..len].copy_from_slice(&pattern(seed * 100 + i + 50, len));
+                        file.write_all_at(&buf.get()[..len], mine).map_err(e("private write"))?;
+                        file.read_exact_at(&mut back.get()[..len], mine)
+                            .map_err(e("private read"))?;
+                        ensure!(
+                            back.get()[..len] == buf.get()[..len],
+                            "thread {t} write {i}: {len} bytes at {mine} read back different: {}",
+                            first_difference(&back.get()[..len], &buf.get()[..len])
+                        );
+                        if i % 8 == 7 {
+                            file.sync_all().map_err(e("fsync"))?;
+                        }
+                    }
+                    file.sync_all().map_err(e("fsync"))
+                })
+            })
+            .collect();
+        let mut failed = None;
+        for handle in threads {
+            let outcome = handle.join().unwrap_or_else(|_| Err("a load thread panicked".into()));
+            if let Err(err) = outcome {
+                failed.get_or_insert(err);
+            }
+        }
+        if let Some(err) = failed {
+            break Err(err);
+        }
+        let stats = server.stats();
+        if stats.max_in_flight >= 2 {
+            break Ok(stats);
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            break Err(format!(
+                "after {rounds} rounds no two requests of the queue were served at once: {stats:?}"
+            ));
+        }
+    };
+    let per_queue = server.max_in_flight_per_queue();
+    let stopped = server.stop().map_err(|err| chain(&err));
+    let stats = loaded?;
+    stopped?;
+    ensure!(stats.errors == 0, "requests failed: {stats:?}");
+    let tap = Arc::try_unwrap(tap).map_err(|_| "the tap is still shared after stop".to_string())?;
+    tap.close().map_err(|err| chain(&err))?;
+
+    let events = spooled_events(work)?;
+    let mut image = before;
+    replay(&events, &mut image)?;
+    same("spool replayed over the area vs the device", &image, &read_device(backing, AREA)?)?;
+    let barriers = events.iter().filter(|e| e.is_point()).count();
+    ensure!(barriers > 0, "no barrier in the spool ({} events)", events.len());
+    Ok(format!(
+        "{rounds} round(s) of {THREADS} threads; max in flight per queue {per_queue:?} (depth 64, 8 workers); {} writes, {} flushes, {} reads; {} events replayed",
+        stats.writes,
+        stats.flushes,
+        stats.reads,
+        events.len()
+    ))
+}
+
+// ------------------------------------------------------------------------------------------
 // Drivers
 // ------------------------------------------------------------------------------------------
 
@@ -709,6 +826,13 @@ fn lab_main() -> ExitCode {
         println!("{PREFIX} info recovery: {info}");
     }
     tally(recovery.is_some());
+    let depth = report("ublk_queue_depth_concurrent_requests", || {
+        test_queue_depth(Path::new("/dev/vda"), &work.join("t6"))
+    });
+    if let Some(info) = &depth {
+        println!("{PREFIX} info queue depth: {info}");
+    }
+    tally(depth.is_some());
 
     if passed == total {
         println!("{PREFIX} PASS {total} tests");

@@ -19,10 +19,19 @@
 //! data; it was never acknowledged in between, so the replica's history stays a possible
 //! one).
 //!
+//! **Concurrency.** Each queue has one ring thread (the driver requires every command of a
+//! queue to come from one task) and [`UblkConfig::workers`] worker threads, so up to
+//! `depth` requests of a queue are in flight at once (`queue` documents the details). The
+//! capture order rule holds with any number in flight because a request is committed to
+//! the driver only after its tap call returned: a write is in the spool before its
+//! completion reaches the block layer, hence before any FLUSH that must cover it is issued.
+//! Overlapping mutations in flight together run one after the other, in the order the
+//! driver delivered them, so the device and the spool see them in the same order.
+//! [`UblkStats::max_in_flight`] reports the concurrency reached.
+//!
 //! Layout: [`sys`] declares the kernel ABI by hand (no bindgen); `os` holds every unsafe
-//! operation (rings, mmaps, prctl) behind a safe API; `ctrl` wraps the control commands;
-//! `queue` is a queue thread. One thread and one ring per queue; the driver requires every
-//! command of a queue to come from one task.
+//! operation (rings, mmaps, eventfd, prctl) behind a safe API; `ctrl` wraps the control
+//! commands; `queue` is a queue's ring thread and workers.
 
 use std::fs::File;
 use std::io;
@@ -57,6 +66,9 @@ pub struct UblkConfig {
     pub queues: u16,
     /// Requests in flight per queue (tags).
     pub depth: u16,
+    /// Worker threads per queue serving requests concurrently (at most `depth` are used).
+    /// With 1, a queue serves its requests one at a time.
+    pub workers: u16,
     /// Largest request in bytes (each tag has a buffer of this size).
     pub max_io_bytes: u32,
     /// log2 of the logical block size (9 to 12).
@@ -74,6 +86,7 @@ impl Default for UblkConfig {
         Self {
             queues: 1,
             depth: 64,
+            workers: 8,
             max_io_bytes: 512 << 10,
             logical_block_shift: 9,
             physical_block_shift: 12,
@@ -99,6 +112,9 @@ impl UblkConfig {
                 self.depth,
                 sys::MAX_QUEUE_DEPTH
             ));
+        }
+        if self.workers == 0 {
+            return bad("ublk workers 0: a queue needs at least one worker thread".into());
         }
         if self.max_io_bytes < 4096
             || self.max_io_bytes > sys::MAX_IO_BUF_BYTES
@@ -152,6 +168,9 @@ pub struct UblkStats {
     pub bytes_written: u64,
     /// Requests completed with an error.
     pub errors: u64,
+    /// The most requests of one queue served at the same time (their backing I/O or tap
+    /// call running together), over every queue.
+    pub max_in_flight: u64,
 }
 
 /// Whether the ublk driver is usable here: `Ok` when `control_path` opens.
@@ -173,6 +192,7 @@ pub struct UblkServer {
     queues: Vec<JoinHandle<Result<()>>>,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
+    workers: u16,
     stopped: bool,
 }
 
@@ -210,7 +230,7 @@ impl UblkServer {
             depth = info.queue_depth,
             "ublk device added"
         );
-        let mut server = Self::new(dev_id, info, control);
+        let mut server = Self::new(dev_id, info, control, config.workers);
         let started = (|| {
             server.lock_control().set_params(dev_id, params(&config, &info, device_len))?;
             server.spawn_queues(&tap, &device)?;
@@ -229,13 +249,15 @@ impl UblkServer {
     /// Reattaches to device `dev_id`, whose previous server died (it was created with
     /// [`UblkConfig::user_recovery`]): waits until the driver has noticed, fetches every tag
     /// again and resumes I/O. Requests the dead server had not completed are re-issued to
-    /// this one. Only `control_path` is used from `config`; the shape comes from the driver.
+    /// this one. Only `control_path` and `workers` are used from `config`; the shape comes
+    /// from the driver.
     pub fn recover(
         dev_id: u32,
         config: UblkConfig,
         tap: Arc<Tap>,
         device: Arc<dyn BlockIo>,
     ) -> Result<Self> {
+        config.validate()?;
         let mut control = Control::open(&config.control_path)?;
         let info = control.dev_info(dev_id)?;
         if info.flags & sys::F_USER_RECOVERY == 0 {
@@ -245,7 +267,7 @@ impl UblkServer {
             )));
         }
         control.start_user_recovery(dev_id)?;
-        let mut server = Self::new(dev_id, info, control);
+        let mut server = Self::new(dev_id, info, control, config.workers);
         let recovered = (|| {
             server.spawn_queues(&tap, &device)?;
             server.lock_control().end_user_recovery(dev_id, std::process::id())
@@ -264,7 +286,7 @@ impl UblkServer {
         Ok(server)
     }
 
-    fn new(dev_id: u32, info: sys::DevInfo, control: Control) -> Self {
+    fn new(dev_id: u32, info: sys::DevInfo, control: Control, workers: u16) -> Self {
         UblkServer {
             dev_id,
             info,
@@ -272,7 +294,8 @@ impl UblkServer {
             char_dev: None,
             queues: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
-            counters: Arc::new(Counters::default()),
+            counters: Arc::new(Counters::new(info.nr_hw_queues)),
+            workers,
             stopped: false,
         }
     }
@@ -293,6 +316,7 @@ impl UblkServer {
                 dev_id: self.dev_id,
                 q_id,
                 depth: self.info.queue_depth,
+                workers: self.workers,
                 tap: tap.clone(),
                 device: device.clone(),
                 counters: self.counters.clone(),
@@ -358,7 +382,13 @@ impl UblkServer {
             bytes_read: get(&c.bytes_read),
             bytes_written: get(&c.bytes_written),
             errors: get(&c.errors),
+            max_in_flight: c.queues.iter().map(|q| get(&q.max_busy)).max().unwrap_or(0),
         }
+    }
+
+    /// Per queue (indexed by queue id): the most requests served at the same time so far.
+    pub fn max_in_flight_per_queue(&self) -> Vec<u64> {
+        self.counters.queues.iter().map(|q| q.max_busy.load(Ordering::Relaxed)).collect()
     }
 
     /// Removes the device: STOP_DEV (the disk goes away, after the I/O its removal issues
@@ -479,6 +509,7 @@ mod tests {
         for bad in [
             UblkConfig { queues: 0, ..base.clone() },
             UblkConfig { depth: 0, ..base.clone() },
+            UblkConfig { workers: 0, ..base.clone() },
             UblkConfig { depth: sys::MAX_QUEUE_DEPTH + 1, ..base.clone() },
             UblkConfig { max_io_bytes: 1000, ..base.clone() },
             UblkConfig { max_io_bytes: sys::MAX_IO_BUF_BYTES * 2, ..base.clone() },

@@ -1,7 +1,8 @@
 //! Every unsafe operation of the ublk frontend, behind a safe API: the control ring
 //! (SQE128 `IORING_OP_URING_CMD` on `/dev/ublk-control`), a queue's ring with its
 //! descriptor table (mmapped read-only from `/dev/ublkcN`) and its request buffers
-//! (anonymous memory the driver copies request data into and out of), and `prctl`.
+//! (anonymous memory the driver copies request data into and out of), the eventfd that
+//! wakes a queue's ring when a worker finished a request, and `prctl`.
 //!
 //! The contract of io_uring is that memory named by a submitted entry stays valid until the
 //! entry's completion is reaped. The control ring waits for each command's completion
@@ -13,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::mem::size_of;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -271,7 +272,12 @@ pub(super) struct QueueRing {
     outstanding: usize,
     /// Per tag: whether the server holds it (its fetch completed, not yet committed).
     held: Vec<bool>,
+    /// Whether a poll on the wake eventfd is submitted and not completed.
+    wake_armed: bool,
 }
+
+/// `user_data` of the poll on the wake eventfd (tags are below 4096).
+const WAKE_USER_DATA: u64 = u64::MAX;
 
 impl std::fmt::Debug for QueueRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -294,7 +300,8 @@ impl QueueRing {
     ) -> io::Result<QueueRing> {
         let descs = DescTable::map(char_dev, q_id, depth)?;
         let bufs = IoBuffers::new(depth, buf_bytes)?;
-        let ring = IoUring::builder().build(u32::from(depth).next_power_of_two())?;
+        // One entry per tag, plus the wake poll.
+        let ring = IoUring::builder().build((u32::from(depth) + 1).next_power_of_two())?;
         Ok(QueueRing {
             ring,
             descs,
@@ -303,7 +310,26 @@ impl QueueRing {
             q_id,
             outstanding: 0,
             held: vec![false; usize::from(depth)],
+            wake_armed: false,
         })
+    }
+
+    /// Queues a one-shot poll for input on `wake` (an eventfd) unless one is pending: its
+    /// completion ends the next [`QueueRing::wait`] once the eventfd is written. The fd
+    /// must stay open as long as this ring (the caller keeps it).
+    pub(super) fn arm_wake(&mut self, wake: RawFd) -> io::Result<()> {
+        if self.wake_armed {
+            return Ok(());
+        }
+        let entry = opcode::PollAdd::new(types::Fd(wake), libc::POLLIN as u32)
+            .build()
+            .user_data(WAKE_USER_DATA);
+        // SAFETY: a poll names no memory of this process, only the fd, which outlives the
+        // ring (the caller's contract above).
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("ublk queue ring full"))?;
+        self.wake_armed = true;
+        Ok(())
     }
 
     fn push_cmd(&mut self, op: u32, tag: u16, result: i32) -> io::Result<()> {
@@ -355,6 +381,10 @@ impl QueueRing {
             Err(e) => return Err(e),
         }
         for cqe in self.ring.completion() {
+            if cqe.user_data() == WAKE_USER_DATA {
+                self.wake_armed = false;
+                continue;
+            }
             let tag = u16::try_from(cqe.user_data()).unwrap_or(u16::MAX);
             if usize::from(tag) >= self.held.len() {
                 continue;
@@ -403,6 +433,19 @@ pub(super) fn set_io_flusher() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// A new non-blocking eventfd (counter 0): writing 8 bytes adds to the counter, reading
+/// them returns it and resets it.
+pub(super) fn eventfd() -> io::Result<File> {
+    // SAFETY: eventfd takes integer arguments only.
+    let fd: RawFd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd, is open, and nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(File::from(owned))
 }
 
 /// Opens a ublk char device for its queues.
