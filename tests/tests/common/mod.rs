@@ -71,6 +71,11 @@ impl Replication {
     /// Starts shipping `spool` (of a volume of `size` bytes) to a new retention log over a
     /// zeroed base image in memory.
     pub fn start(spool: Arc<Mutex<Spool>>, size: u64) -> Replication {
+        Self::start_with_link(spool, size, true)
+    }
+
+    /// As [`Replication::start`], with the link up or down from the start.
+    pub fn start_with_link(spool: Arc<Mutex<Spool>>, size: u64, up: bool) -> Replication {
         let base: Arc<dyn BlockIo> = Arc::new(MemVolume::new(size));
         let (log, _) = RetentionLog::open(
             Arc::new(MemDir::new()),
@@ -102,7 +107,7 @@ impl Replication {
             max: Duration::from_millis(20),
             factor: 2,
         };
-        let link_up = Arc::new(AtomicBool::new(true));
+        let link_up = Arc::new(AtomicBool::new(up));
         let (up, r) = (link_up.clone(), receiver.clone());
         let shipper = Shipper::new(spool, scfg)
             .start(move || {
