@@ -37,8 +37,8 @@ use tidemark_tests::figures;
 
 /// The protected volume: small, so that every point can be checked in a few seconds.
 const DEVICE: u64 = 32 << 20;
-const ROUNDS: u64 = 6;
-const OPS_PER_ROUND: u64 = 14;
+const ROUNDS: u64 = 8;
+const OPS_PER_ROUND: u64 = 20;
 
 /// A command found on PATH or in the sbin directories, whatever PATH the harness got.
 fn cmd(program: &str) -> Command {
@@ -337,7 +337,8 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
     let image = FileIo::create(&image_path, DEVICE).expect("create image");
     let mut checker = history.checker();
     let mut failures = Vec::new();
-    let (mut points, mut fscks, mut bookmarks_verified) = (0u64, 0u64, 0u64);
+    let (mut points, mut fscks, mut bookmarks_verified, mut journal_replays) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut lost = std::collections::BTreeSet::new();
     for point in target.points() {
         points += 1;
@@ -366,6 +367,9 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
                 String::from_utf8_lossy(&replay.stderr)
             ));
             continue;
+        }
+        if String::from_utf8_lossy(&replay.stdout).contains("recovering journal") {
+            journal_replays += 1;
         }
         let fsck = output(cmd("e2fsck").arg("-fn").arg(&image_path));
         fscks += 1;
@@ -411,7 +415,7 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
     }
     println!(
         "ext4 replay: {} events, {} flush points in the history, {points} points offered and \
-         checked, {fscks} e2fsck -fn runs, {bookmarks_verified} bookmarks' files verified, \
+         checked, {journal_replays} needed a journal replay, {fscks} e2fsck -fn runs, {bookmarks_verified} bookmarks' files verified, \
          {} fsyncs; workload {:.1}s, whole test {:.1}s",
         last.0,
         history.flush_points().len(),
