@@ -123,7 +123,7 @@ pub enum HistoryError {
         index: u64,
         /// What the reader reported.
         #[source]
-        source: tidemark_tap::TapError,
+        source: Box<tidemark_tap::TapError>,
     },
 }
 
@@ -338,7 +338,7 @@ impl History {
     /// event (whole sectors).
     pub fn new(volume: VolumeId, initial: Vec<u8>) -> Result<History, HistoryError> {
         let len = initial.len() as u64;
-        if len % SECTOR != 0 {
+        if !len.is_multiple_of(SECTOR) {
             return Err(HistoryError::InitialImage { len });
         }
         Ok(History { volume, initial, events: Vec::new() })
@@ -374,7 +374,7 @@ impl History {
             let event = event.map_err(|source| HistoryError::DmLog {
                 log: log.name().to_owned(),
                 index: index as u64,
-                source,
+                source: Box::new(source),
             })?;
             h.push(Seq(index as u64 + 1), event)?;
         }
@@ -403,7 +403,7 @@ impl History {
                 end: u64::MAX,
                 len: self.len(),
             })?;
-            if offset % SECTOR != 0 || len % SECTOR != 0 {
+            if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
                 return Err(HistoryError::Unaligned { seq, what, offset, end });
             }
             if end > self.len() {
@@ -502,10 +502,8 @@ impl History {
             note(Origin::Initial);
         }
         for (seq, event) in &self.events {
-            if let Some(data) = self.sector_data(event, sector) {
-                if data == content {
-                    note(origin(*seq, event));
-                }
+            if self.sector_data(event, sector) == Some(content) {
+                note(origin(*seq, event));
             }
         }
         (found, more)

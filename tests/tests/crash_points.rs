@@ -160,7 +160,7 @@ enum Op {
 fn every_point_of_a_dm_log_writes_recording_is_crash_consistent() {
     use dmlog_writer::{FLUSH, FUA, LogWriter};
 
-    let mut rng = StdRng::seed_from_u64(0x10_6_117);
+    let mut rng = StdRng::seed_from_u64(0x0010_6117);
     let mut writer = LogWriter::new(SECTOR as u32);
     // Events each entry stands for, as docs/dm-log-writes.md maps them.
     let mut expected: Vec<Event> = Vec::new();
@@ -274,6 +274,14 @@ fn every_point_of_a_dm_log_writes_recording_is_crash_consistent() {
     assert!(replay_points >= marks, "{replay_points} replay points");
 }
 
+/// The writes of `history`: seq, offset, data.
+fn writes(history: &History) -> impl DoubleEndedIterator<Item = (Seq, u64, Bytes)> + '_ {
+    history.events().iter().filter_map(|(seq, event)| match event {
+        Event::Write { offset, data, .. } => Some((*seq, *offset, data.clone())),
+        _ => None,
+    })
+}
+
 /// The checker is not vacuous on a real target: a point read back with one flushed write
 /// undone, or one sector of a later write let in, is refused.
 #[test]
@@ -304,16 +312,8 @@ fn a_damaged_target_point_is_refused() {
     assert!(history.check(at.seq, &good).unwrap().is_consistent());
 
     // Undo the last write before the barrier: its sectors go back to what was there.
-    let (wseq, Event::Write { offset, data, .. }) = history
-        .events()
-        .iter()
-        .rev()
-        .find(|(s, e)| *s < at.seq && matches!(e, Event::Write { .. }))
-        .unwrap()
-        .clone()
-    else {
-        unreachable!()
-    };
+    let (wseq, offset, data) =
+        writes(&history).rev().find(|(s, ..)| *s < at.seq).expect("a write before the barrier");
     let before = history.state_at(Seq(wseq.0 - 1));
     let mut lost = good.clone();
     let r = offset as usize..offset as usize + data.len();
@@ -324,15 +324,8 @@ fn a_damaged_target_point_is_refused() {
     assert!(verdict.lost_writes.contains(&wseq), "{verdict}");
 
     // Let in the first sector of the first write after the barrier.
-    let (_, Event::Write { offset, data, .. }) = history
-        .events()
-        .iter()
-        .find(|(s, e)| *s > at.seq && matches!(e, Event::Write { .. }))
-        .unwrap()
-        .clone()
-    else {
-        unreachable!()
-    };
+    let (_, offset, data) =
+        writes(&history).find(|(s, ..)| *s > at.seq).expect("a write after the barrier");
     let mut early = good.clone();
     early[offset as usize..(offset + SECTOR) as usize].copy_from_slice(&data[..SECTOR as usize]);
     assert_ne!(early, good);

@@ -91,10 +91,10 @@ fn missing_requirement() -> Option<String> {
 /// per point), else the default temp dir.
 fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("tidemark-ext4-replay").tempdir_in(shm) {
-            return dir;
-        }
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::Builder::new().prefix("tidemark-ext4-replay").tempdir_in(shm)
+    {
+        return dir;
     }
     tempfile::Builder::new().prefix("tidemark-ext4-replay").tempdir().expect("temp dir")
 }
