@@ -83,6 +83,7 @@ fn run_corpus(target: &str) {
         seeds.len(),
         regressions.len()
     );
+    tidemark_tests::figures::report("bad_inputs_tried", (seeds.len() + regressions.len()) as u64);
     assert!(
         panicked.is_empty(),
         "fuzz target `{target}` panicked on {} input(s):\n  {}",

@@ -4,7 +4,7 @@
 //! fresh Debian machine through `.ci/run`. It also owns the developer entry points for the
 //! benchmarks (`cargo xtask bench`), the fuzz targets (`cargo xtask fuzz`) and the kernel lab
 //! (`cargo xtask lab`, in [`lab`]: the ublk, device-mapper and netem namespace tests in a
-//! QEMU guest).
+//! QEMU guest) and the reliability figures (`cargo xtask reliability`, in [`reliability`]).
 //!
 //! The CI pipeline is a fixed list of steps (see [`STEPS`]); each step prints a banner and its
 //! elapsed time, the first failing step stops the run with a nonzero exit, and a summary table
@@ -28,6 +28,7 @@ use std::{env, fs};
 use anyhow::{Context, Result, bail, ensure};
 
 mod lab;
+mod reliability;
 
 /// Seconds of fuzzing per target in the CI smoke step, unless `TIDEMARK_FUZZ_SECONDS` is set.
 const CI_FUZZ_SECONDS: u64 = 20;
@@ -87,6 +88,7 @@ fn run(args: &[String]) -> Result<()> {
         "bench" => bench(rest),
         "fuzz" => fuzz_command(rest),
         "lab" => lab_command(rest),
+        "reliability" => reliability::reliability(rest),
         "help" | "--help" | "-h" => {
             print_help();
             Ok(())
@@ -135,6 +137,13 @@ USAGE:
         Installs qemu-system-x86, busybox-static, cpio, xz-utils, e2fsprogs, dmsetup,
         iproute2 when missing (root); caches the kernel under target/lab/. Fails unless
         every suite ran to its end with every test passed.
+
+    cargo xtask reliability
+        Runs the reliability tests (cargo test -p tidemark-tests --release: the crash-
+        consistency checks of every recovery point, the ext4 replay, the fuzz corpora) and sums
+        the RELIABILITY name=value lines they print into target/bench/reliability.json
+        (scenarios run, recovery points checked, fsck runs, bad inputs tried, acknowledged
+        writes lost, which must be 0). See docs/reliability.md.
 
     cargo xtask help
         Prints this message.
