@@ -116,7 +116,7 @@ impl Registry {
             .with_context(|| format!("serve virtual snapshot {name}"))?;
         let device =
             frontend.device_path().context("the frontend attached no loop device")?.to_path_buf();
-        let info = ExposedInfo { id, device, point: vsnap.point().clone(), len: vsnap.len() };
+        let info = ExposedInfo { id, device, point: vsnap.point().clone(), len: vsnap.size() };
         tracing::info!(id, device = %info.device.display(), seq = %info.point.seq, mode = mode.as_str(), "vsnap exposed");
         self.exposed.insert(id, Exposed { mode, vsnap, frontend, dir });
         Ok(info)

@@ -399,7 +399,7 @@ fn lock(m: &Mutex<Overlay>) -> MutexGuard<'_, Overlay> {
 }
 
 impl BlockBackend for Vsnap {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
 

@@ -4,8 +4,8 @@
 //! virtual snapshot of a recovery point (`tidemark_sync::vsnap`) is another.
 //!
 //! Contract for implementations:
-//! - `len` never changes while served; every request the frontend passes lies inside
-//!   `[0, len)` (it checks before calling).
+//! - `size` never changes while served; every request the frontend passes lies inside
+//!   `[0, size)` (it checks before calling).
 //! - A request returns only once it took effect: a read returns the data, a write, a zeroed
 //!   or discarded range is visible to every later read, a flush orders everything completed
 //!   before it. The frontend answers the kernel only after the call returned.
@@ -22,8 +22,8 @@ use crate::error::Result;
 
 /// A block device the FUSE + loop frontend can serve (see the module documentation).
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
-    /// Length in bytes, fixed while served.
-    fn len(&self) -> u64;
+    /// Size in bytes, fixed while served.
+    fn size(&self) -> u64;
 
     /// Whether the backend takes no mutation.
     fn read_only(&self) -> bool;
@@ -47,7 +47,7 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
 /// The protected volume: reads from the device, every mutation captured (intent mark,
 /// pass-through, spool append), flushes as barriers.
 impl BlockBackend for Tap {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.device_len()
     }
 

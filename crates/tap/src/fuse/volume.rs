@@ -252,7 +252,7 @@ impl VolumeFs {
         settings: KernelSettings,
         counters: Arc<Counters>,
     ) -> Self {
-        let size = backend.len();
+        let size = backend.size();
         let read_only = backend.read_only();
         Self {
             backend,
