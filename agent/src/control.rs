@@ -30,6 +30,9 @@ pub const VERSION: u64 = 1;
 /// The longest request line accepted, in bytes.
 const MAX_LINE: usize = 64 << 10;
 
+/// How long a client waits for an answer.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// `DIR/control.sock`.
 pub fn default_socket(dir: &Path) -> PathBuf {
     dir.join("control.sock")
@@ -48,6 +51,11 @@ impl Client {
     pub fn connect(path: &Path) -> anyhow::Result<Option<Client>> {
         match UnixStream::connect(path) {
             Ok(stream) => {
+                // A receiver that accepts but never answers must not hang the client
+                // forever (an expose mounts FUSE and attaches a loop device: seconds).
+                stream
+                    .set_read_timeout(Some(ANSWER_TIMEOUT))
+                    .context("set the control socket timeout")?;
                 let reader = BufReader::new(
                     stream.try_clone().context("clone the control socket connection")?,
                 );
@@ -87,6 +95,19 @@ impl Client {
             bail!("{}", v["error"].as_str().unwrap_or("the receiver refused the request"));
         }
         Ok(v)
+    }
+
+    /// Whether the receiver closed the connection (it stopped or died): then the vsnaps
+    /// this client exposed are gone.
+    pub fn closed(&mut self) -> bool {
+        if !self.reader.buffer().is_empty() || self.reader.get_ref().set_nonblocking(true).is_err()
+        {
+            return false;
+        }
+        // Nothing is consumed: bytes read stay in the buffer for the next answer.
+        let closed = matches!(self.reader.fill_buf(), Ok(b) if b.is_empty());
+        let _ = self.reader.get_ref().set_nonblocking(false);
+        closed
     }
 }
 
@@ -162,9 +183,18 @@ impl Server {
     fn shutdown(&mut self) {
         let Some(accept) = self.accept.take() else { return };
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept call.
-        let _ = UnixStream::connect(&self.path);
-        let _ = accept.join();
+        // Wake the accept call; if the socket file is gone nothing can, so the thread is
+        // left behind (it ends with the process) rather than joined forever.
+        match UnixStream::connect(&self.path) {
+            Ok(_) => {
+                let _ = accept.join();
+            }
+            Err(e) => tracing::warn!(
+                socket = %self.path.display(),
+                error = %e,
+                "control socket: cannot wake the accept thread; leaving it"
+            ),
+        }
         let conns =
             std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
         for (stream, thread) in conns {

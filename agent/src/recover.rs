@@ -114,6 +114,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("ready: {} snapshot; Ctrl-C or SIGTERM removes it", mode.as_str());
     std::io::stdout().flush()?;
     while !signals::stop_requested() {
+        if let Session::Remote { client, .. } = &mut session {
+            if client.closed() {
+                if let Some(m) = &mounted {
+                    let _ = run_tool("umount", &["-l".as_ref(), m.as_os_str()]);
+                }
+                bail!("the receiver closed the control connection: the snapshot is gone");
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     if let Some(m) = &mounted {

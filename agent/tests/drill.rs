@@ -107,6 +107,24 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Waits for the process to exit on its own.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let until = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                panic!("{} did not exit", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -444,14 +462,33 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     run("umount", &[&src_m]);
     cleanup.mounts.pop();
     wait_caught_up(&state);
+    // A snapshot still exposed when the receiver stops: removed first, and its client
+    // notices and fails.
+    let mut orphan = Proc::spawn(
+        "recover-orphan",
+        &["recover", "--dir", &rx_dir, "--point", "latest", "--expose", "ro"],
+    );
+    orphan.wait_line("ready:");
     px.terminate();
     rx.terminate();
+    let st = orphan.wait_exit();
+    assert!(!st.success(), "recover kept going after the receiver stopped: {st}");
     assert!(!socket.exists(), "the control socket outlived the receiver");
     let latest = root.join("latest.img");
     let offline = materialize(&rx_dir, "latest", &latest);
     assert_eq!(offline, file_hash(&image), "the replica differs from the source");
     // Offline (log opened by recover, no vsnap) the point still hashes the same.
     assert_eq!(materialize(&rx_dir, &point, &root.join("offline.img")), before);
+    // And an offline read-only snapshot (log opened by recover) reads the same bytes.
+    let mut off = Proc::spawn(
+        "recover-offline",
+        &["recover", "--dir", &rx_dir, "--point", &point, "--expose", "ro"],
+    );
+    let off_dev = off.wait_line("device:");
+    off.wait_line("ready:");
+    assert_eq!(file_hash(Path::new(&off_dev)), before, "the offline snapshot reads differently");
+    off.terminate();
+    assert!(off.lines.lock().unwrap().iter().any(|l| l.starts_with("removed:")));
 }
 
 fn libc_erofs() -> i32 {
