@@ -1300,7 +1300,7 @@ impl RetentionLog {
         // A hold stops the base at the newest point at or below it.
         let allowed = |p: &&PointInfo| floor.is_none_or(|f| p.seq <= f);
         let Some(last) = self.points.iter().rev().find(allowed) else {
-            if floor.is_some() && !self.points.is_empty() {
+            if floor.is_some() && self.points.iter().any(|p| left(p.seq) <= max) {
                 tracing::warn!(
                     bytes = self.log.bytes(),
                     max_bytes = max,
@@ -1312,7 +1312,11 @@ impl RetentionLog {
         };
         let target =
             self.points.iter().filter(allowed).find(|p| left(p.seq) <= max).unwrap_or(last).clone();
-        if floor.is_some() && left(target.seq) > max {
+        // Only when the hold made the difference: a point past it would have fitted.
+        let blocked = floor.is_some_and(|f| {
+            left(target.seq) > max && self.points.iter().any(|p| p.seq > f && left(p.seq) <= max)
+        });
+        if blocked {
             tracing::warn!(
                 bytes = self.log.bytes(),
                 max_bytes = max,

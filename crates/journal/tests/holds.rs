@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tidemark_journal::{
     BlockIo, Bookmark, BookmarkKind, Clock, Event, Keep, ManualClock, MemDir, MemVolume, Nanos,
-    PointInfo, PointKind, RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy, Seq, Tier,
-    VolumeId,
+    PointHold, PointInfo, PointKind, RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy,
+    Seq, Tier, VolumeId,
 };
 
 const VOL: u64 = 256 << 10;
@@ -204,4 +204,109 @@ fn holding_a_point_outside_the_window_is_refused() {
     let future = PointInfo { seq: Seq(10_000), time: Nanos(0), kind: PointKind::Latest };
     let err = f.log.hold(&future).expect_err("a point not received yet");
     assert!(err.to_string().contains("seq 10000"), "{err}");
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Write `fill` into block `block` (of 64).
+        Write {
+            block: u64,
+            fill: u8,
+        },
+        Barrier,
+        Bookmark,
+        /// Hold the state after the `pick`-th retained seq (mod the count).
+        Hold {
+            pick: usize,
+        },
+        /// Drop the `pick`-th live hold.
+        Release {
+            pick: usize,
+        },
+        /// Let `minutes` pass, then run a retention pass.
+        Enforce {
+            minutes: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..BLOCKS, any::<u8>()).prop_map(|(block, fill)| Op::Write { block, fill }),
+            2 => Just(Op::Barrier),
+            1 => Just(Op::Bookmark),
+            1 => any::<usize>().prop_map(|pick| Op::Hold { pick }),
+            1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
+            2 => (1..120u64).prop_map(|minutes| Op::Enforce { minutes }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever the interleaving of writes, holds, releases and retention passes (age,
+        /// sparse tiers, space), every held state reads back as the model says.
+        #[test]
+        fn held_states_read_back_exactly(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut f = Feed::new(RetentionPolicy {
+                max_age: Some(Duration::from_secs(3 * 3600)),
+                max_bytes: Some(4 * (64 << 10)),
+                tiers: vec![Tier {
+                    older_than: Duration::from_secs(1800),
+                    keep: Keep::Every { interval: Duration::from_secs(3600), bookmarks: vec![] },
+                }],
+            });
+            let mut holds: Vec<PointHold> = Vec::new();
+            let mut marks = 0;
+            for op in ops {
+                match op {
+                    Op::Write { block, fill } => {
+                        f.push(Event::Write {
+                            volume: VolumeId(0),
+                            offset: block * 4096,
+                            data: vec![fill; 4096].into(),
+                        });
+                    }
+                    Op::Barrier => {
+                        f.push(Event::Barrier);
+                    }
+                    Op::Bookmark => {
+                        marks += 1;
+                        let b = Bookmark::new(format!("m{marks}"), BookmarkKind::User, 0).unwrap();
+                        f.push(Event::Bookmark(b));
+                    }
+                    Op::Hold { pick } => {
+                        // Any retained state: an offered point or a seq that still resolves.
+                        let base = f.log.status().oldest.seq.0;
+                        let last = f.log.last_seq().0;
+                        let seq = Seq(base + (pick as u64) % (last - base + 1));
+                        if let Ok(p) = f.log.resolve(&RecoveryPoint::Seq(seq)) {
+                            holds.push(f.log.hold(&p).expect("hold a resolved point"));
+                        }
+                    }
+                    Op::Release { pick } => {
+                        if !holds.is_empty() {
+                            let i = pick % holds.len();
+                            holds.swap_remove(i);
+                        }
+                    }
+                    Op::Enforce { minutes } => {
+                        f.clock.advance(Duration::from_secs(minutes * 60));
+                        f.log.enforce().expect("enforce");
+                    }
+                }
+                for h in &holds {
+                    prop_assert_eq!(f.read(h.point()), f.expect(h.point()), "held seq {}", h.point().seq);
+                }
+            }
+            let mut want: Vec<Seq> = holds.iter().map(|h| h.point().seq).collect();
+            want.sort();
+            want.dedup();
+            prop_assert_eq!(f.log.held(), want);
+        }
+    }
 }
