@@ -8,23 +8,27 @@
 //! `removed: ...`, `blake3: HEX`, `verified: ...`.
 //!
 //! Invariant of `--materialize`: the hash printed is that of the image as written, computed
-//! from the retention log's bytes while writing (offline: `RetentionLog::materialize`; with a
-//! receiver: the read-only snapshot's bytes as copied), and it is checked against a re-read
-//! of the output file after it was synced; a mismatch fails the command.
+//! from the retention log's bytes while writing them (offline: `RetentionLog::read_at` of the
+//! point; with a receiver: the bytes of a read-only snapshot of it), and it is checked
+//! against a re-read of the output after it was synced and its cached pages dropped; a
+//! mismatch fails the command. The output is a file (created or truncated to the volume's
+//! size) or a block device at least that large (written from offset 0, the rest untouched).
 
-use std::fs::File;
-use std::io::{IsTerminal, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use tidemark_journal::{FileIo, VolumeId};
-use tidemark_sync::vsnap::with_log;
+use tidemark_journal::VolumeId;
 
 use crate::control::{self, Client};
 use crate::vsnaps::{Mode, Registry};
@@ -48,11 +52,14 @@ pub struct Args {
         conflicts_with = "materialize"
     )]
     expose: Option<Mode>,
-    /// With --expose: also mount the snapshot's filesystem here (read-only for ro), and
-    /// unmount it before the snapshot is removed.
+    /// With --expose: also mount the snapshot's filesystem here (read-only for ro: an ext4
+    /// whose journal needs replaying is then mounted with `noload`, without its last
+    /// transactions; use rw to see them replayed), and unmount it before the snapshot is
+    /// removed.
     #[arg(long, requires = "expose")]
     mountpoint: Option<PathBuf>,
-    /// Write the point to this file (created or overwritten), then verify it.
+    /// Write the point to this file (created or overwritten) or block device (at least the
+    /// volume's size), then verify it.
     #[arg(long)]
     materialize: Option<PathBuf>,
     /// The receiver's control socket (default: DIR/control.sock).
@@ -210,62 +217,77 @@ fn materialize_offline(
     point: &tidemark_journal::RecoveryPoint,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let log = Mutex::new(common::open_log(&args.dir, args.block_size)?);
-    let info = with_log(&log, |l| points::resolve_or_explain(l, point))?;
+    let log = common::open_log(&args.dir, args.block_size)?;
+    let info = points::resolve_or_explain(&log, point)?;
     print_point(&points::point_json(&info));
-    let file = FileIo::create(out, 0).with_context(|| format!("create {}", out.display()))?;
-    let mut bar_ = None;
-    let report = with_log(&log, |l| {
-        l.materialize(&info, VolumeId(0), &file, &mut |done, total| {
-            let b = bar_.get_or_insert_with(|| bar(total));
-            if let Some(b) = b {
-                b.set_position(done);
-            }
-        })
-    })
-    .with_context(|| format!("materialize seq {} to {}", info.seq, out.display()))?;
-    if let Some(Some(b)) = bar_ {
-        b.finish_and_clear();
-    }
-    println!(
-        "materialized: {} bytes to {} ({} blocks from the journal)",
-        report.bytes,
-        out.display(),
-        report.journal_blocks
-    );
-    verify(out, report.hash)
+    let len = log.volume_len(VolumeId(0))?;
+    let hash = copy_out(len, out, &mut |pos, buf| {
+        log.read_at(&info, VolumeId(0), pos, buf)
+            .with_context(|| format!("read {} bytes at {pos} as of seq {}", buf.len(), info.seq))
+    })?;
+    println!("materialized: {len} bytes to {}", out.display());
+    verify(out, len, hash)
 }
 
 fn materialize_online(mut client: Client, spec: &str, out: &Path) -> anyhow::Result<()> {
     let v = client.request(json!({"op": "expose", "point": spec, "mode": "ro"}))?;
     let id = v["id"].as_u64().context("expose answer without an id")?;
     print_point(&v["point"]);
-    let copied = copy_device(&v, out);
+    let copied = (|| {
+        let device = v["device"].as_str().context("expose answer without a device")?;
+        let len = v["len"].as_u64().context("expose answer without a length")?;
+        let src = File::open(device).with_context(|| format!("open {device}"))?;
+        let hash = copy_out(len, out, &mut |pos, buf| {
+            src.read_exact_at(buf, pos).with_context(|| format!("read {device} at {pos}"))
+        })?;
+        anyhow::Ok((len, hash))
+    })();
     // Removed whatever the copy did.
     let removed = client.request(json!({"op": "remove", "id": id}));
-    let (bytes, hash) = copied?;
+    let (len, hash) = copied?;
     removed?;
     println!(
-        "materialized: {bytes} bytes to {} (through a read-only snapshot of the running receiver)",
+        "materialized: {len} bytes to {} (through a read-only snapshot of the running receiver)",
         out.display()
     );
-    verify(out, hash)
+    verify(out, len, hash)
 }
 
-/// Copies the snapshot device to `out`, hashing what is written; returns its length and hash.
-fn copy_device(v: &Value, out: &Path) -> anyhow::Result<(u64, [u8; 32])> {
-    let device = v["device"].as_str().context("expose answer without a device")?;
-    let len = v["len"].as_u64().context("expose answer without a length")?;
-    let mut src = File::open(device).with_context(|| format!("open {device}"))?;
-    let dst = File::create(out).with_context(|| format!("create {}", out.display()))?;
-    dst.set_len(len).with_context(|| format!("size {}", out.display()))?;
+/// Opens the output: a block device as it is (it must hold `len` bytes), or a file created
+/// or truncated to `len` bytes.
+fn open_out(out: &Path, len: u64) -> anyhow::Result<File> {
+    let is_device = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
+    if !is_device {
+        let f = File::create(out).with_context(|| format!("create {}", out.display()))?;
+        f.set_len(len).with_context(|| format!("size {} to {len} bytes", out.display()))?;
+        return Ok(f);
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("open device {}", out.display()))?;
+    let size = f.seek(SeekFrom::End(0)).with_context(|| format!("size of {}", out.display()))?;
+    if size < len {
+        bail!("device {} holds {size} bytes; the volume needs {len}", out.display());
+    }
+    Ok(f)
+}
+
+/// Writes `len` bytes read by `read` (position, buffer) to `out`, hashing them as written,
+/// with a progress bar on a terminal; syncs and returns the hash.
+fn copy_out(
+    len: u64,
+    out: &Path,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<[u8; 32]> {
+    let dst = open_out(out, len)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut hasher = blake3::Hasher::new();
     let bar = bar(len);
     let mut pos = 0u64;
     while pos < len {
         let n = ((len - pos) as usize).min(buf.len());
-        src.read_exact(&mut buf[..n]).with_context(|| format!("read {device} at {pos}"))?;
+        read(pos, &mut buf[..n])?;
         dst.write_all_at(&buf[..n], pos)
             .with_context(|| format!("write {} at {pos}", out.display()))?;
         hasher.update(&buf[..n]);
@@ -275,23 +297,29 @@ fn copy_device(v: &Value, out: &Path) -> anyhow::Result<(u64, [u8; 32])> {
         }
     }
     dst.sync_all().with_context(|| format!("fsync {}", out.display()))?;
+    // So that the verification re-reads the medium, not the page cache.
+    if let Err(e) = posix_fadvise(dst.as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED) {
+        tracing::warn!(out = %out.display(), error = %e, "could not drop the cached pages before verifying");
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok((len, *hasher.finalize().as_bytes()))
+    Ok(*hasher.finalize().as_bytes())
 }
 
-/// Re-reads `out` and checks its BLAKE3 against `written`; prints both lines.
-fn verify(out: &Path, written: [u8; 32]) -> anyhow::Result<()> {
-    let mut f = File::open(out).with_context(|| format!("reopen {}", out.display()))?;
+/// Re-reads the first `len` bytes of `out` and checks their BLAKE3 against `written`;
+/// prints both lines.
+fn verify(out: &Path, len: u64, written: [u8; 32]) -> anyhow::Result<()> {
+    let f = File::open(out).with_context(|| format!("reopen {}", out.display()))?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("re-read {}", out.display()))?;
-        if n == 0 {
-            break;
-        }
+    let mut pos = 0u64;
+    while pos < len {
+        let n = ((len - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], pos)
+            .with_context(|| format!("re-read {} at {pos}", out.display()))?;
         hasher.update(&buf[..n]);
+        pos += n as u64;
     }
     let reread = hasher.finalize();
     let written = blake3::Hash::from(written);

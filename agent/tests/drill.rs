@@ -35,7 +35,7 @@ fn missing_requirement() -> Option<String> {
             return Some(format!("{dev} missing"));
         }
     }
-    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount"] {
+    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "losetup"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -479,6 +479,23 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     assert_eq!(offline, file_hash(&image), "the replica differs from the source");
     // Offline (log opened by recover, no vsnap) the point still hashes the same.
     assert_eq!(materialize(&rx_dir, &point, &root.join("offline.img")), before);
+    // Onto a block device larger than the volume: written from 0, verified, the rest kept.
+    let target = root.join("target.img");
+    std::fs::File::create(&target).unwrap().set_len(VOLUME + (1 << 20)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&target)
+        .unwrap()
+        .write_all_at(&[7u8; 4096], VOLUME)
+        .unwrap();
+    let loop_dev =
+        run("losetup", &["-f", "--show", &target.display().to_string()]).trim().to_owned();
+    let on_device = materialize(&rx_dir, &point, Path::new(&loop_dev));
+    run("losetup", &["-d", &loop_dev]);
+    assert_eq!(on_device, before);
+    let bytes = std::fs::read(&target).unwrap();
+    assert_eq!(blake3::hash(&bytes[..VOLUME as usize]).to_hex().to_string(), before);
+    assert_eq!(&bytes[VOLUME as usize..VOLUME as usize + 4096], &[7u8; 4096][..]);
     // And an offline read-only snapshot (log opened by recover) reads the same bytes.
     let mut off = Proc::spawn(
         "recover-offline",
