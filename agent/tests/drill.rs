@@ -446,6 +446,26 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     let status = control(&socket, json!({"v": 1, "op": "status"}));
     assert_eq!(status["vsnaps"], json!([]), "{status:#}");
     assert_eq!(status["held"], json!([]), "{status:#}");
+    // An unknown point through the running receiver: its reason and what exists.
+    let out = Command::new(BIN)
+        .args(["recover", "--dir", &rx_dir, "--point", "bookmark:nope", "--expose", "ro"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unknown bookmark was exposed");
+    assert!(
+        err.contains("\"nope\": no retained bookmark") && err.contains("no bookmark is retained"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["recover", "--dir", &rx_dir, "--point", "seq:99999999", "--expose", "ro"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not received yet") && err.contains("nearest"),
+        "{err}"
+    );
     // A request in another protocol version is refused by name.
     let refused = control(&socket, json!({"v": 2, "op": "points"}));
     assert_eq!(refused["ok"], false);
