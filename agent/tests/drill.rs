@@ -134,9 +134,11 @@ impl Drop for Proc {
     }
 }
 
-/// Undoes mounts a failed test may leave behind.
+/// Undoes mounts a failed test may leave behind: those listed, then any other under `root`
+/// (a killed receiver's snapshot mounts under `rx/vsnaps/`).
 #[derive(Default)]
 struct Cleanup {
+    root: PathBuf,
     mounts: Vec<PathBuf>,
 }
 
@@ -144,6 +146,13 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         for m in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(m).stderr(Stdio::null()).status();
+        }
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+        let root = self.root.display().to_string();
+        for point in info.lines().rev().filter_map(|l| l.split(' ').nth(4)) {
+            if !root.is_empty() && point.starts_with(&root) {
+                let _ = Command::new("umount").arg("-l").arg(point).stderr(Stdio::null()).status();
+            }
         }
     }
 }
@@ -258,7 +267,7 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let p = |rel: &str| root.join(rel).display().to_string();
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = Cleanup { root: root.clone(), mounts: Vec::new() };
     run(BIN, &["keygen", "--dir", &p("keys"), "--name", "src"]);
     run(BIN, &["keygen", "--dir", &p("keys"), "--name", "dst"]);
     let image = root.join("volume.img");
