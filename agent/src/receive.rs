@@ -144,7 +144,7 @@ fn line(s: &ReceiverStatus, receiver: &Receiver) -> String {
 
 fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> serde_json::Value {
     let s = receiver.status();
-    let r = receiver.with_log(|log| log.status());
+    let (r, held) = receiver.with_log(|log| (log.status(), log.held()));
     json!({
         "role": "receive",
         "state": state,
@@ -178,6 +178,8 @@ fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> s
             "window_configured_s": r.window_configured.map(common::secs),
             "points": r.points,
             "journal_bytes": r.bytes,
+            // Points held by virtual snapshots: retention keeps what they read.
+            "held_seqs": held.iter().map(|s| s.0).collect::<Vec<_>>(),
         },
     })
 }

@@ -410,9 +410,10 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     assert_eq!(status["vsnaps"].as_array().map(Vec::len), Some(1), "{status:#}");
     assert!(u(&status["vsnaps"][0], "/overlay_blocks") > 0, "{status:#}");
     assert_eq!(status["held"], json!([seq]), "{status:#}");
-    // Replication went on during the drill.
+    // Replication went on during the drill, with the point held.
     wait_status(&root.join("rx"), "acks during the drill", |v| {
         v["acked"].as_u64().is_some_and(|a| a > acked_at_start)
+            && v["retention"]["held_seqs"] == json!([seq])
     });
     drill.terminate();
     assert!(drill.lines.lock().unwrap().iter().any(|l| l.starts_with("removed:")));
