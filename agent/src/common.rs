@@ -1,8 +1,10 @@
 //! What `protect` and `receive` share: the pairing (keys, pair id) and small helpers.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use tidemark_journal::{BlockIo, FileIo, FsDir, RetentionConfig, RetentionLog, SystemClock};
 use tidemark_sync::secure::{AllowedPeers, Keypair, PublicKey, SecureConfig};
 use tidemark_sync::wire::PairId;
 
@@ -25,6 +27,29 @@ pub fn parse_pair(hex: &str) -> anyhow::Result<PairId> {
         *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).context("pair id digit")?;
     }
     Ok(PairId(id))
+}
+
+/// Opens the retention log of a `receive` directory here, in this process (no receiver
+/// may be running on it).
+pub fn open_log(dir: &Path, block_size: u32) -> anyhow::Result<RetentionLog> {
+    let image = dir.join("replica.img");
+    let base = FileIo::open(&image).with_context(|| format!("open {}", image.display()))?;
+    let cfg = RetentionConfig { block_size, ..Default::default() };
+    let (log, report) = RetentionLog::open(
+        Arc::new(FsDir::new(dir.join("journal"))?),
+        vec![Arc::new(base) as Arc<dyn BlockIo>],
+        cfg,
+        Arc::new(SystemClock),
+    )
+    .with_context(|| format!("open the retention log in {}", dir.display()))?;
+    if !report.defects.is_empty() {
+        eprintln!(
+            "journal: {} damaged stretches skipped: {:?}",
+            report.defects.len(),
+            report.defects
+        );
+    }
+    Ok(log)
 }
 
 /// Seconds as a float with millisecond precision (for status documents).

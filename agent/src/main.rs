@@ -2,14 +2,18 @@
 //! logic lives in the `tidemark-journal`, `tidemark-tap` and `tidemark-sync` crates.
 
 mod common;
+mod control;
 mod demo;
 mod inspect;
 mod keygen;
 mod materialize;
+mod points;
 mod protect;
 mod receive;
+mod recover;
 mod signals;
 mod status;
+mod vsnaps;
 
 use std::path::PathBuf;
 
@@ -50,6 +54,12 @@ enum Command {
     /// Write the latest consistent point of a `receive` directory's replica to a file
     /// (with `receive` stopped).
     Materialize(materialize::Args),
+    /// List the recovery points of a `receive` directory (through the running receiver's
+    /// control socket, or from the journal when none runs).
+    Points(points::Args),
+    /// Expose a recovery point as a virtual snapshot (read-only, or read-write over a
+    /// throw-away overlay, for a DR drill) or materialize it into a verified file.
+    Recover(recover::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,5 +79,7 @@ fn main() -> anyhow::Result<()> {
         Command::Receive(args) => receive::run(args),
         Command::Status(args) => status::run(args),
         Command::Materialize(args) => materialize::run(args),
+        Command::Points(args) => points::run(args),
+        Command::Recover(args) => recover::run(args),
     }
 }

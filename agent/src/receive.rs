@@ -4,7 +4,12 @@
 //! SIGTERM. Every second it writes `DIR/status.json`; every few seconds it prints one
 //! status line.
 //!
-//! Invariant: on a signal the listener stops first, then the live session ends, and the
+//! It also serves the control socket (`DIR/control.sock` by default; `docs/control-protocol.md`):
+//! recovery points, and virtual snapshots of them exposed as loop devices under
+//! `DIR/vsnaps/` while replication goes on (`tidemark points`, `tidemark recover`).
+//!
+//! Invariant: on a signal the control socket stops first (every virtual snapshot is torn
+//! down and its hold released), then the listener, then the live session ends, and the
 //! retention log is synced before the process exits, so everything acknowledged is on
 //! disk (it already was: acknowledgements follow the journal's sync).
 
@@ -18,7 +23,7 @@ use serde_json::json;
 use tidemark_journal::{BlockIo, FileIo, FsDir, RetentionConfig, RetentionLog, SystemClock};
 use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
 
-use crate::{common, signals, status};
+use crate::{common, control, signals, status};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -47,6 +52,9 @@ pub struct Args {
     /// This node's name, as the source sees it.
     #[arg(long, default_value = "target")]
     name: String,
+    /// The control socket (default: DIR/control.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 /// Seconds between two human status lines.
@@ -87,6 +95,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let addr = listener.local_addr();
     signals::install()?;
+    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
+    let control = control::Server::start(&socket, receiver.clone(), &args.dir.join("vsnaps"))?;
+    println!("control: {}", control.path().display());
     println!("listening: {addr}");
     println!("pair {pair}, replica {}, {} bytes", image.display(), args.size);
 
@@ -106,6 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("signal: shutting down");
+    control.stop();
     listener.stop();
     receiver.shutdown();
     receiver.with_log(|log| log.sync()).context("sync the retention log")?;
@@ -132,7 +144,7 @@ fn line(s: &ReceiverStatus, receiver: &Receiver) -> String {
 
 fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> serde_json::Value {
     let s = receiver.status();
-    let r = receiver.with_log(|log| log.status());
+    let (r, held) = receiver.with_log(|log| (log.status(), log.held()));
     json!({
         "role": "receive",
         "state": state,
@@ -166,6 +178,8 @@ fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> s
             "window_configured_s": r.window_configured.map(common::secs),
             "points": r.points,
             "journal_bytes": r.bytes,
+            // Points held by virtual snapshots: retention keeps what they read.
+            "held_seqs": held.iter().map(|s| s.0).collect::<Vec<_>>(),
         },
     })
 }

@@ -26,7 +26,7 @@ pub use crypto::JournalKey;
 pub use error::{JournalError, Result};
 pub use io::{BlockIo, CrashMode, Dir, FileIo, FsDir, MemDir, MemVolume};
 pub use retention::{
-    Keep, MaterializeReport, PointInfo, PointKind, RecoveryPoint, ResyncWindowInfo,
+    Keep, MaterializeReport, PointHold, PointInfo, PointKind, RecoveryPoint, ResyncWindowInfo,
     RetentionConfig, RetentionLog, RetentionPolicy, RetentionReport, RetentionStatus, Tier,
 };
 pub use spool::{Spool, SpoolConfig, SpooledEvent};

@@ -34,8 +34,13 @@
 //!   completes. (The journal cannot see whether the base device held a consistent state.)
 //! - Resync spans are rebuilt from the `ResyncBegin`/`ResyncEnd` records on open; a
 //!   compaction keeps a span's markers exactly when it keeps the point that closes it.
+//! - A held state stays readable byte for byte (see [`PointHold`]): while a hold on seq `H`
+//!   lives, no retention pass moves the base above `H` (age, tiers or space: a space limit
+//!   it blocks is reported as `space_held_by_holds`), and no thinned interval is coalesced
+//!   across `H` (the retained points on both sides of `H` are kept). Holds live in memory
+//!   only: they are for virtual snapshots of the running process, not across a restart.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -226,6 +231,11 @@ pub struct RetentionReport {
     /// The space limit is still exceeded because an open resync window holds everything
     /// since the last consistent point before it (see [`RetentionStatus::inconsistent`]).
     pub space_held_by_resync: bool,
+    /// History was kept, and the space limit possibly not met, because a [`PointHold`]
+    /// (a virtual snapshot) needs it.
+    pub space_held_by_holds: bool,
+    /// Points kept only because a [`PointHold`] needs them.
+    pub kept_for_holds: usize,
 }
 
 /// The resync window that leaves the replica inconsistent now.
@@ -426,6 +436,38 @@ pub struct MaterializeReport {
     pub hash: [u8; 32],
 }
 
+/// The held sequence numbers of a log, each with its number of holds.
+type HoldSet = Arc<Mutex<BTreeMap<Seq, usize>>>;
+
+/// Keeps the state after one sequence number readable while it lives (see the module
+/// documentation): [`RetentionLog::enforce`] neither moves the base past it nor coalesces
+/// history across it. Taken with [`RetentionLog::hold`]; released on drop. Holds of the
+/// same state stack.
+#[derive(Debug)]
+pub struct PointHold {
+    holds: HoldSet,
+    point: PointInfo,
+}
+
+impl PointHold {
+    /// The held point.
+    pub fn point(&self) -> &PointInfo {
+        &self.point
+    }
+}
+
+impl Drop for PointHold {
+    fn drop(&mut self) {
+        let mut holds = self.holds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = holds.get_mut(&self.point.seq) {
+            *n -= 1;
+            if *n == 0 {
+                holds.remove(&self.point.seq);
+            }
+        }
+    }
+}
+
 type CachedRecord = Arc<(RecordHeader, Vec<u8>)>;
 type IndexedRecords = Vec<(Loc, RecordHeader)>;
 
@@ -452,6 +494,7 @@ pub struct RetentionLog {
     space_note: Option<String>,
     segment_count: usize,
     cache: Mutex<Option<(Loc, CachedRecord)>>,
+    holds: HoldSet,
 }
 
 fn block_entries(h: &RecordHeader, loc: Loc, bs: u64, mut f: impl FnMut(Entry)) {
@@ -584,6 +627,7 @@ impl RetentionLog {
             space_note: None,
             segment_count,
             cache: Mutex::new(None),
+            holds: HoldSet::default(),
         };
         if m.pending_base > base_seq {
             // A base advance was interrupted: finish it (redo is idempotent).
@@ -831,6 +875,33 @@ impl RetentionLog {
                 }
             }
         }
+    }
+
+    /// Holds `point` (a point [`RetentionLog::resolve`] returned) so that it stays readable
+    /// byte for byte through every retention pass until the returned hold is dropped.
+    /// Refused when the point is no longer retained (below the base, or not received).
+    pub fn hold(&self, point: &PointInfo) -> Result<PointHold> {
+        if point.seq < self.base.seq || point.seq > self.last_seq().max(self.base.seq) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", point.seq),
+                reason: format!(
+                    "cannot hold it: the retained history runs from seq {} to seq {}",
+                    self.base.seq,
+                    self.last_seq().max(self.base.seq)
+                ),
+            });
+        }
+        *self.lock_holds().entry(point.seq).or_insert(0) += 1;
+        Ok(PointHold { holds: self.holds.clone(), point: point.clone() })
+    }
+
+    /// The sequence numbers held now, oldest first.
+    pub fn held(&self) -> Vec<Seq> {
+        self.lock_holds().keys().copied().collect()
+    }
+
+    fn lock_holds(&self) -> std::sync::MutexGuard<'_, BTreeMap<Seq, usize>> {
+        self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn time_of(&self, s: Seq) -> Nanos {
@@ -1141,7 +1212,10 @@ impl RetentionLog {
         // base or the manifest ahead of what the log holds.
         self.log.sync()?;
         let mut report = RetentionReport { bytes_before: self.log.bytes(), ..Default::default() };
-        let keep = self.plan_keep(now);
+        let mut keep = self.plan_keep(now);
+        let held = self.held();
+        let floor = held.first().copied();
+        report.kept_for_holds = self.keep_for_holds(&held, &mut keep);
         if let Some(first_kept) = keep.iter().position(|k| *k) {
             // Thin interior intervals before moving the base, so both see one index.
             let mut intervals = Vec::new();
@@ -1161,8 +1235,11 @@ impl RetentionLog {
             // itself past the maximum age (kept only because it is the newest).
             let too_old =
                 |p: &PointInfo| self.policy.max_age.is_some_and(|m| now.saturating_sub(p.time) > m);
+            // Never past the oldest held state (`keep_for_holds` kept the point at or below
+            // it, so this only stops an advance to a too-old point above it).
             let new_base = (first_kept > 0 || too_old(&self.points[first_kept]))
-                .then(|| self.points[first_kept].clone());
+                .then(|| self.points[first_kept].clone())
+                .filter(|p| floor.is_none_or(|f| p.seq <= f));
             if !intervals.is_empty() {
                 report.intervals_coalesced = intervals.len();
                 self.coalesce(&intervals, &dropped)?;
@@ -1194,7 +1271,33 @@ impl RetentionLog {
         Ok(report)
     }
 
+    /// Marks kept, for each held sequence number `h`, the newest point at or below `h` and,
+    /// unless that point is `h` itself, the oldest point above it: no interval between two
+    /// kept points then strictly contains `h`, so no coalescing rewrites history `h` reads,
+    /// and the first kept point is at or below the oldest hold whenever a point is. Returns
+    /// how many points were kept for holds only.
+    fn keep_for_holds(&self, held: &[Seq], keep: &mut [bool]) -> usize {
+        let mut kept = 0;
+        for h in held {
+            let i = self.points.partition_point(|p| p.seq <= *h);
+            let mut mark = |j: usize| {
+                if let Some(k) = keep.get_mut(j).filter(|k| !**k) {
+                    *k = true;
+                    kept += 1;
+                }
+            };
+            if i > 0 {
+                mark(i - 1);
+            }
+            if i == 0 || self.points[i - 1].seq != *h {
+                mark(i);
+            }
+        }
+        kept
+    }
+
     fn enforce_space(&mut self, max: u64, report: &mut RetentionReport) -> Result<()> {
+        let floor = self.lock_holds().keys().next().copied();
         let segs = self.log.segments();
         // Bytes left if the base moves to point `p`: segments with anything above `p`.
         let left = |p: Seq| -> u64 {
@@ -1203,8 +1306,34 @@ impl RetentionLog {
                 .map(|s| s.len)
                 .sum()
         };
-        let Some(last) = self.points.last() else { return Ok(()) };
-        let target = self.points.iter().find(|p| left(p.seq) <= max).unwrap_or(last).clone();
+        // A hold stops the base at the newest point at or below it.
+        let allowed = |p: &&PointInfo| floor.is_none_or(|f| p.seq <= f);
+        let Some(last) = self.points.iter().rev().find(allowed) else {
+            if floor.is_some() && self.points.iter().any(|p| left(p.seq) <= max) {
+                tracing::warn!(
+                    bytes = self.log.bytes(),
+                    max_bytes = max,
+                    "space limit not met: a held point (a virtual snapshot) needs the whole window"
+                );
+                report.space_held_by_holds = true;
+            }
+            return Ok(());
+        };
+        let target =
+            self.points.iter().filter(allowed).find(|p| left(p.seq) <= max).unwrap_or(last).clone();
+        // Only when the hold made the difference: a point past it would have fitted.
+        let blocked = floor.is_some_and(|f| {
+            left(target.seq) > max && self.points.iter().any(|p| p.seq > f && left(p.seq) <= max)
+        });
+        if blocked {
+            tracing::warn!(
+                bytes = self.log.bytes(),
+                max_bytes = max,
+                held_from = %target.seq,
+                "space limit not met: a held point (a virtual snapshot) needs the history after it"
+            );
+            report.space_held_by_holds = true;
+        }
         let dropped = self.points.iter().filter(|p| p.seq < target.seq).count() + 1;
         let note = format!(
             "space limit of {max} bytes reached: dropped the {dropped} oldest points, window now starts at seq {} (time {})",

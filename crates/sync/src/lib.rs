@@ -28,6 +28,11 @@
 //! - [`syncer`]: the [`syncer::Syncer`]: initial sync step I, fast resync and verify of one
 //!   volume, copying through the tap into the capture stream;
 //! - [`pair`]: the [`pair::SourcePair`], which decides which of them a volume needs.
+//!
+//! And recovery on the target:
+//! - [`vsnap`]: virtual snapshots, a recovery point served as a block device (read-only, or
+//!   read-write over a throw-away overlay) straight from the retention log, while the
+//!   [`Receiver`] keeps applying.
 
 pub mod apply;
 pub mod compress;
@@ -40,6 +45,7 @@ pub mod secure;
 pub mod shape;
 pub mod ship;
 pub mod syncer;
+pub mod vsnap;
 pub mod watch;
 pub mod wire;
 

@@ -258,6 +258,25 @@ pub enum TapError {
         /// How long the teardown waited.
         waited_ms: u64,
     },
+    /// A mutation was asked of a read-only block backend (a read-only virtual snapshot).
+    #[error("{op} refused: {object} is read-only")]
+    ReadOnly {
+        /// The backend.
+        object: String,
+        /// What was asked (`write of 4096 bytes at 8192`).
+        op: String,
+    },
+    /// A block backend other than the tap failed a request (its own error is the source).
+    #[error("{op} failed on {object}")]
+    Backend {
+        /// The request (`read`, `write`, ...).
+        op: &'static str,
+        /// The backend (`virtual snapshot 3 of seq 1200`).
+        object: String,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The ublk driver is not usable here: its control device does not open (module
     /// `ublk_drv` not loaded, a kernel older than 6.0, or not root).
     #[error("ublk control device {path} is not available (is the ublk_drv module loaded?)")]

@@ -13,7 +13,8 @@
 //!   passes `/dev/ublkbN` through to the protected device via a [`Tap`] (Linux >= 6.0).
 //!
 //! - [`fuse`]: the FUSE + loop frontend, the fallback where ublk is missing: the volume as a
-//!   file on a FUSE mount with a loop device over it, every request through a [`Tap`].
+//!   file on a FUSE mount with a loop device over it, every request through a [`Tap`], or
+//!   through any other [`BlockBackend`] (a virtual snapshot).
 
 pub mod capture;
 pub mod dmlog;
@@ -30,7 +31,9 @@ pub use capture::{
 };
 pub use dmlog::{DmLog, EntryFlags, LogEntry, LogSuper, ReplayPoint, ReplayReport};
 pub use error::{Result, TapError};
-pub use fuse::{FuseCounters, FuseLoopConfig, FuseLoopFrontend, LoopDevice, LoopOptions};
+pub use fuse::{
+    BlockBackend, FuseCounters, FuseLoopConfig, FuseLoopFrontend, LoopDevice, LoopOptions,
+};
 pub use intent::{IntentConfig, IntentMap, IntentOpenReport, IntentStatus, WriteIntent};
 pub use regions::{RegionRun, RegionSet};
 pub use ublk::{UblkConfig, UblkServer, UblkStats};

@@ -3,6 +3,11 @@
 //! every block request it issues reaches the [`Tap`]. This is the fallback for kernels
 //! without `ublk_drv` (issue 4); the ublk frontend is the primary one (see "Agent crash").
 //!
+//! The frontend serves any [`BlockBackend`] ([`FuseLoopFrontend::start_backend`]); the tap
+//! is the one described below. A read-only backend gets a read-only file (writes refused
+//! with `EROFS`), a read-only mount and a read-only loop device: that is how the target
+//! exposes a virtual snapshot of a recovery point.
+//!
 //! ```text
 //!  application / filesystem
 //!        | bio
@@ -91,6 +96,7 @@
 //! remaining users get I/O errors, as after a crash, and the call reports
 //! [`TapError::TeardownForced`].
 
+mod backend;
 mod loopdev;
 mod volume;
 
@@ -103,6 +109,7 @@ use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
 
+pub use backend::BlockBackend;
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use volume::FuseCounters;
 
@@ -166,6 +173,21 @@ impl FuseLoopFrontend {
     /// Mounts the volume file of `tap`'s device at `cfg.mountpoint`, serves it, and attaches
     /// a loop device to it. A dead mount left there by a crashed run is cleared first.
     pub fn start(tap: Arc<Tap>, cfg: FuseLoopConfig) -> Result<FuseLoopFrontend> {
+        Self::start_backend(tap, cfg)
+    }
+
+    /// Mounts a volume file serving `backend` at `cfg.mountpoint` and attaches a loop
+    /// device to it, as [`FuseLoopFrontend::start`] does for a tap. A read-only backend is
+    /// mounted read-only and its loop device attached read-only whatever
+    /// `cfg.loop_options` says.
+    pub fn start_backend(
+        backend: Arc<dyn BlockBackend>,
+        mut cfg: FuseLoopConfig,
+    ) -> Result<FuseLoopFrontend> {
+        let read_only = backend.read_only();
+        if read_only {
+            cfg.loop_options.read_only = true;
+        }
         if cfg.threads == 0 {
             return Err(TapError::Config("FUSE frontend needs at least one thread".into()));
         }
@@ -181,7 +203,7 @@ impl FuseLoopFrontend {
         let counters = Arc::new(Counters::default());
         let settings =
             KernelSettings { max_write: cfg.max_write, max_background: cfg.max_background };
-        let fs = VolumeFs::new(tap, cfg.file_name.clone(), settings, counters.clone());
+        let fs = VolumeFs::new(backend, cfg.file_name.clone(), settings, counters.clone());
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("tidemark".into()),
@@ -191,6 +213,9 @@ impl FuseLoopFrontend {
             MountOption::NoAtime,
             MountOption::NoExec,
         ];
+        if read_only {
+            config.mount_options.push(MountOption::RO);
+        }
         // Only the agent's user reaches the file (no allow_other): the volume is the
         // protected device's contents.
         config.acl = SessionACL::Owner;

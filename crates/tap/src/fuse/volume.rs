@@ -1,18 +1,22 @@
 //! The FUSE filesystem of the frontend: a root directory holding one regular file, the
-//! protected volume, whose requests become tap calls.
+//! served [`BlockBackend`] (the protected volume through the [`Tap`], or a virtual
+//! snapshot), whose requests become backend calls.
 //!
-//! | FUSE request on the volume file | tap call |
+//! | FUSE request on the volume file | backend call (the tap's) |
 //! |---|---|
-//! | `READ` | [`Tap::read`] (not captured) |
-//! | `WRITE` | [`Tap::write`] |
-//! | `FSYNC` (fsync and fdatasync), `FLUSH` (a close) | [`Tap::flush`] |
-//! | `FALLOCATE(PUNCH_HOLE \| KEEP_SIZE)` | [`Tap::discard`] |
-//! | `FALLOCATE(ZERO_RANGE [\| KEEP_SIZE])` | [`Tap::write_zeroes`] |
+//! | `READ` | [`BlockBackend::read`] ([`Tap::read`], not captured) |
+//! | `WRITE` | [`BlockBackend::write`] ([`Tap::write`]) |
+//! | `FSYNC` (fsync and fdatasync), `FLUSH` (a close) | [`BlockBackend::flush`] ([`Tap::flush`]) |
+//! | `FALLOCATE(PUNCH_HOLE \| KEEP_SIZE)` | [`BlockBackend::discard`] ([`Tap::discard`]) |
+//! | `FALLOCATE(ZERO_RANGE [\| KEEP_SIZE])` | [`BlockBackend::write_zeroes`] ([`Tap::write_zeroes`]) |
 //! | `FALLOCATE(0 or KEEP_SIZE)` inside the volume | nothing (the space exists) |
 //!
+//! A read-only backend's file has mode 0400; an open for writing, a `WRITE` and a mutating
+//! `FALLOCATE` are refused with `EROFS` without calling it.
+//!
 //! The file is opened with `FOPEN_DIRECT_IO` and `FOPEN_PARALLEL_DIRECT_WRITES` (see the
-//! parent module for why). A request is answered only after the tap call returned, so a
-//! block request the loop driver completed is already in the spool.
+//! parent module for why). A request is answered only after the backend call returned, so a
+//! block request the loop driver completed is already in the tap's spool.
 //!
 //! Overlapping mutations never run concurrently ([`InFlight`]): the tap passes a write
 //! through and then appends it under its lock, so two overlapping writes in flight at once
@@ -26,13 +30,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
+use super::backend::BlockBackend;
+#[cfg(doc)]
 use crate::capture::Tap;
 use crate::error::TapError;
 
@@ -228,8 +233,9 @@ thread_local! {
 /// The filesystem (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct VolumeFs {
-    tap: Arc<Tap>,
+    backend: Arc<dyn BlockBackend>,
     size: u64,
+    read_only: bool,
     file_name: String,
     uid: u32,
     gid: u32,
@@ -241,15 +247,17 @@ pub(crate) struct VolumeFs {
 
 impl VolumeFs {
     pub(crate) fn new(
-        tap: Arc<Tap>,
+        backend: Arc<dyn BlockBackend>,
         file_name: String,
         settings: KernelSettings,
         counters: Arc<Counters>,
     ) -> Self {
-        let size = tap.device_len();
+        let size = backend.size();
+        let read_only = backend.read_only();
         Self {
-            tap,
+            backend,
             size,
+            read_only,
             file_name,
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
@@ -263,7 +271,9 @@ impl VolumeFs {
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, nlink, size) = match ino {
             ROOT => (FileType::Directory, 0o700, 2, 0),
-            VOLUME => (FileType::RegularFile, 0o600, 1, self.size),
+            VOLUME => {
+                (FileType::RegularFile, if self.read_only { 0o400 } else { 0o600 }, 1, self.size)
+            }
             _ => return None,
         };
         Some(FileAttr {
@@ -285,9 +295,13 @@ impl VolumeFs {
         })
     }
 
-    /// Logs a failed tap call (the kernel only sees `EIO`) and counts it.
+    /// Logs a failed backend call (the kernel only sees `EIO`, or `EROFS` for a refused
+    /// mutation) and counts it.
     fn failed(&self, op: &'static str, offset: u64, len: u64, err: &TapError) -> Errno {
         bump(&self.counters.errors, 1);
+        if matches!(err, TapError::ReadOnly { .. }) {
+            return Errno::EROFS;
+        }
         let mut chain = err.to_string();
         let mut source = std::error::Error::source(err);
         while let Some(s) = source {
@@ -295,7 +309,7 @@ impl VolumeFs {
             chain.push_str(&s.to_string());
             source = s.source();
         }
-        tracing::error!(op, offset, len, error = %chain, "FUSE frontend: tap call failed, answering EIO");
+        tracing::error!(op, offset, len, error = %chain, "FUSE frontend: backend call failed, answering EIO");
         Errno::EIO
     }
 
@@ -305,7 +319,7 @@ impl VolumeFs {
     }
 
     fn barrier(&self) -> Result<(), Errno> {
-        self.tap.flush().map(|_| ()).map_err(|e| self.failed("flush", 0, 0, &e))
+        self.backend.flush().map_err(|e| self.failed("flush", 0, 0, &e))
     }
 }
 
@@ -369,8 +383,11 @@ impl Filesystem for VolumeFs {
         reply.attr(&ATTR_TTL, &attr);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match ino {
+            VOLUME if self.read_only && flags.0 & libc::O_ACCMODE != libc::O_RDONLY => {
+                reply.error(self.refuse(Errno::EROFS))
+            }
             VOLUME => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
@@ -400,7 +417,7 @@ impl Filesystem for VolumeFs {
         bump(&self.counters.read_bytes, len);
         READ_BUF.with_borrow_mut(|buf| {
             buf.resize(len as usize, 0);
-            match self.tap.read(offset, buf) {
+            match self.backend.read(offset, buf) {
                 Ok(()) => reply.data(buf),
                 Err(e) => reply.error(self.failed("read", offset, len, &e)),
             }
@@ -427,13 +444,16 @@ impl Filesystem for VolumeFs {
             // A block device does not grow.
             return reply.error(self.refuse(Errno::ENOSPC));
         };
+        if self.read_only {
+            return reply.error(self.refuse(Errno::EROFS));
+        }
         bump(&self.counters.writes, 1);
         bump(&self.counters.write_bytes, len);
         let held = self.in_flight.hold(offset, end);
-        let result = self.tap.write(offset, Bytes::copy_from_slice(data));
+        let result = self.backend.write(offset, data);
         drop(held);
         match result {
-            Ok(_) => reply.written(data.len() as u32),
+            Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(self.failed("write", offset, len, &e)),
         }
     }
@@ -497,18 +517,23 @@ impl Filesystem for VolumeFs {
                 return reply.error(self.refuse(errno));
             }
         };
+        if self.read_only && action != FallocAction::Nothing {
+            return reply.error(self.refuse(Errno::EROFS));
+        }
         let result = match action {
             FallocAction::Discard { offset, len } => {
                 bump(&self.counters.punch_holes, 1);
                 bump(&self.counters.punch_hole_bytes, len);
                 let _held = self.in_flight.hold(offset, offset + len);
-                self.tap.discard(offset, len).map_err(|e| self.failed("discard", offset, len, &e))
+                self.backend
+                    .discard(offset, len)
+                    .map_err(|e| self.failed("discard", offset, len, &e))
             }
             FallocAction::Zero { offset, len } => {
                 bump(&self.counters.zero_ranges, 1);
                 bump(&self.counters.zero_range_bytes, len);
                 let _held = self.in_flight.hold(offset, offset + len);
-                self.tap
+                self.backend
                     .write_zeroes(offset, len)
                     .map_err(|e| self.failed("write-zeroes", offset, len, &e))
             }
@@ -518,7 +543,7 @@ impl Filesystem for VolumeFs {
             }
         };
         match result {
-            Ok(_) => reply.ok(),
+            Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
         }
     }
