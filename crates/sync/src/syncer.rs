@@ -198,6 +198,10 @@ pub struct Syncer {
     client: HashClient,
     cfg: SyncerConfig,
     progress: Option<ProgressFn>,
+    /// Ids of the windows this driver opened (its `ResyncBegin` was appended) and has not
+    /// closed, and of the windows it closed: what a failed resync leaves open on the
+    /// replica, and which of the windows it was asked to close it did close.
+    windows: std::sync::Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -263,7 +267,20 @@ impl HashOracle for RemoteOracle<'_> {
 impl Syncer {
     /// A driver copying through `tap`, comparing over the connection of `client`.
     pub fn new(tap: Arc<Tap>, client: HashClient, cfg: SyncerConfig) -> Self {
-        Self { tap, client, cfg, progress: None }
+        Self { tap, client, cfg, progress: None, windows: std::sync::Mutex::default() }
+    }
+
+    /// Ids of the resync windows this driver opened and did not close: after a failed
+    /// resync, the window it leaves open on the replica (in the capture stream, so the target
+    /// will hold it), which the next resync must close with its `also_close`.
+    pub fn open_windows(&self) -> Vec<u64> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// Ids of the windows whose `ResyncEnd` this driver appended (its own and those of
+    /// `also_close`).
+    pub fn closed_windows(&self) -> Vec<u64> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
     /// Reports progress to `progress`.
@@ -288,12 +305,23 @@ impl Syncer {
     }
 
     fn marker(&self, id: u64, event: Event, what: &str) -> Result<Seq, SyncerError> {
-        let seq = self.tap.append_marker(event).map_err(|source| SyncerError::Tap {
+        let seq = self.tap.append_marker(event.clone()).map_err(|source| SyncerError::Tap {
             id,
             volume: self.cfg.volume,
             what: what.to_owned(),
             source: Box::new(source),
         })?;
+        {
+            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                Event::ResyncBegin { id } => windows.0.push(id),
+                Event::ResyncEnd { id } => {
+                    windows.0.retain(|&o| o != id);
+                    windows.1.push(id);
+                }
+                _ => {}
+            }
+        }
         self.commit(id)?;
         Ok(seq)
     }
