@@ -190,6 +190,21 @@ pub enum SyncerError {
         /// How long it waited.
         waited: Duration,
     },
+    /// The target did not acknowledge the events before the resync's window in time, so
+    /// the comparison could not start (the link is down or too slow).
+    #[error(
+        "resync {id} of volume {volume}: the target did not acknowledge seq {seq} (the window's start) within {waited:?}"
+    )]
+    NotAcknowledged {
+        /// The resync id.
+        id: u64,
+        /// The volume.
+        volume: VolumeId,
+        /// The sequence number awaited.
+        seq: Seq,
+        /// How long it waited.
+        waited: Duration,
+    },
 }
 
 /// The resync driver of one volume (see the module documentation).
@@ -371,6 +386,20 @@ impl Syncer {
         }
     }
 
+    /// Waits until the target acknowledged `seq` (within the backlog timeout).
+    fn wait_acked(&self, id: u64, seq: Seq) -> Result<(), SyncerError> {
+        let started = Instant::now();
+        if self.client.wait_for(self.cfg.backlog_timeout, |s| s.acked >= seq).is_some() {
+            return Ok(());
+        }
+        Err(SyncerError::NotAcknowledged {
+            id,
+            volume: self.cfg.volume,
+            seq,
+            waited: started.elapsed(),
+        })
+    }
+
     /// Copies `ranges` into the capture stream, chunk by chunk, within the backlog limit.
     fn copy(
         &self,
@@ -470,7 +499,11 @@ impl Syncer {
             ranges.iter().map(|r| r.end.min(self.tap.device_len()).saturating_sub(r.start)).sum()
         });
         let mut report = ResyncReport { id, volume_bytes, ..ResyncReport::default() };
-        self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
+        let begin = self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
+        // Compare only once the target holds everything before the window: an event still
+        // in the backlog could otherwise change a range found equal (a write the device
+        // lost in a crash, or one an out-of-sync write overtook) after the comparison.
+        self.wait_acked(id, begin)?;
         let diff = self.compare_retrying(id, limit, &mut report.attempts)?;
         report.differing_bytes = diff.differing_bytes();
         report.compare = diff.stats;

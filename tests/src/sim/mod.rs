@@ -254,6 +254,7 @@ struct JobRun {
     /// Index of the range being copied and the offset reached in it.
     next: usize,
     at: u64,
+    begin_seq: Seq,
     end_seq: Seq,
     /// Its own window, while open.
     own_open: Vec<u64>,
@@ -1012,6 +1013,7 @@ impl World {
             zeros: ZeroBlocks::Send,
             next: 0,
             at: 0,
+            begin_seq: Seq::ZERO,
             end_seq: Seq::ZERO,
             sessions_at_end: 0,
             own_open: Vec::new(),
@@ -1038,15 +1040,24 @@ impl World {
         match run.stage {
             Stage::Begin => {
                 let id = run.id;
-                if let Err(e) = tap.append_marker(Event::ResyncBegin { id }) {
-                    self.job_failed(format!("ResyncBegin: {e}"));
-                    return Ok(());
-                }
+                let seq = match tap.append_marker(Event::ResyncBegin { id }) {
+                    Ok(seq) => seq,
+                    Err(e) => {
+                        self.job_failed(format!("ResyncBegin: {e}"));
+                        return Ok(());
+                    }
+                };
                 run.own_open.push(id);
+                run.begin_seq = seq;
                 run.stage = Stage::Compare;
                 self.spool_commit()
             }
             Stage::Compare => {
+                // As `Syncer::fast_resync`: compare once the target holds everything before
+                // the window.
+                if !matches!(run.job, Job::Initial { .. }) && tap.status().acked < run.begin_seq {
+                    return Ok(());
+                }
                 let limit: Option<Vec<Range<u64>>> = match &run.job {
                     Job::Initial { .. } => {
                         run.ranges = vec![0..VOLUME_BYTES];
