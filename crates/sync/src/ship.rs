@@ -1086,11 +1086,7 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
         s.acked = s.acked.max(resume);
         s.last_sent = resume;
     });
-    shared.emit(ShipperEvent::Connected {
-        peer: session.peer_node.clone(),
-        resume,
-        replica,
-    });
+    shared.emit(ShipperEvent::Connected { peer: session.peer_node.clone(), resume, replica });
 
     let (channel, codec) = conn.into_parts();
     let (rx_half, tx_half) = channel.split()?;

@@ -11,8 +11,8 @@
 //! process could not see; it only crashes it, fills it, or slows it.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tidemark_journal::{BlockIo, CrashMode, Dir, ManualClock, MemDir};

@@ -95,8 +95,10 @@ pub fn apply(image: &mut [u8], event: &Event) {
             let at = *offset as usize;
             image[at..at + *len as usize].fill(0);
         }
-        Event::Barrier | Event::Bookmark(_) | Event::ResyncBegin { .. } | Event::ResyncEnd { .. } => {
-        }
+        Event::Barrier
+        | Event::Bookmark(_)
+        | Event::ResyncBegin { .. }
+        | Event::ResyncEnd { .. } => {}
     }
 }
 
