@@ -366,16 +366,13 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
                     forced = retry_of(&job);
                     continue;
                 }
-                if let Job::Regions(done) = &job {
-                    for run in done.runs() {
-                        inner.tap.intent().resynced(run);
-                    }
-                    pending = RegionSet::new();
-                } else {
-                    // A whole-volume sync covers every region.
-                    for run in pending.runs() {
-                        inner.tap.intent().resynced(run);
-                    }
+                // A whole-volume sync covers every region. In overflow nothing is cleared:
+                // regions tracked since the copy go with `pending` to the next resync.
+                let done = match &job {
+                    Job::Regions(done) => done.clone(),
+                    _ => pending.clone(),
+                };
+                if inner.tap.resynced(done.runs()) {
                     pending = RegionSet::new();
                 }
                 synced_once = true;

@@ -67,7 +67,14 @@ impl SimDisk {
     /// The disk after a power cut or a process kill now: what `mode` says survives. The
     /// old handles keep the old image; the process must reopen everything.
     pub fn crash(&mut self, mode: CrashMode) {
-        self.mem = self.mem.crash(mode);
+        let crashed = self.mem.crash(mode);
+        let old = std::mem::replace(&mut self.mem, crashed);
+        wipe(&old);
+    }
+
+    /// Removes every file: the end of a run (see [`wipe`]).
+    pub fn wipe(&self) {
+        wipe(&self.mem);
     }
 
     /// Fills the disk (every write fails with ENOSPC) or frees it.
@@ -88,6 +95,15 @@ impl SimDisk {
     /// The current content of a file.
     pub fn read_file(&self, name: &str) -> Option<Vec<u8>> {
         self.mem.read_file(name)
+    }
+}
+
+/// Removes every file of `mem`. A `MemDir`'s files and its state refer to each other, so an
+/// image is only freed once its files are removed; without this every crash (a new image)
+/// and every run would keep its bytes until the process ends.
+fn wipe(mem: &MemDir) {
+    for name in mem.list().unwrap_or_default() {
+        let _ = mem.remove(&name);
     }
 }
 

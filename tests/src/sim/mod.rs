@@ -201,7 +201,7 @@ pub fn replay_command(seed: u64) -> String {
 pub fn run(cfg: &SimConfig) -> SimReport {
     let mut world = World::new(cfg.clone());
     world.run();
-    let mut report = world.report;
+    let mut report = std::mem::take(&mut world.report);
     report.trace_hash = world.trace.finalize().to_hex()[..32].to_owned();
     report
 }
@@ -342,7 +342,8 @@ struct World {
     /// Points already compared (seq and kind).
     verified: BTreeSet<(u64, String)>,
     planted_fired: bool,
-    /// The source device loses unflushed writes at a crash (as the journals do).
+    /// The source device loses unflushed writes at a power cut (as the journals do), or
+    /// keeps them (no volatile cache); chosen by the seed.
     device_volatile: bool,
     /// Print every trace line (`TIDEMARK_SIM_TRACE=1`).
     print_trace: bool,
@@ -385,6 +386,8 @@ impl World {
         };
         let retention_cfg =
             RetentionConfig { segment_bytes: SEGMENT_BYTES, block_size: 4096, key: None, policy };
+        // Half the runs give the source device a volatile cache that a power cut empties.
+        let device_volatile = rng.chance(500);
         let report = SimReport { seed: cfg.seed, ..SimReport::default() };
         Self {
             rng,
@@ -409,7 +412,7 @@ impl World {
             journal_full_steps: 0,
             verified: BTreeSet::new(),
             planted_fired: false,
-            device_volatile: std::env::var_os("TIDEMARK_SIM_VOLATILE").is_some_and(|v| v == "1"),
+            device_volatile,
             print_trace: std::env::var_os("TIDEMARK_SIM_TRACE").is_some_and(|v| v == "1"),
             bookmarks: 0,
             last_data: None,
@@ -1166,10 +1169,10 @@ impl World {
                     Job::Regions(done) => done.clone(),
                     _ => src.pending.clone(),
                 };
-                for r in done.runs() {
-                    tap.intent().resynced(r);
+                // As `SourcePair`: nothing is cleared while the tap is in overflow.
+                if tap.resynced(done.runs()) {
+                    src.pending = RegionSet::new();
                 }
-                src.pending = RegionSet::new();
                 src.leftover = windows_left_open(&run.to_close, &run.closed, &run.own_open);
                 src.synced_once = true;
                 src.opened = None;
@@ -1618,6 +1621,17 @@ impl World {
         }
         trace!(self, "final: seq {} points {}", t.log.last_seq(), self.report.points_checked);
         Ok(())
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // The processes first (they hold files), then the disks' images.
+        self.source = None;
+        self.target = None;
+        for disk in [&self.src_disk, &self.spool_disk, &self.journal_disk, &self.base_disk] {
+            disk.wipe();
+        }
     }
 }
 
