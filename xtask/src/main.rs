@@ -2,7 +2,8 @@
 //!
 //! This crate owns the project's single test command, `cargo xtask ci`, which CI runs on a
 //! fresh Debian machine through `.ci/run`. It also owns the developer entry points for the
-//! benchmarks (`cargo xtask bench`), the fuzz targets (`cargo xtask fuzz`) and the kernel lab
+//! benchmarks (`cargo xtask bench`), the fuzz targets (`cargo xtask fuzz`), the deterministic
+//! fault simulation (`cargo xtask sim`) and the kernel lab
 //! (`cargo xtask lab`, in [`lab`]: the ublk, device-mapper and netem namespace tests in a
 //! QEMU guest) and the reliability figures (`cargo xtask reliability`, in [`reliability`]).
 //!
@@ -89,6 +90,7 @@ fn run(args: &[String]) -> Result<()> {
         "fuzz" => fuzz_command(rest),
         "lab" => lab_command(rest),
         "reliability" => reliability::reliability(rest),
+        "sim" => sim_command(rest),
         "help" | "--help" | "-h" => {
             print_help();
             Ok(())
@@ -144,6 +146,13 @@ USAGE:
         the RELIABILITY name=value lines they print into target/bench/reliability.json
         (scenarios run, recovery points checked, fsck runs, bad inputs tried, acknowledged
         writes lost, which must be 0). See docs/reliability.md.
+
+    cargo xtask sim [--seeds N] [--first-seed F] [--seed S] [--trace]
+        The deterministic fault simulation (tests/src/sim): N seeds from F (default: the CI
+        budget of tests/tests/sim.rs), or replays seed S alone with its counters (and every
+        step with --trace). A failure prints its seed and the command that replays it; the
+        same seed always runs the same way (same trace hash). Runs
+            cargo test --release -p tidemark-tests --test sim -- --nocapture sim_seed_budget
 
     cargo xtask help
         Prints this message.
@@ -612,6 +621,61 @@ fn lab_command(args: &[String]) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 
 /// `cargo xtask bench <NAME|all> [EXTRA ARGS...]`: one benchmark (or all) in full mode.
+/// `cargo xtask sim`: runs the simulation test with the seeds chosen through its
+/// environment variables (`TIDEMARK_SIM_SEEDS`, `TIDEMARK_SIM_FIRST_SEED`, `TIDEMARK_SIM_SEED`,
+/// `TIDEMARK_SIM_TRACE`).
+fn sim_command(args: &[String]) -> Result<()> {
+    let mut command = Command::new(cargo_bin());
+    command.current_dir(repo_root());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| -> Result<u64> {
+            let v = it.next().with_context(|| format!("`{name}` needs a number"))?;
+            v.parse().with_context(|| format!("`{name} {v}`: not a number"))
+        };
+        match arg.as_str() {
+            "--seeds" => {
+                let n = value("--seeds")?;
+                ensure!(n > 0, "`--seeds 0` runs nothing");
+                command.env("TIDEMARK_SIM_SEEDS", n.to_string());
+            }
+            "--first-seed" => {
+                command.env("TIDEMARK_SIM_FIRST_SEED", value("--first-seed")?.to_string());
+            }
+            "--seed" => {
+                command.env("TIDEMARK_SIM_SEED", value("--seed")?.to_string());
+            }
+            "--trace" => {
+                command.env("TIDEMARK_SIM_TRACE", "1");
+            }
+            "--help" | "-h" => {
+                print_help();
+                return Ok(());
+            }
+            other => {
+                print_help();
+                bail!("`sim` does not take `{other}`");
+            }
+        }
+    }
+    let start = Instant::now();
+    command.args([
+        "test",
+        "--release",
+        "-p",
+        "tidemark-tests",
+        "--test",
+        "sim",
+        "--",
+        "--nocapture",
+        "--exact",
+        "sim_seed_budget",
+    ]);
+    run_command(&mut command)?;
+    println!("xtask sim: done in {:.1?}", start.elapsed());
+    Ok(())
+}
+
 fn bench(args: &[String]) -> Result<()> {
     let Some(name) = args.first() else {
         print_help();

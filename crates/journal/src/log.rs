@@ -502,7 +502,10 @@ impl SegmentLog {
 
     fn write_manifest(&mut self) -> Result<()> {
         self.check_poison()?;
-        self.manifest.last_seq = self.manifest.last_seq.max(self.last_seq);
+        // Only what is durable: a number appended but lost in a crash is given again after
+        // reopening (the spool's rule), so a manifest written between an append and its
+        // sync must not claim it, or the reopened log would skip the lost numbers.
+        self.manifest.last_seq = self.manifest.last_seq.max(self.durable_seq);
         let bytes = self.manifest.encode();
         let r = (|| {
             let _ = self.dir.remove(MANIFEST_TMP);

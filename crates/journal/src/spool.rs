@@ -55,6 +55,8 @@ struct Pending {
     seq: Seq,
     loc: Loc,
     bytes: u64,
+    /// A resync window marker (`ResyncBegin` / `ResyncEnd`), for [`Spool::markers_after`].
+    marker: bool,
 }
 
 /// The source-side spool (see the module documentation).
@@ -84,7 +86,12 @@ impl Spool {
         };
         let mut all = Vec::new();
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
-            all.push(Pending { seq: v.header.seq, loc: v.loc, bytes: v.header.total_len() });
+            all.push(Pending {
+                seq: v.header.seq,
+                loc: v.loc,
+                bytes: v.header.total_len(),
+                marker: is_marker(v.header.kind),
+            });
         })?;
         let acked = log.manifest().base_seq;
         let pending: VecDeque<Pending> = all.into_iter().filter(|p| p.seq > acked).collect();
@@ -108,7 +115,7 @@ impl Spool {
         let spec = RecordSpec { kind, volume, seq, time: self.clock.now(), offset, length };
         let loc = self.log.append(spec, &payload)?;
         self.used += needed;
-        self.pending.push_back(Pending { seq, loc, bytes: needed });
+        self.pending.push_back(Pending { seq, loc, bytes: needed, marker: is_marker(kind) });
         Ok(seq)
     }
 
@@ -160,6 +167,26 @@ impl Spool {
             })?;
             out.push(SpooledEvent { seq: h.seq, time: h.time, event });
             bytes += p.bytes;
+        }
+        Ok(out)
+    }
+
+    /// The resync window markers (`ResyncBegin`, `ResyncEnd`) among the unacknowledged
+    /// events after `after`, durable or not, in order: what the target will learn about its
+    /// windows once the backlog reaches it. Reads only the marker records.
+    pub fn markers_after(&self, after: Seq) -> Result<Vec<(Seq, Event)>> {
+        let start = self.pending.partition_point(|p| p.seq <= after);
+        let mut out = Vec::new();
+        for p in self.pending.iter().skip(start).filter(|p| p.marker) {
+            let (h, payload) = self.log.read(p.loc)?;
+            let event = format::record_to_event(&h, payload).map_err(|reason| {
+                JournalError::CorruptRecord {
+                    segment: self.log.segment_name(p.loc.slot),
+                    offset: u64::from(p.loc.offset),
+                    reason,
+                }
+            })?;
+            out.push((h.seq, event));
         }
         Ok(out)
     }
@@ -238,4 +265,8 @@ impl Spool {
     pub fn disk_bytes(&self) -> u64 {
         self.log.bytes()
     }
+}
+
+fn is_marker(kind: format::RecordKind) -> bool {
+    kind.is_resync()
 }

@@ -555,29 +555,7 @@ impl Receiver {
                 message: format!("this target serves pair {}, not {}", cfg.pair, hello.pair),
             });
         }
-        let lens = &self.inner.volume_lens;
-        let matches = hello.volumes.len() == lens.len()
-            && hello
-                .volumes
-                .iter()
-                .enumerate()
-                .all(|(i, v)| usize::from(v.id.0) == i && v.size == lens[i]);
-        if !matches {
-            let theirs: Vec<String> =
-                hello.volumes.iter().map(|v| format!("{}:{}", v.id, v.size)).collect();
-            let ours: Vec<String> =
-                lens.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect();
-            return Err(Refuse {
-                reason: RefuseReason::VOLUME_MISMATCH,
-                supported: SUPPORTED_VERSIONS,
-                message: truncate(format!(
-                    "the replica's volumes (id:bytes) are {}, the source announced {}",
-                    ours.join(" "),
-                    theirs.join(" ")
-                )),
-            });
-        }
-        Ok(())
+        check_volumes(&hello.volumes, &self.inner.volume_lens)
     }
 
     /// Makes the connection `kill` belongs to the live one: shuts the previous one down
@@ -818,11 +796,7 @@ impl Receiver {
             return Err(ApplyError::Replaced);
         }
         let mut log = lock(&self.inner.log);
-        let last = log.last_seq();
-        if batch.first_seq > last.next() {
-            return Err(ApplyError::SequenceGap { expected: last.next(), found: batch.first_seq });
-        }
-        let duplicates = (last.0 + 1 - batch.first_seq.0).min(batch.entries.len() as u64);
+        let duplicates = admit_batch(log.last_seq(), batch.first_seq, batch.entries.len())?;
         let fresh = || batch.iter().skip(duplicates as usize);
         let mut data_bytes = 0;
         let (mut deduped_entries, mut deduped_bytes) = (0, 0);
@@ -979,11 +953,46 @@ fn run_net_reader<S: Stream>(
     }
 }
 
+/// The order rule (invariant 2) for a batch of `entries` events starting at `first_seq`,
+/// against the last sequence number the log holds (`last_received`): how many leading
+/// entries are duplicates to drop, or [`ApplyError::SequenceGap`] when the batch does not
+/// continue the stream (nothing of it may be appended). Pure, so that the deterministic
+/// simulation (`tests/src/sim`) admits batches by the same rule.
+pub fn admit_batch(last_received: Seq, first_seq: Seq, entries: usize) -> Result<u64> {
+    if first_seq > last_received.next() {
+        return Err(ApplyError::SequenceGap { expected: last_received.next(), found: first_seq });
+    }
+    // `first_seq <= last_received + 1`, so this does not underflow.
+    Ok((last_received.0 + 1 - first_seq.0).min(entries as u64))
+}
+
+/// Checks the volumes a source announced in its `Hello` against the replica's volume sizes
+/// (`lens`, index = volume id): same count, same ids in order, same sizes. A resized volume
+/// on either side is refused with [`RefuseReason::VOLUME_MISMATCH`] naming both lists.
+pub fn check_volumes(announced: &[crate::wire::VolumeInfo], lens: &[u64]) -> Result<(), Refuse> {
+    let matches = announced.len() == lens.len()
+        && announced.iter().enumerate().all(|(i, v)| usize::from(v.id.0) == i && v.size == lens[i]);
+    if matches {
+        return Ok(());
+    }
+    let theirs: Vec<String> = announced.iter().map(|v| format!("{}:{}", v.id, v.size)).collect();
+    let ours: Vec<String> = lens.iter().enumerate().map(|(i, l)| format!("{i}:{l}")).collect();
+    Err(Refuse {
+        reason: RefuseReason::VOLUME_MISMATCH,
+        supported: SUPPORTED_VERSIONS,
+        message: truncate(format!(
+            "the replica's volumes (id:bytes) are {}, the source announced {}",
+            ours.join(" "),
+            theirs.join(" ")
+        )),
+    })
+}
+
 /// What the replica is, for `Resume`: blank when nothing was ever received or an initial
 /// sync is under way (naming its open windows), inconsistent while another resync window
 /// is open (naming its open ids, the first [`MAX_OPEN_RESYNCS`]),
 /// consistent otherwise.
-fn replica_state(log: &RetentionLog) -> ReplicaState {
+pub fn replica_state(log: &RetentionLog) -> ReplicaState {
     let status = log.status();
     match status.inconsistent {
         // No consistent point before the window: an initial sync that has not completed.

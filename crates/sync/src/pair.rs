@@ -171,10 +171,20 @@ impl std::fmt::Debug for SourcePair {
     }
 }
 
-/// What the controller runs next.
-enum Job {
-    Initial { close: Vec<u64> },
-    Full { close: Vec<u64> },
+/// What the controller runs next (see [`decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// Step I of an initial sync into a blank replica, closing these open windows too.
+    Initial {
+        /// Ids of resync windows already open on the replica, closed by this sync.
+        close: Vec<u64>,
+    },
+    /// A whole-volume fast resync, closing these open windows too.
+    Full {
+        /// Ids of resync windows already open on the replica, closed by this resync.
+        close: Vec<u64>,
+    },
+    /// A fast resync limited to these regions of the write-intent map.
     Regions(RegionSet),
 }
 
@@ -267,6 +277,8 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
     // Out of sync when the pair starts: what an unclean shutdown left.
     let mut pending = inner.tap.intent().out_of_sync();
     let mut forced: Option<Job> = None;
+    // Windows failed resyncs left open: the next resync closes them.
+    let mut leftover: Vec<u64> = Vec::new();
     while !inner.stopping.load(Ordering::SeqCst) {
         let pending_bytes = region_bytes(inner, &pending);
         inner.update(|s| s.pending_bytes = pending_bytes);
@@ -307,7 +319,7 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
             Some(job)
         } else if st.sessions != handled_session {
             handled_session = st.sessions;
-            decide(&st, synced_once, &pending, opened)
+            decide(st.replica.as_ref(), synced_once, &pending, opened)
         } else if !pending.is_empty() {
             Some(Job::Regions(pending.clone()))
         } else {
@@ -332,8 +344,14 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
             None => None,
         };
         inner.update(|s| s.waiting_for_slot = false);
-        match run_job(inner, &job) {
+        let job = prepare_job(job, &pending, &leftover);
+        let (result, open) = run_job(inner, &job, &leftover);
+        leftover = open;
+        match result {
             Ok(report) => {
+                // The sessions opened so far reported the replica before this resync's
+                // markers were appended: their state is stale once it completes.
+                let sessions_at_end = inner.client.status().sessions;
                 // Invariant 1: the regions leave the out-of-sync set once the target holds
                 // the resync's end.
                 let end = report.end_seq;
@@ -344,23 +362,22 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
                     })
                     .is_some_and(|s| s.acked >= end);
                 if !acked {
-                    forced = Some(job);
+                    // Its windows are closed in the stream: run it again without them.
+                    forced = retry_of(&job);
                     continue;
                 }
-                if let Job::Regions(done) = &job {
-                    for run in done.runs() {
-                        inner.tap.intent().resynced(run);
-                    }
-                    pending = RegionSet::new();
-                } else {
-                    // A whole-volume sync covers every region.
-                    for run in pending.runs() {
-                        inner.tap.intent().resynced(run);
-                    }
+                // A whole-volume sync covers every region. In overflow nothing is cleared:
+                // regions tracked since the copy go with `pending` to the next resync.
+                let done = match &job {
+                    Job::Regions(done) => done.clone(),
+                    _ => pending.clone(),
+                };
+                if inner.tap.resynced(done.runs()) {
                     pending = RegionSet::new();
                 }
                 synced_once = true;
                 opened = None;
+                handled_session = handled_session.max(sessions_at_end);
                 inner.update(|s| {
                     s.resyncs += 1;
                     s.last_resync = Some(report);
@@ -374,10 +391,9 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
                     s.last_error = Some(text);
                     s.progress = None;
                 });
-                // Retried: a whole-volume job as it was, a regions job from `pending`.
-                if !matches!(job, Job::Regions(_)) {
-                    forced = Some(job);
-                }
+                // Retried: a whole-volume job as it was (the windows to close are in
+                // `leftover` now), a regions job from `pending`.
+                forced = retry_of(&job);
                 if !matches!(e, SyncerError::Tap { .. }) {
                     // Wait for the link to change before trying again.
                     let seen = inner.client.status().sessions;
@@ -388,21 +404,30 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
     }
 }
 
-fn decide(
-    st: &ShipperStatus,
+/// The controller's decision when a session opens: what to run given the replica's state in
+/// the target's `Resume` (`None` before any), whether a sync already completed here
+/// (`synced_once`), the regions out of sync (`pending`) and the window a fresh protection
+/// opened (`opened`). Pure, so that the deterministic simulation (`tests/src/sim`) drives
+/// the same decision.
+pub fn decide(
+    replica: Option<&crate::wire::ReplicaState>,
     synced_once: bool,
     pending: &RegionSet,
     opened: Option<u64>,
 ) -> Option<Job> {
-    let replica = st.replica.as_ref()?;
+    let replica = replica?;
     let mut ids = replica.open_resyncs.clone();
     ids.extend(opened.filter(|id| !ids.contains(id)));
     let replica = crate::wire::ReplicaState { kind: replica.kind, open_resyncs: ids };
     match replica.kind {
-        ReplicaKind::Blank if !synced_once => {
+        // Step I leaves all-zero blocks out, right only when every write since the window
+        // opened is in the stream; regions out of sync (an overflow, a crash) may hold
+        // zeros over data the replica received, so they need a comparison.
+        ReplicaKind::Blank if !synced_once && pending.is_empty() => {
             Some(Job::Initial { close: replica.open_resyncs.clone() })
         }
-        // Blank after an initial sync completed here: the target lost its replica.
+        // Blank after an initial sync completed here (the target lost its replica), or with
+        // regions out of sync.
         ReplicaKind::Blank => Some(Job::Full { close: replica.open_resyncs.clone() }),
         ReplicaKind::Inconsistent => Some(Job::Full { close: replica.open_resyncs.clone() }),
         // A fresh protection against a replica that holds another history: compare it all.
@@ -414,10 +439,68 @@ fn decide(
     }
 }
 
-fn run_job(inner: &Arc<Inner>, job: &Job) -> Result<ResyncReport, SyncerError> {
+/// The job to run again after `job` failed, or to start as chosen, given what is out of
+/// sync now and the windows failed resyncs left open (`leftover`), which it closes: a step I
+/// becomes a comparison once regions are out of sync (see [`decide`]). Pure, shared with
+/// the deterministic simulation.
+pub fn prepare_job(job: Job, pending: &RegionSet, leftover: &[u64]) -> Job {
+    let merge = |mut close: Vec<u64>| {
+        close.extend(leftover.iter().filter(|id| !close.contains(id)).collect::<Vec<_>>());
+        close
+    };
+    match job {
+        Job::Initial { close } if !pending.is_empty() => Job::Full { close: merge(close) },
+        Job::Initial { close } => Job::Initial { close: merge(close) },
+        Job::Full { close } => Job::Full { close: merge(close) },
+        Job::Regions(r) => Job::Regions(r),
+    }
+}
+
+/// The job that runs again after `job` failed: a whole-volume job with no windows of its
+/// own to close (those still open are in `leftover`), none for a regions job (it runs
+/// again from `pending`).
+pub fn retry_of(job: &Job) -> Option<Job> {
+    match job {
+        Job::Initial { .. } => Some(Job::Initial { close: Vec::new() }),
+        Job::Full { .. } => Some(Job::Full { close: Vec::new() }),
+        Job::Regions(_) => None,
+    }
+}
+
+/// Runs `job`, closing `leftover` too for a regions job; returns the outcome and the windows
+/// left open afterwards: `leftover` less those the run closed, plus its own when it failed
+/// after opening it.
+fn run_job(
+    inner: &Arc<Inner>,
+    job: &Job,
+    leftover: &[u64],
+) -> (Result<ResyncReport, SyncerError>, Vec<u64>) {
     let sink = inner.clone();
     let syncer = Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
         .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))));
+    let result = run_syncer(inner, &syncer, job, leftover);
+    let to_close = match job {
+        Job::Initial { close } | Job::Full { close } => close.as_slice(),
+        Job::Regions(_) => leftover,
+    };
+    (result, windows_left_open(to_close, &syncer.closed_windows(), &syncer.open_windows()))
+}
+
+/// The windows open after a resync that was to close `to_close`, closed `closed` and left
+/// its own `opened` open (all empty after a success). Pure, shared with the deterministic
+/// simulation.
+pub fn windows_left_open(to_close: &[u64], closed: &[u64], opened: &[u64]) -> Vec<u64> {
+    let mut open: Vec<u64> = to_close.iter().copied().filter(|id| !closed.contains(id)).collect();
+    open.extend(opened.iter().filter(|id| !open.contains(id)).collect::<Vec<_>>());
+    open
+}
+
+fn run_syncer(
+    inner: &Arc<Inner>,
+    syncer: &Syncer,
+    job: &Job,
+    leftover: &[u64],
+) -> Result<ResyncReport, SyncerError> {
     match job {
         Job::Initial { close } => {
             inner.stage(PairStage::InitialSync);
@@ -435,7 +518,7 @@ fn run_job(inner: &Arc<Inner>, job: &Job) -> Result<ResyncReport, SyncerError> {
         Job::Regions(regions) => {
             inner.stage(PairStage::Resync);
             let ranges = byte_ranges(inner, regions);
-            syncer.fast_resync(Some(&ranges), &[])
+            syncer.fast_resync(Some(&ranges), leftover)
         }
     }
 }

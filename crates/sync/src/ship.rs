@@ -64,7 +64,8 @@ use crate::shape::TokenBucket;
 use crate::watch::Watch;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
-    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, ReplicaState, WireError,
+    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, ReplicaKind, ReplicaState,
+    WireError,
 };
 
 /// What went wrong on the source side of replication.
@@ -532,7 +533,9 @@ pub struct ShipperStatus {
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
     /// The replica's state as the target reported it when the current (or last) session
-    /// opened; `None` before the first session.
+    /// opened, with the resync markers of the backlog applied ([`replica_after_backlog`]):
+    /// what the replica will be once the events not yet acknowledged reach it. `None`
+    /// before the first session.
     pub replica: Option<ReplicaState>,
     /// `HashRequest`s sent (all connections).
     pub hash_requests: u64,
@@ -1037,12 +1040,16 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let session = conn.open_session(&cfg.hello)?;
     let resume = session.last_acked;
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
-    if let Err(e) = reconcile(shared, resume) {
-        // Tell the target why this source hangs up (it reports the close reason).
-        let (mut channel, _) = conn.into_parts();
-        let _ = channel.close_with(CloseCode::PROTOCOL_VIOLATION, &error_chain(&e));
-        return Err(e);
-    }
+    let markers = match reconcile(shared, resume) {
+        Ok(markers) => markers,
+        Err(e) => {
+            // Tell the target why this source hangs up (it reports the close reason).
+            let (mut channel, _) = conn.into_parts();
+            let _ = channel.close_with(CloseCode::PROTOCOL_VIOLATION, &error_chain(&e));
+            return Err(e);
+        }
+    };
+    let replica = replica_after_backlog(&session.replica, &markers);
     let link = Arc::new(Link {
         state: Mutex::new(LinkInner {
             error: None,
@@ -1075,15 +1082,11 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
         s.sessions += 1;
         s.reconnect_attempt = 0;
         s.peer = Some(session.peer_node.clone());
-        s.replica = Some(session.replica.clone());
+        s.replica = Some(replica.clone());
         s.acked = s.acked.max(resume);
         s.last_sent = resume;
     });
-    shared.emit(ShipperEvent::Connected {
-        peer: session.peer_node.clone(),
-        resume,
-        replica: session.replica.clone(),
-    });
+    shared.emit(ShipperEvent::Connected { peer: session.peer_node.clone(), resume, replica });
 
     let (channel, codec) = conn.into_parts();
     let (rx_half, tx_half) = channel.split()?;
@@ -1157,21 +1160,89 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     }
 }
 
-/// Checks the target's resume point against the spool and trims up to it.
-fn reconcile(shared: &Shared, resume: Seq) -> Result<()> {
+/// Checks the target's resume point against the spool and trims up to it; returns the
+/// resync markers of the backlog after it (for [`replica_after_backlog`]).
+fn reconcile(shared: &Shared, resume: Seq) -> Result<Vec<(Seq, Event)>> {
     let mut spool = lock(&shared.spool);
-    if resume > spool.last_seq() {
-        return Err(ShipError::TargetAhead { target: resume, spool_last: spool.last_seq() });
-    }
-    if resume < spool.acked() {
-        return Err(ShipError::TargetBehind { target: resume, trimmed: spool.acked() });
-    }
+    check_resume(resume, spool.last_seq(), spool.acked())?;
     spool.ack(resume).map_err(|source| ShipError::Spool {
         op: format!("trimming up to seq {resume} (the target's resume point)"),
         source,
     })?;
     shared.backlog(&spool);
+    spool.markers_after(resume).map_err(|source| ShipError::Spool {
+        op: format!("reading the resync markers after seq {resume}"),
+        source,
+    })
+}
+
+/// The replica's state once the backlog reaches it: the target's `Resume` state with the
+/// resync markers (`ResyncBegin` / `ResyncEnd`, in stream order, as
+/// [`Spool::markers_after`] gives them) of the events it has not acknowledged applied.
+///
+/// Without this, a controller deciding on the `Resume` alone closes a window again whose
+/// `ResyncEnd` is still in the backlog (the target then refuses the second end and stops),
+/// and never closes a window whose `ResyncBegin` is (after a source restart). A blank
+/// replica becomes consistent when the backlog closes its last open window (the initial
+/// sync completed); the open ids stay capped at [`crate::wire::MAX_OPEN_RESYNCS`]. Pure, so
+/// that the deterministic simulation (`tests/src/sim`) decides on the same state.
+pub fn replica_after_backlog(replica: &ReplicaState, markers: &[(Seq, Event)]) -> ReplicaState {
+    let mut open = replica.open_resyncs.clone();
+    // Blank until a `ResyncEnd` closes the last open window: the initial sync completed.
+    let mut blank = replica.kind == ReplicaKind::Blank;
+    for (_, event) in markers {
+        match event {
+            Event::ResyncBegin { id } if !open.contains(id) => open.push(*id),
+            Event::ResyncEnd { id } => {
+                let before = open.len();
+                open.retain(|o| o != id);
+                if before > 0 && open.is_empty() {
+                    blank = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    open.truncate(crate::wire::MAX_OPEN_RESYNCS);
+    let kind = if blank {
+        ReplicaKind::Blank
+    } else if open.is_empty() {
+        ReplicaKind::Consistent
+    } else {
+        ReplicaKind::Inconsistent
+    };
+    ReplicaState { kind, open_resyncs: open }
+}
+
+/// The shipper's resume reconciliation (invariants 2 to 4): a target's `Resume {
+/// last_acked: resume }` is usable only between what the spool already trimmed
+/// (`spool_acked`, acknowledged before) and the last sequence number it assigned
+/// (`spool_last`). Above it is [`ShipError::TargetAhead`], below it
+/// [`ShipError::TargetBehind`] (the target lost acknowledged data). Pure, so that the
+/// deterministic simulation (`tests/src/sim`) reconciles by the same rule.
+pub fn check_resume(resume: Seq, spool_last: Seq, spool_acked: Seq) -> Result<()> {
+    if resume > spool_last {
+        return Err(ShipError::TargetAhead { target: resume, spool_last });
+    }
+    if resume < spool_acked {
+        return Err(ShipError::TargetBehind { target: resume, trimmed: spool_acked });
+    }
     Ok(())
+}
+
+/// The shipper's check of an `Ack { upto }` (invariant 4) against the last ack (or resume
+/// point) of the connection, `acked`, and the last sequence number queued to it, `queued`:
+/// `Ok(true)` when it moves the acknowledged point, `Ok(false)` for a repeat, and
+/// [`ShipError::AckWentBack`] or [`ShipError::AckAhead`] for a protocol violation. Pure, as
+/// [`check_resume`].
+pub fn check_ack(upto: Seq, acked: Seq, queued: Seq) -> Result<bool> {
+    if upto < acked {
+        return Err(ShipError::AckWentBack { got: upto, previous: acked });
+    }
+    if upto > queued {
+        return Err(ShipError::AckAhead { got: upto, sent: queued });
+    }
+    Ok(upto > acked)
 }
 
 /// A frame for the writer: a batch (with its last sequence number and uncompressed body
@@ -1278,7 +1349,7 @@ fn run_encoder(
 /// (with `zero_detect`), and repeated 4 KiB blocks as references to the window's writes,
 /// except for the events up to `refs_off_through` (a batch the target could not resolve,
 /// resent as data).
-fn build_batch(
+pub fn build_batch(
     after: Seq,
     events: Vec<SpooledEvent>,
     zero_detect: bool,
@@ -1426,13 +1497,7 @@ fn on_hash_reply(shared: &Shared, reply: HashReply, frame_len: u64) -> Result<()
 
 fn on_ack(shared: &Shared, link: &Link, upto: Seq) -> Result<()> {
     let mut l = link.lock();
-    if upto < l.acked {
-        return Err(ShipError::AckWentBack { got: upto, previous: l.acked });
-    }
-    if upto > l.queued {
-        return Err(ShipError::AckAhead { got: upto, sent: l.queued });
-    }
-    if upto == l.acked {
+    if !check_ack(upto, l.acked, l.queued)? {
         return Ok(());
     }
     while l.in_flight.front().is_some_and(|&(seq, _)| seq <= upto) {

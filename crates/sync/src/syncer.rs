@@ -190,6 +190,21 @@ pub enum SyncerError {
         /// How long it waited.
         waited: Duration,
     },
+    /// The target did not acknowledge the events before the resync's window in time, so
+    /// the comparison could not start (the link is down or too slow).
+    #[error(
+        "resync {id} of volume {volume}: the target did not acknowledge seq {seq} (the window's start) within {waited:?}"
+    )]
+    NotAcknowledged {
+        /// The resync id.
+        id: u64,
+        /// The volume.
+        volume: VolumeId,
+        /// The sequence number awaited.
+        seq: Seq,
+        /// How long it waited.
+        waited: Duration,
+    },
 }
 
 /// The resync driver of one volume (see the module documentation).
@@ -198,6 +213,10 @@ pub struct Syncer {
     client: HashClient,
     cfg: SyncerConfig,
     progress: Option<ProgressFn>,
+    /// Ids of the windows this driver opened (its `ResyncBegin` was appended) and has not
+    /// closed, and of the windows it closed: what a failed resync leaves open on the
+    /// replica, and which of the windows it was asked to close it did close.
+    windows: std::sync::Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 impl std::fmt::Debug for Syncer {
@@ -267,7 +286,20 @@ impl HashOracle for RemoteOracle<'_> {
 impl Syncer {
     /// A driver copying through `tap`, comparing over the connection of `client`.
     pub fn new(tap: Arc<Tap>, client: HashClient, cfg: SyncerConfig) -> Self {
-        Self { tap, client, cfg, progress: None }
+        Self { tap, client, cfg, progress: None, windows: std::sync::Mutex::default() }
+    }
+
+    /// Ids of the resync windows this driver opened and did not close: after a failed
+    /// resync, the window it leaves open on the replica (in the capture stream, so the target
+    /// will hold it), which the next resync must close with its `also_close`.
+    pub fn open_windows(&self) -> Vec<u64> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// Ids of the windows whose `ResyncEnd` this driver appended (its own and those of
+    /// `also_close`).
+    pub fn closed_windows(&self) -> Vec<u64> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
     /// Reports progress to `progress`.
@@ -292,12 +324,23 @@ impl Syncer {
     }
 
     fn marker(&self, id: u64, event: Event, what: &str) -> Result<Seq, SyncerError> {
-        let seq = self.tap.append_marker(event).map_err(|source| SyncerError::Tap {
+        let seq = self.tap.append_marker(event.clone()).map_err(|source| SyncerError::Tap {
             id,
             volume: self.cfg.volume,
             what: what.to_owned(),
             source: Box::new(source),
         })?;
+        {
+            let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            match event {
+                Event::ResyncBegin { id } => windows.0.push(id),
+                Event::ResyncEnd { id } => {
+                    windows.0.retain(|&o| o != id);
+                    windows.1.push(id);
+                }
+                _ => {}
+            }
+        }
         self.commit(id)?;
         Ok(seq)
     }
@@ -345,6 +388,20 @@ impl Syncer {
                 waited: started.elapsed(),
             })
         }
+    }
+
+    /// Waits until the target acknowledged `seq` (within the backlog timeout).
+    fn wait_acked(&self, id: u64, seq: Seq) -> Result<(), SyncerError> {
+        let started = Instant::now();
+        if self.client.wait_for(self.cfg.backlog_timeout, |s| s.acked >= seq).is_some() {
+            return Ok(());
+        }
+        Err(SyncerError::NotAcknowledged {
+            id,
+            volume: self.cfg.volume,
+            seq,
+            waited: started.elapsed(),
+        })
     }
 
     /// Copies `ranges` into the capture stream, chunk by chunk, within the backlog limit.
@@ -446,7 +503,11 @@ impl Syncer {
             ranges.iter().map(|r| r.end.min(self.tap.device_len()).saturating_sub(r.start)).sum()
         });
         let mut report = ResyncReport { id, volume_bytes, ..ResyncReport::default() };
-        self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
+        let begin = self.marker(id, Event::ResyncBegin { id }, "appending ResyncBegin")?;
+        // Compare only once the target holds everything before the window: an event still
+        // in the backlog could otherwise change a range found equal (a write the device
+        // lost in a crash, or one an out-of-sync write overtook) after the comparison.
+        self.wait_acked(id, begin)?;
         let diff = self.compare_retrying(id, limit, &mut report.attempts)?;
         report.differing_bytes = diff.differing_bytes();
         report.compare = diff.stats;

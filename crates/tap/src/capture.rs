@@ -42,7 +42,7 @@ use tidemark_journal::{
 
 use crate::error::{Result, TapError};
 use crate::intent::{IntentMap, IntentStatus, WriteIntent};
-use crate::regions::RegionSet;
+use crate::regions::{RegionRun, RegionSet};
 
 /// Default largest write event; larger writes are split into several events.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -501,6 +501,24 @@ impl Tap {
         c.last_was_barrier = false;
         drop(c);
         self.intent.out_of_sync()
+    }
+
+    /// Records that a resync copied `runs` ([`IntentMap::resynced`]), unless the tap is in
+    /// overflow: then nothing is cleared and this returns false. A write tracked out of sync
+    /// after the resync's copy (the tap overflowed while the resync awaited its
+    /// acknowledgement) must not be cleared with the regions the resync copied; the check and
+    /// the clearing run under the capture lock, and an overflow marks its regions only after
+    /// setting the overflow state under that lock, so no such mark is lost.
+    pub fn resynced(&self, runs: impl IntoIterator<Item = RegionRun>) -> bool {
+        let c = self.lock();
+        if c.overflow.is_some() {
+            return false;
+        }
+        for run in runs {
+            self.intent.resynced(run);
+        }
+        drop(c);
+        true
     }
 
     /// The intent map.
