@@ -5,6 +5,7 @@
 //! `cargo xtask sim --seeds N` runs more seeds and `cargo xtask sim --seed S` replays one,
 //! through the environment variables read by `sim_seed_budget`.
 
+use tidemark_tests::figures::report;
 use tidemark_tests::sim::{self, PlantedBug, SimConfig, SimReport};
 
 /// Seeds run in CI (about 8 s here, well under 30 s on a loaded 2-core machine).
@@ -71,12 +72,14 @@ fn sim_seed_budget() {
     let lost: u64 = reports.iter().map(|r| r.acked_writes_lost).sum();
     let points: u64 = reports.iter().map(|r| r.points_checked).sum();
     let acked: u64 = reports.iter().map(|r| r.acked_events).sum();
-    println!("RELIABILITY sim_seeds={}", reports.len());
-    println!("RELIABILITY sim_faults_injected={faults}");
-    println!("RELIABILITY sim_recovery_points_checked={points}");
-    println!("RELIABILITY sim_acked_events={acked}");
-    println!("RELIABILITY sim_acked_writes_lost={lost}");
-    println!("RELIABILITY sim_failed_seeds={}", failed.len());
+    // Summed by `cargo xtask reliability` with the other tests' figures; the lost writes
+    // join the other scenarios' `acknowledged_writes_lost`, whose goal is 0.
+    report("sim.seeds_simulated", reports.len() as u64);
+    report("sim.faults_injected", faults);
+    report("sim.recovery_points_checked", points);
+    report("sim.acked_events", acked);
+    report("acknowledged_writes_lost", lost);
+    report("sim.failed_seeds", failed.len() as u64);
     println!("sim: {} seeds in {:.1?}", reports.len(), started.elapsed());
     assert!(
         failed.is_empty(),

@@ -81,14 +81,14 @@ const KNOWN: &[Known] = &[
         unit: "seeds",
         what: "seeds of the deterministic simulation run",
         goal_zero: false,
-        required: false,
+        required: true,
     },
     Known {
         name: "sim.faults_injected",
         unit: "faults",
         what: "faults injected by the deterministic simulation",
         goal_zero: false,
-        required: false,
+        required: true,
     },
 ];
 
@@ -323,13 +323,14 @@ mod tests {
     fn a_lost_write_or_a_missing_figure_is_a_problem() {
         let ok = collect(
             "RELIABILITY scenarios_run=1\nRELIABILITY recovery_points_checked=1\n\
-             RELIABILITY bad_inputs_tried=1\nRELIABILITY acknowledged_writes_lost=0\n",
+             RELIABILITY bad_inputs_tried=1\nRELIABILITY sim.seeds_simulated=1\n\
+             RELIABILITY sim.faults_injected=1\nRELIABILITY acknowledged_writes_lost=0\n",
         )
         .unwrap();
         assert!(verdicts(&ok).is_empty());
         let mut lost = ok.clone();
-        lost[3].value = 2.0;
+        lost[5].value = 2.0;
         assert_eq!(verdicts(&lost).len(), 1);
-        assert_eq!(verdicts(&ok[..3]).len(), 1);
+        assert_eq!(verdicts(&ok[..5]).len(), 1);
     }
 }
