@@ -14,186 +14,17 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+mod common;
+use common::*;
+
 const PAIR: &str = "d0111234567890abcdef0123456789ab";
 const VOLUME: u64 = 128 << 20;
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn missing_requirement() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("not root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} missing"));
-        }
-    }
-    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "losetup"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} not found"));
-        }
-    }
-    None
-}
-
-/// A child process whose stdout lines are collected; killed on drop.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{name}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        Proc { name, child: Some(child), lines }
-    }
-
-    fn wait_line(&mut self, prefix: &str) -> String {
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
-                return l[prefix.len()..].trim().to_owned();
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({st}) before printing {prefix:?}", self.name);
-            }
-            assert!(Instant::now() < until, "{} printed no {prefix:?} line", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn terminate(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                assert!(st.success(), "{} exited with {st} after SIGTERM", self.name);
-                return;
-            }
-            assert!(Instant::now() < until, "{} did not stop after SIGTERM", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Proc {
-    /// Waits for the process to exit on its own.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() >= until {
-                let _ = child.kill();
-                panic!("{} did not exit", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Undoes mounts a failed test may leave behind: those listed, then any other under `root`
-/// (a killed receiver's snapshot mounts under `rx/vsnaps/`).
-#[derive(Default)]
-struct Cleanup {
-    root: PathBuf,
-    mounts: Vec<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).stderr(Stdio::null()).status();
-        }
-        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-        let root = self.root.display().to_string();
-        for point in info.lines().rev().filter_map(|l| l.split(' ').nth(4)) {
-            if !root.is_empty() && point.starts_with(&root) {
-                let _ = Command::new("umount").arg("-l").arg(point).stderr(Stdio::null()).status();
-            }
-        }
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_status(dir: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let path = dir.join("status.json");
-    let until = Instant::now() + PATIENCE;
-    let mut last = Value::Null;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                last = v;
-                if pred(&last) {
-                    return last;
-                }
-            }
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}; last status: {last:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn u(v: &Value, ptr: &str) -> u64 {
-    v.pointer(ptr).and_then(Value::as_u64).unwrap_or_else(|| panic!("no number at {ptr} in {v:#}"))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn wait_caught_up(state: &Path) {
     let after = now_ms();
@@ -203,18 +34,6 @@ fn wait_caught_up(state: &Path) {
             && v["shipper"]["backlog_bytes"] == 0
             && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
     });
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// One request on the receiver's control socket.
@@ -267,7 +86,7 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let p = |rel: &str| root.join(rel).display().to_string();
-    let mut cleanup = Cleanup { root: root.clone(), mounts: Vec::new() };
+    let mut cleanup = Cleanup { root: root.clone(), mounts: Vec::new(), loops: Vec::new() };
     run(BIN, &["keygen", "--dir", &p("keys"), "--name", "src"]);
     run(BIN, &["keygen", "--dir", &p("keys"), "--name", "dst"]);
     let image = root.join("volume.img");

@@ -7,210 +7,21 @@
 //! Synchronisation is on the processes' output (`listening:`, `device:`) and on their
 //! status.json documents, polled.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+mod common;
+use common::*;
+
 const PAIR: &str = "5eed0123456789abcdef0123456789ab";
 const VOLUME: u64 = 256 << 20;
-const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Why this machine cannot run the tests, if it cannot.
-fn missing_requirement() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("not root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("{dev} missing"));
-        }
-    }
-    for tool in ["mkfs.ext4", "e2fsck", "mount", "umount", "losetup"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} not found"));
-        }
-    }
-    None
-}
-
-macro_rules! require_env {
-    ($name:expr) => {
-        if let Some(why) = missing_requirement() {
-            // Straight to stderr: the harness captures `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP {}: {why}: this end-to-end test needs root, FUSE and loop devices",
-                $name
-            );
-            return;
-        }
-    };
-}
-
-/// A child process whose stdout lines are collected; killed (SIGKILL) on drop.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[{name}] {line}");
-                l.lock().unwrap().push(line);
-            }
-        });
-        Proc { name, child: Some(child), lines }
-    }
-
-    fn pid(&self) -> u64 {
-        u64::from(self.child.as_ref().unwrap().id())
-    }
-
-    /// Waits for a stdout line starting with `prefix`; returns the rest of it.
-    fn wait_line(&mut self, prefix: &str) -> String {
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
-                return l[prefix.len()..].trim().to_owned();
-            }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({st}) before printing {prefix:?}", self.name);
-            }
-            assert!(Instant::now() < until, "{} printed no {prefix:?} line", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn terminate(&mut self) {
-        let mut child = self.child.take().unwrap();
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                assert!(st.success(), "{} exited with {st} after SIGTERM", self.name);
-                return;
-            }
-            assert!(Instant::now() < until, "{} did not stop after SIGTERM", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL (a crash).
-    fn crash(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Undoes mounts and loop devices a failed test may leave behind.
-#[derive(Default)]
-struct Cleanup {
-    mounts: Vec<PathBuf>,
-    loops: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for m in self.mounts.iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(m).stderr(Stdio::null()).status();
-        }
-        for l in &self.loops {
-            let _ = Command::new("losetup").args(["-d", l]).stderr(Stdio::null()).status();
-        }
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn tidemark(args: &[&str]) -> String {
-    run(BIN, args)
-}
-
-/// Polls `dir/status.json` until `pred` holds; returns the document.
-fn wait_status(dir: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let path = dir.join("status.json");
-    let until = Instant::now() + PATIENCE;
-    let mut last = Value::Null;
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            last = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{} is not whole JSON: {e}", path.display()));
-            if pred(&last) {
-                return last;
-            }
-        }
-        assert!(Instant::now() < until, "timed out waiting for {what}; last status: {last:#}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn u(v: &Value, ptr: &str) -> u64 {
-    v.pointer(ptr).and_then(Value::as_u64).unwrap_or_else(|| panic!("no number at {ptr} in {v:#}"))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-/// Deterministic bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn assert_same_file(a: &Path, b: &Path) {
     let (fa, fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
