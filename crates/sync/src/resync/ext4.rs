@@ -509,8 +509,11 @@ impl<S: BlockSource> BlockSource for Ext4InUse<S> {
         self.inner.len()
     }
 
+    /// Hints only the in-use blocks of `range`, the only ones [`BlockSource::read_at`] reads.
     fn will_need(&self, range: Range<u64>) {
-        self.inner.will_need(range);
+        for e in self.in_use_extents(range) {
+            self.inner.will_need(e);
+        }
     }
 
     /// The inner bytes of in-use blocks, zeros for the others.

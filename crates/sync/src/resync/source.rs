@@ -220,13 +220,17 @@ impl BlockSource for FileSource {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Hints only the data extents of `range`: read-ahead over a hole would fill the page
+    /// cache with zero pages nobody reads (`hash_chunk` does not read holes).
     fn will_need(&self, range: Range<u64>) {
-        let end = range.end.min(self.len);
-        if range.start < end {
+        let Ok(extents) = self.data_extents(range) else { return };
+        for e in extents {
+            // The device's own descriptor reads what the device shows: a loop device's
+            // extents are positions on the device too.
             let _ = tidemark_journal::io::advise_will_need(
                 self.file.as_raw_fd(),
-                range.start,
-                end - range.start,
+                e.start,
+                e.end - e.start,
             );
         }
     }
