@@ -14,6 +14,8 @@ use tidemark_journal::{
     Nanos, PointInfo, PointKind, RecoveryPoint, RetentionLog, Seq, types::validate_bookmark_name,
 };
 
+use tidemark_sync::ship::error_chain;
+
 use crate::{common, control};
 
 #[derive(Debug, clap::Args)]
@@ -199,18 +201,6 @@ fn around(
     let near: Vec<&PointInfo> =
         points[i.saturating_sub(2)..(i + 2).min(points.len())].iter().collect();
     format!("{window}; nearest:\n{}", list(&near))
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(x) = source {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        source = x.source();
-    }
-    s
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.

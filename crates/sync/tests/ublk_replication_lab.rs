@@ -57,6 +57,7 @@ use tidemark_sync::apply::{Receiver, ReceiverConfig};
 use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
 use tidemark_sync::pipe::duplex;
 use tidemark_sync::secure::{AllowedPeers, Keypair, SecureConfig};
+use tidemark_sync::ship::error_chain as chain;
 use tidemark_sync::ship::{Backoff, Shipper, ShipperConfig, ShipperHandle};
 use tidemark_sync::syncer::SyncerConfig;
 use tidemark_sync::wire::{Hello, PairId, Role, SUPPORTED_VERSIONS, VolumeInfo};
@@ -99,18 +100,6 @@ fn main() -> ExitCode {
 
 fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |err| format!("{what}: {err}")
-}
-
-/// The whole error chain.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Runs a command; fails with its output unless it exits 0. Returns its standard output.
