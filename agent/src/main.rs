@@ -13,6 +13,7 @@ mod receive;
 mod recover;
 mod signals;
 mod status;
+mod up;
 mod vsnaps;
 
 use std::path::PathBuf;
@@ -60,6 +61,12 @@ enum Command {
     /// Expose a recovery point as a virtual snapshot (read-only, or read-write over a
     /// throw-away overlay, for a DR drill) or materialize it into a verified file.
     Recover(recover::Args),
+    /// Run a pair of the configuration file by name (`[pair.NAME]`): its `protect` or
+    /// `receive`, with the options the file gives. The systemd unit `tidemark@NAME` runs this.
+    Up(up::UpArgs),
+    /// Work with the configuration file.
+    #[command(subcommand)]
+    Config(up::ConfigCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,7 +77,11 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    run(Cli::parse())
+}
+
+/// Runs a parsed command line (also the one `tidemark up` builds from the configuration).
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Keygen(args) => keygen::run(args),
@@ -81,5 +92,7 @@ fn main() -> anyhow::Result<()> {
         Command::Materialize(args) => materialize::run(args),
         Command::Points(args) => points::run(args),
         Command::Recover(args) => recover::run(args),
+        Command::Up(args) => up::up(args),
+        Command::Config(command) => up::config(command),
     }
 }

@@ -24,6 +24,7 @@ const TARGETS: &[(&str, FuzzFn)] = &[
     ("wire_frame", tidemark_sync::wire::codec::fuzz_frame),
     ("handshake", tidemark_sync::secure::fuzz_handshake),
     ("ext4_view", tidemark_sync::resync::ext4::fuzz_ext4_view),
+    ("config", tidemark::config::fuzz_config),
 ];
 
 /// The `fuzz/` directory of the workspace.
@@ -148,4 +149,9 @@ fn every_fuzz_target_is_covered() {
 #[test]
 fn ext4_view_corpus() {
     run_corpus("ext4_view");
+}
+
+#[test]
+fn config_corpus() {
+    run_corpus("config");
 }

@@ -1,0 +1,156 @@
+//! `tidemark up NAME --config FILE` and `tidemark config check FILE`: a pair run from the
+//! configuration file (`docs/config.md`, parser in `src/config.rs`). `up` turns the pair's
+//! section into the arguments of its command and runs that command in this process, so a
+//! pair started from the file behaves exactly as the same command typed by hand.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser};
+use tidemark::config::{self, CommandSpec, Config, ConfigError, OptionSpec, PairConfig};
+
+use crate::Cli;
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/tidemark/tidemark.toml";
+
+/// The commands a pair's `role` can name.
+pub const ROLES: &[&str] = &["protect", "receive"];
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// The pair's name: the `NAME` of its `[pair.NAME]` section.
+    name: String,
+    /// The configuration file.
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Check the pair and print the command it runs, without running it.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file: every pair, every value; print the command each
+    /// pair runs. Exits non-zero on the first error, which names its line and column.
+    Check {
+        /// The configuration file.
+        #[arg(default_value = DEFAULT_CONFIG)]
+        file: PathBuf,
+    },
+}
+
+/// What the file may say of each role: the options of its command, read off the command
+/// line parser itself (so the file and the command line can never disagree).
+fn command_specs() -> Vec<CommandSpec> {
+    let cli = Cli::command();
+    ROLES
+        .iter()
+        .map(|&role| {
+            let cmd = cli.find_subcommand(role).expect("every role is a subcommand");
+            let options = cmd
+                .get_arguments()
+                .filter_map(|a| {
+                    let long = a.get_long()?;
+                    if matches!(long, "help" | "version") {
+                        return None;
+                    }
+                    Some(OptionSpec {
+                        long: long.to_owned(),
+                        takes_value: a.get_action().takes_values(),
+                        repeatable: matches!(a.get_action(), clap::ArgAction::Append),
+                        required: a.is_required_set(),
+                    })
+                })
+                .collect();
+            CommandSpec { role: role.to_owned(), options }
+        })
+        .collect()
+}
+
+/// Reads and parses `file`.
+fn load(file: &Path) -> anyhow::Result<(String, Config)> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("read the configuration file {}", file.display()))?;
+    let config = config::parse(&file.display().to_string(), &text, &command_specs())?;
+    Ok((text, config))
+}
+
+/// The pair's arguments through the command line parser: the command to run, or the
+/// refusal pointed at the value in the file.
+fn to_command(file: &Path, text: &str, pair: &PairConfig) -> Result<Cli, ConfigError> {
+    let argv = ["tidemark", pair.role.as_str()]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(pair.args.iter().cloned());
+    Cli::try_parse_from(argv).map_err(|e| {
+        // The option clap names, e.g. "--size <SIZE>" -> "size".
+        let long = e.get(clap::error::ContextKind::InvalidArg).and_then(|v| match v {
+            clap::error::ContextValue::String(s) => Some(s.clone()),
+            clap::error::ContextValue::Strings(s) => s.first().cloned(),
+            _ => None,
+        });
+        let long = long
+            .as_deref()
+            .and_then(|s| s.strip_prefix("--"))
+            .map(|s| s.split([' ', '=', '<']).next().unwrap_or(s).to_owned());
+        // A value clap refused is quoted back; the file's own place for it follows.
+        let rendered = e.to_string();
+        let first = rendered.lines().next().unwrap_or("refused").trim_start_matches("error: ");
+        config::value_error(&file.display().to_string(), text, pair, long.as_deref(), first)
+    })
+}
+
+/// Shell-quotes an argument for display.
+fn quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+".contains(&b))
+    {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+fn command_line(pair: &PairConfig) -> String {
+    let mut line = format!("tidemark {}", pair.role);
+    for arg in &pair.args {
+        line.push(' ');
+        line.push_str(&quote(arg));
+    }
+    line
+}
+
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    let (text, config) = load(&args.config)?;
+    let pair =
+        config.pair(&args.name).map_err(|m| anyhow::anyhow!("{}: {m}", args.config.display()))?;
+    let cli = to_command(&args.config, &text, pair)?;
+    if args.dry_run {
+        println!("pair {}: {}", pair.name, command_line(pair));
+        return Ok(());
+    }
+    eprintln!("pair {} from {}: {}", pair.name, args.config.display(), command_line(pair));
+    crate::run(cli)
+}
+
+pub fn config(command: ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Check { file } => {
+            let (text, config) = load(&file)?;
+            for pair in &config.pairs {
+                to_command(&file, &text, pair)?;
+            }
+            println!(
+                "{}: version {}, {} pair(s), all valid",
+                file.display(),
+                config::VERSION,
+                config.pairs.len()
+            );
+            for pair in &config.pairs {
+                println!("  pair {}: {}", pair.name, command_line(pair));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The configuration file through the binary: `tidemark config check` on good and bad files
+//! (every error names file, line and column), `tidemark up NAME` running a pair from it, and
+//! the systemd unit's command lines (`dist/systemd/tidemark@.service`) accepted as written.
+//! No root needed.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{BIN, Proc};
+
+const PAIR: &str = "5eed0123456789abcdef0123456789ab";
+
+/// Runs the binary; returns (success, stdout, stderr).
+fn tidemark(args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(BIN).args(args).env("RUST_BACKTRACE", "0").output().expect("run tidemark");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A configuration with a receive pair and a protect pair, keys made by `tidemark keygen`.
+fn write_config(dir: &Path, listen: &str) -> String {
+    for name in ["src", "dst"] {
+        let (ok, _, err) = tidemark(&["keygen", "--dir", dir.to_str().unwrap(), "--name", name]);
+        assert!(ok, "keygen: {err}");
+    }
+    let d = dir.display();
+    format!(
+        r#"# a node that is the target of one pair and the source of another
+version = 1
+
+[defaults]
+key = "{d}/dst.key"
+peer = "{d}/src.pub"
+
+[pair.dr]
+role = "receive"
+id = "{PAIR}"
+dir = "{d}/dr"
+listen = "{listen}"
+size = 1048576
+block_size = 4096
+
+[pair.web]
+role = "protect"
+id = "{PAIR}"
+image = "{d}/web.img"
+state = "{d}/web-state"
+target = "127.0.0.1:7800"
+spool-mib = 64
+"#
+    )
+}
+
+#[test]
+fn config_check_accepts_a_good_file_and_prints_each_pairs_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    std::fs::write(&file, write_config(dir.path(), "127.0.0.1:0")).unwrap();
+    let (ok, out, err) = tidemark(&["config", "check", file.to_str().unwrap()]);
+    assert!(ok, "config check refused a good file: {err}");
+    assert!(out.contains("2 pair(s), all valid"), "{out}");
+    let d = dir.path().display();
+    assert!(
+        out.contains(&format!(
+            "pair dr: tidemark receive --block-size=4096 --dir={d}/dr --key={d}/dst.key --listen=127.0.0.1:0 --pair={PAIR} --peer={d}/src.pub --size=1048576"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("pair web: tidemark protect "), "{out}");
+    assert!(out.contains("--spool-mib=64"), "{out}");
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    let good = write_config(dir.path(), "127.0.0.1:0");
+    let name = file.display().to_string();
+    // (what, edit of the good file, expected "FILE:LINE:COL", words of the message)
+    let cases: &[(&str, &str, &str, &str, &str)] = &[
+        (
+            "a value the command refuses",
+            "size = 1048576",
+            "size = \"lots\"",
+            "13:8",
+            "invalid value 'lots' for '--size",
+        ),
+        ("a negative size", "size = 1048576", "size = -1", "13:8", "invalid value '-1'"),
+        ("bare words", "size = 1048576", "size = lots", "13:8", "not valid TOML"),
+        (
+            "an option of the other role",
+            "spool-mib = 64",
+            "size = 64",
+            "22:1",
+            "`size` is not an option of `tidemark protect`",
+        ),
+        (
+            "a missing required key",
+            "target = \"127.0.0.1:7800\"\n",
+            "",
+            "16:1",
+            "lacks required key: target",
+        ),
+        ("a typo in a default", "peer = ", "pear = ", "6:1", "unknown key `pear` in [defaults]"),
+        ("a syntax error", "[pair.web]", "[pair.web", "16:", "not valid TOML"),
+        (
+            "a bad role",
+            "role = \"protect\"",
+            "role = \"source\"",
+            "17:8",
+            "expected one of \"protect\", \"receive\"",
+        ),
+    ];
+    for &(what, from, to, at, words) in cases {
+        assert!(good.contains(from), "{what}: the good file has no {from:?}");
+        std::fs::write(&file, good.replacen(from, to, 1)).unwrap();
+        let (ok, _, err) = tidemark(&["config", "check", &name]);
+        assert!(!ok, "{what}: config check accepted the file");
+        let located = format!("{name}:{at}");
+        assert!(err.contains(&located), "{what}: expected {located:?} in: {err}");
+        assert!(err.contains(words), "{what}: expected {words:?} in: {err}");
+    }
+    std::fs::write(&file, &good).unwrap();
+    let (ok, _, err) = tidemark(&["up", "nope", "--config", &name, "--dry-run"]);
+    assert!(!ok);
+    assert!(err.contains("no pair named \"nope\""), "{err}");
+    let (ok, _, err) =
+        tidemark(&["config", "check", dir.path().join("absent.toml").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("read the configuration file") && err.contains("absent.toml"), "{err}");
+}
+
+#[test]
+fn up_runs_the_pair_as_its_command_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    std::fs::write(&file, write_config(dir.path(), "127.0.0.1:0")).unwrap();
+    let mut receiver = Proc::spawn("up dr", &["up", "dr", "--config", file.to_str().unwrap()]);
+    let addr = receiver.wait_line("listening:");
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    assert!(dir.path().join("dr/replica.img").exists(), "the receive pair made no replica");
+    assert_eq!(std::fs::metadata(dir.path().join("dr/replica.img")).unwrap().len(), 1048576);
+    receiver.terminate();
+}
+
+#[test]
+fn the_systemd_units_commands_are_accepted() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/systemd/tidemark@.service"),
+    )
+    .expect("dist/systemd/tidemark@.service");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    std::fs::write(&file, write_config(dir.path(), "127.0.0.1:0")).unwrap();
+    let mut seen = 0;
+    for line in unit.lines() {
+        let Some(command) =
+            line.strip_prefix("ExecStartPre=").or_else(|| line.strip_prefix("ExecStart="))
+        else {
+            continue;
+        };
+        seen += 1;
+        let words: Vec<String> = command
+            .split_whitespace()
+            .map(|w| {
+                w.replace("%i", "web")
+                    .replace("/etc/tidemark/tidemark.toml", file.to_str().unwrap())
+            })
+            .collect();
+        assert_eq!(words[0], "/usr/local/bin/tidemark", "the unit runs the installed binary");
+        let mut args: Vec<&str> = words[1..].iter().map(String::as_str).collect();
+        if !args.contains(&"--dry-run") {
+            args.push("--dry-run");
+        }
+        let (ok, out, err) = tidemark(&args);
+        assert!(ok, "{command}: {err}");
+        assert!(out.starts_with("pair web: tidemark protect "), "{out}");
+    }
+    assert_eq!(seen, 2, "the unit should have ExecStartPre= and ExecStart=");
+}
