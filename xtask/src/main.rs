@@ -53,6 +53,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("util-linux", "blkdiscard"),
     ("qemu-utils", "qemu-io"),
+    ("xfsprogs", "mkfs.xfs"),
 ];
 
 /// The steps of `cargo xtask ci`, in the order they run: name and one-line description.
@@ -142,7 +143,7 @@ USAGE:
 
     cargo xtask reliability
         Runs the reliability tests (cargo test -p tidemark-tests --release: the crash-
-        consistency checks of every recovery point, the ext4 replay, the fuzz corpora) and sums
+        consistency checks of every recovery point, the ext4 and xfs replays, the fuzz corpora) and sums
         the RELIABILITY name=value lines they print into target/bench/reliability.json
         (scenarios run, recovery points checked, fsck runs, bad inputs tried, acknowledged
         writes lost, which must be 0). See docs/reliability.md.

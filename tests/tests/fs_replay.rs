@@ -1,19 +1,27 @@
-//! ext4 replayed to every recovery point (xfstests generic/482 in spirit): a workload of
-//! creates, overwrites, appends, truncates, deletes, renames and fsyncs on ext4 made on the
-//! FUSE + loop frontend, with filesystem bookmarks (sync + fsfreeze, and umount), replicated
-//! to an in-process target. Then for every point the target offers: materialize it, check
-//! it against the spool's history with the crash-consistency checker, replay the ext4
-//! journal as a mount would (`e2fsck -E journal_only`), and `e2fsck -fn` must find nothing
-//! (if it finds something, the image is mounted and unmounted, which also releases orphan
-//! inodes as the kernel does after a power cut, and `e2fsck -fn` must then find nothing);
-//! at each bookmark the files read out of the image (`debugfs rdump`) match the checksums
-//! taken on the source.
+//! A real filesystem replayed to every recovery point (xfstests generic/482 in spirit), for
+//! ext4 and for xfs: a workload of creates, overwrites, appends, truncates, deletes, renames
+//! and fsyncs on the filesystem made on the FUSE + loop frontend, with filesystem bookmarks
+//! (sync + fsfreeze, and umount), replicated to an in-process target. Then for every point
+//! the target offers: materialize it, check it against the spool's history with the
+//! crash-consistency checker, and recover it as the kernel would after a power cut, then
+//! check it offline:
+//! - ext4: replay the journal (`e2fsck -E journal_only`), then `e2fsck -fn` must find
+//!   nothing (if it finds something, the image is mounted and unmounted, which also releases
+//!   orphan inodes as the kernel does, and `e2fsck -fn` must then find nothing); at each
+//!   bookmark the files read out of the image (`debugfs rdump`) match the checksums taken on
+//!   the source.
+//! - xfs: mount the image (log recovery, unlinked-inode processing), read the files at a
+//!   bookmark and compare their checksums, unmount, then `xfs_repair -n` must find nothing.
+//!   mkfs.xfs refuses filesystems under 300 MB unless it runs under fstests; the test sets
+//!   fstests' variables (TEST_DIR, TEST_DEV, QA_CHECK_FS) so that a 32 MiB volume is allowed
+//!   and every point stays cheap to check.
 //!
 //! The link is down while the workload runs, so that the spool still holds the whole
 //! history when the test reads it back; the target then receives it in one catch-up.
 //!
-//! Needs root, /dev/fuse, loop devices, e2fsprogs (mkfs.ext4, e2fsck, debugfs) and fsfreeze;
-//! without them it prints a loud SKIPPED line (and a `scenarios_skipped` figure).
+//! Needs root, /dev/fuse, loop devices, fsfreeze, and e2fsprogs (ext4) or xfsprogs and the
+//! kernel's xfs (xfs); without them a test prints a loud SKIPPED line (and a
+//! `scenarios_skipped` figure).
 
 mod common;
 
@@ -66,8 +74,47 @@ fn run(c: &mut Command) {
     );
 }
 
-/// What is missing to run here, if anything.
-fn missing_requirement() -> Option<String> {
+/// The filesystems replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fs {
+    Ext4,
+    Xfs,
+}
+
+impl Fs {
+    fn name(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+        }
+    }
+
+    /// The tools it needs besides mount, umount and fsfreeze.
+    fn tools(self) -> &'static [&'static str] {
+        match self {
+            Fs::Ext4 => &["mkfs.ext4", "e2fsck", "debugfs"],
+            Fs::Xfs => &["mkfs.xfs", "xfs_repair"],
+        }
+    }
+
+    fn mkfs(self, device: &Path) {
+        match self {
+            Fs::Ext4 => run(cmd("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-E", "nodiscard"])
+                .arg(device)),
+            // fstests' variables lift mkfs.xfs's 300 MB minimum (see the module doc).
+            Fs::Xfs => run(cmd("mkfs.xfs")
+                .args(["-q", "-f", "-K"])
+                .env("TEST_DIR", "/tmp")
+                .env("TEST_DEV", device)
+                .env("QA_CHECK_FS", "1")
+                .arg(device)),
+        }
+    }
+}
+
+/// What is missing to run `fs` here, if anything.
+fn missing_requirement(fs: Fs) -> Option<String> {
     let root = fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
     if !root {
         return Some("not root".into());
@@ -77,7 +124,7 @@ fn missing_requirement() -> Option<String> {
             return Some(format!("{dev} missing"));
         }
     }
-    for tool in ["mkfs.ext4", "e2fsck", "debugfs", "fsfreeze", "mount", "umount"] {
+    for tool in ["fsfreeze", "mount", "umount"].iter().chain(fs.tools()) {
         let found = cmd("sh")
             .args(["-c", "command -v \"$1\"", "sh", tool])
             .output()
@@ -85,6 +132,10 @@ fn missing_requirement() -> Option<String> {
         if !found {
             return Some(format!("{tool} not installed"));
         }
+    }
+    let known = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !known.split_whitespace().any(|f| f == fs.name()) {
+        return Some(format!("this kernel has no {} (/proc/filesystems)", fs.name()));
     }
     None
 }
@@ -94,23 +145,23 @@ fn missing_requirement() -> Option<String> {
 fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir()
-        && let Ok(dir) = tempfile::Builder::new().prefix("tidemark-ext4-replay").tempdir_in(shm)
+        && let Ok(dir) = tempfile::Builder::new().prefix("tidemark-fs-replay").tempdir_in(shm)
     {
         return dir;
     }
-    tempfile::Builder::new().prefix("tidemark-ext4-replay").tempdir().expect("temp dir")
+    tempfile::Builder::new().prefix("tidemark-fs-replay").tempdir().expect("temp dir")
 }
 
-/// An ext4 mount, unmounted on drop (lazily if busy) so a failing test leaves nothing pinned.
+/// A mount, unmounted on drop (lazily if busy) so a failing test leaves nothing pinned.
 struct Mount {
     point: PathBuf,
     mounted: bool,
 }
 
 impl Mount {
-    fn new(device: &Path, point: &Path) -> Mount {
+    fn new(fs: Fs, device: &Path, point: &Path) -> Mount {
         fs::create_dir_all(point).expect("mount point");
-        run(cmd("mount").args(["-t", "ext4", "-o", "noatime"]).arg(device).arg(point));
+        run(cmd("mount").args(["-t", fs.name(), "-o", "noatime"]).arg(device).arg(point));
         Mount { point: point.to_path_buf(), mounted: true }
     }
 
@@ -250,12 +301,31 @@ impl Workload {
 
 #[test]
 fn ext4_every_flush_point_and_bookmark_fscks_clean() {
-    if let Some(why) = missing_requirement() {
+    replay_every_point(Fs::Ext4);
+}
+
+#[test]
+fn xfs_every_flush_point_and_bookmark_repairs_clean() {
+    replay_every_point(Fs::Xfs);
+}
+
+/// Counts of the offline checks.
+#[derive(Debug, Default)]
+struct Checked {
+    fscks: u64,
+    journal_replays: u64,
+    mount_cycles: u64,
+    bookmarks_verified: u64,
+}
+
+fn replay_every_point(fs: Fs) {
+    if let Some(why) = missing_requirement(fs) {
+        let name = fs.name();
         let _ = writeln!(
             std::io::stderr(),
             "\n==============================================================\n\
-             SKIPPED: ext4_every_flush_point_and_bookmark_fscks_clean: {why} (needs root, \
-             /dev/fuse, loop devices, e2fsprogs and fsfreeze)\n\
+             SKIPPED: {name}_every_flush_point_and_bookmark: {why} (needs root, /dev/fuse, \
+             loop devices, fsfreeze and the {name} tools)\n\
              =============================================================="
         );
         figures::report("scenarios_skipped", 1);
@@ -286,12 +356,12 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
     let frontend = FuseLoopFrontend::start(tap.clone(), fcfg).expect("start FUSE + loop");
     let loopdev = frontend.device_path().expect("loop device attached").to_path_buf();
 
-    run(cmd("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-E", "nodiscard"]).arg(&loopdev));
+    fs.mkfs(&loopdev);
     // mkfs ends with a flush: from here on every flush point holds a filesystem.
     let fs_born = tap.status().last_seq;
 
     let mnt = dir.path().join("mnt");
-    let mut mount = Mount::new(&loopdev, &mnt);
+    let mut mount = Mount::new(fs, &loopdev, &mnt);
     let mut workload = Workload {
         rng: StdRng::seed_from_u64(0xE47),
         root: mnt.clone(),
@@ -312,7 +382,7 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
         if round % 3 == 0 {
             mount.unmount();
             bookmark(&name);
-            mount = Mount::new(&loopdev, &mnt);
+            mount = Mount::new(fs, &loopdev, &mnt);
         } else {
             run(&mut cmd("sync"));
             run(cmd("fsfreeze").arg("-f").arg(&mnt));
@@ -339,9 +409,8 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
     let image = FileIo::create(&image_path, DEVICE).expect("create image");
     let mut checker = history.checker();
     let mut failures = Vec::new();
-    let (mut points, mut fscks, mut bookmarks_verified, mut journal_replays) =
-        (0u64, 0u64, 0u64, 0u64);
-    let mut mount_cycles = 0u64;
+    let mut points = 0u64;
+    let mut checked = Checked::default();
     let mut lost = std::collections::BTreeSet::new();
     for point in target.points() {
         points += 1;
@@ -358,94 +427,36 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
         if point.seq < fs_born {
             continue; // mkfs had not finished: no filesystem to check yet
         }
-        // What a mount does first after a power cut: replay the journal.
-        let replay = output(cmd("e2fsck").args(["-y", "-E", "journal_only"]).arg(&image_path));
-        if !matches!(replay.status.code(), Some(0 | 1)) {
-            failures.push(format!(
-                "point {:?} at seq {}: journal replay failed ({}): {}{}",
-                point.kind,
-                point.seq,
-                replay.status,
-                String::from_utf8_lossy(&replay.stdout),
-                String::from_utf8_lossy(&replay.stderr)
-            ));
-            continue;
-        }
-        if String::from_utf8_lossy(&replay.stdout).contains("recovering journal") {
-            journal_replays += 1;
-        }
-        let mut fsck = output(cmd("e2fsck").arg("-fn").arg(&image_path));
-        fscks += 1;
-        if !fsck.status.success() {
-            // What else a mount does after a power cut: release the orphan inodes (files
-            // deleted or truncated while open, in a transaction that had not finished),
-            // which e2fsck -n reports but does not release. Mount, unmount, check again.
-            let first = fsck;
-            let point_mnt = dir.path().join("point-mnt");
-            fs::create_dir_all(&point_mnt).expect("mount point");
-            let mounted = output(
-                cmd("mount")
-                    .args(["-t", "ext4", "-o", "loop,noatime"])
-                    .arg(&image_path)
-                    .arg(&point_mnt),
-            );
-            if mounted.status.success() {
-                run(cmd("umount").arg(&point_mnt));
+        let bookmark = match &point.kind {
+            PointKind::Bookmark(b) => Some(b.name.clone()),
+            _ => None,
+        };
+        let want = match &bookmark {
+            Some(name) => match expected.get(name) {
+                Some(want) => Some(want),
+                None => {
+                    failures
+                        .push(format!("bookmark {name:?} at seq {} was never taken", point.seq));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let what = format!("point {:?} at seq {}", point.kind, point.seq);
+        match fs {
+            Fs::Ext4 => {
+                check_ext4(&image_path, dir.path(), &what, want, &mut checked, &mut failures)
             }
-            fsck = output(cmd("e2fsck").arg("-fn").arg(&image_path));
-            fscks += 1;
-            mount_cycles += 1;
-            if !fsck.status.success() {
-                failures.push(format!(
-                    "point {:?} at seq {}: e2fsck -fn found problems ({}), and again after a \
-                     mount ({}, mount: {}):\n{}{}\nafter the mount:\n{}{}",
-                    point.kind,
-                    point.seq,
-                    first.status,
-                    fsck.status,
-                    mounted.status,
-                    String::from_utf8_lossy(&first.stdout),
-                    String::from_utf8_lossy(&first.stderr),
-                    String::from_utf8_lossy(&fsck.stdout),
-                    String::from_utf8_lossy(&fsck.stderr)
-                ));
-            }
-        }
-        if let PointKind::Bookmark(b) = &point.kind {
-            let Some(want) = expected.get(&b.name) else {
-                failures
-                    .push(format!("bookmark {:?} at seq {} was never taken", b.name, point.seq));
-                continue;
-            };
-            let out = dir.path().join(format!("rdump-{}", b.name));
-            fs::create_dir_all(&out).expect("rdump dir");
-            run(cmd("debugfs")
-                .arg("-R")
-                .arg(format!("rdump / {}", out.display()))
-                .arg(&image_path));
-            let got = checksums(&out);
-            if got != *want {
-                let differ: Vec<&String> = want
-                    .keys()
-                    .chain(got.keys())
-                    .filter(|k| want.get(*k) != got.get(*k))
-                    .take(10)
-                    .collect();
-                failures.push(format!(
-                    "bookmark {:?} at seq {}: files differ from the source's: {differ:?}",
-                    b.name, point.seq
-                ));
-            } else {
-                bookmarks_verified += 1;
-            }
-            let _ = fs::remove_dir_all(&out);
+            Fs::Xfs => check_xfs(&image_path, dir.path(), &what, want, &mut checked, &mut failures),
         }
     }
+    let Checked { fscks, journal_replays, mount_cycles, bookmarks_verified } = checked;
     println!(
-        "ext4 replay: {} events, {} flush points in the history, {points} points offered and \
-         checked, {journal_replays} needed a journal replay, {fscks} e2fsck -fn runs ({mount_cycles} \
-         after a mount released orphans), {bookmarks_verified} bookmarks' files verified, \
+        "{} replay: {} events, {} flush points in the history, {points} points offered and \
+         checked, {journal_replays} needed a journal replay, {fscks} offline check runs \
+         ({mount_cycles} after a mount), {bookmarks_verified} bookmarks' files verified, \
          {} fsyncs; workload {:.1}s, whole test {:.1}s",
+        fs.name(),
         last.0,
         history.flush_points().len(),
         workload.fsyncs,
@@ -463,4 +474,127 @@ fn ext4_every_flush_point_and_bookmark_fscks_clean() {
         history.flush_points().len() as u64 + 1,
         "every flush point of the history is offered (plus the base)"
     );
+}
+
+/// Compares the files read out of a point with the source's at its bookmark.
+fn compare_files(
+    what: &str,
+    want: &BTreeMap<String, String>,
+    got: &BTreeMap<String, String>,
+) -> Option<String> {
+    if got == want {
+        return None;
+    }
+    let differ: Vec<&String> =
+        want.keys().chain(got.keys()).filter(|k| want.get(*k) != got.get(*k)).take(10).collect();
+    Some(format!("{what}: files differ from the source's: {differ:?}"))
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// ext4 at one point: journal replay, `e2fsck -fn` (again after a mount if it complains),
+/// and the files at a bookmark through `debugfs rdump`.
+fn check_ext4(
+    image_path: &Path,
+    dir: &Path,
+    what: &str,
+    want: Option<&BTreeMap<String, String>>,
+    checked: &mut Checked,
+    failures: &mut Vec<String>,
+) {
+    // What a mount does first after a power cut: replay the journal.
+    let replay = output(cmd("e2fsck").args(["-y", "-E", "journal_only"]).arg(image_path));
+    if !matches!(replay.status.code(), Some(0 | 1)) {
+        failures.push(format!("{what}: journal replay failed {}", describe(&replay)));
+        return;
+    }
+    if String::from_utf8_lossy(&replay.stdout).contains("recovering journal") {
+        checked.journal_replays += 1;
+    }
+    let mut fsck = output(cmd("e2fsck").arg("-fn").arg(image_path));
+    checked.fscks += 1;
+    if !fsck.status.success() {
+        // What else a mount does after a power cut: release the orphan inodes (files
+        // deleted or truncated while open, in a transaction that had not finished),
+        // which e2fsck -n reports but does not release. Mount, unmount, check again.
+        let first = fsck;
+        let point_mnt = dir.join("point-mnt");
+        fs::create_dir_all(&point_mnt).expect("mount point");
+        let mounted = output(
+            cmd("mount").args(["-t", "ext4", "-o", "loop,noatime"]).arg(image_path).arg(&point_mnt),
+        );
+        if mounted.status.success() {
+            run(cmd("umount").arg(&point_mnt));
+        }
+        fsck = output(cmd("e2fsck").arg("-fn").arg(image_path));
+        checked.fscks += 1;
+        checked.mount_cycles += 1;
+        if !fsck.status.success() {
+            failures.push(format!(
+                "{what}: e2fsck -fn found problems {}\nand again after a mount (mount: {}) {}",
+                describe(&first),
+                mounted.status,
+                describe(&fsck)
+            ));
+        }
+    }
+    if let Some(want) = want {
+        let out = dir.join("rdump");
+        let _ = fs::remove_dir_all(&out);
+        fs::create_dir_all(&out).expect("rdump dir");
+        run(cmd("debugfs").arg("-R").arg(format!("rdump / {}", out.display())).arg(image_path));
+        match compare_files(what, want, &checksums(&out)) {
+            Some(failure) => failures.push(failure),
+            None => checked.bookmarks_verified += 1,
+        }
+        let _ = fs::remove_dir_all(&out);
+    }
+}
+
+/// xfs at one point: a mount recovers the log and processes unlinked inodes as after a
+/// power cut; the files at a bookmark are read from that mount; after the unmount,
+/// `xfs_repair -n` must find nothing.
+fn check_xfs(
+    image_path: &Path,
+    dir: &Path,
+    what: &str,
+    want: Option<&BTreeMap<String, String>>,
+    checked: &mut Checked,
+    failures: &mut Vec<String>,
+) {
+    let point_mnt = dir.join("point-mnt");
+    fs::create_dir_all(&point_mnt).expect("mount point");
+    // nouuid: the image has the source filesystem's UUID, and points are mounted one after
+    // another.
+    let mounted = output(
+        cmd("mount")
+            .args(["-t", "xfs", "-o", "loop,noatime,nouuid"])
+            .arg(image_path)
+            .arg(&point_mnt),
+    );
+    checked.mount_cycles += 1;
+    if !mounted.status.success() {
+        failures
+            .push(format!("{what}: the xfs mount (log recovery) failed {}", describe(&mounted)));
+        return;
+    }
+    if let Some(want) = want {
+        match compare_files(what, want, &checksums(&point_mnt)) {
+            Some(failure) => failures.push(failure),
+            None => checked.bookmarks_verified += 1,
+        }
+    }
+    run(cmd("umount").arg(&point_mnt));
+    let repair = output(cmd("xfs_repair").arg("-n").arg(image_path));
+    checked.fscks += 1;
+    if !repair.status.success() {
+        failures.push(format!("{what}: xfs_repair -n found problems {}", describe(&repair)));
+    }
 }
