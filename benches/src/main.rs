@@ -2,7 +2,7 @@
 //! journal emulation) measured in the same run on the same filesystem.
 //!
 //! ```text
-//! tidemark-bench [--smoke] [--dir PATH] <journal|tap|sync|all>...
+//! tidemark-bench [--smoke] [--dir PATH] <journal|tap|sync|recover|all>...
 //! ```
 //!
 //! Each benchmark prints a table and writes its figures to `target/bench/<name>.json`.
@@ -10,6 +10,7 @@
 mod figure;
 mod fio;
 mod journal;
+mod recover;
 mod sync;
 mod sys;
 mod tap;
@@ -41,7 +42,7 @@ type BenchFn = fn(&Ctx) -> Result<Vec<Figure>>;
 
 /// Every benchmark, by name.
 const BENCHES: &[(&str, BenchFn)] =
-    &[("journal", journal::run), ("tap", tap::run), ("sync", sync::run)];
+    &[("journal", journal::run), ("tap", tap::run), ("sync", sync::run), ("recover", recover::run)];
 
 const USAGE: &str = "\
 usage: tidemark-bench [--smoke] [--dir PATH] <BENCH|all>...
@@ -53,6 +54,9 @@ Benchmarks (each writes target/bench/<BENCH>.json):
   sync      fast resync against rsync, initial sync of an ext4 image against dd,
             ship-and-apply throughput against cat and zstd, wire bytes per changed byte
             (needs rsync, zstd, e2fsprogs)
+  recover   exposing a point an hour back as a virtual snapshot (two volume sizes), reading
+            it against the replica directly, materializing it against cp (root for the
+            snapshot figures)
   all       every benchmark
 
 Options:

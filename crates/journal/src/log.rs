@@ -557,6 +557,15 @@ impl SegmentLog {
         self.manifest.block_size
     }
 
+    /// Hints that the `len` bytes of the record at `loc` (header included) will be read
+    /// soon, so the kernel reads them ahead (`POSIX_FADV_WILLNEED`); a hint only: a stale
+    /// slot or a failed advice is ignored.
+    pub fn will_need(&self, loc: Loc, len: u64) {
+        if let Some(seg) = self.segments.get(&loc.slot) {
+            let _ = seg.file.will_need(u64::from(loc.offset), len);
+        }
+    }
+
     /// Bytes of all live segments.
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.len).sum()

@@ -1099,8 +1099,24 @@ impl RetentionLog {
         let mut ki = 0usize;
         let mut journal_blocks = 0u64;
         let mut pos = 0u64;
+        // Read-ahead: the chunk after the one being copied is hinted (its base range and the
+        // journal records of its blocks), so a cold copy reads them in parallel while this
+        // one is patched, hashed and written, instead of one synchronous read at a time.
+        let mut hinted_ki = 0usize;
+        self.hint_chunk(base.as_ref(), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen));
         while pos < vlen {
             let n = CHUNK.min(vlen - pos) as usize;
+            let next = pos + n as u64;
+            if next < vlen {
+                self.hint_chunk(
+                    base.as_ref(),
+                    &keys,
+                    &mut hinted_ki,
+                    at.seq,
+                    next,
+                    CHUNK.min(vlen - next),
+                );
+            }
             let chunk = &mut buf[..n];
             base.read_at(chunk, pos).map_err(|e| JournalError::io("read", base.name(), e))?;
             while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
@@ -1123,6 +1139,43 @@ impl RetentionLog {
         }
         out.sync().map_err(|e| JournalError::io("fdatasync", out.name(), e))?;
         Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: *hasher.finalize().as_bytes() })
+    }
+
+    /// [`Self::materialize`]'s read-ahead of `[pos, pos + len)`: the base range, and for the
+    /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
+    /// of one record hinted once, with its length estimated from the blocks it covers).
+    fn hint_chunk(
+        &self,
+        base: &dyn BlockIo,
+        keys: &[BlockKey],
+        ki: &mut usize,
+        at: Seq,
+        pos: u64,
+        len: u64,
+    ) {
+        let _ = base.will_need(pos, len);
+        let mut run: Option<(Loc, u64)> = None;
+        while *ki < keys.len() && keys[*ki].block() * self.bs < pos + len {
+            if let Some(e) = self.index.lookup_le(keys[*ki], at) {
+                let loc = e.loc();
+                match &mut run {
+                    Some((l, blocks)) if *l == loc => *blocks += 1,
+                    _ => {
+                        if let Some((l, blocks)) = run.take() {
+                            self.log.will_need(
+                                l,
+                                format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs,
+                            );
+                        }
+                        run = Some((loc, 1));
+                    }
+                }
+            }
+            *ki += 1;
+        }
+        if let Some((l, blocks)) = run {
+            self.log.will_need(l, format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs);
+        }
     }
 
     /// The window as it stands.
