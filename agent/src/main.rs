@@ -7,6 +7,7 @@ mod demo;
 mod inspect;
 mod keygen;
 mod materialize;
+mod metrics;
 mod points;
 mod protect;
 mod receive;

@@ -53,6 +53,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("mount", "mount"),
     ("util-linux", "blkdiscard"),
     ("qemu-utils", "qemu-io"),
+    ("prometheus", "prometheus"),
 ];
 
 /// The steps of `cargo xtask ci`, in the order they run: name and one-line description.
