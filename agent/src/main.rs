@@ -9,6 +9,7 @@ mod keygen;
 mod materialize;
 mod metrics;
 mod points;
+mod profile;
 mod protect;
 mod receive;
 mod recover;
@@ -61,6 +62,9 @@ enum Command {
     /// Expose a recovery point as a virtual snapshot (read-only, or read-write over a
     /// throw-away overlay, for a DR drill) or materialize it into a verified file.
     Recover(recover::Args),
+    /// Capture a volume's writes without a target for a while: change rate, compressibility,
+    /// the WAN bandwidth a desired RPO needs and the journal a retention window needs.
+    Profile(profile::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,5 +86,6 @@ fn main() -> anyhow::Result<()> {
         Command::Materialize(args) => materialize::run(args),
         Command::Points(args) => points::run(args),
         Command::Recover(args) => recover::run(args),
+        Command::Profile(args) => profile::run(args),
     }
 }
