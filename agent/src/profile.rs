@@ -213,6 +213,12 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// The length of interval `i` in seconds: the last one may be cut short by the end
+    /// of the capture.
+    fn length(&self, i: usize) -> f64 {
+        (self.duration_s - i as f64 * self.interval_s).clamp(1e-3, self.interval_s)
+    }
+
     fn sum(&self, f: impl Fn(&Interval) -> u64) -> u64 {
         self.intervals.iter().map(f).sum()
     }
@@ -236,10 +242,9 @@ impl Profile {
             .intervals
             .iter()
             .enumerate()
-            .map(|(i, iv)| (i, iv.bytes))
-            .max_by_key(|(_, b)| *b)
-            .unwrap_or((0, 0));
-        (bytes as f64 / self.interval_s, i as f64 * self.interval_s)
+            .map(|(i, iv)| (i, iv.bytes as f64 / self.length(i)))
+            .fold((0, 0.0), |best, x| if x.1 > best.1 { x } else { best });
+        (bytes, i as f64 * self.interval_s)
     }
 
     /// Uncompressed over compressed bytes (1 when nothing was written).
@@ -265,7 +270,7 @@ impl Profile {
         for i in 0..c.len() {
             for j in i..c.len() {
                 let bytes = (prefix[j + 1] - prefix[i]) as f64;
-                let span = (j - i + 1) as f64 * self.interval_s + rpo_s;
+                let span = (i..=j).map(|k| self.length(k)).sum::<f64>() + rpo_s;
                 if span > 0.0 {
                     best = best.max(bytes / span);
                 }
@@ -293,8 +298,8 @@ impl Profile {
                 "average_bps": self.average_bps(),
                 "peak_bps": peak,
                 "peak_at_s": peak_at,
-                "per_interval_bps": self.intervals.iter().map(|i| i.bytes as f64 / self.interval_s).collect::<Vec<_>>(),
-                "compressed_per_interval_bps": self.intervals.iter().map(|i| i.compressed_bytes as f64 / self.interval_s).collect::<Vec<_>>(),
+                "per_interval_bps": self.intervals.iter().enumerate().map(|(k, i)| i.bytes as f64 / self.length(k)).collect::<Vec<_>>(),
+                "compressed_per_interval_bps": self.intervals.iter().enumerate().map(|(k, i)| i.compressed_bytes as f64 / self.length(k)).collect::<Vec<_>>(),
             },
             "compression": {
                 "zstd_level": SHIPPING_LEVEL,
@@ -364,8 +369,9 @@ impl Profile {
         let (w, h, left, bottom, top, right) = (900.0, 360.0, 80.0, 50.0, 40.0, 20.0);
         let plot_w = w - left - right;
         let plot_h = h - top - bottom;
-        let mib = |b: u64| b as f64 / self.interval_s / f64::from(1u32 << 20);
-        let peak = self.intervals.iter().map(|i| mib(i.bytes)).fold(0.0, f64::max);
+        let mib = |i: usize, b: u64| b as f64 / self.length(i) / f64::from(1u32 << 20);
+        let peak =
+            self.intervals.iter().enumerate().map(|(k, i)| mib(k, i.bytes)).fold(0.0, f64::max);
         let ymax = nice_ceiling(peak.max(1e-3));
         let n = self.intervals.len().max(1) as f64;
         let bar = plot_w / n;
@@ -393,7 +399,7 @@ impl Profile {
         }
         for (i, iv) in self.intervals.iter().enumerate() {
             let x = left + i as f64 * bar;
-            let (raw, comp) = (mib(iv.bytes), mib(iv.compressed_bytes));
+            let (raw, comp) = (mib(i, iv.bytes), mib(i, iv.compressed_bytes));
             s += &format!(
                 "<rect class=\"written\" x=\"{x:.2}\" y=\"{:.2}\" width=\"{:.2}\" height=\"{:.2}\" fill=\"#4a7fb5\"><title>{:.0} s: {raw:.3} MiB/s written</title></rect>\n",
                 y(raw),

@@ -258,3 +258,80 @@ fn rpo_alarm_raised_and_cleared_and_metrics_scraped_by_prometheus() {
     px.terminate();
     rx.terminate();
 }
+
+/// `tidemark profile` through the FUSE + loop frontend (root): N MiB of random data then
+/// N MiB of zeros written to the device, then SIGTERM; the report counts what was written
+/// and a compression ratio of about 2 (random data does not compress, zeros vanish).
+#[test]
+fn profile_through_fuse_reports_the_workload() {
+    require_env!("profile_through_fuse_reports_the_workload");
+    const N: u64 = 8;
+    let mib = 1u64 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let mut cleanup = Cleanup::default();
+    cleanup.root = root.to_path_buf();
+    let image = root.join("volume.img");
+    std::fs::File::create(&image).unwrap().set_len(64 * mib).unwrap();
+    let p = |rel: &str| root.join(rel).display().to_string();
+    let chart = root.join("rate.svg");
+    let mut px = Proc::spawn(
+        "profile",
+        &[
+            "profile",
+            "--image",
+            &p("volume.img"),
+            "--state",
+            &p("state"),
+            "--duration",
+            "600",
+            "--rpo",
+            "5",
+            "--retention",
+            "1h",
+            "--chart",
+            &chart.display().to_string(),
+            "--json",
+        ],
+    );
+    let dev = px.wait_line("device:");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        for k in 0..N {
+            f.write_all_at(&pattern(k + 11, mib as usize), k * mib).unwrap();
+        }
+        for k in 0..N {
+            f.write_all_at(&vec![0u8; mib as usize], (32 + k) * mib).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    px.terminate();
+    let out = px.lines.lock().unwrap().join("\n");
+    let json = &out[out.find('{').expect("a JSON report")..];
+    let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("report: {e}\n{out}"));
+    let written = v["bytes_written"].as_u64().unwrap();
+    // What the kernel writes back through the loop device: exactly those blocks, plus at
+    // most a little of its own (none expected on a raw device).
+    assert!(
+        written >= 2 * N * mib && written <= 2 * N * mib + mib,
+        "bytes_written {written}: {v:#}"
+    );
+    let ratio = v["compression"]["ratio"].as_f64().unwrap();
+    let (lo, hi) =
+        (written as f64 / (N * mib + N * mib / 10 + mib) as f64, written as f64 / (N * mib) as f64);
+    assert!(ratio >= lo && ratio <= hi, "ratio {ratio} outside [{lo}, {hi}]: {v:#}");
+    let avg = v["change_rate"]["average_bps"].as_f64().unwrap();
+    let peak = v["change_rate"]["peak_bps"].as_f64().unwrap();
+    let duration = v["duration_s"].as_f64().unwrap();
+    assert!(
+        (avg * duration - written as f64).abs() < 1.0,
+        "average x duration is what was written: {v:#}"
+    );
+    let shortest = v["interval_s"].as_f64().unwrap().min(duration);
+    assert!(peak >= avg * 0.999 && peak <= written as f64 / shortest * 1.001, "{v:#}");
+    assert!(v["wan"]["bandwidth_bps"].as_f64().unwrap() > 0.0, "{v:#}");
+    assert!(v["journal"]["bytes_needed"].as_u64().unwrap() > 0, "{v:#}");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "chart: {svg}");
+}
