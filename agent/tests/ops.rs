@@ -248,6 +248,18 @@ fn rpo_alarm_raised_and_cleared_and_metrics_scraped_by_prometheus() {
     // Random data: about 1 (framing adds a little); never the 0 or infinity of a bad sum.
     let ratio = cleared["pair"]["compression_ratio"].as_f64().unwrap();
     assert!((0.9..2.0).contains(&ratio), "compression ratio {ratio}: {cleared:#}");
+    let table = tidemark(&["status", "--state", &p("state")]);
+    assert!(
+        table.contains("ok (threshold 1 s)") && table.contains("diff sync"),
+        "status table: {table}"
+    );
+    let rx_doc = wait_status(&root.join("rx"), "the receiver's status", |v| v["acked"].is_u64());
+    let rx_table = tidemark(&["status", "--state", &p("rx")]);
+    assert!(
+        rx_table.contains("RETENTION") && rx_table.contains("ACKED"),
+        "receiver table: {rx_table}"
+    );
+    assert!(rx_doc["retention"].is_object(), "{rx_doc:#}");
     wait_series(&prom.addr, "tidemark_rpo_alarm", "the alarm cleared", |x| x == 0.0);
     wait_series(&prom.addr, "tidemark_rpo_alarms_total", "one alarm raised", |x| x == 1.0);
     wait_series(&prom.addr, "tidemark_backlog_bytes", "an empty backlog", |x| x == 0.0);
