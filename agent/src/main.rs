@@ -7,7 +7,9 @@ mod demo;
 mod inspect;
 mod keygen;
 mod materialize;
+mod metrics;
 mod points;
+mod profile;
 mod protect;
 mod receive;
 mod recover;
@@ -67,6 +69,9 @@ enum Command {
     /// Work with the configuration file.
     #[command(subcommand)]
     Config(up::ConfigCommand),
+    /// Capture a volume's writes without a target for a while: change rate, compressibility,
+    /// the WAN bandwidth a desired RPO needs and the journal a retention window needs.
+    Profile(profile::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,5 +99,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recover(args) => recover::run(args),
         Command::Up(args) => up::up(args),
         Command::Config(command) => up::config(command),
+        Command::Profile(args) => profile::run(args),
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tidemark_journal::{BlockIo, FileIo, FsDir, Spool, SpoolConfig, SystemClock, VolumeId};
+use tidemark_journal::{BlockIo, Event, FileIo, FsDir, Spool, SpoolConfig, SystemClock, VolumeId};
 use tidemark_sync::pair::{PairStatus, SourcePair, SourcePairConfig};
 use tidemark_sync::resync::{BlockSource, Ext4InUse, FileSource};
 use tidemark_sync::ship::{Shipper, ShipperConfig, ShipperEvent, ShipperHandle, TcpConnect};
@@ -36,7 +36,7 @@ use tidemark_sync::syncer::{Phase, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
 use tidemark_tap::{FuseLoopConfig, FuseLoopFrontend, IntentConfig, IntentMap, Tap, TapConfig};
 
-use crate::{common, signals, status};
+use crate::{common, metrics, signals, status};
 
 /// How applications reach the protected volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +86,14 @@ pub struct Args {
     /// Spool capacity in MiB (beyond it the tap tracks regions and resyncs them later).
     #[arg(long, default_value_t = 1024)]
     spool_mib: u64,
+    /// RPO threshold in seconds: above it the pair's status shows an alarm (one warn log
+    /// line when raised, one when cleared; `tidemark_rpo_alarm`).
+    #[arg(long, value_name = "SECS")]
+    rpo_alarm: Option<f64>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
+    /// printed as `metrics: ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -177,6 +185,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let committer = group_commit(tap.clone(), &shipper, committing.clone())?;
 
     signals::install()?;
+    let metrics = args.metrics.as_deref().map(metrics::Server::start).transpose()?;
+    if let Some(m) = &metrics {
+        println!("metrics: {}", m.addr());
+    }
+    let alarm =
+        args.rpo_alarm.map(Duration::try_from_secs_f64).transpose().context("--rpo-alarm")?;
+    let mut tracker = status::PairTracker::new(
+        pair_id.to_string(),
+        alarm,
+        status::now_ms(),
+        intent_open.dirty_bytes > 0,
+    );
     let frontend = match args.frontend {
         Frontend::Fuse => {
             let mnt = args.mountpoint.clone().unwrap_or_else(|| args.state.join("mnt"));
@@ -207,9 +227,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let ps = pair.status();
         view.show(&ps);
         if last_file.elapsed() >= Duration::from_secs(1) {
+            let ps = pair.status();
+            let figures = sample(&mut tracker, &tap, &ps, &shipper, metrics.as_ref());
             status::write(
                 &args.state,
-                &document(&ctx, &tap, &pair.status(), &shipper, started, "running"),
+                &document(&ctx, &tap, &ps, &shipper, started, "running", &figures),
             )?;
             last_file = Instant::now();
         }
@@ -231,7 +253,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "the target did not acknowledge up to seq {last} within {DRAIN:?}; the spool keeps the rest"
         );
     }
-    status::write(&args.state, &document(&ctx, &tap, &final_pair, &shipper, started, "stopped"))?;
+    let figures = sample(&mut tracker, &tap, &final_pair, &shipper, metrics.as_ref());
+    status::write(
+        &args.state,
+        &document(&ctx, &tap, &final_pair, &shipper, started, "stopped", &figures),
+    )?;
     let st = shipper.stop();
     tap.acknowledge(st.acked).context("record the acknowledged point")?;
     match Arc::try_unwrap(tap) {
@@ -301,6 +327,36 @@ fn phase_name(p: Phase) -> &'static str {
     }
 }
 
+/// The pair's operator figures now (`status.json`'s `pair`), published to the metrics
+/// endpoint too.
+fn sample(
+    tracker: &mut status::PairTracker,
+    tap: &Tap,
+    ps: &PairStatus,
+    shipper: &ShipperHandle,
+    metrics: Option<&metrics::Server>,
+) -> status::PairFigures {
+    let (ship, t) = (shipper.status(), tap.status());
+    let (oldest, end_spooled) = tap.with_spool(|s| {
+        let markers = s.markers_after(s.acked()).unwrap_or_default();
+        let ends = markers.iter().any(|(_, e)| matches!(e, Event::ResyncEnd { .. }));
+        (s.oldest_unacked_time(), ends)
+    });
+    let sample = status::PairSample {
+        pair: ps,
+        ship: &ship,
+        tap: &t,
+        oldest_unacked_ms: oldest.map(|t| t.0 / 1_000_000),
+        end_spooled,
+        now_ms: status::now_ms(),
+    };
+    let figures = tracker.sample(&sample, Instant::now());
+    if let Some(m) = metrics {
+        m.publish(&metrics::source(&figures));
+    }
+    figures
+}
+
 fn document(
     ctx: &DocContext,
     tap: &Tap,
@@ -308,6 +364,7 @@ fn document(
     shipper: &ShipperHandle,
     started: Instant,
     state: &str,
+    figures: &status::PairFigures,
 ) -> serde_json::Value {
     let s = shipper.status();
     let t = tap.status();
@@ -320,6 +377,7 @@ fn document(
         "device": ctx.device.as_ref().map(|p| p.display().to_string()),
         "volume_bytes": ctx.vol_len,
         "fresh": ctx.fresh,
+        "pair": figures.json(),
         "stage": ps.stage.name(),
         "progress": ps.progress.map(|p| json!({
             "phase": phase_name(p.phase), "done": p.done, "total": p.total,

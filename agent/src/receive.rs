@@ -23,7 +23,7 @@ use serde_json::json;
 use tidemark_journal::{BlockIo, FileIo, FsDir, RetentionConfig, RetentionLog, SystemClock};
 use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
 
-use crate::{common, control, signals, status};
+use crate::{common, control, metrics, signals, status};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +55,9 @@ pub struct Args {
     /// The control socket (default: DIR/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; printed as `metrics: ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// Seconds between two human status lines.
@@ -98,6 +101,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let socket = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
     let control = control::Server::start(&socket, receiver.clone(), &args.dir.join("vsnaps"))?;
     println!("control: {}", control.path().display());
+    let metrics = args.metrics.as_deref().map(metrics::Server::start).transpose()?;
+    if let Some(m) = &metrics {
+        println!("metrics: {}", m.addr());
+    }
     println!("listening: {addr}");
     println!("pair {pair}, replica {}, {} bytes", image.display(), args.size);
 
@@ -108,6 +115,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if last_file.elapsed() >= Duration::from_secs(1) {
             let doc = document(&receiver, &addr.to_string(), started.elapsed(), "serving");
             status::write(&args.dir, &doc)?;
+            if let Some(m) = &metrics {
+                m.publish(&metrics::receiver(&pair.to_string(), &doc));
+            }
             last_file = Instant::now();
         }
         if last_line.elapsed() >= LINE_EVERY {

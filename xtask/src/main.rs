@@ -54,6 +54,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "blkdiscard"),
     ("qemu-utils", "qemu-io"),
     ("xfsprogs", "mkfs.xfs"),
+    ("prometheus", "prometheus"),
 ];
 
 /// The steps of `cargo xtask ci`, in the order they run: name and one-line description.

@@ -55,6 +55,8 @@ struct Pending {
     seq: Seq,
     loc: Loc,
     bytes: u64,
+    /// When it was captured (for [`Spool::oldest_unacked_time`]).
+    time: Nanos,
     /// A resync window marker (`ResyncBegin` / `ResyncEnd`), for [`Spool::markers_after`].
     marker: bool,
 }
@@ -90,6 +92,7 @@ impl Spool {
                 seq: v.header.seq,
                 loc: v.loc,
                 bytes: v.header.total_len(),
+                time: v.header.time,
                 marker: is_marker(v.header.kind),
             });
         })?;
@@ -112,10 +115,11 @@ impl Spool {
             });
         }
         let seq = self.log.last_seq().next();
-        let spec = RecordSpec { kind, volume, seq, time: self.clock.now(), offset, length };
+        let time = self.clock.now();
+        let spec = RecordSpec { kind, volume, seq, time, offset, length };
         let loc = self.log.append(spec, &payload)?;
         self.used += needed;
-        self.pending.push_back(Pending { seq, loc, bytes: needed, marker: is_marker(kind) });
+        self.pending.push_back(Pending { seq, loc, bytes: needed, time, marker: is_marker(kind) });
         Ok(seq)
     }
 
@@ -259,6 +263,12 @@ impl Spool {
     /// Number of unacknowledged events.
     pub fn backlog_events(&self) -> usize {
         self.pending.len()
+    }
+
+    /// The capture time of the oldest unacknowledged event (durable or not), `None` when
+    /// every event is acknowledged: how far behind the target is (the pair's RPO).
+    pub fn oldest_unacked_time(&self) -> Option<Nanos> {
+        self.pending.front().map(|p| p.time)
     }
 
     /// Bytes the spool's files take on disk.

@@ -42,3 +42,27 @@ fn numbers_lost_in_a_crash_are_given_again_after_a_manifest_write() {
     let seqs: Vec<u64> = events.iter().map(|e| e.seq.0).collect();
     assert_eq!(seqs, (31..=41).collect::<Vec<_>>(), "the stream has a gap");
 }
+
+/// The capture time of the oldest unacknowledged event (what a pair's RPO is measured
+/// from) follows acks and survives a reopen.
+#[test]
+fn oldest_unacked_time_follows_acks_and_reopens() {
+    let clock = Arc::new(ManualClock::new(Nanos(1_000)));
+    let dir = MemDir::new();
+    let cfg = SpoolConfig { capacity_bytes: 1 << 30, segment_bytes: 64 << 10, key: None };
+    let (mut spool, _) = Spool::open(Arc::new(dir.clone()), cfg.clone(), clock.clone()).unwrap();
+    assert_eq!(spool.oldest_unacked_time(), None);
+    for i in 0..5 {
+        clock.set(Nanos(1_000 + i * 10));
+        spool.append(&write(i)).unwrap();
+    }
+    assert_eq!(spool.oldest_unacked_time(), Some(Nanos(1_000)));
+    spool.sync().unwrap();
+    spool.ack(Seq(2)).unwrap();
+    assert_eq!(spool.oldest_unacked_time(), Some(Nanos(1_020)), "the third event is oldest");
+    spool.close().unwrap();
+    let (mut spool, _) = Spool::open(Arc::new(dir), cfg, clock).unwrap();
+    assert_eq!(spool.oldest_unacked_time(), Some(Nanos(1_020)), "after reopening");
+    spool.ack(Seq(5)).unwrap();
+    assert_eq!(spool.oldest_unacked_time(), None);
+}

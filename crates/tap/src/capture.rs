@@ -144,6 +144,8 @@ pub struct TapStatus {
     pub bytes: u64,
     /// Writes whose range the hot bound sent out of sync.
     pub hot_full_events: u64,
+    /// The last bookmark appended to the spool since the tap started: its seq and name.
+    pub last_bookmark: Option<(Seq, String)>,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,7 @@ struct Capture {
     writes: u64,
     bytes: u64,
     hot_full_events: u64,
+    last_bookmark: Option<(Seq, String)>,
 }
 
 /// The capture pipeline of one protected device (see the module documentation).
@@ -212,6 +215,7 @@ impl Tap {
             writes: 0,
             bytes: 0,
             hot_full_events: 0,
+            last_bookmark: None,
         };
         Ok(Tap { device, device_name, device_len, intent, cfg, capture: Mutex::new(capture) })
     }
@@ -546,6 +550,7 @@ impl Tap {
             writes: c.writes,
             bytes: c.bytes,
             hot_full_events: c.hot_full_events,
+            last_bookmark: c.last_bookmark.clone(),
         };
         drop(spool);
         drop(c);
@@ -658,6 +663,9 @@ impl Tap {
         match appended {
             Ok(seq) => {
                 c.last_was_barrier = matches!(event, Event::Barrier);
+                if let Event::Bookmark(b) = &event {
+                    c.last_bookmark = Some((seq, b.name.clone()));
+                }
                 Captured::Spooled(seq)
             }
             Err(e) => {

@@ -110,7 +110,9 @@ fn events_come_out_of_the_spool_in_capture_order_with_barriers_in_place() {
     tap.write_zeroes(3 << 20, 8192).expect("zeroes");
     tap.discard(4 << 20, 1 << 20).expect("discard");
     let mark = Bookmark::new("before-big", BookmarkKind::Application, 7).expect("name");
-    tap.bookmark(mark.clone()).expect("bookmark");
+    assert_eq!(tap.status().last_bookmark, None);
+    let mark_seq = seq_of(tap.bookmark(mark.clone()).expect("bookmark"));
+    assert_eq!(tap.status().last_bookmark, Some((mark_seq, "before-big".to_owned())));
     tap.write(8 << 20, big.clone()).expect("big write");
     tap.flush().expect("flush");
     assert_eq!(tap.write(5, Bytes::new()).expect("empty"), Captured::Nothing);
