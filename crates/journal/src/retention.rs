@@ -1094,51 +1094,78 @@ impl RetentionLog {
             .collect();
         let base = &self.volumes[usize::from(volume.0)];
         const CHUNK: u64 = 4 << 20;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut hasher = blake3::Hasher::new();
-        let mut ki = 0usize;
-        let mut journal_blocks = 0u64;
-        let mut pos = 0u64;
-        // Read-ahead: the chunk after the one being copied is hinted (its base range and the
-        // journal records of its blocks), so a cold copy reads them in parallel while this
-        // one is patched, hashed and written, instead of one synchronous read at a time.
-        let mut hinted_ki = 0usize;
-        self.hint_chunk(base.as_ref(), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen));
-        while pos < vlen {
-            let n = CHUNK.min(vlen - pos) as usize;
-            let next = pos + n as u64;
-            if next < vlen {
-                self.hint_chunk(
-                    base.as_ref(),
-                    &keys,
-                    &mut hinted_ki,
-                    at.seq,
-                    next,
-                    CHUNK.min(vlen - next),
-                );
-            }
-            let chunk = &mut buf[..n];
-            base.read_at(chunk, pos).map_err(|e| JournalError::io("read", base.name(), e))?;
-            while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
-                let k = keys[ki];
-                let s = (k.block() * self.bs - pos) as usize;
-                let blen = self.block_len(k);
-                if self.block_over(k, at.seq, &mut chunk[s..s + blen], true)? {
-                    journal_blocks += 1;
-                }
-                ki += 1;
-            }
-            out.write_at(chunk, pos).map_err(|e| JournalError::io("write", out.name(), e))?;
-            // Let the disk work while the next chunk is read and hashed, instead of all of it
-            // in the final fdatasync.
-            out.start_writeback(pos, n as u64)
-                .map_err(|e| JournalError::io("sync_file_range", out.name(), e))?;
-            hasher.update(chunk);
-            pos += n as u64;
-            progress(pos, vlen);
+        // The image's BLAKE3 is computed on a second thread, a chunk behind the copy, so the
+        // hash (a CPU cost about that of reading the image) overlaps the reads and writes.
+        // Three buffers circulate: one being filled, one being hashed, one spare.
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
+        for _ in 0..3 {
+            free_tx.send(vec![0u8; CHUNK as usize]).expect("the channel has room for three");
         }
-        out.sync().map_err(|e| JournalError::io("fdatasync", out.name(), e))?;
-        Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: *hasher.finalize().as_bytes() })
+        std::thread::scope(|scope| {
+            let hasher = scope.spawn(move || {
+                let mut hasher = blake3::Hasher::new();
+                for (buf, n) in hash_rx {
+                    hasher.update(&buf[..n]);
+                    // The copy may have stopped (an error): then nobody takes buffers back.
+                    let _ = free_tx.send(buf);
+                }
+                *hasher.finalize().as_bytes()
+            });
+            let copied = (|| -> Result<u64> {
+                let mut ki = 0usize;
+                let mut journal_blocks = 0u64;
+                let mut pos = 0u64;
+                // Read-ahead: the chunk after the one being copied is hinted (its base range
+                // and the journal records of its blocks), so a cold copy reads them in
+                // parallel while this one is patched and written, instead of one synchronous
+                // read at a time.
+                let mut hinted_ki = 0usize;
+                self.hint_chunk(base.as_ref(), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen));
+                while pos < vlen {
+                    let n = CHUNK.min(vlen - pos) as usize;
+                    let next = pos + n as u64;
+                    if next < vlen {
+                        self.hint_chunk(
+                            base.as_ref(),
+                            &keys,
+                            &mut hinted_ki,
+                            at.seq,
+                            next,
+                            CHUNK.min(vlen - next),
+                        );
+                    }
+                    let mut buf = free_rx.recv().expect("the hasher hands every buffer back");
+                    let chunk = &mut buf[..n];
+                    base.read_at(chunk, pos)
+                        .map_err(|e| JournalError::io("read", base.name(), e))?;
+                    while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
+                        let k = keys[ki];
+                        let s = (k.block() * self.bs - pos) as usize;
+                        let blen = self.block_len(k);
+                        if self.block_over(k, at.seq, &mut chunk[s..s + blen], true)? {
+                            journal_blocks += 1;
+                        }
+                        ki += 1;
+                    }
+                    out.write_at(chunk, pos)
+                        .map_err(|e| JournalError::io("write", out.name(), e))?;
+                    // Let the disk work while the next chunk is read, instead of all of it in
+                    // the final fdatasync.
+                    out.start_writeback(pos, n as u64)
+                        .map_err(|e| JournalError::io("sync_file_range", out.name(), e))?;
+                    to_hash.send((buf, n)).expect("the hasher runs until the copy ends");
+                    pos += n as u64;
+                    progress(pos, vlen);
+                }
+                drop(to_hash);
+                out.sync().map_err(|e| JournalError::io("fdatasync", out.name(), e))?;
+                Ok(journal_blocks)
+            })();
+            // On an error the sender is dropped with the closure, so the hasher ends too.
+            let hash = hasher.join().expect("the hasher does not panic");
+            copied.map(|journal_blocks| MaterializeReport { bytes: vlen, journal_blocks, hash })
+        })
     }
 
     /// [`Self::materialize`]'s read-ahead of `[pos, pos + len)`: the base range, and for the

@@ -214,7 +214,16 @@ pub struct Vsnap {
     overlay: Option<Mutex<Overlay>>,
     reads: AtomicU64,
     writes: AtomicU64,
+    /// Where the last read ended, to notice a sequential reader.
+    read_end: AtomicU64,
+    /// How far the base has been hinted ahead of a sequential reader.
+    hinted_to: AtomicU64,
 }
+
+/// How far ahead of a sequential reader the base image is hinted (`POSIX_FADV_WILLNEED`):
+/// reads through the log take its lock one at a time, so without it a cold sequential read
+/// waits for the disk once per request instead of overlapping with the copy-out.
+pub const READ_AHEAD: u64 = 8 << 20;
 
 impl fmt::Debug for Vsnap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -265,6 +274,8 @@ impl Vsnap {
             overlay,
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            read_end: AtomicU64::new(u64::MAX),
+            hinted_to: AtomicU64::new(0),
         })
     }
 
@@ -295,16 +306,32 @@ impl Vsnap {
 
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<(), VsnapError> {
         let point = self.hold.point();
-        with_log(&*self.log, |l| l.read_at(point, self.volume, offset, buf)).map_err(|source| {
-            VsnapError::Journal {
-                what: format!(
-                    "read {} bytes at {offset} of volume {} as of seq {}",
-                    buf.len(),
-                    self.volume,
-                    point.seq
-                ),
-                source,
+        let end = offset + buf.len() as u64;
+        // A read that starts where the previous one ended (or inside what was hinted) is
+        // sequential: keep the base hinted READ_AHEAD beyond it, renewing at half-way.
+        let previous = self.read_end.swap(end, Ordering::Relaxed);
+        let hinted = self.hinted_to.load(Ordering::Relaxed);
+        let sequential = previous == offset || (offset < hinted && end > previous.min(hinted));
+        let hint = (sequential && end + READ_AHEAD / 2 > hinted && end < self.len).then(|| {
+            let from = hinted.max(end);
+            let to = (end + READ_AHEAD).min(self.len);
+            self.hinted_to.store(to, Ordering::Relaxed);
+            (from, to - from.min(to))
+        });
+        with_log(&*self.log, |l| {
+            if let Some((from, len)) = hint.filter(|&(_, len)| len > 0) {
+                l.will_need_current(self.volume, from, len);
             }
+            l.read_at(point, self.volume, offset, buf)
+        })
+        .map_err(|source| VsnapError::Journal {
+            what: format!(
+                "read {} bytes at {offset} of volume {} as of seq {}",
+                buf.len(),
+                self.volume,
+                point.seq
+            ),
+            source,
         })
     }
 
