@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tidemark_sync::secure::{AllowedPeers, Keypair, PublicKey, SecureChannel, SecureConfig};
 
 mod common;
 use common::*;
@@ -711,6 +712,30 @@ fn bad_peers_do_not_block_the_real_source() {
     let (mut px, _) = pair.protect(false);
     let st = wait_caught_up(&pair.state);
     assert!(u(&st, "/resyncs") >= 1, "{st:#}");
+    let sessions = u(&read_status(&pair.rx_dir).unwrap(), "/sessions");
+    // An authenticated peer (the source's own key) whose first message announces 17 MiB,
+    // beyond the 16 MiB frame maximum: refused from the first record's announced length,
+    // the connection closed, the live session untouched.
+    {
+        let mut cfg = SecureConfig::new(
+            Keypair::load(&pair.root.join("keys/src.key")).unwrap(),
+            AllowedPeers::from_keys([PublicKey::load(&pair.root.join("keys/dst.pub")).unwrap()]),
+        );
+        cfg.max_message_len = 256 << 20;
+        let mut ch = SecureChannel::initiate(TcpStream::connect(&addr).unwrap(), &cfg).unwrap();
+        let t = Instant::now();
+        let _ = ch.send(&vec![9u8; 17 << 20]);
+        let answer = ch.recv();
+        assert!(!matches!(answer, Ok(Some(_))), "the oversized frame got an answer: {answer:?}");
+        refused
+            .lock()
+            .unwrap()
+            .push(format!("oversized frame: {answer:?} after {:?}", t.elapsed()));
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the oversized frame was not refused in time"
+        );
+    }
     // A peer with the wrong key (a fresh one), tried after: refused, the source unharmed.
     tidemark(&["keygen", "--dir", &pair.p("keys"), "--name", "intruder"]);
     let intruder_state = pair.p("intruder");
@@ -740,6 +765,7 @@ fn bad_peers_do_not_block_the_real_source() {
     intruder.crash();
     let rx_st = read_status(&pair.rx_dir).unwrap();
     assert_eq!(rx_st["connected"], true, "the real source lost its session: {rx_st:#}");
+    assert_eq!(u(&rx_st, "/sessions"), sessions, "a bad peer was admitted or replaced the source");
     stop.store(true, Ordering::SeqCst);
     drop(silent);
     px.terminate();
@@ -750,7 +776,7 @@ fn bad_peers_do_not_block_the_real_source() {
     mon.finish();
     pair.verify();
     eprintln!("{:?}", refused.lock().unwrap());
-    // 8 slow-loris, 4 silent, 1 oversized, 1 wrong key.
-    report_scenario(0, 14);
-    figure("bad_inputs_tried", 14);
+    // 8 slow-loris, 4 silent, 2 oversized, 1 wrong key.
+    report_scenario(0, 15);
+    figure("bad_inputs_tried", 15);
 }
