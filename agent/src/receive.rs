@@ -133,6 +133,9 @@ struct Setup {
 /// The last retention pass, for status.json.
 #[derive(Default)]
 struct Passes {
+    /// Damaged stretches the last opening of the journal skipped: (segment, offset, length,
+    /// reason).
+    damage: Vec<(String, u64, u64, String)>,
     count: u64,
     last: Option<(u64, Duration, Result<RetentionReport, String>)>,
 }
@@ -160,10 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let image = args.dir.join("replica.img");
     let setup = Setup { args, pair, secure, image, cfg };
-    let mut log = open_log(&setup)?;
+    let mut passes = Passes::default();
+    let mut log = open_log(&setup, &mut passes)?;
     signals::install()?;
     let mut listen: Option<SocketAddr> = None;
-    let mut passes = Passes::default();
     let started = Instant::now();
     loop {
         let (receiver, failed) = serve(&setup, log, &mut listen, &mut passes, started)?;
@@ -179,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 println!("signal: shutting down");
                 return Ok(());
             }
-            match open_log(&setup) {
+            match open_log(&setup, &mut passes) {
                 Ok(log) => break log,
                 Err(e) => println!("journal reopen failed: {e:#}; retrying"),
             }
@@ -204,7 +207,7 @@ fn release(mut receiver: Receiver) -> Option<RetentionLog> {
     }
 }
 
-fn open_log(s: &Setup) -> anyhow::Result<RetentionLog> {
+fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
     let (image, size) = (&s.image, s.args.size);
     let base = if image.exists() {
         let f = FileIo::open(image).with_context(|| format!("open {}", image.display()))?;
@@ -233,6 +236,11 @@ fn open_log(s: &Setup) -> anyhow::Result<RetentionLog> {
     if !open.defects.is_empty() {
         eprintln!("journal: {} damaged stretches skipped: {:?}", open.defects.len(), open.defects);
     }
+    passes.damage = open
+        .defects
+        .iter()
+        .map(|(seg, d)| (seg.to_string(), d.offset, d.len, d.reason.clone()))
+        .collect();
     Ok(log)
 }
 
@@ -389,6 +397,10 @@ fn document(
         "hash_requests": s.hash_requests,
         "last_error": s.last_error,
         "failed": s.failed,
+        // What the journal's last opening found damaged and skipped.
+        "journal_damage": passes.damage.iter().map(|(segment, offset, len, reason)| json!({
+            "segment": segment, "offset": offset, "length": len, "reason": reason,
+        })).collect::<Vec<_>>(),
         "replica": {
             "consistent": r.inconsistent.is_none(),
             "open_resyncs": r.inconsistent.as_ref().map(|w| w.open_ids.clone()).unwrap_or_default(),

@@ -647,6 +647,11 @@ fn a_corrupt_segment_is_reported_by_name_and_offset_and_bounded() {
     };
     let (off, len) = (field("offset "), field("length "));
     assert!(off <= at && at < off + len, "damage reported at {off}+{len}, bytes flipped at {at}");
+    let st = wait_rx(&pair.rx_dir, "the damage in status.json", Some(rx.pid()), |v| {
+        v["journal_damage"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    let d = &st["journal_damage"][0];
+    assert_eq!((d["segment"].as_str(), u(d, "/offset")), (Some(name.as_str()), off), "{st:#}");
     rx.terminate();
     mon.finish();
     // What was lost: the write the damaged record carried, nothing else.
