@@ -395,6 +395,7 @@ fn document(
         "data_bytes": s.data_bytes,
         "deduped_bytes": s.deduped_bytes,
         "hash_requests": s.hash_requests,
+        "handshakes_evicted": s.handshakes_evicted,
         "last_error": s.last_error,
         "failed": s.failed,
         // What the journal's last opening found damaged and skipped.

@@ -678,8 +678,9 @@ fn bad_peers_do_not_block_the_real_source() {
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut bad = Vec::new();
-    // Eight slow-loris peers: a byte of a valid preamble a second, forever.
-    for _ in 0..8 {
+    // Twenty slow-loris peers, more than the listener's 16 connections: a byte of a valid
+    // preamble a second, reconnecting when cut.
+    for _ in 0..20 {
         let (stop, addr) = (stop.clone(), addr.clone());
         bad.push(std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
@@ -769,6 +770,8 @@ fn bad_peers_do_not_block_the_real_source() {
     });
     intruder.crash();
     let rx_st = read_status(&pair.rx_dir).unwrap();
+    eprintln!("handshakes cut to make room: {}", rx_st["handshakes_evicted"]);
+    assert!(u(&rx_st, "/handshakes_evicted") > 0, "the flood never filled the listener: {rx_st:#}");
     assert_eq!(rx_st["connected"], true, "the real source lost its session: {rx_st:#}");
     assert_eq!(u(&rx_st, "/sessions"), sessions, "a bad peer was admitted or replaced the source");
     stop.store(true, Ordering::SeqCst);
@@ -781,7 +784,7 @@ fn bad_peers_do_not_block_the_real_source() {
     mon.finish();
     pair.verify();
     eprintln!("{:?}", refused.lock().unwrap());
-    // 8 slow-loris, 4 silent, 2 oversized, 1 wrong key.
-    report_scenario(0, 15);
-    figure("bad_inputs_tried", 15);
+    // 20 slow-loris, 4 silent, 2 oversized, 1 wrong key.
+    report_scenario(0, 27);
+    figure("bad_inputs_tried", 27);
 }
