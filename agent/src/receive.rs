@@ -434,3 +434,32 @@ fn document(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_tiers_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("10y").is_err());
+        assert!(parse_duration("-1s").is_err());
+        let t = parse_tier("1h=10m").unwrap();
+        assert_eq!(t.older_than, Duration::from_secs(3600));
+        assert_eq!(
+            t.keep,
+            Keep::Every {
+                interval: Duration::from_secs(600),
+                bookmarks: BookmarkKind::ALL.to_vec()
+            }
+        );
+        assert!(parse_tier("1h").is_err());
+        assert!(parse_tier("1h=0s").is_err());
+    }
+}
