@@ -8,6 +8,14 @@
 //! recovery points, and virtual snapshots of them exposed as loop devices under
 //! `DIR/vsnaps/` while replication goes on (`tidemark points`, `tidemark recover`).
 //!
+//! With `--retain`, `--tier` or `--journal-max-mib` it runs a retention pass
+//! (`RetentionLog::enforce`, which keeps what virtual snapshots hold) every
+//! `--retention-every` seconds; status.json carries the window configured and available,
+//! the space used and the last pass's report. When the journal fails (a full disk, an I/O
+//! error: it then refuses writes until reopened) the receiver stops serving, reopens the
+//! journal every 2 s until that works, and serves again on the same port; nothing
+//! acknowledged is lost, since acknowledgements follow the journal's sync.
+//!
 //! Invariant: on a signal the control socket stops first (every virtual snapshot is torn
 //! down and its hold released), then the listener, then the live session ends, and the
 //! retention log is synced before the process exits, so everything acknowledged is on
