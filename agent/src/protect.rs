@@ -31,6 +31,7 @@ use serde_json::json;
 use tidemark_journal::{BlockIo, Event, FileIo, FsDir, Spool, SpoolConfig, SystemClock, VolumeId};
 use tidemark_sync::pair::{PairStatus, SourcePair, SourcePairConfig};
 use tidemark_sync::resync::{BlockSource, Ext4InUse, FileSource};
+use tidemark_sync::shape::{Rate, TokenBucket};
 use tidemark_sync::ship::{Shipper, ShipperConfig, ShipperEvent, ShipperHandle, TcpConnect};
 use tidemark_sync::syncer::{Phase, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
@@ -94,6 +95,9 @@ pub struct Args {
     /// printed as `metrics: ADDR`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Most bytes per second put on the link, in MiB (default: unlimited).
+    #[arg(long)]
+    rate_mib: Option<f64>,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -164,7 +168,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         volumes: vec![VolumeInfo { id: VolumeId(0), block_size: 4096, size: vol_len }],
     };
     let weak: Weak<Tap> = Arc::downgrade(&tap);
-    let shipper = Shipper::new(tap.shared_spool(), ShipperConfig::new(hello, secure))
+    let mut shipper = Shipper::new(tap.shared_spool(), ShipperConfig::new(hello, secure));
+    if let Some(mib) = args.rate_mib {
+        if !(mib > 0.0 && mib.is_finite()) {
+            bail!("--rate-mib {mib}: expected a positive number of MiB per second");
+        }
+        let rate = Rate::BytesPerSec((mib * f64::from(1u32 << 20)) as u64);
+        shipper = shipper.bucket(Arc::new(TokenBucket::new(rate, 1 << 20, Arc::new(SystemClock))?));
+    }
+    let shipper = shipper
         .observer(Box::new(move |e| {
             if let ShipperEvent::Acked { upto } = e {
                 if let Some(tap) = weak.upgrade() {

@@ -8,20 +8,33 @@
 //! recovery points, and virtual snapshots of them exposed as loop devices under
 //! `DIR/vsnaps/` while replication goes on (`tidemark points`, `tidemark recover`).
 //!
+//! With `--retain`, `--tier` or `--journal-max-mib` it runs a retention pass
+//! (`RetentionLog::enforce`, which keeps what virtual snapshots hold) every
+//! `--retention-every` seconds; status.json carries the window configured and available,
+//! the space used and the last pass's report. When the journal fails (a full disk, an I/O
+//! error: it then refuses writes until reopened) the receiver stops serving, reopens the
+//! journal every 2 s until that works, and serves again on the same port; nothing
+//! acknowledged is lost, since acknowledgements follow the journal's sync.
+//!
 //! Invariant: on a signal the control socket stops first (every virtual snapshot is torn
 //! down and its hold released), then the listener, then the live session ends, and the
 //! retention log is synced before the process exits, so everything acknowledged is on
 //! disk (it already was: acknowledgements follow the journal's sync).
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
-use tidemark_journal::{BlockIo, FileIo, FsDir, RetentionConfig, RetentionLog, SystemClock};
+use tidemark_journal::{
+    BlockIo, BookmarkKind, FileIo, FsDir, Keep, RetentionConfig, RetentionLog, RetentionPolicy,
+    RetentionReport, SystemClock, Tier,
+};
 use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
+use tidemark_sync::secure::SecureConfig;
+use tidemark_sync::wire::PairId;
 
 use crate::{common, control, metrics, signals, status};
 
@@ -58,10 +71,85 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (`GET /metrics`; printed as `metrics: ADDR`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// The retention window: recovery points older than this are dropped and the replica's
+    /// base moves forward (`90s`, `30m`, `24h`, `7d`; a bare number is seconds). Default:
+    /// keep everything (until `--journal-max-mib`).
+    #[arg(long, value_parser = parse_duration)]
+    retain: Option<Duration>,
+    /// A sparse tier, `AGE=EVERY` (e.g. `1h=10m`): of the points older than AGE, keep the
+    /// last of every EVERY interval and every bookmark. Repeatable.
+    #[arg(long, value_parser = parse_tier)]
+    tier: Vec<Tier>,
+    /// The journal's space limit in MiB: beyond it the oldest history goes first (never the
+    /// newest point, never a write). At least four segments.
+    #[arg(long)]
+    journal_max_mib: Option<u64>,
+    /// Size of a journal segment in MiB (the unit in which space is reclaimed).
+    #[arg(long, default_value_t = 64)]
+    segment_mib: u64,
+    /// Seconds between two retention passes.
+    #[arg(long, default_value_t = 10.0)]
+    retention_every: f64,
 }
 
 /// Seconds between two human status lines.
 const LINE_EVERY: Duration = Duration::from_secs(5);
+/// Wait before reopening a journal that failed (a full disk, an I/O error).
+const REOPEN_AFTER: Duration = Duration::from_secs(2);
+
+/// Parses `90s`, `30m`, `24h`, `7d`, `250ms` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 =
+        num.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0).ok_or_else(|| {
+            format!("duration {text:?}: expected a number and a unit (s, m, h, d)")
+        })?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => return Err(format!("duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs_f64(n * scale))
+}
+
+/// Parses a tier `AGE=EVERY`.
+pub fn parse_tier(text: &str) -> Result<Tier, String> {
+    let (age, every) = text
+        .split_once('=')
+        .ok_or_else(|| format!("tier {text:?}: expected AGE=EVERY, e.g. 1h=10m"))?;
+    let interval = parse_duration(every)?;
+    if interval.is_zero() {
+        return Err(format!("tier {text:?}: the interval must not be zero"));
+    }
+    Ok(Tier {
+        older_than: parse_duration(age)?,
+        keep: Keep::Every { interval, bookmarks: BookmarkKind::ALL.to_vec() },
+    })
+}
+
+/// What `run` keeps across reopenings of the journal.
+struct Setup {
+    args: Args,
+    pair: PairId,
+    secure: SecureConfig,
+    image: PathBuf,
+    cfg: RetentionConfig,
+}
+
+/// The last retention pass, for status.json.
+#[derive(Default)]
+struct Passes {
+    /// Damaged stretches the last opening of the journal skipped: (segment, offset, length,
+    /// reason).
+    damage: Vec<(String, u64, u64, String)>,
+    count: u64,
+    last: Option<(u64, Duration, Result<RetentionReport, String>)>,
+}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let pair = common::parse_pair(&args.pair)?;
@@ -69,56 +157,181 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.size == 0 || args.size % u64::from(args.block_size) != 0 {
         bail!("volume size {} must be a positive multiple of {}", args.size, args.block_size);
     }
+    if !(args.retention_every > 0.0 && args.retention_every.is_finite()) {
+        bail!("--retention-every {}: expected a positive number of seconds", args.retention_every);
+    }
+    let policy = RetentionPolicy {
+        max_age: args.retain,
+        max_bytes: args.journal_max_mib.map(|m| m << 20),
+        tiers: args.tier.clone(),
+    };
+    let cfg = RetentionConfig {
+        block_size: args.block_size,
+        segment_bytes: args.segment_mib << 20,
+        policy,
+        ..Default::default()
+    };
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let image = args.dir.join("replica.img");
-    let base = if image.exists() {
-        let f = FileIo::open(&image).with_context(|| format!("open {}", image.display()))?;
-        let len = f.len().with_context(|| format!("stat {}", image.display()))?;
-        if len != args.size {
-            bail!("{} holds {len} bytes, expected {} (--size)", image.display(), args.size);
-        }
-        f
-    } else {
-        FileIo::create(&image, args.size).with_context(|| format!("create {}", image.display()))?
-    };
-    let cfg = RetentionConfig { block_size: args.block_size, ..Default::default() };
-    let (log, open) = RetentionLog::open(
-        Arc::new(FsDir::new(args.dir.join("journal"))?),
-        vec![Arc::new(base) as Arc<dyn BlockIo>],
-        cfg,
-        Arc::new(SystemClock),
-    )
-    .context("open the retention log")?;
-    if !open.defects.is_empty() {
-        eprintln!("journal: {} damaged stretches skipped: {:?}", open.defects.len(), open.defects);
-    }
-    let receiver = Receiver::new(log, ReceiverConfig::new(args.name.clone(), pair, secure))?;
-    let listener = receiver.listen(
-        TcpListener::bind(&args.listen).with_context(|| format!("listen on {}", args.listen))?,
-    )?;
-    let addr = listener.local_addr();
+    let setup = Setup { args, pair, secure, image, cfg };
+    let mut passes = Passes::default();
+    let mut log = open_log(&setup, &mut passes)?;
     signals::install()?;
-    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
-    let control = control::Server::start(&socket, receiver.clone(), &args.dir.join("vsnaps"))?;
-    println!("control: {}", control.path().display());
-    let metrics = args.metrics.as_deref().map(metrics::Server::start).transpose()?;
+    let mut listen: Option<SocketAddr> = None;
+    let started = Instant::now();
+    // Outlives journal reopens: a scrape during one sees the last published figures.
+    let metrics = setup.args.metrics.as_deref().map(metrics::Server::start).transpose()?;
     if let Some(m) = &metrics {
         println!("metrics: {}", m.addr());
     }
-    println!("listening: {addr}");
-    println!("pair {pair}, replica {}, {} bytes", image.display(), args.size);
+    loop {
+        let (receiver, failed) =
+            serve(&setup, log, &mut listen, &mut passes, started, metrics.as_ref())?;
+        let Some(why) = failed else { return Ok(()) };
+        // The journal refuses writes after an I/O error until it is reopened (a full
+        // disk, a failed sync): reopen it, once every session let go of it. Nothing
+        // acknowledged is lost: acks follow the journal's sync.
+        println!("journal failed: {why}; reopening in {}s", REOPEN_AFTER.as_secs());
+        drop(release(receiver));
+        log = loop {
+            std::thread::sleep(REOPEN_AFTER);
+            if signals::stop_requested() {
+                println!("signal: shutting down");
+                return Ok(());
+            }
+            match open_log(&setup, &mut passes) {
+                Ok(log) => break log,
+                Err(e) => println!("journal reopen failed: {e:#}; retrying"),
+            }
+        };
+        println!("journal reopened");
+    }
+}
 
-    let started = Instant::now();
+/// Waits (bounded) until `receiver` is the last handle on its log, so the journal is
+/// closed before it is reopened.
+fn release(mut receiver: Receiver) -> Option<RetentionLog> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        match receiver.into_log() {
+            Ok(log) => return Some(log),
+            Err(r) if Instant::now() < until => {
+                receiver = r;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
+    let (image, size) = (&s.image, s.args.size);
+    let base = if image.exists() {
+        let f = FileIo::open(image).with_context(|| format!("open {}", image.display()))?;
+        let len = f.len().with_context(|| format!("stat {}", image.display()))?;
+        if len != size {
+            bail!("{} holds {len} bytes, expected {size} (--size)", image.display());
+        }
+        f
+    } else {
+        FileIo::create(image, size).with_context(|| format!("create {}", image.display()))?
+    };
+    let (log, open) = RetentionLog::open(
+        Arc::new(FsDir::new(s.args.dir.join("journal"))?),
+        vec![Arc::new(base) as Arc<dyn BlockIo>],
+        s.cfg.clone(),
+        Arc::new(SystemClock),
+    )
+    .context("open the retention log")?;
+    for (segment, d) in &open.defects {
+        // One line per damaged stretch, naming where it is: the records after it are kept.
+        println!(
+            "journal damage: segment {segment} offset {} length {}: {} (skipped)",
+            d.offset, d.len, d.reason
+        );
+    }
+    if !open.defects.is_empty() {
+        eprintln!("journal: {} damaged stretches skipped: {:?}", open.defects.len(), open.defects);
+    }
+    passes.damage = open
+        .defects
+        .iter()
+        .map(|(seg, d)| (seg.to_string(), d.offset, d.len, d.reason.clone()))
+        .collect();
+    Ok(log)
+}
+
+/// Serves until a signal (returns the receiver and `None`) or until the journal fails
+/// (the receiver, stopped, and why).
+fn serve(
+    s: &Setup,
+    log: RetentionLog,
+    listen: &mut Option<SocketAddr>,
+    passes: &mut Passes,
+    started: Instant,
+    metrics: Option<&metrics::Server>,
+) -> anyhow::Result<(Receiver, Option<String>)> {
+    let args = &s.args;
+    let receiver =
+        Receiver::new(log, ReceiverConfig::new(args.name.clone(), s.pair, s.secure.clone()))?;
+    let socket = match listen {
+        // The same port again after a reopen.
+        Some(addr) => TcpListener::bind(*addr).with_context(|| format!("listen on {addr}"))?,
+        None => {
+            TcpListener::bind(&args.listen).with_context(|| format!("listen on {}", args.listen))?
+        }
+    };
+    let listener = receiver.listen(socket)?;
+    let addr = listener.local_addr();
+    let first = listen.is_none();
+    *listen = Some(addr);
+    let sock = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
+    let control = control::Server::start(&sock, receiver.clone(), &args.dir.join("vsnaps"))?;
+    if first {
+        println!("control: {}", control.path().display());
+        println!("listening: {addr}");
+        println!("pair {}, replica {}, {} bytes", s.pair, s.image.display(), args.size);
+    }
+    let enforcing = s.cfg.policy != RetentionPolicy::default();
+    let every = Duration::from_secs_f64(args.retention_every);
+    let mut last_pass = Instant::now();
     let mut last_line = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
+    let mut failed = None;
+    let mut status_failing = false;
     while !signals::stop_requested() {
-        if last_file.elapsed() >= Duration::from_secs(1) {
-            let doc = document(&receiver, &addr.to_string(), started.elapsed(), "serving");
-            status::write(&args.dir, &doc)?;
-            if let Some(m) = &metrics {
-                m.publish(&metrics::receiver(&pair.to_string(), &doc));
+        if enforcing && last_pass.elapsed() >= every {
+            let t = Instant::now();
+            let result = receiver.with_log(|log| log.enforce()).map_err(|e| e.to_string());
+            last_pass = Instant::now();
+            passes.count += 1;
+            if let Err(e) = &result {
+                failed = Some(format!("retention pass: {e}"));
+            }
+            passes.last = Some((status::now_ms(), t.elapsed(), result));
+        }
+        if failed.is_none() {
+            failed = receiver.status().failed;
+        }
+        if last_file.elapsed() >= Duration::from_secs(1) || failed.is_some() {
+            let state = if failed.is_some() { "reopening" } else { "serving" };
+            let doc = document(&receiver, &addr.to_string(), started.elapsed(), state, s, passes);
+            if let Some(m) = metrics {
+                m.publish(&metrics::receiver(&s.pair.to_string(), &doc));
+            }
+            // A full disk must not stop the receiver: the status is best effort.
+            match status::write(&args.dir, &doc) {
+                Ok(()) => status_failing = false,
+                Err(e) if !status_failing => {
+                    println!("status: {e:#}");
+                    status_failing = true;
+                }
+                Err(_) => {}
             }
             last_file = Instant::now();
+        }
+        if failed.is_some() {
+            break;
         }
         if last_line.elapsed() >= LINE_EVERY {
             println!("{}", line(&receiver.status(), &receiver));
@@ -126,15 +339,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("signal: shutting down");
+    if failed.is_none() {
+        println!("signal: shutting down");
+    }
     control.stop();
-    listener.stop();
     receiver.shutdown();
+    listener.stop();
+    if failed.is_some() {
+        return Ok((receiver, failed));
+    }
     receiver.with_log(|log| log.sync()).context("sync the retention log")?;
-    let doc = document(&receiver, &addr.to_string(), started.elapsed(), "stopped");
+    let doc = document(&receiver, &addr.to_string(), started.elapsed(), "stopped", s, passes);
     status::write(&args.dir, &doc)?;
     println!("{}", line(&receiver.status(), &receiver));
-    Ok(())
+    Ok((receiver, None))
 }
 
 fn line(s: &ReceiverStatus, receiver: &Receiver) -> String {
@@ -152,8 +370,33 @@ fn line(s: &ReceiverStatus, receiver: &Receiver) -> String {
     )
 }
 
-fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> serde_json::Value {
+fn document(
+    receiver: &Receiver,
+    addr: &str,
+    uptime: Duration,
+    state: &str,
+    setup: &Setup,
+    passes: &Passes,
+) -> serde_json::Value {
     let s = receiver.status();
+    let policy = &setup.cfg.policy;
+    let last_pass = passes.last.as_ref().map(|(at, took, r)| match r {
+        Ok(r) => json!({
+            "at_ms": at,
+            "took_s": common::secs(*took),
+            "dropped_points": r.dropped_points,
+            "retained_points": r.retained_points,
+            "base_advanced_to": r.base_advanced_to.map(|s| s.0),
+            "intervals_coalesced": r.intervals_coalesced,
+            "bytes_before": r.bytes_before,
+            "bytes_after": r.bytes_after,
+            "thinned_for_space": r.thinned_for_space,
+            "space_held_by_resync": r.space_held_by_resync,
+            "space_held_by_holds": r.space_held_by_holds,
+            "kept_for_holds": r.kept_for_holds,
+        }),
+        Err(e) => json!({ "at_ms": at, "took_s": common::secs(*took), "error": e }),
+    });
     let (r, held) = receiver.with_log(|log| (log.status(), log.held()));
     json!({
         "role": "receive",
@@ -173,8 +416,13 @@ fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> s
         "data_bytes": s.data_bytes,
         "deduped_bytes": s.deduped_bytes,
         "hash_requests": s.hash_requests,
+        "handshakes_evicted": s.handshakes_evicted,
         "last_error": s.last_error,
         "failed": s.failed,
+        // What the journal's last opening found damaged and skipped.
+        "journal_damage": passes.damage.iter().map(|(segment, offset, len, reason)| json!({
+            "segment": segment, "offset": offset, "length": len, "reason": reason,
+        })).collect::<Vec<_>>(),
         "replica": {
             "consistent": r.inconsistent.is_none(),
             "open_resyncs": r.inconsistent.as_ref().map(|w| w.open_ids.clone()).unwrap_or_default(),
@@ -188,8 +436,51 @@ fn document(receiver: &Receiver, addr: &str, uptime: Duration, state: &str) -> s
             "window_configured_s": r.window_configured.map(common::secs),
             "points": r.points,
             "journal_bytes": r.bytes,
+            "journal_max_bytes": r.max_bytes,
+            "segment_bytes": setup.cfg.segment_bytes,
+            "tiers": policy.tiers.iter().map(|t| match &t.keep {
+                Keep::Every { interval, .. } => json!({
+                    "older_than_s": common::secs(t.older_than),
+                    "every_s": common::secs(*interval),
+                }),
+                other => json!({ "older_than_s": common::secs(t.older_than), "keep": format!("{other:?}") }),
+            }).collect::<Vec<_>>(),
+            "thinned_for_space": r.thinned_for_space,
+            "space_note": r.space_note,
+            "space_held_by_resync": r.space_held_by_resync,
+            "passes": passes.count,
+            "last_pass": last_pass,
             // Points held by virtual snapshots: retention keeps what they read.
             "held_seqs": held.iter().map(|s| s.0).collect::<Vec<_>>(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_tiers_parse_and_bad_ones_are_refused() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("10y").is_err());
+        assert!(parse_duration("-1s").is_err());
+        let t = parse_tier("1h=10m").unwrap();
+        assert_eq!(t.older_than, Duration::from_secs(3600));
+        assert_eq!(
+            t.keep,
+            Keep::Every {
+                interval: Duration::from_secs(600),
+                bookmarks: BookmarkKind::ALL.to_vec()
+            }
+        );
+        assert!(parse_tier("1h").is_err());
+        assert!(parse_tier("1h=0s").is_err());
+    }
 }

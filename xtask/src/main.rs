@@ -144,7 +144,8 @@ USAGE:
 
     cargo xtask reliability
         Runs the reliability tests (cargo test -p tidemark-tests --release: the crash-
-        consistency checks of every recovery point, the ext4 and xfs replays, the fuzz corpora) and sums
+        consistency checks of every recovery point, the ext4 and xfs replays, the fuzz corpora;
+        then cargo test -p tidemark --release --test faults: the real-process fault suite) and sums
         the RELIABILITY name=value lines they print into target/bench/reliability.json
         (scenarios run, recovery points checked, fsck runs, bad inputs tried, acknowledged
         writes lost, which must be 0). See docs/reliability.md.

@@ -3,7 +3,8 @@
 //!
 //! The figures are not typed in here: each test of `tidemark-tests` that proves something
 //! prints what it counted as `RELIABILITY <name>=<value>` lines (`tidemark_tests::figures`),
-//! this command runs `cargo test -p tidemark-tests --release`, echoes its output, and sums
+//! this command runs `cargo test -p tidemark-tests --release` and the agent's fault suite
+//! (`cargo test -p tidemark --release --test faults`), echoes their output, and sums
 //! the values of each name over every line. Names it does not know (a new suite's, such as
 //! the simulation's `sim.*` figures) are kept, with the unit `count`. The JSON is written
 //! even when a test fails (with what was counted up to then), and the command then fails;
@@ -89,6 +90,20 @@ const KNOWN: &[Known] = &[
         what: "faults injected by the deterministic simulation",
         goal_zero: false,
         required: true,
+    },
+    Known {
+        name: "faults.injected",
+        unit: "faults",
+        what: "faults injected into real processes (kill -9, full disk, corrupt segment, bad peers)",
+        goal_zero: false,
+        required: false,
+    },
+    Known {
+        name: "faults.kill9",
+        unit: "kills",
+        what: "kill -9 of `tidemark receive` or `tidemark protect` in the fault suite",
+        goal_zero: false,
+        required: false,
     },
 ];
 
@@ -223,16 +238,50 @@ pub fn reliability(args: &[String]) -> Result<()> {
     }
     let root = repo_root();
     let start = Instant::now();
-    banner("reliability: cargo test -p tidemark-tests --release");
+    let mut output = String::new();
+    let mut failed = Vec::new();
+    for args in SUITES {
+        let (status, out) = run_suite(&root, args)?;
+        output.push_str(&out);
+        if !status.success() {
+            failed.push(format!("cargo {} ({status})", args.join(" ")));
+        }
+    }
+
+    let figures = collect(&output)?;
+    let path = root.join("target").join("bench").join("reliability.json");
+    write_json(&path, &figures)?;
+    print_table(&figures);
+    println!("figures written to {} ({})", path.display(), format_duration(start.elapsed()));
+    if figures.iter().any(|f| f.name == "scenarios_skipped" && f.value > 0.0) {
+        loud_warning("some reliability scenarios were skipped (see the SKIPPED lines above)");
+    }
+    ensure!(
+        failed.is_empty(),
+        "the reliability tests failed: {}; figures so far are in the JSON",
+        failed.join(", ")
+    );
+    let problems = verdicts(&figures);
+    ensure!(problems.is_empty(), "reliability goals not met:\n  {}", problems.join("\n  "));
+    Ok(())
+}
+
+/// The test runs whose `RELIABILITY` lines are collected: the workspace-level proofs, then
+/// the agent's real-process fault suite (`agent/tests/faults.rs`).
+const SUITES: &[&[&str]] = &[
+    &["test", "-p", "tidemark-tests", "--release"],
+    &["test", "-p", "tidemark", "--release", "--test", "faults"],
+];
+
+/// Runs one `cargo` test command, echoing its output as it comes (the tests take a while);
+/// returns its exit status and its stdout.
+fn run_suite(root: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+    banner(&format!("reliability: cargo {}", args.join(" ")));
     let mut command = Command::new(cargo_bin());
-    command
-        .current_dir(&root)
-        .args(["test", "-p", "tidemark-tests", "--release"])
-        .stdout(Stdio::piped());
+    command.current_dir(root).args(args).stdout(Stdio::piped());
     println!("$ {}", show_command(&command));
     let mut child = command.spawn().context("could not start cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
-    // Echo the output as it comes (the tests take a while) and keep it for the figures.
     let reader = thread::spawn(move || {
         let mut kept = String::new();
         for line in BufReader::new(stdout).lines() {
@@ -245,22 +294,7 @@ pub fn reliability(args: &[String]) -> Result<()> {
     });
     let status = child.wait().context("waiting for cargo test")?;
     let output = reader.join().map_err(|_| anyhow::anyhow!("the output reader panicked"))?;
-
-    let figures = collect(&output)?;
-    let path = root.join("target").join("bench").join("reliability.json");
-    write_json(&path, &figures)?;
-    print_table(&figures);
-    println!("figures written to {} ({})", path.display(), format_duration(start.elapsed()));
-    if figures.iter().any(|f| f.name == "scenarios_skipped" && f.value > 0.0) {
-        loud_warning("some reliability scenarios were skipped (see the SKIPPED lines above)");
-    }
-    ensure!(
-        status.success(),
-        "the reliability tests failed ({status}); figures so far are in the JSON"
-    );
-    let problems = verdicts(&figures);
-    ensure!(problems.is_empty(), "reliability goals not met:\n  {}", problems.join("\n  "));
-    Ok(())
+    Ok((status, output))
 }
 
 fn write_json(path: &Path, figures: &[Figure]) -> Result<()> {

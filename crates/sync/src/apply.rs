@@ -279,6 +279,9 @@ pub struct ReceiverStatus {
     pub sessions: u64,
     /// Connections replaced by a newer one.
     pub replaced: u64,
+    /// Connections cut in their handshake to make room for a newer one (the listener was
+    /// full: a flood, or peers that never finish their handshake).
+    pub handshakes_evicted: u64,
     /// The last sequence number appended.
     pub received: Seq,
     /// The last sequence number made durable.
@@ -309,8 +312,10 @@ pub struct ReceiverStatus {
 
 type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
 
-/// Connections a [`Listener`] serves at once (handshakes included); more are closed at
-/// accept. One pair needs one, plus one replacing it after a network failure.
+/// Connections a [`Listener`] serves at once (handshakes included). One pair needs one,
+/// plus one replacing it after a network failure. When full, a new connection cuts the
+/// oldest one still in its handshake, so peers that never finish theirs cannot keep the
+/// paired source out; when all are authenticated, the new one is closed at accept.
 pub const MAX_CONNECTIONS: usize = 16;
 
 struct Slots {
@@ -480,7 +485,16 @@ impl Receiver {
     /// Serves one connection from a source on this thread: handshake, opening exchange,
     /// then apply until the connection ends. Returns `Ok` when the source closed normally.
     pub fn serve<S: Stream + Send + 'static>(&self, stream: S) -> Result<()> {
-        let result = self.serve_inner(stream);
+        self.serve_tracked(stream, &AtomicBool::new(false))
+    }
+
+    /// [`Receiver::serve`], setting `authenticated` once the peer's key was accepted.
+    fn serve_tracked<S: Stream + Send + 'static>(
+        &self,
+        stream: S,
+        authenticated: &AtomicBool,
+    ) -> Result<()> {
+        let result = self.serve_inner(stream, authenticated);
         if let Err(e) = &result {
             let text = error_chain(e);
             self.update(|s| s.last_error = Some(text));
@@ -488,7 +502,11 @@ impl Receiver {
         result
     }
 
-    fn serve_inner<S: Stream + Send + 'static>(&self, stream: S) -> Result<()> {
+    fn serve_inner<S: Stream + Send + 'static>(
+        &self,
+        stream: S,
+        authenticated: &AtomicBool,
+    ) -> Result<()> {
         let cfg = &self.inner.cfg;
         let control = stream
             .try_clone()
@@ -499,6 +517,7 @@ impl Receiver {
             let _ = lock(&control).shutdown(how);
         });
         let channel = SecureChannel::accept(stream, &cfg.secure)?;
+        authenticated.store(true, Ordering::SeqCst);
         let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
         let mut admitted = None;
         let opened = conn.answer_session(&cfg.node, |hello| {
@@ -872,7 +891,7 @@ impl Receiver {
     pub fn listen(&self, listener: TcpListener) -> io::Result<Listener> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let sessions: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let sessions: Arc<Mutex<Vec<Accepted>>> = Arc::default();
         let thread = {
             let (receiver, stop, sessions) = (self.clone(), stop.clone(), sessions.clone());
             thread::Builder::new().name("tidemark-recv-accept".to_owned()).spawn(move || {
@@ -888,21 +907,34 @@ impl Receiver {
                         }
                     };
                     let mut list = lock(&sessions);
-                    list.retain(|h| !h.is_finished());
+                    list.retain(|c| !c.thread.is_finished());
                     if list.len() >= MAX_CONNECTIONS {
                         // A flood of connections (each may sit in its handshake until the
-                        // handshake timeout) must not pile up threads.
-                        drop(stream);
-                        continue;
+                        // handshake timeout) must not pile up threads, nor keep the paired
+                        // source out: the oldest connection still in its handshake makes
+                        // room (an authenticated one is never cut for a newcomer).
+                        match list.iter().position(|c| !c.authenticated.load(Ordering::SeqCst)) {
+                            Some(i) => {
+                                let old = list.remove(i);
+                                let _ = old.stream.shutdown(Shutdown::Both);
+                                receiver.update(|s| s.handshakes_evicted += 1);
+                            }
+                            None => {
+                                drop(stream);
+                                continue;
+                            }
+                        }
                     }
                     let _ = stream.set_nodelay(true);
-                    let r = receiver.clone();
+                    let Ok(handle) = stream.try_clone() else { continue };
+                    let authenticated = Arc::new(AtomicBool::new(false));
+                    let (r, flag) = (receiver.clone(), authenticated.clone());
                     let spawned =
                         thread::Builder::new().name("tidemark-recv".to_owned()).spawn(move || {
-                            let _ = r.serve(stream);
+                            let _ = r.serve_tracked(stream, &flag);
                         });
-                    if let Ok(h) = spawned {
-                        list.push(h);
+                    if let Ok(thread) = spawned {
+                        list.push(Accepted { thread, stream: handle, authenticated });
                     }
                 }
             })?
@@ -1120,7 +1152,16 @@ pub struct Listener {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    sessions: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    sessions: Arc<Mutex<Vec<Accepted>>>,
+}
+
+/// A connection the listener accepted: its thread, a handle to cut it, and whether its
+/// peer got through the handshake.
+#[derive(Debug)]
+struct Accepted {
+    thread: JoinHandle<()>,
+    stream: TcpStream,
+    authenticated: Arc<AtomicBool>,
 }
 
 impl Listener {
@@ -1134,8 +1175,8 @@ impl Listener {
     pub fn stop(mut self) {
         self.stop_inner();
         let sessions = std::mem::take(&mut *lock(&self.sessions));
-        for h in sessions {
-            let _ = h.join();
+        for c in sessions {
+            let _ = c.thread.join();
         }
     }
 

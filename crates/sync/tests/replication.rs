@@ -265,30 +265,42 @@ fn keepalives_hold_an_idle_session_open_past_the_io_timeout() {
 }
 
 #[test]
-fn the_listener_caps_connections_in_progress() {
+fn the_listener_caps_connections_and_a_handshake_flood_does_not_keep_the_source_out() {
     let (cs, ct) = paired();
     let target = Target::new(ct);
     let listener = target.receiver.listen(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     let addr = listener.local_addr();
     // Connections that never finish their handshake; each is answered with the preamble.
-    let mut idle = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
+    let connect = || {
         let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut preamble = [0u8; 12];
         s.read_exact(&mut preamble).unwrap();
         assert_eq!(&preamble[..8], b"TIDEMARK");
-        idle.push(s);
-    }
-    let mut extra = TcpStream::connect(addr).unwrap();
-    extra.set_read_timeout(Some(PATIENCE)).unwrap();
-    assert_eq!(extra.read(&mut [0u8; 12]).unwrap(), 0, "one too many is closed at once");
-    drop(idle);
-    // Once those hang up, a real source gets through (retrying while they wind down).
+        s
+    };
+    let mut idle: Vec<TcpStream> = (0..MAX_CONNECTIONS).map(|_| connect()).collect();
+    // One more is served, and the oldest handshake is cut to make room for it.
+    idle.push(connect());
+    assert_eq!(idle[0].read(&mut [0u8; 12]).unwrap(), 0, "the oldest handshake is cut");
+    assert_eq!(target.receiver.status().handshakes_evicted, 1);
+    // With the listener still full of idle handshakes, a real source gets through.
     let mut source = Source::new(10);
     source.run(20, &|| {});
     let connector = TcpConnect { addr, timeout: Duration::from_secs(5) };
     let handle = Shipper::new(source.spool.clone(), ship_config(cs)).start(connector).unwrap();
     wait_caught_up(&handle, &source);
+    // An authenticated session is never cut for a newcomer: a new flood evicts only
+    // handshakes, and the session goes on.
+    let sessions = target.receiver.status().sessions;
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(connect());
+    }
+    source.run(20, &|| handle.notify());
+    wait_caught_up(&handle, &source);
+    assert_eq!(target.receiver.status().sessions, sessions, "the session was not cut");
+    assert_eq!(handle.status().sessions, 1);
+    drop(idle);
     handle.stop();
     target.receiver.shutdown();
     listener.stop();
