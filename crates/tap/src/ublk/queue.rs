@@ -340,7 +340,8 @@ impl Queue<'_> {
             sys::IO_OP_READ | sys::IO_OP_WRITE if len > self.ring.buffer_len() as u64 => {
                 Err((libc::EINVAL, format!("request of {len} bytes exceeds the tag buffer")))
             }
-            op if !in_range && op <= sys::IO_OP_WRITE_ZEROES => Err((
+            // A FLUSH's sector fields mean nothing (the block layer leaves them unset).
+            op if !in_range && op != sys::IO_OP_FLUSH && op <= sys::IO_OP_WRITE_ZEROES => Err((
                 libc::EINVAL,
                 format!(
                     "{len} bytes at byte {offset} reach past the device's {} bytes",
