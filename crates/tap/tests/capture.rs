@@ -648,7 +648,7 @@ fn split_mutations_issue_after_earlier_overlapping_ones_and_append_in_finish_ord
     assert!(sc < sa && sa < sb && sb < sz, "{sc} {sa} {sb} {sz}");
 
     let got: Vec<Event> = spooled(tap).into_iter().map(|(_, e)| e).collect();
-    let expected = vec![
+    let expected = [
         write_event(1 << 20, &c),
         write_event(0, &a),
         write_event(4096, &b),
@@ -693,7 +693,7 @@ fn a_split_flush_orders_its_barrier_after_finished_writes_and_fua_adds_one() {
     r.device.write_at(&f, 131072).expect("device write fua");
     let sf = seq_of(tap.finish_write(pf, f.clone()).expect("finish fua"));
     let got: Vec<(Seq, Event)> = spooled(tap);
-    let expected = vec![
+    let expected = [
         write_event(0, &a),
         Event::Barrier,
         write_event(65536, &b),
