@@ -45,6 +45,12 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
         let _ = (offset, len);
         Ok(())
     }
+    /// The open file descriptor behind this object, for a caller that issues its own I/O on
+    /// it (the ublk frontend's io_uring ops). `None` (the default) when there is none, as for
+    /// an in-memory volume. The descriptor stays owned by `self`.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
     /// A name for error messages.
     fn name(&self) -> String;
 }
@@ -152,6 +158,10 @@ impl BlockIo for FileIo {
 
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         advise_will_need(self.file.as_raw_fd(), offset, len)
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.file.as_raw_fd())
     }
 
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {

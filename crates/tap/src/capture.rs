@@ -2,19 +2,41 @@
 //! VMM, a storage target) that hand it writes, write-zeroes, discards, flushes and bookmarks.
 //!
 //! This module owns the capture order and the completion policy. For each write the tap:
-//! 1. marks the regions it touches in the write-intent map, durably, before anything else;
-//! 2. passes the write through to the protected device;
-//! 3. appends the capture event to the spool, which assigns its sequence number.
+//! 1. marks the regions it touches in the write-intent map, durably, before anything else,
+//!    and takes the write's ordering ticket;
+//! 2. passes the write through to the protected device (once no earlier overlapping
+//!    mutation is unfinished);
+//! 3. appends the capture event to the spool, which assigns its sequence number, and
+//!    releases the ticket.
+//!
+//! **Two ways in.** The synchronous calls ([`Tap::write`], [`Tap::write_fua`],
+//! [`Tap::write_zeroes`], [`Tap::discard`], [`Tap::flush`], [`Tap::bookmark`]) run all three
+//! steps, the device I/O through [`BlockIo`]. A frontend that issues the device I/O itself
+//! (the ublk frontend, with io_uring ops on the device's descriptor) uses the split calls
+//! instead: [`Tap::begin_mutation`] (step 1; never waits for other writes), then the device
+//! I/O once [`Tap::may_issue`] says so, then [`Tap::finish_write`] or [`Tap::finish_range`]
+//! (step 3); for a flush [`Tap::begin_flush`] (the barrier), the device sync, then
+//! [`Tap::wait_durable`] under the spooled policy. The synchronous calls are built on the
+//! split ones, so both follow one path. A [`PendingMutation`] dropped unfinished (its device
+//! I/O failed) leaves its regions out of sync in the intent map and releases its ticket.
+//!
+//! **Overlapping mutations.** Two writes (or discards, write-zeroes) in flight together
+//! whose ranges overlap could reach the device in one order and the spool in the other.
+//! Tickets prevent it: a mutation may be issued to the device only once every mutation begun
+//! before it and overlapping it has finished (appended its event). Overlapping mutations thus
+//! reach the device and the spool in the order they were begun; disjoint ones run
+//! concurrently. (The block layer gives concurrent overlapping writes no order; any one
+//! order, the same on both sides, is right.)
 //!
 //! **The order rule.** Events enter the spool in one total order, under one lock. A write is
-//! appended after its backing write completed and before the call returns; a flush or a
-//! bookmark appends its barrier when it is issued, before it syncs the device. Hence *a
-//! write that completed before a flush was issued is ordered before that flush*. A write
-//! still in flight when the flush was issued may land on either side of the barrier; either
-//! way the recovery point at the barrier is a state the device could have been in after a
-//! power cut, since the flush promises nothing about writes that had not completed. A FUA
-//! write is followed by a barrier (its data is durable when it completes). Consecutive
-//! flushes with nothing between them give one barrier.
+//! appended after its backing write completed and before the frontend reports its
+//! completion; a flush or a bookmark appends its barrier when it is issued, before it syncs
+//! the device. Hence *a write that completed before a flush was issued is ordered before
+//! that flush*. A write still in flight when the flush was issued may land on either side
+//! of the barrier; either way the recovery point at the barrier is a state the device could
+//! have been in after a power cut, since the flush promises nothing about writes that had
+//! not completed. A FUA write is followed by a barrier (its data is durable when it
+//! completes). Consecutive flushes with nothing between them give one barrier.
 //!
 //! **Completion policy.** [`CompletionPolicy::Backing`] (the default, asynchronous
 //! replication) completes a call once the backing write is done and the event is appended;
@@ -32,7 +54,7 @@
 //! [`HotFullPolicy`] decides: wait for acknowledgements (back-pressure), or mark the range out
 //! of sync at once. The application's write is never failed for replication's sake.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -170,6 +192,7 @@ pub struct Tap {
     intent: IntentMap,
     cfg: TapConfig,
     capture: Mutex<Capture>,
+    order: Arc<ArrivalOrder>,
 }
 
 impl Tap {
@@ -217,7 +240,15 @@ impl Tap {
             hot_full_events: 0,
             last_bookmark: None,
         };
-        Ok(Tap { device, device_name, device_len, intent, cfg, capture: Mutex::new(capture) })
+        Ok(Tap {
+            device,
+            device_name,
+            device_len,
+            intent,
+            cfg,
+            capture: Mutex::new(capture),
+            order: Arc::new(ArrivalOrder::default()),
+        })
     }
 
     /// The spool, shared: hand it to a shipper.
@@ -268,49 +299,36 @@ impl Tap {
         if len == 0 {
             return if fua { self.flush() } else { Ok(Captured::Nothing) };
         }
-        let intent = self.intent_for(offset, len)?;
+        let pending = self.begin_mutation(Mutation::Write { fua }, offset, len)?;
+        self.wait_issue(&pending);
         self.device
             .write_at(&data, offset)
             .map_err(|e| TapError::io("write", self.device_name.clone(), e))?;
         if fua {
             self.sync_device()?;
         }
-        let step = self.cfg.max_event_bytes;
-        let mut events = Vec::with_capacity(data.len().div_ceil(step) + 1);
-        let mut at = 0;
-        while at < data.len() {
-            let end = (at + step).min(data.len());
-            events.push(Event::Write {
-                volume: self.cfg.volume,
-                offset: offset + at as u64,
-                data: data.slice(at..end),
-            });
-            at = end;
-        }
-        if fua {
-            events.push(Event::Barrier);
-        }
-        let captured = self.append(&events, len, intent);
-        self.complete(captured)
+        let captured = self.finish_write(pending, data)?;
+        self.wait_durable(captured)
     }
 
     /// Sets `len` bytes at `offset` to zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<Captured> {
-        self.zero_range(offset, len, false)
+        self.zero_range(offset, len, Mutation::WriteZeroes)
     }
 
     /// Discards `len` bytes at `offset`. The device has no discard through [`BlockIo`], so
     /// the range is written with zeros, which is also what the replica stores.
     pub fn discard(&self, offset: u64, len: u64) -> Result<Captured> {
-        self.zero_range(offset, len, true)
+        self.zero_range(offset, len, Mutation::Discard)
     }
 
-    fn zero_range(&self, offset: u64, len: u64, discard: bool) -> Result<Captured> {
+    fn zero_range(&self, offset: u64, len: u64, kind: Mutation) -> Result<Captured> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Captured::Nothing);
         }
-        let intent = self.intent_for(offset, len)?;
+        let pending = self.begin_mutation(kind, offset, len)?;
+        self.wait_issue(&pending);
         let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let mut done = 0;
         while done < len {
@@ -320,6 +338,107 @@ impl Tap {
                 .map_err(|e| TapError::io("write", self.device_name.clone(), e))?;
             done += piece as u64;
         }
+        let captured = self.finish_range(pending)?;
+        self.wait_durable(captured)
+    }
+
+    /// A flush: orders a barrier after every write completed so far, then makes the device
+    /// durable.
+    pub fn flush(&self) -> Result<Captured> {
+        let captured = self.begin_flush();
+        self.sync_device()?;
+        self.wait_durable(captured)
+    }
+
+    /// A named consistency point: a barrier with a name, then a device flush.
+    pub fn bookmark(&self, bookmark: Bookmark) -> Result<Captured> {
+        let captured = self.begin_bookmark(bookmark);
+        self.sync_device()?;
+        self.wait_durable(captured)
+    }
+
+    /// Split API, step 1 of a mutation (see the module documentation): checks the range,
+    /// marks its regions durably in the write-intent map (with the hot-bound policy applied;
+    /// this may write and sync the map, and under [`HotFullPolicy::Wait`] wait for
+    /// acknowledgements) and takes the mutation's ordering ticket. Never waits for other
+    /// mutations. The caller issues the device I/O once [`Tap::may_issue`] is true, then
+    /// calls [`Tap::finish_write`] or [`Tap::finish_range`].
+    pub fn begin_mutation(&self, kind: Mutation, offset: u64, len: u64) -> Result<PendingMutation> {
+        self.check_range(offset, len)?;
+        let intent = self.intent_for(offset, len)?;
+        let ticket = (len > 0).then(|| self.order.enter(offset, offset + len));
+        Ok(PendingMutation {
+            kind,
+            offset,
+            len,
+            intent: Some(intent),
+            ticket,
+            order: self.order.clone(),
+        })
+    }
+
+    /// Whether `pending`'s device I/O may be issued now: no mutation begun before it and
+    /// overlapping it is unfinished.
+    pub fn may_issue(&self, pending: &PendingMutation) -> bool {
+        pending.ticket.is_none_or(|t| self.order.may_run(t))
+    }
+
+    /// Blocks until `pending`'s device I/O may be issued ([`Tap::may_issue`]).
+    pub fn wait_issue(&self, pending: &PendingMutation) {
+        if let Some(t) = pending.ticket {
+            self.order.wait_turn(t);
+        }
+    }
+
+    /// Split API, step 3 of a write: its device write of `data` completed (durably, for a
+    /// FUA write). Appends its events (and a barrier after a FUA write) and releases its
+    /// ticket. Does not wait for the spool's durability: see [`Tap::wait_durable`].
+    pub fn finish_write(&self, mut pending: PendingMutation, data: Bytes) -> Result<Captured> {
+        let Mutation::Write { fua } = pending.kind else {
+            return Err(TapError::Config(format!(
+                "finish_write of a {:?} mutation (use finish_range)",
+                pending.kind
+            )));
+        };
+        if data.len() as u64 != pending.len {
+            return Err(TapError::Config(format!(
+                "finish_write with {} bytes of data for a write of {} bytes at byte {}",
+                data.len(),
+                pending.len,
+                pending.offset
+            )));
+        }
+        let step = self.cfg.max_event_bytes;
+        let mut events = Vec::with_capacity(data.len().div_ceil(step) + 1);
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + step).min(data.len());
+            events.push(Event::Write {
+                volume: self.cfg.volume,
+                offset: pending.offset + at as u64,
+                data: data.slice(at..end),
+            });
+            at = end;
+        }
+        if fua {
+            events.push(Event::Barrier);
+        }
+        Ok(self.finish(&mut pending, &events))
+    }
+
+    /// Split API, step 3 of a write-zeroes or discard: the range reads as zeros on the
+    /// device. Appends its events and releases its ticket.
+    pub fn finish_range(&self, mut pending: PendingMutation) -> Result<Captured> {
+        let discard = match pending.kind {
+            Mutation::Discard => true,
+            Mutation::WriteZeroes => false,
+            Mutation::Write { .. } => {
+                return Err(TapError::Config(
+                    "finish_range of a write (use finish_write)".to_owned(),
+                ));
+            }
+        };
+        let (offset, len) = (pending.offset, pending.len);
         let mut events = Vec::new();
         let mut done = 0;
         while done < len {
@@ -332,23 +451,55 @@ impl Tap {
             });
             done += piece;
         }
-        let captured = self.append(&events, len, intent);
+        Ok(self.finish(&mut pending, &events))
+    }
+
+    fn finish(&self, pending: &mut PendingMutation, events: &[Event]) -> Captured {
+        let intent = pending.intent.take().expect("a pending mutation holds its intent");
+        let captured = if events.is_empty() {
+            // Only an empty range gives no event, and it marked no region.
+            intent.record(Seq::ZERO);
+            Captured::Nothing
+        } else {
+            self.append(events, pending.len, intent)
+        };
+        // The ticket is released only now, after the append: an overlapping mutation begun
+        // later reaches the device after this one is in the spool.
+        pending.release();
+        captured
+    }
+
+    /// Split API for a flush: appends the barrier (a write that completed before this call
+    /// is ordered before it). The caller then makes the device durable and, when that
+    /// succeeded, reports completion after [`Tap::wait_durable`].
+    pub fn begin_flush(&self) -> Captured {
+        self.append_point(Event::Barrier)
+    }
+
+    /// As [`Tap::begin_flush`], for a named consistency point.
+    pub fn begin_bookmark(&self, bookmark: Bookmark) -> Captured {
+        self.append_point(Event::Bookmark(bookmark))
+    }
+
+    /// Whether a call must wait for the spool before completing `captured`: the policy is
+    /// [`CompletionPolicy::Spooled`] and the spool does not yet hold it durably.
+    pub fn needs_durable(&self, captured: Captured) -> bool {
+        let Captured::Spooled(seq) = captured else { return false };
+        self.cfg.completion == CompletionPolicy::Spooled
+            && lock_spool(&self.lock().spool).durable_seq() < seq
+    }
+
+    /// Under [`CompletionPolicy::Spooled`], waits (group commit) until the spool holds
+    /// `captured` durably; returns at once under [`CompletionPolicy::Backing`]. A failing
+    /// spool sync sends the tap into overflow; the write stays covered by the intent map,
+    /// which marked it before the backing write.
+    pub fn wait_durable(&self, captured: Captured) -> Result<Captured> {
         self.complete(captured)
     }
 
-    /// A flush: orders a barrier after every write completed so far, then makes the device
-    /// durable.
-    pub fn flush(&self) -> Result<Captured> {
-        let captured = self.append_point(Event::Barrier);
-        self.sync_device()?;
-        self.complete(captured)
-    }
-
-    /// A named consistency point: a barrier with a name, then a device flush.
-    pub fn bookmark(&self, bookmark: Bookmark) -> Result<Captured> {
-        let captured = self.append_point(Event::Bookmark(bookmark));
-        self.sync_device()?;
-        self.complete(captured)
+    /// The tap's settings.
+    pub fn config(&self) -> TapConfig {
+        self.cfg
     }
 
     /// Resync (initial sync, fast resync, failback): appends the current content of `len`
@@ -748,6 +899,132 @@ pub struct ResyncCopied {
     pub last_seq: Option<Seq>,
 }
 
+/// The kind of a mutation handed to the tap in two steps ([`Tap::begin_mutation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// A write of data (durable on the device before it is finished, with FUA).
+    Write {
+        /// Forced unit access: a barrier follows the write's events.
+        fua: bool,
+    },
+    /// A write-zeroes.
+    WriteZeroes,
+    /// A discard (the device reads zeros there afterwards, as the replica will).
+    Discard,
+}
+
+/// A mutation begun with [`Tap::begin_mutation`]: its regions are marked in the intent map
+/// and it holds its ordering ticket. Finish it with [`Tap::finish_write`] or
+/// [`Tap::finish_range`] once its device I/O completed. Dropped unfinished (the device I/O
+/// failed), its regions stay out of sync in the intent map (resynced later) and its ticket
+/// is released.
+#[derive(Debug)]
+#[must_use = "finish a pending mutation, or drop it when its device I/O failed"]
+pub struct PendingMutation {
+    kind: Mutation,
+    offset: u64,
+    len: u64,
+    intent: Option<WriteIntent>,
+    ticket: Option<u64>,
+    order: Arc<ArrivalOrder>,
+}
+
+impl PendingMutation {
+    /// What it is.
+    pub fn kind(&self) -> Mutation {
+        self.kind
+    }
+
+    /// Its first byte on the device.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it covers no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn release(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.order.leave(ticket);
+        }
+    }
+}
+
+impl Drop for PendingMutation {
+    fn drop(&mut self) {
+        // The intent, if still held, resolves as out of sync when dropped with `self`.
+        self.release();
+    }
+}
+
+/// Mutations begun and not finished, by ticket (see the module documentation).
+#[derive(Debug, Default)]
+struct ArrivalOrder {
+    state: Mutex<OrderState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct OrderState {
+    next: u64,
+    /// `(ticket, start, end)` of each unfinished mutation, in ticket order.
+    pending: Vec<(u64, u64, u64)>,
+}
+
+impl ArrivalOrder {
+    fn lock(&self) -> MutexGuard<'_, OrderState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a mutation of `[start, end)` after every one registered so far; returns its
+    /// ticket. Never blocks.
+    fn enter(&self, start: u64, end: u64) -> u64 {
+        let mut state = self.lock();
+        let ticket = state.next;
+        state.next += 1;
+        state.pending.push((ticket, start, end));
+        ticket
+    }
+
+    /// Whether no earlier unfinished mutation overlaps `ticket`'s range.
+    fn may_run_locked(state: &OrderState, ticket: u64) -> bool {
+        let Some(&(_, start, end)) = state.pending.iter().find(|p| p.0 == ticket) else {
+            return true;
+        };
+        !state.pending.iter().take_while(|p| p.0 < ticket).any(|&(_, s, e)| s < end && start < e)
+    }
+
+    fn may_run(&self, ticket: u64) -> bool {
+        Self::may_run_locked(&self.lock(), ticket)
+    }
+
+    /// Waits until `ticket` may start. Deadlock-free as long as every holder of an earlier
+    /// ticket finishes or drops it without waiting for a later one.
+    fn wait_turn(&self, ticket: u64) {
+        let mut state = self.lock();
+        while !Self::may_run_locked(&state, ticket) {
+            state = self.finished.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Marks `ticket` finished, letting the mutations that waited for it start.
+    fn leave(&self, ticket: u64) {
+        let mut state = self.lock();
+        if let Some(i) = state.pending.iter().position(|p| p.0 == ticket) {
+            state.pending.remove(i);
+        }
+        drop(state);
+        self.finished.notify_all();
+    }
+}
+
 fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(8);
     words.by_ref().all(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) == 0)
@@ -757,4 +1034,78 @@ fn is_zero(data: &[u8]) -> bool {
 fn lock_spool(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
     // The spool's state is consistent between its calls; a panic elsewhere leaves it usable.
     spool.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn a_mutation_waits_only_for_earlier_overlapping_ones() {
+        let order = ArrivalOrder::default();
+        let a = order.enter(0, 8192);
+        let b = order.enter(4096, 12288); // overlaps a
+        let c = order.enter(16384, 20480); // disjoint
+        let d = order.enter(8192, 16384); // overlaps b only (ends are exclusive)
+        assert!(order.may_run(a));
+        assert!(!order.may_run(b));
+        assert!(order.may_run(c));
+        assert!(!order.may_run(d));
+        order.leave(a);
+        assert!(order.may_run(b));
+        assert!(!order.may_run(d));
+        order.leave(b);
+        assert!(order.may_run(d));
+        // A later mutation does not hold back an earlier one.
+        let e = order.enter(0, 1 << 20);
+        assert!(order.may_run(c) && order.may_run(d) && !order.may_run(e));
+        order.leave(c);
+        order.leave(d);
+        assert!(order.may_run(e));
+    }
+
+    /// Many threads take overlapping tickets, then wait for their turn in the reverse
+    /// order; each records its ticket when it runs. Whatever the scheduling, tickets that
+    /// overlap ran in ticket order.
+    #[test]
+    fn overlapping_mutations_run_in_ticket_order_under_any_scheduling() {
+        let order = Arc::new(ArrivalOrder::default());
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        // Ranges on a 4-slot line, each covering one or two slots.
+        let ranges: Vec<(u64, u64)> =
+            (0..64u64).map(|i| (i % 4, i % 4 + 1 + (i % 3) / 2)).collect();
+        let tickets: Vec<u64> = ranges.iter().map(|&(s, e)| order.enter(s, e)).collect();
+        // Threads start in reverse ticket order: the latest would run first without the wait.
+        let handles: Vec<_> = tickets
+            .iter()
+            .rev()
+            .map(|&t| {
+                let (order, ran) = (order.clone(), ran.clone());
+                thread::spawn(move || {
+                    order.wait_turn(t);
+                    ran.lock().unwrap().push(t);
+                    order.leave(t);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let ran = ran.lock().unwrap().clone();
+        assert_eq!(ran.len(), ranges.len());
+        let position = |t: u64| ran.iter().position(|&r| r == t).unwrap();
+        for (i, &(s1, e1)) in ranges.iter().enumerate() {
+            for (j, &(s2, e2)) in ranges.iter().enumerate().skip(i + 1) {
+                if s1 < e2 && s2 < e1 {
+                    assert!(
+                        position(tickets[i]) < position(tickets[j]),
+                        "ticket {} ran after overlapping later ticket {}",
+                        tickets[i],
+                        tickets[j]
+                    );
+                }
+            }
+        }
+    }
 }

@@ -26,8 +26,8 @@ pub mod regions;
 pub mod ublk;
 
 pub use capture::{
-    Captured, CompletionPolicy, HotFullPolicy, OverflowState, ResyncCopied, Tap, TapConfig,
-    TapStatus, ZeroBlocks,
+    Captured, CompletionPolicy, HotFullPolicy, Mutation, OverflowState, PendingMutation,
+    ResyncCopied, Tap, TapConfig, TapStatus, ZeroBlocks,
 };
 pub use dmlog::{DmLog, EntryFlags, LogEntry, LogSuper, ReplayPoint, ReplayReport};
 pub use error::{Result, TapError};

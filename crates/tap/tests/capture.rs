@@ -16,8 +16,8 @@ use tidemark_journal::{
     Seq, Spool, SpoolConfig, VolumeId,
 };
 use tidemark_tap::{
-    Captured, CompletionPolicy, HotFullPolicy, IntentConfig, IntentMap, RegionSet, Tap, TapConfig,
-    TapError,
+    Captured, CompletionPolicy, HotFullPolicy, IntentConfig, IntentMap, Mutation, RegionSet, Tap,
+    TapConfig, TapError,
 };
 
 const REGION: u64 = 64 << 10;
@@ -609,4 +609,185 @@ fn a_resync_copy_can_skip_zero_blocks_and_refuses_while_not_spooling() {
     let err = r.tap.resync_copy(0, 4096, tidemark_tap::ZeroBlocks::Send).unwrap_err();
     assert!(matches!(err, TapError::NotSpooling { .. }), "{err}");
     assert!(err.to_string().contains("overflow"), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------
+// The split API (begin / device I/O by the caller / finish), as the ublk frontend uses it
+// ------------------------------------------------------------------------------------------
+
+fn write_event(offset: u64, d: &Bytes) -> Event {
+    Event::Write { volume: VolumeId(0), offset, data: d.clone() }
+}
+
+#[test]
+fn split_mutations_issue_after_earlier_overlapping_ones_and_append_in_finish_order() {
+    let r = rig(TapConfig::default());
+    let tap = &r.tap;
+    let (a, b, c) = (data(1, 8192), data(2, 8192), data(3, 4096));
+    let pa = tap.begin_mutation(Mutation::Write { fua: false }, 0, 8192).expect("begin a");
+    let pb = tap.begin_mutation(Mutation::Write { fua: false }, 4096, 8192).expect("begin b");
+    let pc = tap.begin_mutation(Mutation::Write { fua: false }, 1 << 20, 4096).expect("begin c");
+    let pz = tap.begin_mutation(Mutation::WriteZeroes, 8192, 4096).expect("begin zeroes");
+    assert!(tap.may_issue(&pa), "the first mutation may go at once");
+    assert!(!tap.may_issue(&pb), "b overlaps a, begun before it");
+    assert!(tap.may_issue(&pc), "c overlaps nothing");
+    assert!(!tap.may_issue(&pz), "the zeroes overlap b, begun before them");
+    // Nothing is in the spool before a finish.
+    assert_eq!(tap.status().last_seq, Seq::ZERO);
+
+    r.device.write_at(&c, 1 << 20).expect("device write c");
+    let sc = seq_of(tap.finish_write(pc, c.clone()).expect("finish c"));
+    assert!(!tap.may_issue(&pb), "finishing a disjoint mutation frees nothing");
+    r.device.write_at(&a, 0).expect("device write a");
+    let sa = seq_of(tap.finish_write(pa, a.clone()).expect("finish a"));
+    assert!(tap.may_issue(&pb), "a finished: b may go");
+    assert!(!tap.may_issue(&pz), "the zeroes still wait for b");
+    r.device.write_at(&b, 4096).expect("device write b");
+    let sb = seq_of(tap.finish_write(pb, b.clone()).expect("finish b"));
+    assert!(tap.may_issue(&pz));
+    r.device.write_at(&[0u8; 4096], 8192).expect("device zeroes");
+    let sz = seq_of(tap.finish_range(pz).expect("finish zeroes"));
+    assert!(sc < sa && sa < sb && sb < sz, "{sc} {sa} {sb} {sz}");
+
+    let got: Vec<Event> = spooled(tap).into_iter().map(|(_, e)| e).collect();
+    let expected = [
+        write_event(1 << 20, &c),
+        write_event(0, &a),
+        write_event(4096, &b),
+        Event::WriteZeroes { volume: VolumeId(0), offset: 8192, len: 4096 },
+    ];
+    assert_eq!(
+        got.iter().map(summary).collect::<Vec<_>>(),
+        expected.iter().map(summary).collect::<Vec<_>>()
+    );
+    // Replaying the spool gives the device's content.
+    let mut model = vec![0u8; DEVICE as usize];
+    for e in &got {
+        match e {
+            Event::Write { offset, data, .. } => {
+                model[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+            Event::WriteZeroes { offset, len, .. } => {
+                model[*offset as usize..(*offset + u64::from(*len)) as usize].fill(0);
+            }
+            _ => {}
+        }
+    }
+    assert!(r.device.snapshot() == model, "the spool replayed differs from the device");
+}
+
+#[test]
+fn a_split_flush_orders_its_barrier_after_finished_writes_and_fua_adds_one() {
+    let r = rig(TapConfig::default());
+    let tap = &r.tap;
+    let (a, b, f) = (data(1, 4096), data(2, 4096), data(3, 4096));
+    let pa = tap.begin_mutation(Mutation::Write { fua: false }, 0, 4096).expect("begin a");
+    r.device.write_at(&a, 0).expect("device write a");
+    let sa = seq_of(tap.finish_write(pa, a.clone()).expect("finish a"));
+    // b is in flight (begun, device write not finished) when the flush is issued.
+    let pb = tap.begin_mutation(Mutation::Write { fua: false }, 65536, 4096).expect("begin b");
+    let barrier = seq_of(tap.begin_flush());
+    assert!(sa < barrier, "a finished before the flush was issued: before its barrier");
+    r.device.write_at(&b, 65536).expect("device write b");
+    let sb = seq_of(tap.finish_write(pb, b.clone()).expect("finish b"));
+    assert!(barrier < sb, "b finished after the barrier was appended");
+    let pf = tap.begin_mutation(Mutation::Write { fua: true }, 131072, 4096).expect("begin fua");
+    r.device.write_at(&f, 131072).expect("device write fua");
+    let sf = seq_of(tap.finish_write(pf, f.clone()).expect("finish fua"));
+    let got: Vec<(Seq, Event)> = spooled(tap);
+    let expected = [
+        write_event(0, &a),
+        Event::Barrier,
+        write_event(65536, &b),
+        write_event(131072, &f),
+        Event::Barrier,
+    ];
+    assert_eq!(
+        got.iter().map(|(_, e)| summary(e)).collect::<Vec<_>>(),
+        expected.iter().map(summary).collect::<Vec<_>>()
+    );
+    assert_eq!(got.last().map(|(s, _)| *s), Some(sf), "a FUA write's seq is its barrier's");
+}
+
+#[test]
+fn a_dropped_pending_mutation_stays_out_of_sync_and_frees_its_ticket() {
+    let r = rig(TapConfig::default());
+    let tap = &r.tap;
+    let failed = tap.begin_mutation(Mutation::Write { fua: false }, 0, 8192).expect("begin");
+    let next = tap.begin_mutation(Mutation::Discard, 4096, 8192).expect("begin discard");
+    assert!(!tap.may_issue(&next));
+    // The device write failed: the caller drops the pending write.
+    drop(failed);
+    assert!(tap.may_issue(&next), "the dropped write no longer holds back the discard");
+    assert_eq!(tap.intent().out_of_sync().region_count(), 1, "the failed write's region");
+    r.device.write_at(&[0u8; 8192], 4096).expect("device discard");
+    let s = seq_of(tap.finish_range(next).expect("finish discard"));
+    let got = spooled(tap);
+    assert_eq!(got.len(), 1, "only the discard is in the spool: {got:?}");
+    assert_eq!(got[0], (s, Event::Discard { volume: VolumeId(0), offset: 4096, len: 8192 }));
+}
+
+#[test]
+fn split_finishes_refuse_a_mismatched_call() {
+    let r = rig(TapConfig::default());
+    let tap = &r.tap;
+    let w = tap.begin_mutation(Mutation::Write { fua: false }, 0, 4096).expect("begin");
+    let err = tap.finish_write(w, data(1, 512)).expect_err("wrong length");
+    assert!(matches!(err, TapError::Config(_)), "{err}");
+    let w = tap.begin_mutation(Mutation::Write { fua: false }, 0, 4096).expect("begin");
+    assert!(matches!(tap.finish_range(w), Err(TapError::Config(_))));
+    let z = tap.begin_mutation(Mutation::WriteZeroes, 0, 4096).expect("begin");
+    assert!(matches!(tap.finish_write(z, data(1, 4096)), Err(TapError::Config(_))));
+    let err = tap.begin_mutation(Mutation::Discard, DEVICE - 512, 4096).expect_err("past the end");
+    assert!(matches!(err, TapError::OutOfRange { .. }), "{err}");
+    assert_eq!(tap.status().last_seq, Seq::ZERO, "nothing was appended");
+}
+
+#[test]
+fn under_the_spooled_policy_a_split_write_waits_for_the_spool_only_when_asked() {
+    let r = rig(TapConfig { completion: CompletionPolicy::Spooled, ..TapConfig::default() });
+    let tap = &r.tap;
+    let p = tap.begin_mutation(Mutation::Write { fua: false }, 0, 4096).expect("begin");
+    let d = data(7, 4096);
+    r.device.write_at(&d, 0).expect("device write");
+    let captured = tap.finish_write(p, d).expect("finish");
+    let seq = seq_of(captured);
+    assert!(tap.status().durable_seq < seq, "finish does not wait for the spool");
+    assert!(tap.needs_durable(captured));
+    assert_eq!(tap.wait_durable(captured).expect("wait"), captured);
+    assert!(tap.status().durable_seq >= seq);
+    assert!(!tap.needs_durable(captured), "durable now");
+    let backing = rig(TapConfig::default());
+    let p = backing.tap.begin_mutation(Mutation::Write { fua: false }, 0, 4096).expect("begin");
+    let captured = backing.tap.finish_write(p, data(8, 4096)).expect("finish");
+    assert!(!backing.tap.needs_durable(captured), "the backing policy never waits");
+}
+
+/// A synchronous write overlapping a split mutation still in flight waits for it: the
+/// device and the spool get them in the same order.
+#[test]
+fn a_synchronous_write_waits_for_an_earlier_overlapping_split_one() {
+    let r = rig(TapConfig::default());
+    let tap = Arc::new(r.tap);
+    let (a, b) = (data(1, 8192), data(2, 8192));
+    let pa = tap.begin_mutation(Mutation::Write { fua: false }, 0, 8192).expect("begin a");
+    let marks = tap.status().intent.marks_without_io;
+    let writer = {
+        let (tap, b) = (tap.clone(), b.clone());
+        thread::spawn(move || tap.write(4096, b).expect("sync write b"))
+    };
+    // Wait until the synchronous write has marked its region (its step 1 is done).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tap.status().intent.marks_without_io == marks {
+        assert!(std::time::Instant::now() < deadline, "the synchronous write never began");
+        thread::yield_now();
+    }
+    r.device.write_at(&a, 0).expect("device write a");
+    let sa = seq_of(tap.finish_write(pa, a.clone()).expect("finish a"));
+    let sb = seq_of(writer.join().expect("writer"));
+    assert!(sa < sb, "b began after a: appended after it");
+    let mut expected = a.to_vec();
+    expected[4096..].copy_from_slice(&b[..4096]);
+    expected.extend_from_slice(&b[4096..]);
+    assert!(r.device.snapshot()[..12288] == expected[..], "b reached the device after a");
 }

@@ -26,7 +26,8 @@ use bytes::Bytes;
 use tidemark_journal::{BlockIo, Event, FileIo, FsDir, Seq, Spool, SpoolConfig, SystemClock};
 use tidemark_tap::dmlog::{DmLog, ReplayPoint};
 use tidemark_tap::{
-    CompletionPolicy, IntentConfig, IntentMap, Tap, TapConfig, UblkConfig, UblkServer, ublk,
+    CompletionPolicy, IntentConfig, IntentMap, Tap, TapConfig, UblkConfig, UblkServer, UblkStats,
+    ublk,
 };
 
 type TestResult = Result<(), String>;
@@ -348,19 +349,34 @@ fn test_capture(rig: Rig) -> Result<String, String> {
     let writes = events.iter().filter(|e| matches!(e, Event::Write { .. })).count();
     ensure!(stats.flushes > 0 && stats.fua_writes > 0, "no flush or FUA request: {stats:?}");
     ensure!(barriers > 0, "no barrier in the spool ({} events)", events.len());
+    ring_served_all("tests 1-3", &stats)?;
     let mut image = vec![0u8; len as usize];
     replay(&events, &mut image)?;
     same("spool replay vs backing device", &image, &read_all(&backing)?)?;
     Ok(format!(
-        "{} events ({writes} writes, {barriers} barriers); server saw {} writes ({} FUA), {} flushes, {} discards, {} write-zeroes, {} reads",
+        "{} events ({writes} writes, {barriers} barriers); server saw {} writes ({} FUA), {} flushes, {} discards, {} write-zeroes, {} reads, {} backing ops on the rings",
         events.len(),
         stats.writes,
         stats.fua_writes,
         stats.flushes,
         stats.discards,
         stats.write_zeroes,
-        stats.reads
+        stats.reads,
+        stats.backing_ops
     ))
+}
+
+/// The data path went through the queues' rings: every request served had at least one
+/// io_uring op on the backing device (a READ, WRITE, FSYNC or FALLOCATE).
+fn ring_served_all(what: &str, stats: &UblkStats) -> TestResult {
+    let requests = stats.reads + stats.writes + stats.flushes + stats.discards + stats.write_zeroes;
+    ensure!(requests > 0, "{what}: no request served: {stats:?}");
+    ensure!(
+        stats.backing_ops >= requests,
+        "{what}: {} backing io_uring ops for {requests} requests: {stats:?}",
+        stats.backing_ops
+    );
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -562,8 +578,15 @@ fn test_recovery(backing: &Path, work: &Path) -> Result<String, String> {
     first.wait().map_err(e("reap the server"))?;
     let acked_at_kill = progress.load(Ordering::Acquire);
     waited?;
-    // Without a server the device stays and its I/O waits: nothing completes, nothing fails.
-    thread::sleep(Duration::from_millis(500));
+    // Without a server the device stays and its I/O waits: once the driver has noticed the
+    // death (the device is quiesced), nothing has completed and nothing has failed.
+    let control = Path::new(ublk::sys::CONTROL_PATH);
+    let mut state = None;
+    wait_until("the driver to quiesce the device", Duration::from_secs(60), || {
+        state = ublk::device_info(control, dev_id).ok().map(|info| info.state);
+        state == Some(ublk::sys::S_DEV_QUIESCED)
+    })
+    .map_err(|err| format!("{err} (last state {state:?})"))?;
     ensure!(
         !writer.is_finished() && progress.load(Ordering::Acquire) == acked_at_kill,
         "I/O did not wait for the new server: {} writes done, writer finished: {}",
@@ -670,7 +693,7 @@ fn test_queue_depth(backing: &Path, work: &Path) -> Result<String, String> {
     const AREA: u64 = SHARED + THREADS * PRIVATE;
     let before = read_device(backing, AREA)?;
     let (tap, device) = open_tap(backing, work, CompletionPolicy::Spooled)?;
-    let config = UblkConfig { queues: 1, depth: 64, workers: 8, ..UblkConfig::default() };
+    let config = UblkConfig { queues: 1, depth: 64, ..UblkConfig::default() };
     let server = UblkServer::start(config, tap.clone(), device).map_err(|err| chain(&err))?;
     let dev = server.block_path();
     let started = Instant::now();
@@ -735,6 +758,7 @@ fn test_queue_depth(backing: &Path, work: &Path) -> Result<String, String> {
     let stats = loaded?;
     stopped?;
     ensure!(stats.errors == 0, "requests failed: {stats:?}");
+    ring_served_all("test 6", &stats)?;
     let tap = Arc::try_unwrap(tap).map_err(|_| "the tap is still shared after stop".to_string())?;
     tap.close().map_err(|err| chain(&err))?;
 
@@ -745,7 +769,7 @@ fn test_queue_depth(backing: &Path, work: &Path) -> Result<String, String> {
     let barriers = events.iter().filter(|e| e.is_point()).count();
     ensure!(barriers > 0, "no barrier in the spool ({} events)", events.len());
     Ok(format!(
-        "{rounds} round(s) of {THREADS} threads; max in flight per queue {per_queue:?} (depth 64, 8 workers); {} writes, {} flushes, {} reads; {} events replayed",
+        "{rounds} round(s) of {THREADS} threads; max in flight per queue {per_queue:?} (depth 64, one ring); {} writes, {} flushes, {} reads; {} events replayed",
         stats.writes,
         stats.flushes,
         stats.reads,

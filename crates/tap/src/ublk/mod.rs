@@ -19,19 +19,25 @@
 //! data; it was never acknowledged in between, so the replica's history stays a possible
 //! one).
 //!
-//! **Concurrency.** Each queue has one ring thread (the driver requires every command of a
-//! queue to come from one task) and [`UblkConfig::workers`] worker threads, so up to
-//! `depth` requests of a queue are in flight at once (`queue` documents the details). The
-//! capture order rule holds with any number in flight because a request is committed to
-//! the driver only after its tap call returned: a write is in the spool before its
-//! completion reaches the block layer, hence before any FLUSH that must cover it is issued.
-//! Overlapping mutations in flight together run one after the other, in the order the
-//! driver delivered them, so the device and the spool see them in the same order.
-//! [`UblkStats::max_in_flight`] reports the concurrency reached.
+//! **Concurrency.** Each queue has one thread and one ring (the driver requires every
+//! command of a queue to come from one task), on which it drives both the driver's commands
+//! and the pass-through I/O to the protected device: io_uring READ, WRITE, FSYNC and
+//! FALLOCATE on the device's descriptor, through the tap's split capture calls
+//! ([`Tap::begin_mutation`], [`Tap::finish_write`], [`Tap::begin_flush`]), so up to
+//! `depth` requests of a queue are in flight at once with no thread per request (`queue`
+//! documents the details, and what may still block the ring thread). The capture order rule
+//! holds with any number in flight because a request is committed to the driver only after
+//! its capture finished: a write is in the spool before its completion reaches the block
+//! layer, hence before any FLUSH that must cover it is issued; a FLUSH is committed after its
+//! barrier is appended and its FSYNC completed. Overlapping mutations in flight together
+//! reach the device one after the other, in the order the driver delivered them (the tap's
+//! ordering tickets), so the device and the spool see them in the same order.
+//! [`UblkStats::max_in_flight`] reports the concurrency reached, [`UblkStats::backing_ops`]
+//! the backing-device ops that went through the rings.
 //!
 //! Layout: [`sys`] declares the kernel ABI by hand (no bindgen); `os` holds every unsafe
 //! operation (rings, mmaps, eventfd, prctl) behind a safe API; `ctrl` wraps the control
-//! commands; `queue` is a queue's ring thread and workers.
+//! commands; `queue` is a queue's ring thread and its spool helper.
 
 use std::fs::File;
 use std::io;
@@ -66,9 +72,6 @@ pub struct UblkConfig {
     pub queues: u16,
     /// Requests in flight per queue (tags).
     pub depth: u16,
-    /// Worker threads per queue serving requests concurrently (at most `depth` are used).
-    /// With 1, a queue serves its requests one at a time.
-    pub workers: u16,
     /// Largest request in bytes (each tag has a buffer of this size).
     pub max_io_bytes: u32,
     /// log2 of the logical block size (9 to 12).
@@ -86,7 +89,6 @@ impl Default for UblkConfig {
         Self {
             queues: 1,
             depth: 64,
-            workers: 8,
             max_io_bytes: 512 << 10,
             logical_block_shift: 9,
             physical_block_shift: 12,
@@ -112,9 +114,6 @@ impl UblkConfig {
                 self.depth,
                 sys::MAX_QUEUE_DEPTH
             ));
-        }
-        if self.workers == 0 {
-            return bad("ublk workers 0: a queue needs at least one worker thread".into());
         }
         if self.max_io_bytes < 4096
             || self.max_io_bytes > sys::MAX_IO_BUF_BYTES
@@ -168,14 +167,25 @@ pub struct UblkStats {
     pub bytes_written: u64,
     /// Requests completed with an error.
     pub errors: u64,
-    /// The most requests of one queue served at the same time (their backing I/O or tap
-    /// call running together), over every queue.
+    /// The most requests of one queue held by the server at the same time (delivered and
+    /// not yet committed), over every queue.
     pub max_in_flight: u64,
+    /// Backing-device ops (READ, WRITE, FSYNC, FALLOCATE) completed on the queues' rings:
+    /// at least one per request served, more after a short read or write.
+    pub backing_ops: u64,
 }
 
 /// Whether the ublk driver is usable here: `Ok` when `control_path` opens.
 pub fn probe(control_path: &Path) -> Result<()> {
     Control::open(control_path).map(drop)
+}
+
+/// The shape and state (`info.state`, one of `sys::S_DEV_*`) of device `dev_id` as the
+/// driver reports them now (GET_DEV_INFO), served by this process or not: after its server
+/// died, a device with user recovery turns [`sys::S_DEV_QUIESCED`] once the driver noticed,
+/// and holds its I/O until a new server reattaches.
+pub fn device_info(control_path: &Path, dev_id: u32) -> Result<sys::DevInfo> {
+    Control::open(control_path)?.dev_info(dev_id)
 }
 
 /// A running ublk device served by this process (see the module documentation).
@@ -192,20 +202,22 @@ pub struct UblkServer {
     queues: Vec<JoinHandle<Result<()>>>,
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
-    workers: u16,
     stopped: bool,
 }
 
 impl UblkServer {
-    /// Creates a ublk device of the protected device's size, serves it with `tap` (writes,
-    /// flushes, discards, write-zeroes) and `device` (reads; the tap's protected device),
-    /// and starts it: `/dev/ublkbN` ([`UblkServer::block_path`]) exists when this returns.
+    /// Creates a ublk device of the protected device's size, serves it with `tap` (the
+    /// capture of writes, flushes, discards, write-zeroes) and `device` (the tap's protected
+    /// device, whose descriptor the queues' io_uring ops use: a [`BlockIo`] with a
+    /// [`BlockIo::raw_fd`], such as a `FileIo`), and starts it: `/dev/ublkbN`
+    /// ([`UblkServer::block_path`]) exists when this returns.
     ///
     /// The tap does not expose its device, so the caller passes the same one again.
     pub fn start(config: UblkConfig, tap: Arc<Tap>, device: Arc<dyn BlockIo>) -> Result<Self> {
         config.validate()?;
         let device_len =
             device.len().map_err(|e| TapError::io("length query", device.name(), e))?;
+        backing_fd(&device)?;
         let block = 1u64 << config.logical_block_shift;
         if device_len == 0 || device_len % block != 0 {
             return Err(TapError::Config(format!(
@@ -230,7 +242,7 @@ impl UblkServer {
             depth = info.queue_depth,
             "ublk device added"
         );
-        let mut server = Self::new(dev_id, info, control, config.workers);
+        let mut server = Self::new(dev_id, info, control);
         let started = (|| {
             server.lock_control().set_params(dev_id, params(&config, &info, device_len))?;
             server.spawn_queues(&tap, &device)?;
@@ -249,8 +261,7 @@ impl UblkServer {
     /// Reattaches to device `dev_id`, whose previous server died (it was created with
     /// [`UblkConfig::user_recovery`]): waits until the driver has noticed, fetches every tag
     /// again and resumes I/O. Requests the dead server had not completed are re-issued to
-    /// this one. Only `control_path` and `workers` are used from `config`; the shape comes
-    /// from the driver.
+    /// this one. Only `control_path` is used from `config`; the shape comes from the driver.
     pub fn recover(
         dev_id: u32,
         config: UblkConfig,
@@ -258,6 +269,7 @@ impl UblkServer {
         device: Arc<dyn BlockIo>,
     ) -> Result<Self> {
         config.validate()?;
+        backing_fd(&device)?;
         let mut control = Control::open(&config.control_path)?;
         let info = control.dev_info(dev_id)?;
         if info.flags & sys::F_USER_RECOVERY == 0 {
@@ -267,7 +279,7 @@ impl UblkServer {
             )));
         }
         control.start_user_recovery(dev_id)?;
-        let mut server = Self::new(dev_id, info, control, config.workers);
+        let mut server = Self::new(dev_id, info, control);
         let recovered = (|| {
             server.spawn_queues(&tap, &device)?;
             server.lock_control().end_user_recovery(dev_id, std::process::id())
@@ -286,7 +298,7 @@ impl UblkServer {
         Ok(server)
     }
 
-    fn new(dev_id: u32, info: sys::DevInfo, control: Control, workers: u16) -> Self {
+    fn new(dev_id: u32, info: sys::DevInfo, control: Control) -> Self {
         UblkServer {
             dev_id,
             info,
@@ -295,7 +307,6 @@ impl UblkServer {
             queues: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             counters: Arc::new(Counters::new(info.nr_hw_queues)),
-            workers,
             stopped: false,
         }
     }
@@ -307,6 +318,9 @@ impl UblkServer {
     /// Opens the char device and starts one thread per queue; returns once every queue has
     /// submitted a fetch for each of its tags.
     fn spawn_queues(&mut self, tap: &Arc<Tap>, device: &Arc<dyn BlockIo>) -> Result<()> {
+        let fd = backing_fd(device)?;
+        let device_len =
+            device.len().map_err(|e| TapError::io("length query", device.name(), e))?;
         let char_path = self.char_path();
         let char_dev = Arc::new(open_node(&char_path)?);
         self.char_dev = Some(char_dev.clone());
@@ -316,9 +330,10 @@ impl UblkServer {
                 dev_id: self.dev_id,
                 q_id,
                 depth: self.info.queue_depth,
-                workers: self.workers,
                 tap: tap.clone(),
-                device: device.clone(),
+                _device: device.clone(),
+                fd,
+                device_len,
                 counters: self.counters.clone(),
                 stop: self.stop.clone(),
             };
@@ -383,10 +398,11 @@ impl UblkServer {
             bytes_written: get(&c.bytes_written),
             errors: get(&c.errors),
             max_in_flight: c.queues.iter().map(|q| get(&q.max_busy)).max().unwrap_or(0),
+            backing_ops: get(&c.backing_ops),
         }
     }
 
-    /// Per queue (indexed by queue id): the most requests served at the same time so far.
+    /// Per queue (indexed by queue id): the most requests held at the same time so far.
     pub fn max_in_flight_per_queue(&self) -> Vec<u64> {
         self.counters.queues.iter().map(|q| q.max_busy.load(Ordering::Relaxed)).collect()
     }
@@ -473,6 +489,16 @@ fn params(config: &UblkConfig, info: &sys::DevInfo, device_len: u64) -> sys::Par
     }
 }
 
+/// The protected device's descriptor, for the queues' io_uring ops.
+fn backing_fd(device: &Arc<dyn BlockIo>) -> Result<std::os::fd::RawFd> {
+    device.raw_fd().ok_or_else(|| {
+        TapError::Config(format!(
+            "protected device {} has no file descriptor; the ublk frontend passes I/O through to it with io_uring",
+            device.name()
+        ))
+    })
+}
+
 /// Opens a device node the driver just created, waiting briefly for it to appear.
 fn open_node(path: &Path) -> Result<File> {
     let started = Instant::now();
@@ -509,7 +535,6 @@ mod tests {
         for bad in [
             UblkConfig { queues: 0, ..base.clone() },
             UblkConfig { depth: 0, ..base.clone() },
-            UblkConfig { workers: 0, ..base.clone() },
             UblkConfig { depth: sys::MAX_QUEUE_DEPTH + 1, ..base.clone() },
             UblkConfig { max_io_bytes: 1000, ..base.clone() },
             UblkConfig { max_io_bytes: sys::MAX_IO_BUF_BYTES * 2, ..base.clone() },

@@ -1,15 +1,19 @@
 //! Every unsafe operation of the ublk frontend, behind a safe API: the control ring
 //! (SQE128 `IORING_OP_URING_CMD` on `/dev/ublk-control`), a queue's ring with its
 //! descriptor table (mmapped read-only from `/dev/ublkcN`) and its request buffers
-//! (anonymous memory the driver copies request data into and out of), the eventfd that
-//! wakes a queue's ring when a worker finished a request, and `prctl`.
+//! (anonymous memory the driver copies request data into and out of), the queue ring's
+//! backing-device ops (READ into and WRITE from a tag's buffer, FSYNC, FALLOCATE), the
+//! eventfd that wakes a queue's ring when its spool helper finished a request, and `prctl`.
 //!
 //! The contract of io_uring is that memory named by a submitted entry stays valid until the
 //! entry's completion is reaped. The control ring waits for each command's completion
 //! before returning, with the command's buffer borrowed for the whole call. A queue's
-//! buffers live as long as its ring; when a queue is dropped with fetches still
-//! outstanding, the buffers are leaked rather than unmapped, so the driver can never write
-//! into memory reused for something else.
+//! buffers live as long as its ring; when a queue is dropped with fetches or backing ops
+//! still outstanding, the buffers are leaked rather than unmapped, so neither the driver nor
+//! a backing op can ever write into memory reused for something else. A tag's buffer is
+//! named by at most one thing at a time: the driver (between a fetch and its completion),
+//! one backing op (between its submission and its completion), or a Rust borrow (neither
+//! outstanding); `QueueRing` checks this with its per-tag flags.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -272,12 +276,39 @@ pub(super) struct QueueRing {
     outstanding: usize,
     /// Per tag: whether the server holds it (its fetch completed, not yet committed).
     held: Vec<bool>,
+    /// Per tag: whether a backing op naming its buffer is submitted and not completed.
+    backing: Vec<bool>,
     /// Whether a poll on the wake eventfd is submitted and not completed.
     wake_armed: bool,
 }
 
 /// `user_data` of the poll on the wake eventfd (tags are below 4096).
 const WAKE_USER_DATA: u64 = u64::MAX;
+/// Set in the `user_data` of a backing-device op (the tag in the low 16 bits); the driver's
+/// commands carry the bare tag.
+const BACKING_BIT: u64 = 1 << 32;
+
+/// One completion reaped from a queue's ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Completion {
+    /// A FETCH or COMMIT_AND_FETCH of `tag` completed with `res` (a request, or an abort).
+    Request { tag: u16, res: i32 },
+    /// The backing op of `tag` completed with `res` (bytes, 0, or a negative errno).
+    Backing { tag: u16, res: i32 },
+}
+
+/// The range of `fallocate(2)` modes the queue uses (`linux/falloc.h`).
+pub(super) mod falloc {
+    /// Keep the file size.
+    pub(in super::super) const KEEP_SIZE: i32 = 0x01;
+    /// Deallocate; reads return zeros.
+    pub(in super::super) const PUNCH_HOLE: i32 = 0x02;
+    /// Zero the range (on a block device: write zeroes, falling back to writing zero pages).
+    pub(in super::super) const ZERO_RANGE: i32 = 0x10;
+}
+
+/// `RWF_DSYNC`: the write is durable (as after `fdatasync`) when it completes.
+const RWF_DSYNC: i32 = 0x02;
 
 impl std::fmt::Debug for QueueRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -300,8 +331,8 @@ impl QueueRing {
     ) -> io::Result<QueueRing> {
         let descs = DescTable::map(char_dev, q_id, depth)?;
         let bufs = IoBuffers::new(depth, buf_bytes)?;
-        // One entry per tag, plus the wake poll.
-        let ring = IoUring::builder().build((u32::from(depth) + 1).next_power_of_two())?;
+        // Per tag a driver command and a backing op, plus the wake poll.
+        let ring = IoUring::builder().build((2 * u32::from(depth) + 1).next_power_of_two())?;
         Ok(QueueRing {
             ring,
             descs,
@@ -310,6 +341,7 @@ impl QueueRing {
             q_id,
             outstanding: 0,
             held: vec![false; usize::from(depth)],
+            backing: vec![false; usize::from(depth)],
             wake_armed: false,
         })
     }
@@ -361,7 +393,95 @@ impl QueueRing {
     /// Queues a COMMIT_AND_FETCH_REQ completing `tag`'s request with `result`.
     pub(super) fn commit_and_fetch(&mut self, tag: u16, result: i32) -> io::Result<()> {
         assert!(self.held[usize::from(tag)], "commit of tag {tag}, which the server does not hold");
+        assert!(!self.backing[usize::from(tag)], "commit of tag {tag} with its backing op running");
         self.push_cmd(sys::IO_COMMIT_AND_FETCH_REQ, tag, result)
+    }
+
+    /// Checks that the server holds `tag` with no backing op outstanding, and returns the
+    /// address of byte `at` of its buffer, with room for `len` bytes.
+    fn backing_buf(&self, tag: u16, at: usize, len: usize) -> u64 {
+        let t = usize::from(tag);
+        assert!(self.held[t], "backing op of tag {tag}, which the server does not hold");
+        assert!(!self.backing[t], "second backing op of tag {tag}");
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.bufs.per_tag), "buffer range");
+        self.bufs.addr(tag) + at as u64
+    }
+
+    /// Pushes a backing op of `tag` (its memory checked by the caller with `backing_buf`).
+    ///
+    /// # Safety
+    /// Any memory `entry` names lies in `tag`'s buffer, checked with `backing_buf`.
+    unsafe fn push_backing(&mut self, tag: u16, entry: squeue::Entry) -> io::Result<()> {
+        let entry = entry.user_data(BACKING_BIT | u64::from(tag));
+        // SAFETY: the entry names at most `tag`'s buffer (the caller's contract), which
+        // stays mapped while the op is outstanding (leaked at drop otherwise); the flag set
+        // below keeps every other user of the buffer away until the op's completion is
+        // reaped in `wait`.
+        unsafe { self.ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("ublk queue ring full"))?;
+        self.backing[usize::from(tag)] = true;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// Queues a READ of `len` bytes at `offset` of `fd` into `tag`'s buffer from byte `at`.
+    /// `fd` must stay open until the completion (the caller keeps the device).
+    pub(super) fn read_backing(
+        &mut self,
+        tag: u16,
+        fd: RawFd,
+        offset: u64,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let addr = self.backing_buf(tag, at, len);
+        let entry =
+            opcode::Read::new(types::Fd(fd), addr as *mut u8, len as u32).offset(offset).build();
+        // SAFETY: the entry names `len` bytes of `tag`'s buffer from `at`, checked above.
+        unsafe { self.push_backing(tag, entry) }
+    }
+
+    /// Queues a WRITE of `len` bytes from `tag`'s buffer (from byte `at`) to `offset` of
+    /// `fd`, with `RWF_DSYNC` when `dsync` (a FUA write).
+    pub(super) fn write_backing(
+        &mut self,
+        tag: u16,
+        fd: RawFd,
+        offset: u64,
+        at: usize,
+        len: usize,
+        dsync: bool,
+    ) -> io::Result<()> {
+        let addr = self.backing_buf(tag, at, len);
+        let entry = opcode::Write::new(types::Fd(fd), addr as *const u8, len as u32)
+            .offset(offset)
+            .rw_flags(if dsync { RWF_DSYNC } else { 0 })
+            .build();
+        // SAFETY: the entry names `len` bytes of `tag`'s buffer from `at`, checked above.
+        unsafe { self.push_backing(tag, entry) }
+    }
+
+    /// Queues an FSYNC (data only, `fdatasync`) of `fd` for `tag`.
+    pub(super) fn fsync_backing(&mut self, tag: u16, fd: RawFd) -> io::Result<()> {
+        self.backing_buf(tag, 0, 0);
+        let entry = opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build();
+        // SAFETY: an fsync names no memory of this process.
+        unsafe { self.push_backing(tag, entry) }
+    }
+
+    /// Queues a FALLOCATE of `len` bytes at `offset` of `fd` with `mode` ([`falloc`]).
+    pub(super) fn fallocate_backing(
+        &mut self,
+        tag: u16,
+        fd: RawFd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.backing_buf(tag, 0, 0);
+        let entry = opcode::Fallocate::new(types::Fd(fd), len).offset(offset).mode(mode).build();
+        // SAFETY: a fallocate names no memory of this process.
+        unsafe { self.push_backing(tag, entry) }
     }
 
     /// Submits what is queued without waiting.
@@ -370,8 +490,8 @@ impl QueueRing {
     }
 
     /// Submits what is queued and waits up to `timeout` for at least one completion, then
-    /// appends every completion as `(tag, result)` to `out`.
-    pub(super) fn wait(&mut self, timeout: Duration, out: &mut Vec<(u16, i32)>) -> io::Result<()> {
+    /// appends every completion to `out`.
+    pub(super) fn wait(&mut self, timeout: Duration, out: &mut Vec<Completion>) -> io::Result<()> {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
@@ -385,15 +505,21 @@ impl QueueRing {
                 self.wake_armed = false;
                 continue;
             }
-            let tag = u16::try_from(cqe.user_data()).unwrap_or(u16::MAX);
+            let backing = cqe.user_data() & BACKING_BIT != 0;
+            let tag = u16::try_from(cqe.user_data() & !BACKING_BIT).unwrap_or(u16::MAX);
             if usize::from(tag) >= self.held.len() {
                 continue;
             }
             self.outstanding = self.outstanding.saturating_sub(1);
+            if backing {
+                self.backing[usize::from(tag)] = false;
+                out.push(Completion::Backing { tag, res: cqe.result() });
+                continue;
+            }
             if cqe.result() == sys::IO_RES_OK {
                 self.held[usize::from(tag)] = true;
             }
-            out.push((tag, cqe.result()));
+            out.push(Completion::Request { tag, res: cqe.result() });
         }
         Ok(())
     }
@@ -406,6 +532,7 @@ impl QueueRing {
     /// The first `len` bytes of `tag`'s buffer, which the server holds.
     pub(super) fn buffer(&mut self, tag: u16, len: usize) -> &mut [u8] {
         assert!(self.held[usize::from(tag)], "buffer of tag {tag}, which the server does not hold");
+        assert!(!self.backing[usize::from(tag)], "buffer of tag {tag} with its backing op running");
         self.bufs.slice_mut(tag, len)
     }
 
@@ -418,8 +545,8 @@ impl QueueRing {
 impl Drop for QueueRing {
     fn drop(&mut self) {
         if self.outstanding > 0 {
-            // Closing the ring cancels the fetches asynchronously; keep the buffers mapped
-            // so a late copy by the driver lands in memory nothing else uses.
+            // Closing the ring cancels the fetches (and backing ops) asynchronously; keep the
+            // buffers mapped so a late copy lands in memory nothing else uses.
             self.bufs.leak = true;
         }
     }

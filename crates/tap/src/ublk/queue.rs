@@ -1,67 +1,76 @@
-//! One queue of a ublk device: a ring thread that owns the queue's io_uring, and a small
-//! pool of worker threads that serve up to `depth` requests concurrently.
+//! One queue of a ublk device: a thread that owns the queue's io_uring and drives on it both
+//! the driver's commands (FETCH, COMMIT_AND_FETCH) and the pass-through I/O to the
+//! protected device (READ, WRITE, FSYNC, FALLOCATE on its descriptor), up to `depth`
+//! requests at once; plus one spool helper thread for the completion policy that waits for
+//! the spool.
 //!
-//! **Division of labour.** The ring thread is the only one that talks to the driver (it
-//! requires every FETCH and COMMIT of a queue from one task) and the only one that touches
-//! the tag buffers: it fetches every tag, decodes each delivered request (a write's data is
-//! copied out of its tag buffer into an owned buffer), hands it to the workers over a
-//! channel, and commits each finished request with the next fetch (a read's data is copied
-//! into its tag buffer first). A worker serves one request at a time: READ from the
-//! protected device; WRITE (FUA -> [`Tap::write_fua`]), FLUSH, DISCARD and WRITE_ZEROES
-//! through the [`Tap`]. When a worker finishes it sends the result back and writes an
-//! eventfd on which the ring keeps a poll armed, so the ring thread wakes up to commit.
+//! **One ring.** Every entry's `user_data` says what it is: a bare tag for a driver command,
+//! the tag with a high bit for that tag's backing op (`os::Completion`). A request goes
+//! through these steps, each on the ring thread, none blocking on the device:
+//! - READ: an io_uring READ from the device straight into the tag's buffer (resubmitted for
+//!   the rest after a short read), then the commit.
+//! - WRITE: [`Tap::begin_mutation`] (the write-intent mark and the ordering ticket); once
+//!   [`Tap::may_issue`], an io_uring WRITE from the tag's buffer (with `RWF_DSYNC` for FUA);
+//!   on its completion [`Tap::finish_write`] appends the event (its data copied out of the
+//!   tag buffer), then the commit.
+//! - DISCARD and WRITE_ZEROES: the same with an io_uring FALLOCATE (`ZERO_RANGE`, or
+//!   `PUNCH_HOLE` where the file does not support it; both leave zeros to read, which is
+//!   what the replica stores) and [`Tap::finish_range`].
+//! - FLUSH: [`Tap::begin_flush`] appends the barrier, then an io_uring FSYNC (data sync),
+//!   then the commit.
 //!
-//! **Capture order with many requests in flight.** The tap appends a write's event after
-//! its backing write and before the tap call returns; the ring thread commits a request
-//! only after its worker returned. So *a write is in the spool before the driver learns
-//! that it completed*. The block layer issues a FLUSH only after the writes it must cover
-//! completed, i.e. after their commits, so their events are already in the spool when the
-//! FLUSH reaches a worker, and [`Tap::flush`] appends its barrier after them: a write
-//! completed before a flush was issued is ordered before that flush, whatever the number
-//! of requests in flight. A write still in flight when the flush arrived may land on either
-//! side of the barrier, which the flush promises nothing about. A FLUSH is completed after
-//! its barrier is appended and the device synced.
+//! **Capture order with many requests in flight.** A request is committed to the driver only
+//! after its tap step finished: *a write is in the spool before the driver learns that it
+//! completed*. The block layer issues a FLUSH only after the writes it must cover completed,
+//! i.e. after their commits, so their events are already in the spool when the FLUSH's
+//! barrier is appended: a write completed before a flush was issued is ordered before that
+//! flush, whatever the number of requests in flight. A FLUSH is committed after its barrier
+//! is appended and its FSYNC completed. Overlapping mutations are ordered by the tap's
+//! tickets, taken in the order the driver delivered them: a mutation parked behind an
+//! earlier overlapping one is issued once that one finished (re-checked after every finish
+//! on this ring, and every millisecond while any is parked, for a ticket held by another
+//! queue or a synchronous caller).
 //!
-//! **Overlapping mutations.** Two writes (or discards, write-zeroes) in flight together
-//! whose ranges overlap could reach the device in one order and the spool in the other if
-//! they ran at once. [`ArrivalOrder`] prevents it: each mutation takes a ticket when the ring
-//! thread receives it, and a worker starts it only once every earlier mutation overlapping
-//! it has finished. Overlapping mutations thus reach the device and the spool in the order
-//! the driver delivered them; disjoint ones run concurrently. (The block layer gives
-//! concurrent overlapping writes no order; any one order, the same on both sides, is right.)
-//! Deadlock-free: jobs leave the channel in ticket order, so the earliest unfinished
-//! mutation is always held by a worker that does not wait.
+//! **What still blocks the ring thread.** The tap's step 1 writes and syncs the intent map
+//! when a write touches a region not yet marked durable (once per region until it is
+//! cleared), and under [`crate::HotFullPolicy::Wait`] may wait for acknowledgements. The
+//! spool append is in memory. Under [`crate::CompletionPolicy::Spooled`] a finished request
+//! waits for the spool's group commit; that wait runs on the queue's spool helper thread
+//! ([`Tap::wait_durable`]), which hands the request back over a channel and an eventfd the
+//! ring keeps a poll armed on, so the ring thread goes on serving meanwhile.
 //!
-//! **Memory.** The tag buffers take `depth x max_io_bytes`; each request held by the server
-//! owns at most one more buffer of its length (the write's data, or the read's result), so
-//! at most another `depth x max_io_bytes`. Workers are `min(workers, depth)` threads.
+//! **Memory.** The tag buffers take `depth x max_io_bytes`; a write's event owns a copy of
+//! its data (in the spool's memory until the spool drops it).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tidemark_journal::BlockIo;
 
-use super::os::{self, QueueRing};
+use super::os::{self, Completion, QueueRing, falloc};
 use super::sys;
-use crate::capture::Tap;
+use crate::capture::{Captured, Mutation, PendingMutation, Tap};
 use crate::error::TapError;
 
 /// How often an idle queue thread looks at the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How often a queue with a mutation parked behind another's ticket checks it again.
+const PARKED_POLL: Duration = Duration::from_millis(1);
 
 /// Live concurrency figures of one queue.
 #[derive(Debug, Default)]
 pub(super) struct QueueGauge {
-    /// Requests being served by workers now.
+    /// Requests the server holds now (delivered, not yet committed).
     pub(super) busy: AtomicU64,
-    /// The most requests served by workers at the same time so far.
+    /// The most requests held at the same time so far.
     pub(super) max_busy: AtomicU64,
 }
 
@@ -77,6 +86,8 @@ pub(super) struct Counters {
     pub(super) bytes_read: AtomicU64,
     pub(super) bytes_written: AtomicU64,
     pub(super) errors: AtomicU64,
+    /// Backing-device ops completed on the queues' rings.
+    pub(super) backing_ops: AtomicU64,
     /// One gauge per queue, indexed by queue id.
     pub(super) queues: Box<[QueueGauge]>,
 }
@@ -97,10 +108,12 @@ pub(super) struct QueueContext {
     pub(super) dev_id: u32,
     pub(super) q_id: u16,
     pub(super) depth: u16,
-    /// Worker threads (at most `depth` are started).
-    pub(super) workers: u16,
     pub(super) tap: Arc<Tap>,
-    pub(super) device: Arc<dyn BlockIo>,
+    /// The protected device, held so that `fd` stays open as long as the queue's ring.
+    pub(super) _device: Arc<dyn BlockIo>,
+    /// Its descriptor, the target of the ring's backing ops.
+    pub(super) fd: RawFd,
+    pub(super) device_len: u64,
     pub(super) counters: Arc<Counters>,
     pub(super) stop: Arc<AtomicBool>,
 }
@@ -115,96 +128,31 @@ impl QueueContext {
     }
 }
 
-/// A decoded request.
+/// Where a tag's request stands.
 #[derive(Debug)]
-enum Op {
-    Read { offset: u64, len: usize },
-    Write { offset: u64, data: Bytes, fua: bool },
-    Flush,
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64 },
+enum Slot {
+    /// The driver holds the tag (a fetch is outstanding).
+    Idle,
+    /// A READ: `done` of `len` bytes at `offset` read so far.
+    Read { offset: u64, len: usize, done: usize },
+    /// A mutation: parked until it may be issued, then its backing op in flight (`done`
+    /// bytes of a write completed; `punch` when a zeroing fell back to `PUNCH_HOLE`).
+    Mutate { pending: PendingMutation, issued: bool, done: u64, punch: bool },
+    /// A FLUSH: its barrier appended, its FSYNC in flight.
+    Flush { captured: Captured },
+    /// Finished; the spool helper waits for the spool to hold it durably.
+    Durable,
 }
 
-/// A request handed to the workers.
-#[derive(Debug)]
-struct Job {
-    tag: u16,
-    op: Op,
-    /// The mutation's [`ArrivalOrder`] ticket.
-    ticket: Option<u64>,
-}
-
-/// A served request, back to the ring thread.
+/// A finished request waiting for the spool (to the helper), and back (`result` to commit).
 #[derive(Debug)]
 struct Done {
     tag: u16,
-    /// Bytes, or a negative errno.
+    captured: Captured,
     result: i32,
-    /// A successful read's data.
-    data: Option<Vec<u8>>,
 }
 
-/// Mutations received and not finished, by ticket (see the module documentation).
-#[derive(Debug, Default)]
-pub(super) struct ArrivalOrder {
-    state: Mutex<OrderState>,
-    finished: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct OrderState {
-    next: u64,
-    /// `(ticket, start, end)` of each unfinished mutation, in ticket order.
-    pending: Vec<(u64, u64, u64)>,
-}
-
-impl ArrivalOrder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, OrderState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers a mutation of `[start, end)`, after every one registered so far; returns
-    /// its ticket. Never blocks.
-    pub(super) fn enter(&self, start: u64, end: u64) -> u64 {
-        let mut state = self.lock();
-        let ticket = state.next;
-        state.next += 1;
-        state.pending.push((ticket, start, end));
-        ticket
-    }
-
-    /// Whether no earlier unfinished mutation overlaps `ticket`'s range.
-    fn may_run_locked(state: &OrderState, ticket: u64) -> bool {
-        let Some(&(_, start, end)) = state.pending.iter().find(|p| p.0 == ticket) else {
-            return true;
-        };
-        !state.pending.iter().take_while(|p| p.0 < ticket).any(|&(_, s, e)| s < end && start < e)
-    }
-
-    /// Whether `ticket` may start now.
-    #[cfg(test)]
-    fn may_run(&self, ticket: u64) -> bool {
-        Self::may_run_locked(&self.lock(), ticket)
-    }
-
-    /// Waits until `ticket` may start.
-    pub(super) fn wait_turn(&self, ticket: u64) {
-        let mut state = self.lock();
-        while !Self::may_run_locked(&state, ticket) {
-            state = self.finished.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// Marks `ticket` finished, letting the mutations that waited for it start.
-    pub(super) fn leave(&self, ticket: u64) {
-        let mut state = self.lock();
-        if let Some(i) = state.pending.iter().position(|p| p.0 == ticket) {
-            state.pending.remove(i);
-        }
-        drop(state);
-        self.finished.notify_all();
-    }
-}
+type Outcome<T> = Result<T, (i32, String)>;
 
 /// The queue thread's body: sets up, fetches every tag, reports readiness on `ready`, then
 /// serves requests until the driver aborts every tag or `stop` is set.
@@ -235,248 +183,398 @@ pub(super) fn run(
             return Err(ctx.fail(format!("setup failed: {e}")));
         }
     };
-    let (job_tx, job_rx) = mpsc::channel::<Job>();
-    let (done_tx, done_rx) = mpsc::channel::<Done>();
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let order = Arc::new(ArrivalOrder::default());
-    let mut workers = Vec::new();
-    for w in 0..ctx.workers.clamp(1, ctx.depth) {
-        let (ctx2, jobs, done, wake, order) =
-            (ctx.clone(), job_rx.clone(), done_tx.clone(), wake.clone(), order.clone());
-        let spawned = thread::Builder::new()
-            .name(format!("ublk{}q{}w{w}", ctx.dev_id, ctx.q_id))
-            .spawn(move || worker(&ctx2, &jobs, &done, &wake, &order));
-        match spawned {
-            Ok(handle) => workers.push(handle),
-            Err(e) => {
-                drop(job_tx);
-                join_workers(&ctx, workers);
-                let _ = ready.send(Err(ctx.fail(format!("worker thread spawn failed: {e}"))));
-                return Err(ctx.fail(format!("worker thread spawn failed: {e}")));
-            }
+    let (to_helper, helper_rx) = mpsc::channel::<Done>();
+    let (helper_tx, from_helper) = mpsc::channel::<Done>();
+    let helper = {
+        let (tap, wake, dev, q) = (ctx.tap.clone(), wake.clone(), ctx.dev_id, ctx.q_id);
+        thread::Builder::new()
+            .name(format!("ublk{dev}q{q}s"))
+            .spawn(move || spool_helper(&tap, &helper_rx, &helper_tx, &wake, dev, q))
+    };
+    let helper = match helper {
+        Ok(handle) => handle,
+        Err(e) => {
+            let _ = ready.send(Err(ctx.fail(format!("spool helper spawn failed: {e}"))));
+            return Err(ctx.fail(format!("spool helper spawn failed: {e}")));
         }
-    }
-    drop(done_tx);
+    };
     let _ = ready.send(Ok(()));
     drop(ready);
 
-    let served = serve(&ctx, ring, &wake, &job_tx, &done_rx, &order);
-    // Workers end once the channel is closed and their current request is served.
-    drop(job_tx);
-    join_workers(&ctx, workers);
+    let mut queue = Queue {
+        slots: (0..ctx.depth).map(|_| Slot::Idle).collect(),
+        parked: VecDeque::new(),
+        ctx: &ctx,
+        ring,
+        to_helper,
+    };
+    let served = queue.serve(&wake, &from_helper);
+    // The helper ends once its channel is closed and its current wait is over.
+    drop(queue);
+    join_helper(&ctx, helper);
     served
 }
 
-fn join_workers(ctx: &QueueContext, workers: Vec<JoinHandle<()>>) {
-    for handle in workers {
-        if handle.join().is_err() {
-            tracing::error!(dev = ctx.dev_id, queue = ctx.q_id, "a ublk worker thread panicked");
-        }
+fn join_helper(ctx: &QueueContext, helper: JoinHandle<()>) {
+    if helper.join().is_err() {
+        tracing::error!(dev = ctx.dev_id, queue = ctx.q_id, "a ublk spool helper panicked");
     }
 }
 
-/// The ring thread's loop (see the module documentation).
-fn serve(
-    ctx: &QueueContext,
-    mut ring: QueueRing,
-    wake: &File,
-    jobs: &Sender<Job>,
-    done: &Receiver<Done>,
-    order: &ArrivalOrder,
-) -> Result<(), TapError> {
-    let depth = usize::from(ctx.depth);
-    let mut aborted = vec![false; depth];
-    let mut finished = 0usize;
-    let mut completions = Vec::with_capacity(depth);
-    while finished < depth && !ctx.stop.load(Ordering::Acquire) {
-        ring.arm_wake(wake.as_raw_fd())
-            .map_err(|e| ctx.fail(format!("arming the wake poll: {e}")))?;
-        completions.clear();
-        ring.wait(IDLE_POLL, &mut completions)
-            .map_err(|e| ctx.fail(format!("waiting for requests: {e}")))?;
-        for &(tag, res) in &completions {
-            if res == sys::IO_RES_OK {
-                match decode(ctx, &mut ring, tag) {
-                    Ok(op) => {
-                        let ticket = match &op {
-                            Op::Write { offset, data, .. } => {
-                                Some(order.enter(*offset, offset + data.len() as u64))
-                            }
-                            Op::Discard { offset, len } | Op::WriteZeroes { offset, len } => {
-                                Some(order.enter(*offset, offset + len))
-                            }
-                            Op::Read { .. } | Op::Flush => None,
-                        };
-                        jobs.send(Job { tag, op, ticket })
-                            .map_err(|_| ctx.fail("every worker thread has ended".into()))?;
-                    }
-                    Err(result) => ring
-                        .commit_and_fetch(tag, result)
-                        .map_err(|e| ctx.fail(format!("commit of tag {tag}: {e}")))?,
-                }
-            } else {
-                if res != sys::IO_RES_ABORT {
-                    tracing::warn!(
-                        dev = ctx.dev_id,
-                        queue = ctx.q_id,
-                        tag,
-                        "fetch failed: {}",
-                        io::Error::from_raw_os_error(-res)
-                    );
-                }
-                if !std::mem::replace(&mut aborted[usize::from(tag)], true) {
-                    finished += 1;
-                }
-            }
-        }
-        // Reset the eventfd before draining: a result sent after the drain writes it again,
-        // so the re-armed poll fires at once.
-        let mut counter = [0u8; 8];
-        match (&*wake).read(&mut counter) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ctx.fail(format!("reading the wake eventfd: {e}"))),
-        }
-        while let Ok(served) = done.try_recv() {
-            if let Some(data) = served.data {
-                ring.buffer(served.tag, data.len()).copy_from_slice(&data);
-            }
-            ring.commit_and_fetch(served.tag, served.result)
-                .map_err(|e| ctx.fail(format!("commit of tag {}: {e}", served.tag)))?;
-        }
-    }
-    Ok(())
-}
-
-/// A worker: serves jobs until the channel closes.
-fn worker(
-    ctx: &QueueContext,
-    jobs: &Mutex<Receiver<Job>>,
+/// The spool helper: waits until the spool holds each request durably, then hands it back.
+fn spool_helper(
+    tap: &Tap,
+    jobs: &Receiver<Done>,
     done: &Sender<Done>,
     wake: &File,
-    order: &ArrivalOrder,
+    dev: u32,
+    queue: u16,
 ) {
     if let Err(e) = os::set_io_flusher() {
-        tracing::debug!(dev = ctx.dev_id, queue = ctx.q_id, "PR_SET_IO_FLUSHER failed: {e}");
+        tracing::debug!(dev, queue, "PR_SET_IO_FLUSHER failed: {e}");
     }
-    loop {
-        // The lock is held only while taking one job: jobs leave in ticket order.
-        let job = match jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
-        if let Some(ticket) = job.ticket {
-            order.wait_turn(ticket);
+    while let Ok(job) = jobs.recv() {
+        // A failing spool sync sends the tap into overflow (the write stays covered by the
+        // intent map); the request itself succeeded on the device.
+        if let Err(e) = tap.wait_durable(job.captured) {
+            tracing::warn!(dev, queue, tag = job.tag, "waiting for the spool: {e}");
         }
-        let gauge = ctx.gauge();
-        let busy = gauge.busy.fetch_add(1, Ordering::AcqRel) + 1;
-        gauge.max_busy.fetch_max(busy, Ordering::AcqRel);
-        let tag = job.tag;
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(ctx, job.op)))
-                .unwrap_or_else(|_| Err((libc::EIO, "the request's handler panicked".into())));
-        gauge.busy.fetch_sub(1, Ordering::AcqRel);
-        if let Some(ticket) = job.ticket {
-            order.leave(ticket);
-        }
-        let served = match outcome {
-            Ok((result, data)) => Done { tag, result, data },
-            Err((errno, what)) => {
-                ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(dev = ctx.dev_id, queue = ctx.q_id, tag, "request failed: {what}");
-                Done { tag, result: -errno, data: None }
-            }
-        };
-        if done.send(served).is_err() {
+        if done.send(job).is_err() {
             return;
         }
         if let Err(e) = (&*wake).write_all(&1u64.to_ne_bytes()) {
             // Only an overflowing counter fails, which 2^64 - 1 writes would take.
-            tracing::error!(dev = ctx.dev_id, queue = ctx.q_id, "waking the ring failed: {e}");
+            tracing::error!(dev, queue, "waking the ring failed: {e}");
         }
     }
 }
 
-type Outcome<T> = Result<T, (i32, String)>;
-
-/// Decodes the request on `tag` and counts it; a request that cannot be served gives the
-/// result to commit at once.
-fn decode(ctx: &QueueContext, ring: &mut QueueRing, tag: u16) -> Result<Op, i32> {
-    let desc = ring.desc(tag);
-    let offset = desc.start_sector << 9;
-    let len = u64::from(desc.nr_sectors) << 9;
-    let c = &ctx.counters;
-    let decoded = match desc.op() {
-        sys::IO_OP_READ | sys::IO_OP_WRITE if len > ring.buffer_len() as u64 => {
-            Err((libc::EINVAL, format!("request of {len} bytes exceeds the tag buffer")))
-        }
-        sys::IO_OP_READ => {
-            c.reads.fetch_add(1, Ordering::Relaxed);
-            c.bytes_read.fetch_add(len, Ordering::Relaxed);
-            Ok(Op::Read { offset, len: len as usize })
-        }
-        sys::IO_OP_WRITE => {
-            c.writes.fetch_add(1, Ordering::Relaxed);
-            c.bytes_written.fetch_add(len, Ordering::Relaxed);
-            let fua = desc.op_flags & sys::IO_F_FUA != 0;
-            if fua {
-                c.fua_writes.fetch_add(1, Ordering::Relaxed);
-            }
-            let data = Bytes::copy_from_slice(ring.buffer(tag, len as usize));
-            Ok(Op::Write { offset, data, fua })
-        }
-        sys::IO_OP_FLUSH => {
-            c.flushes.fetch_add(1, Ordering::Relaxed);
-            Ok(Op::Flush)
-        }
-        sys::IO_OP_DISCARD => {
-            c.discards.fetch_add(1, Ordering::Relaxed);
-            Ok(Op::Discard { offset, len })
-        }
-        sys::IO_OP_WRITE_ZEROES => {
-            c.write_zeroes.fetch_add(1, Ordering::Relaxed);
-            Ok(Op::WriteZeroes { offset, len })
-        }
-        op => Err((libc::EOPNOTSUPP, format!("operation {op} not supported"))),
-    };
-    decoded.map_err(|(errno, what)| {
-        c.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            dev = ctx.dev_id,
-            queue = ctx.q_id,
-            tag,
-            op = desc.op(),
-            offset,
-            len,
-            "request refused: {what}"
-        );
-        -errno
-    })
+/// The ring thread's state.
+struct Queue<'a> {
+    ctx: &'a QueueContext,
+    ring: QueueRing,
+    slots: Vec<Slot>,
+    /// Tags of mutations begun and not yet issued, in the order they were begun.
+    parked: VecDeque<u16>,
+    to_helper: Sender<Done>,
 }
 
-/// Serves one request; returns the result to commit and a read's data.
-fn execute(ctx: &QueueContext, op: Op) -> Outcome<(i32, Option<Vec<u8>>)> {
-    match op {
-        Op::Read { offset, len } => {
-            let mut buf = vec![0u8; len];
-            ctx.device
-                .read_at(&mut buf, offset)
-                .map_err(|e| (libc::EIO, format!("read of {len} bytes at {offset}: {e}")))?;
-            Ok((len as i32, Some(buf)))
+impl Queue<'_> {
+    /// The loop (see the module documentation).
+    fn serve(&mut self, wake: &File, from_helper: &Receiver<Done>) -> Result<(), TapError> {
+        let ctx = self.ctx;
+        let depth = usize::from(ctx.depth);
+        let mut aborted = vec![false; depth];
+        let mut finished = 0usize;
+        let mut completions = Vec::with_capacity(2 * depth);
+        while finished < depth && !ctx.stop.load(Ordering::Acquire) {
+            self.ring
+                .arm_wake(wake.as_raw_fd())
+                .map_err(|e| ctx.fail(format!("arming the wake poll: {e}")))?;
+            completions.clear();
+            let timeout = if self.parked.is_empty() { IDLE_POLL } else { PARKED_POLL };
+            self.ring
+                .wait(timeout, &mut completions)
+                .map_err(|e| ctx.fail(format!("waiting for requests: {e}")))?;
+            for &completion in &completions {
+                match completion {
+                    Completion::Request { tag, res } if res == sys::IO_RES_OK => {
+                        self.start(tag)?;
+                    }
+                    Completion::Request { tag, res } => {
+                        if res != sys::IO_RES_ABORT {
+                            tracing::warn!(
+                                dev = ctx.dev_id,
+                                queue = ctx.q_id,
+                                tag,
+                                "fetch failed: {}",
+                                io::Error::from_raw_os_error(-res)
+                            );
+                        }
+                        if !std::mem::replace(&mut aborted[usize::from(tag)], true) {
+                            finished += 1;
+                        }
+                    }
+                    Completion::Backing { tag, res } => {
+                        ctx.counters.backing_ops.fetch_add(1, Ordering::Relaxed);
+                        self.backing_done(tag, res)?;
+                    }
+                }
+            }
+            // Reset the eventfd before draining: a request handed back after the drain
+            // writes it again, so the re-armed poll fires at once.
+            let mut counter = [0u8; 8];
+            match (&*wake).read(&mut counter) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ctx.fail(format!("reading the wake eventfd: {e}"))),
+            }
+            while let Ok(done) = from_helper.try_recv() {
+                self.commit(done.tag, done.result)?;
+            }
+            self.issue_parked()?;
         }
-        Op::Write { offset, data, fua } => {
-            let len = data.len() as i32;
-            let captured =
-                if fua { ctx.tap.write_fua(offset, data) } else { ctx.tap.write(offset, data) };
-            captured.map(|_| (len, None)).map_err(tap_errno)
+        Ok(())
+    }
+
+    /// A request arrived on `tag`: decodes it, counts it and starts it.
+    fn start(&mut self, tag: u16) -> Result<(), TapError> {
+        let gauge = self.ctx.gauge();
+        let busy = gauge.busy.fetch_add(1, Ordering::AcqRel) + 1;
+        gauge.max_busy.fetch_max(busy, Ordering::AcqRel);
+        let started = self.decode_and_begin(tag);
+        match started {
+            Ok(()) => Ok(()),
+            Err((errno, what)) => self.fail_request(tag, errno, &what),
         }
-        Op::Flush => ctx.tap.flush().map(|_| (0, None)).map_err(tap_errno),
-        Op::Discard { offset, len } => {
-            ctx.tap.discard(offset, len).map(|_| (0, None)).map_err(tap_errno)
+    }
+
+    fn decode_and_begin(&mut self, tag: u16) -> Outcome<()> {
+        let desc = self.ring.desc(tag);
+        let offset = desc.start_sector << 9;
+        let len = u64::from(desc.nr_sectors) << 9;
+        let (c, tap) = (&self.ctx.counters, &self.ctx.tap);
+        let in_range = offset.checked_add(len).is_some_and(|end| end <= self.ctx.device_len);
+        let ring_err = |e: io::Error| (libc::EIO, format!("submitting the backing op: {e}"));
+        match desc.op() {
+            sys::IO_OP_READ | sys::IO_OP_WRITE if len > self.ring.buffer_len() as u64 => {
+                Err((libc::EINVAL, format!("request of {len} bytes exceeds the tag buffer")))
+            }
+            // A FLUSH's sector fields mean nothing (the block layer leaves them unset).
+            op if !in_range && op != sys::IO_OP_FLUSH && op <= sys::IO_OP_WRITE_ZEROES => Err((
+                libc::EINVAL,
+                format!(
+                    "{len} bytes at byte {offset} reach past the device's {} bytes",
+                    self.ctx.device_len
+                ),
+            )),
+            sys::IO_OP_READ => {
+                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                let len = len as usize;
+                self.ring.read_backing(tag, self.ctx.fd, offset, 0, len).map_err(ring_err)?;
+                self.slots[usize::from(tag)] = Slot::Read { offset, len, done: 0 };
+                Ok(())
+            }
+            sys::IO_OP_WRITE => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                c.bytes_written.fetch_add(len, Ordering::Relaxed);
+                let fua = desc.op_flags & sys::IO_F_FUA != 0;
+                if fua {
+                    c.fua_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                let pending =
+                    tap.begin_mutation(Mutation::Write { fua }, offset, len).map_err(tap_errno)?;
+                self.park(tag, pending);
+                Ok(())
+            }
+            sys::IO_OP_FLUSH => {
+                c.flushes.fetch_add(1, Ordering::Relaxed);
+                let captured = tap.begin_flush();
+                self.ring.fsync_backing(tag, self.ctx.fd).map_err(ring_err)?;
+                self.slots[usize::from(tag)] = Slot::Flush { captured };
+                Ok(())
+            }
+            op @ (sys::IO_OP_DISCARD | sys::IO_OP_WRITE_ZEROES) => {
+                let kind = if op == sys::IO_OP_DISCARD {
+                    c.discards.fetch_add(1, Ordering::Relaxed);
+                    Mutation::Discard
+                } else {
+                    c.write_zeroes.fetch_add(1, Ordering::Relaxed);
+                    Mutation::WriteZeroes
+                };
+                let pending = tap.begin_mutation(kind, offset, len).map_err(tap_errno)?;
+                self.park(tag, pending);
+                Ok(())
+            }
+            op => Err((libc::EOPNOTSUPP, format!("operation {op} not supported"))),
         }
-        Op::WriteZeroes { offset, len } => {
-            ctx.tap.write_zeroes(offset, len).map(|_| (0, None)).map_err(tap_errno)
+    }
+
+    /// Holds a begun mutation until [`Queue::issue_parked`] issues it.
+    fn park(&mut self, tag: u16, pending: PendingMutation) {
+        self.slots[usize::from(tag)] =
+            Slot::Mutate { pending, issued: false, done: 0, punch: false };
+        self.parked.push_back(tag);
+    }
+
+    /// Issues every parked mutation whose ticket allows it.
+    fn issue_parked(&mut self) -> Result<(), TapError> {
+        let mut i = 0;
+        while i < self.parked.len() {
+            let tag = self.parked[i];
+            let Slot::Mutate { pending, .. } = &self.slots[usize::from(tag)] else {
+                self.parked.remove(i);
+                continue;
+            };
+            if !self.ctx.tap.may_issue(pending) {
+                i += 1;
+                continue;
+            }
+            self.parked.remove(i);
+            if let Err(e) = self.submit_mutation(tag) {
+                self.fail_request(tag, libc::EIO, &format!("submitting the backing op: {e}"))?;
+            }
         }
+        Ok(())
+    }
+
+    /// Submits (or resubmits, for the rest) the backing op of the mutation on `tag`.
+    fn submit_mutation(&mut self, tag: u16) -> io::Result<()> {
+        let fd = self.ctx.fd;
+        let Slot::Mutate { pending, issued, done, punch } = &mut self.slots[usize::from(tag)]
+        else {
+            return Err(io::Error::other("no mutation on the tag"));
+        };
+        *issued = true;
+        let (offset, len, kind) = (pending.offset(), pending.len(), pending.kind());
+        match kind {
+            Mutation::Write { fua } => {
+                let at = *done as usize;
+                let rest = (len - *done) as usize;
+                self.ring.write_backing(tag, fd, offset + *done, at, rest, fua)
+            }
+            Mutation::WriteZeroes | Mutation::Discard => {
+                let way = if *punch { falloc::PUNCH_HOLE } else { falloc::ZERO_RANGE };
+                self.ring.fallocate_backing(tag, fd, way | falloc::KEEP_SIZE, offset, len)
+            }
+        }
+    }
+
+    /// The backing op of `tag` completed with `res`.
+    fn backing_done(&mut self, tag: u16, res: i32) -> Result<(), TapError> {
+        let slot = std::mem::replace(&mut self.slots[usize::from(tag)], Slot::Idle);
+        match slot {
+            Slot::Read { offset, len, done } => {
+                if res <= 0 {
+                    let errno = if res < 0 { -res } else { libc::EIO };
+                    let what = format!("read of {len} bytes at byte {offset}");
+                    return self.fail_request(tag, errno, &backing_failed(&what, res));
+                }
+                let done = done + res as usize;
+                if done < len {
+                    self.slots[usize::from(tag)] = Slot::Read { offset, len, done };
+                    if let Err(e) = self.ring.read_backing(
+                        tag,
+                        self.ctx.fd,
+                        offset + done as u64,
+                        done,
+                        len - done,
+                    ) {
+                        self.slots[usize::from(tag)] = Slot::Idle;
+                        return self.fail_request(tag, libc::EIO, &format!("resubmitting: {e}"));
+                    }
+                    return Ok(());
+                }
+                self.commit(tag, len as i32)
+            }
+            Slot::Mutate { pending, issued: _, done, punch } => {
+                let (offset, len, kind) = (pending.offset(), pending.len(), pending.kind());
+                let zeroing = !matches!(kind, Mutation::Write { .. });
+                if zeroing && !punch && (res == -libc::EOPNOTSUPP || res == -libc::EINVAL) {
+                    // No ZERO_RANGE here (tmpfs, for one): punch a hole instead.
+                    self.slots[usize::from(tag)] =
+                        Slot::Mutate { pending, issued: true, done, punch: true };
+                    return match self.submit_mutation(tag) {
+                        Ok(()) => Ok(()),
+                        Err(e) => self.abandon(tag, libc::EIO, &format!("resubmitting: {e}")),
+                    };
+                }
+                if res < 0 || (res == 0 && !zeroing) {
+                    drop(pending); // its regions stay out of sync in the intent map
+                    let errno = if res < 0 { -res } else { libc::EIO };
+                    let what = format!("{kind:?} of {len} bytes at byte {offset}");
+                    return self.abandon(tag, errno, &backing_failed(&what, res));
+                }
+                let finished = if zeroing {
+                    self.ctx.tap.finish_range(pending)
+                } else {
+                    let done = done + res as u64;
+                    if done < len {
+                        self.slots[usize::from(tag)] =
+                            Slot::Mutate { pending, issued: true, done, punch };
+                        return match self.submit_mutation(tag) {
+                            Ok(()) => Ok(()),
+                            Err(e) => self.abandon(tag, libc::EIO, &format!("resubmitting: {e}")),
+                        };
+                    }
+                    let data = Bytes::copy_from_slice(self.ring.buffer(tag, len as usize));
+                    self.ctx.tap.finish_write(pending, data)
+                };
+                // Its ticket is released: mutations parked behind it may go now.
+                self.issue_parked()?;
+                let result = if zeroing { 0 } else { len as i32 };
+                match finished {
+                    Ok(captured) => self.complete(tag, captured, result),
+                    Err(e) => {
+                        let (errno, what) = tap_errno(e);
+                        self.fail_request(tag, errno, &what)
+                    }
+                }
+            }
+            Slot::Flush { captured } => {
+                if res < 0 {
+                    return self.fail_request(tag, -res, &backing_failed("fdatasync", res));
+                }
+                self.complete(tag, captured, 0)
+            }
+            Slot::Idle | Slot::Durable => {
+                tracing::error!(
+                    dev = self.ctx.dev_id,
+                    queue = self.ctx.q_id,
+                    tag,
+                    "backing completion of a tag with no backing op"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// A failed mutation: its pending state is dropped (regions out of sync, ticket
+    /// released), so parked ones may go; then the request fails.
+    fn abandon(&mut self, tag: u16, errno: i32, what: &str) -> Result<(), TapError> {
+        self.slots[usize::from(tag)] = Slot::Idle;
+        self.issue_parked()?;
+        self.fail_request(tag, errno, what)
+    }
+
+    /// A request's tap step finished: commit now, or after the spool helper's wait.
+    fn complete(&mut self, tag: u16, captured: Captured, result: i32) -> Result<(), TapError> {
+        if !self.ctx.tap.needs_durable(captured) {
+            return self.commit(tag, result);
+        }
+        self.slots[usize::from(tag)] = Slot::Durable;
+        self.to_helper
+            .send(Done { tag, captured, result })
+            .map_err(|_| self.ctx.fail("the spool helper has ended".into()))
+    }
+
+    fn fail_request(&mut self, tag: u16, errno: i32, what: &str) -> Result<(), TapError> {
+        self.ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            dev = self.ctx.dev_id,
+            queue = self.ctx.q_id,
+            tag,
+            "request failed: {what}"
+        );
+        self.commit(tag, -errno)
+    }
+
+    /// Commits `tag` with `result` and the next fetch.
+    fn commit(&mut self, tag: u16, result: i32) -> Result<(), TapError> {
+        self.slots[usize::from(tag)] = Slot::Idle;
+        self.ctx.gauge().busy.fetch_sub(1, Ordering::AcqRel);
+        self.ring
+            .commit_and_fetch(tag, result)
+            .map_err(|e| self.ctx.fail(format!("commit of tag {tag}: {e}")))
+    }
+}
+
+fn backing_failed(what: &str, res: i32) -> String {
+    if res < 0 {
+        format!("{what} on the protected device: {}", io::Error::from_raw_os_error(-res))
+    } else {
+        format!("{what} on the protected device: unexpected end of device")
     }
 }
 
@@ -495,77 +593,4 @@ fn tap_errno(e: TapError) -> (i32, String) {
         _ => libc::EIO,
     };
     (errno, text)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_mutation_waits_only_for_earlier_overlapping_ones() {
-        let order = ArrivalOrder::default();
-        let a = order.enter(0, 8192);
-        let b = order.enter(4096, 12288); // overlaps a
-        let c = order.enter(16384, 20480); // disjoint
-        let d = order.enter(8192, 16384); // overlaps b only (ends are exclusive)
-        assert!(order.may_run(a));
-        assert!(!order.may_run(b));
-        assert!(order.may_run(c));
-        assert!(!order.may_run(d));
-        order.leave(a);
-        assert!(order.may_run(b));
-        assert!(!order.may_run(d));
-        order.leave(b);
-        assert!(order.may_run(d));
-        // A later mutation does not hold back an earlier one.
-        let e = order.enter(0, 1 << 20);
-        assert!(order.may_run(c) && order.may_run(d) && !order.may_run(e));
-        order.leave(c);
-        order.leave(d);
-        assert!(order.may_run(e));
-    }
-
-    /// Many threads take overlapping tickets in a shuffled order of arrival at the worker
-    /// side; each records its ticket when it runs. Whatever the scheduling, tickets that
-    /// overlap ran in ticket order.
-    #[test]
-    fn overlapping_mutations_run_in_ticket_order_under_any_scheduling() {
-        let order = Arc::new(ArrivalOrder::default());
-        let ran = Arc::new(Mutex::new(Vec::new()));
-        // Ranges on a 4-slot line, each covering one or two slots.
-        let ranges: Vec<(u64, u64)> =
-            (0..64u64).map(|i| (i % 4, i % 4 + 1 + (i % 3) / 2)).collect();
-        let tickets: Vec<u64> = ranges.iter().map(|&(s, e)| order.enter(s, e)).collect();
-        // Workers start in reverse ticket order: the latest would run first without the wait.
-        let handles: Vec<_> = tickets
-            .iter()
-            .rev()
-            .map(|&t| {
-                let (order, ran) = (order.clone(), ran.clone());
-                thread::spawn(move || {
-                    order.wait_turn(t);
-                    ran.lock().unwrap().push(t);
-                    order.leave(t);
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        let ran = ran.lock().unwrap().clone();
-        assert_eq!(ran.len(), ranges.len());
-        let position = |t: u64| ran.iter().position(|&r| r == t).unwrap();
-        for (i, &(s1, e1)) in ranges.iter().enumerate() {
-            for (j, &(s2, e2)) in ranges.iter().enumerate().skip(i + 1) {
-                if s1 < e2 && s2 < e1 {
-                    assert!(
-                        position(tickets[i]) < position(tickets[j]),
-                        "ticket {} ran after overlapping later ticket {}",
-                        tickets[i],
-                        tickets[j]
-                    );
-                }
-            }
-        }
-    }
 }
