@@ -86,6 +86,10 @@ pub struct Args {
     /// Spool capacity in MiB (beyond it the tap tracks regions and resyncs them later).
     #[arg(long, default_value_t = 1024)]
     spool_mib: u64,
+    /// Failback: the target (`receive --replica`) holds an older state of this volume; start
+    /// with a fast resync of the whole volume (only differing blocks move).
+    #[arg(long)]
+    failback: bool,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -141,6 +145,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (intent, intent_open) = IntentMap::open(Arc::new(intent_file), vol_len, intent_cfg)
         .context("open the write-intent map")?;
     let tap = Arc::new(Tap::new(Arc::new(device), spool, intent, TapConfig::default())?);
+    if args.failback {
+        crate::failback::mark_whole_volume(&tap, vol_len)?;
+    }
     println!(
         "protecting {} ({vol_len} bytes), pair {pair_id}, {}; {} dirty bytes in the intent map",
         args.image.display(),

@@ -55,6 +55,10 @@ pub struct Args {
     /// The control socket (default: DIR/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Failback: an existing volume image to use as the replica's base (linked as
+    /// DIR/replica.img) instead of a blank one; the source runs `protect --failback`.
+    #[arg(long)]
+    replica: Option<PathBuf>,
 }
 
 /// Seconds between two human status lines.
@@ -67,6 +71,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("volume size {} must be a positive multiple of {}", args.size, args.block_size);
     }
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    crate::promote::check_not_promoting(&args.dir)?;
+    if let Some(existing) = &args.replica {
+        crate::failback::link_replica(&args.dir, existing)?;
+    }
     let image = args.dir.join("replica.img");
     let base = if image.exists() {
         let f = FileIo::open(&image).with_context(|| format!("open {}", image.display()))?;
