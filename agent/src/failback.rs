@@ -52,3 +52,59 @@ pub fn link_replica(dir: &Path, existing: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("link {} to {}", link.display(), target.display())),
     }
 }
+
+/// What the original site's old protection state says it had when it failed over: the
+/// sequence numbers its spool holds that the DR side never acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OldState {
+    /// Every event up to it was acknowledged by the DR side.
+    pub acked: u64,
+    /// The last event captured here.
+    pub last_seq: u64,
+}
+
+/// `receive --replica PATH --old-state STATE`: opens the old `protect` state directory's
+/// spool (that `protect` must be stopped) and refuses a failback over writes the DR side
+/// never received (split brain: both sides took writes after the branch) unless the
+/// operator chose the DR side (`--discard-local-changes`). Never merges.
+pub fn check_old_state(state: &Path, discard_local: bool) -> anyhow::Result<OldState> {
+    use std::sync::Arc;
+    use tidemark_journal::{FsDir, Spool, SpoolConfig, SystemClock};
+    let spool_dir = state.join("spool");
+    if !spool_dir.is_dir() {
+        bail!(
+            "--old-state {}: no spool/ there; expected the state directory of the `protect` \
+             that ran on this volume before the failover",
+            state.display()
+        );
+    }
+    let (spool, _) = Spool::open(
+        Arc::new(FsDir::new(&spool_dir)?),
+        SpoolConfig { capacity_bytes: u64::MAX, segment_bytes: 16 << 20, key: None },
+        Arc::new(SystemClock),
+    )
+    .with_context(|| format!("open the old spool in {}", spool_dir.display()))?;
+    let old = OldState { acked: spool.acked().0, last_seq: spool.last_seq().0 };
+    drop(spool);
+    if old.last_seq > old.acked && !discard_local {
+        bail!(
+            "split brain: this site captured events up to seq {} after the DR side last \
+             acknowledged seq {} ({} events it never received), and the DR side took writes \
+             since its promotion. Refusing to merge. Choose the winner: the DR side \
+             (restart with --discard-local-changes: a fast resync overwrites this site's \
+             later writes), or this site (stop, and protect this volume to the DR side \
+             instead: `protect --failback` here, `receive --replica` there)",
+            old.last_seq,
+            old.acked,
+            old.last_seq - old.acked
+        );
+    }
+    if old.last_seq > old.acked {
+        println!(
+            "split brain resolved for the DR side: events {}..={} of this site are discarded",
+            old.acked + 1,
+            old.last_seq
+        );
+    }
+    Ok(old)
+}

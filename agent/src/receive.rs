@@ -59,6 +59,14 @@ pub struct Args {
     /// DIR/replica.img) instead of a blank one; the source runs `protect --failback`.
     #[arg(long)]
     replica: Option<PathBuf>,
+    /// With --replica: the state directory of the `protect` that ran on that image before
+    /// the failover; refuses (split brain) when it holds writes the DR side never received.
+    #[arg(long, requires = "replica")]
+    old_state: Option<PathBuf>,
+    /// With --old-state: the DR side wins a split brain; this site's later writes are
+    /// overwritten by the failback resync.
+    #[arg(long, requires = "old_state")]
+    discard_local_changes: bool,
 }
 
 /// Seconds between two human status lines.
@@ -73,6 +81,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     crate::promote::check_not_promoting(&args.dir)?;
     if let Some(existing) = &args.replica {
+        if let Some(old) = &args.old_state {
+            crate::failback::check_old_state(old, args.discard_local_changes)?;
+        }
         crate::failback::link_replica(&args.dir, existing)?;
     }
     let image = args.dir.join("replica.img");

@@ -254,7 +254,8 @@ fn planned_failover_then_failback_with_fast_resync() {
 
     // Failback: A receives over its old volume, B protects in reverse with a fast resync.
     let a_vol = a_image.display().to_string();
-    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &["--replica", &a_vol]);
+    let (mut rx_a, addr) =
+        s.receive("a-rx", "a", "b", &["--replica", &a_vol, "--old-state", &s.p("a-state")]);
     let (mut px_b, dev) = s.protect("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
     cleanup.loops.push(dev.clone());
     cleanup.mounts.push(s.root.join("b-state-fuse"));
@@ -279,6 +280,90 @@ fn planned_failover_then_failback_with_fast_resync() {
     rx_a.terminate();
     tidemark(&["promote", "--dir", &s.p("a-rx"), "--require-seq", &last.to_string()]);
     assert_eq!(read_all(&a_image), read_all(&b_image), "A differs from B after failback");
+    fsck_clean(&a_image);
+    check_files(&a_image, &s.root.join("mnt"), &mut cleanup, &sums);
+}
+
+/// After an unplanned failover (the DR receiver and then site A crash, A having written
+/// what B never received), both sides took writes: A's receiver refuses the failback until
+/// the operator says the DR side wins, then the two converge.
+#[test]
+fn split_brain_refused_until_a_side_wins() {
+    require_env!("split_brain_refused_until_a_side_wins");
+    let s = Sites::new();
+    let mut cleanup = Cleanup::default();
+    cleanup.root = s.root.clone();
+    let a_image = s.root.join("a-volume.img");
+    let b_image = s.root.join("b/replica.img");
+
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let (mut px_a, dev) = s.protect("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    cleanup.loops.push(dev.clone());
+    cleanup.mounts.push(s.root.join("a-state-fuse"));
+    wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", "-b", "4096", &dev]);
+    let mut sums = write_files(&dev, &s.root.join("mnt"), &mut cleanup, 1, 4);
+    wait_caught_up(&s.root.join("a-state"));
+
+    // The DR receiver dies; A goes on writing (spooled, never acknowledged), then dies too.
+    rx_b.crash();
+    write_files(&dev, &s.root.join("mnt"), &mut cleanup, 9, 3);
+    wait_status(&s.root.join("a-state"), "writes B never acknowledged", |v| {
+        u(v, "/tap/durable_seq") > u(v, "/shipper/acked")
+    });
+    px_a.crash();
+    let _ = Command::new("umount").arg("-l").arg(s.root.join("a-state-fuse")).status();
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    cleanup.loops.clear();
+    cleanup.mounts.clear();
+
+    // Unplanned failover: B promotes what arrived, and takes writes.
+    tidemark(&["promote", "--dir", &s.p("b")]);
+    fsck_clean(&b_image);
+    check_files(&b_image, &s.root.join("mnt"), &mut cleanup, &sums);
+    let dev_b = run("losetup", &["-f", "--show", &b_image.display().to_string()]).trim().to_owned();
+    cleanup.loops.push(dev_b.clone());
+    sums.extend(write_files(&dev_b, &s.root.join("mnt"), &mut cleanup, 2, 2));
+    run("losetup", &["-d", &dev_b]);
+    cleanup.loops.pop();
+
+    // Failback is refused: A holds writes B never received.
+    let a_vol = a_image.display().to_string();
+    let size = VOLUME.to_string();
+    let (k, pk) = (s.p("keys/a.key"), s.p("keys/b.pub"));
+    let refused = Command::new(BIN)
+        .args(["receive", "--dir", &s.p("a-rx"), "--listen", "127.0.0.1:0", "--key", &k])
+        .args(["--peer", &pk, "--pair", PAIR, "--size", &size, "--replica", &a_vol])
+        .args(["--old-state", &s.p("a-state")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a split brain was not refused");
+    assert!(err.contains("split brain") && err.contains("--discard-local-changes"), "{err}");
+    assert!(!s.root.join("a-rx/replica.img").exists(), "the refused receiver linked the image");
+
+    // The operator chooses B: A's later writes are discarded, the sides converge.
+    let (mut rx_a, addr) = s.receive(
+        "a-rx",
+        "a",
+        "b",
+        &["--replica", &a_vol, "--old-state", &s.p("a-state"), "--discard-local-changes"],
+    );
+    let (mut px_b, dev) = s.protect("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    cleanup.loops.push(dev.clone());
+    cleanup.mounts.push(s.root.join("b-state-fuse"));
+    wait_status(&s.root.join("b-state"), "the failback resync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    wait_caught_up(&s.root.join("b-state"));
+    let last = drain(&mut px_b, &s.root.join("b-state"));
+    cleanup.loops.clear();
+    cleanup.mounts.clear();
+    rx_a.terminate();
+    tidemark(&["promote", "--dir", &s.p("a-rx"), "--require-seq", &last.to_string()]);
+    assert_eq!(read_all(&a_image), read_all(&b_image), "the sides did not converge");
     fsck_clean(&a_image);
     check_files(&a_image, &s.root.join("mnt"), &mut cleanup, &sums);
 }
