@@ -367,3 +367,84 @@ fn split_brain_refused_until_a_side_wins() {
     fsck_clean(&a_image);
     check_files(&a_image, &s.root.join("mnt"), &mut cleanup, &sums);
 }
+
+/// A promotion interrupted in the middle of its fold (simulated: the directory put back as
+/// step 1 leaves it, with half the image already folded) is refused by `receive` and
+/// finished by the next `promote`, giving the same image as an uninterrupted one. Needs no
+/// root: the journal is filled by an initial sync (`--frontend none`).
+#[test]
+fn interrupted_promotion_resumes_to_the_same_image() {
+    let s = Sites::new();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(s.root.join("a-volume.img")).unwrap();
+        f.write_all_at(&pattern(5, 3 << 20), 1 << 20).unwrap();
+        f.write_all_at(&pattern(6, 1 << 20), 40 << 20).unwrap();
+    }
+    let (mut rx, addr) = s.receive("b", "b", "a", &[]);
+    let (i, st, k, pk) =
+        (s.p("a-volume.img"), s.p("a-state"), s.p("keys/a.key"), s.p("keys/b.pub"));
+    let mut px = Proc::spawn(
+        "protect",
+        &[
+            "protect",
+            "--image",
+            &i,
+            "--state",
+            &st,
+            "--target",
+            &addr,
+            "--key",
+            &k,
+            "--peer",
+            &pk,
+            "--pair",
+            PAIR,
+            "--frontend",
+            "none",
+        ],
+    );
+    wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    let last = drain(&mut px, &s.root.join("a-state"));
+    rx.terminate();
+
+    let b = s.root.join("b");
+    let blank = read_all(&b.join("replica.img"));
+    tidemark(&["promote", "--dir", &s.p("b"), "--require-seq", &last.to_string()]);
+    let folded = read_all(&b.join("replica.img"));
+    assert_eq!(folded, read_all(&s.root.join("a-volume.img")), "the fold is not the source");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("promoted.json")).unwrap()).unwrap();
+    let seq = u(&record, "/seq");
+
+    // Back to step 2 of a crashed promotion: marker written, journal in place, the first
+    // half of the image folded, the rest not.
+    std::fs::rename(b.join(format!("journal.promoted-{seq}")), b.join("journal")).unwrap();
+    std::fs::remove_file(b.join("promoted.json")).unwrap();
+    let mut marker = record.clone();
+    marker["state"] = "folding".into();
+    std::fs::write(b.join("promote.json"), marker.to_string()).unwrap();
+    let half = folded.len() / 2;
+    let mut partial = folded[..half].to_vec();
+    partial.extend_from_slice(&blank[half..]);
+    assert_ne!(partial, folded, "the test data does not reach the second half");
+    std::fs::write(b.join("replica.img"), &partial).unwrap();
+
+    let size = VOLUME.to_string();
+    let (k, pk) = (s.p("keys/b.key"), s.p("keys/a.pub"));
+    let refused = Command::new(BIN)
+        .args(["receive", "--dir", &s.p("b"), "--listen", "127.0.0.1:0", "--key", &k])
+        .args(["--peer", &pk, "--pair", PAIR, "--size", &size])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "receive served a half-folded image");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("promote.json"), "{err}");
+
+    let out = tidemark(&["promote", "--dir", &s.p("b")]);
+    assert!(out.contains(&format!("resuming the promotion of {} to seq {seq}", s.p("b"))), "{out}");
+    assert_eq!(read_all(&b.join("replica.img")), folded, "the resumed fold differs");
+    assert!(b.join("promoted.json").exists() && !b.join("promote.json").exists());
+}
