@@ -4,12 +4,14 @@
 mod common;
 mod control;
 mod demo;
+mod failback;
 mod inspect;
 mod keygen;
 mod materialize;
 mod metrics;
 mod points;
 mod profile;
+mod promote;
 mod protect;
 mod receive;
 mod recover;
@@ -63,6 +65,9 @@ enum Command {
     /// Expose a recovery point as a virtual snapshot (read-only, or read-write over a
     /// throw-away overlay, for a DR drill) or materialize it into a verified file.
     Recover(recover::Args),
+    /// Failover: make a stopped receiver's replica the live volume at a point (the journal
+    /// folded into replica.img, the rest kept aside); restartable after a crash.
+    Promote(promote::Args),
     /// Run a pair of the configuration file by name (`[pair.NAME]`): its `protect` or
     /// `receive`, with the options the file gives. The systemd unit `tidemark@NAME` runs this.
     Up(up::UpArgs),
@@ -97,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Materialize(args) => materialize::run(args),
         Command::Points(args) => points::run(args),
         Command::Recover(args) => recover::run(args),
+        Command::Promote(args) => promote::run(args),
         Command::Up(args) => up::up(args),
         Command::Config(command) => up::config(command),
         Command::Profile(args) => profile::run(args),

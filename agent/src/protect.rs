@@ -98,6 +98,10 @@ pub struct Args {
     /// Most bytes per second put on the link, in MiB (default: unlimited).
     #[arg(long)]
     rate_mib: Option<f64>,
+    /// Failback: the target (`receive --replica`) holds an older state of this volume; start
+    /// with a fast resync of the whole volume (only differing blocks move).
+    #[arg(long)]
+    failback: bool,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -153,6 +157,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (intent, intent_open) = IntentMap::open(Arc::new(intent_file), vol_len, intent_cfg)
         .context("open the write-intent map")?;
     let tap = Arc::new(Tap::new(Arc::new(device), spool, intent, TapConfig::default())?);
+    if args.failback {
+        crate::failback::mark_whole_volume(&tap, vol_len)?;
+    }
     println!(
         "protecting {} ({vol_len} bytes), pair {pair_id}, {}; {} dirty bytes in the intent map",
         args.image.display(),

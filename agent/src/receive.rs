@@ -90,6 +90,18 @@ pub struct Args {
     /// Seconds between two retention passes.
     #[arg(long, default_value_t = 10.0)]
     retention_every: f64,
+    /// Failback: an existing volume image to use as the replica's base (linked as
+    /// DIR/replica.img) instead of a blank one; the source runs `protect --failback`.
+    #[arg(long)]
+    replica: Option<PathBuf>,
+    /// With --replica: the state directory of the `protect` that ran on that image before
+    /// the failover; refuses (split brain) when it holds writes the DR side never received.
+    #[arg(long, requires = "replica")]
+    old_state: Option<PathBuf>,
+    /// With --old-state: the DR side wins a split brain; this site's later writes are
+    /// overwritten by the failback resync.
+    #[arg(long, requires = "old_state")]
+    discard_local_changes: bool,
 }
 
 /// Seconds between two human status lines.
@@ -172,6 +184,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ..Default::default()
     };
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    crate::promote::check_not_promoting(&args.dir)?;
+    if let Some(existing) = &args.replica {
+        if let Some(old) = &args.old_state {
+            crate::failback::check_old_state(old, args.discard_local_changes)?;
+        }
+        crate::failback::link_replica(&args.dir, existing)?;
+    }
     let image = args.dir.join("replica.img");
     let setup = Setup { args, pair, secure, image, cfg };
     let mut passes = Passes::default();
