@@ -1,6 +1,7 @@
 //! `tidemark`: the agent binary. A driver only: argument parsing, wiring, printing. The
 //! logic lives in the `tidemark-journal`, `tidemark-tap` and `tidemark-sync` crates.
 
+mod bookmark;
 mod common;
 mod control;
 mod demo;
@@ -12,7 +13,9 @@ mod protect;
 mod receive;
 mod recover;
 mod signals;
+mod source_control;
 mod status;
+mod verify;
 mod vsnaps;
 
 use std::path::PathBuf;
@@ -60,6 +63,13 @@ enum Command {
     /// Expose a recovery point as a virtual snapshot (read-only, or read-write over a
     /// throw-away overlay, for a DR drill) or materialize it into a verified file.
     Recover(recover::Args),
+    /// Compare the protected volume with the target's replica through the running
+    /// `protect` (Merkle hashes, nothing sent) and print the differing ranges; exit code 0
+    /// identical, 1 different, 2 could not verify.
+    Verify(verify::Args),
+    /// Insert a named bookmark into the capture stream of the running `protect`
+    /// (optionally with the filesystem frozen, or between pre/post hook scripts).
+    Bookmark(bookmark::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,5 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Materialize(args) => materialize::run(args),
         Command::Points(args) => points::run(args),
         Command::Recover(args) => recover::run(args),
+        Command::Verify(args) => std::process::exit(verify::run(args)),
+        Command::Bookmark(args) => bookmark::run(args),
     }
 }

@@ -36,7 +36,7 @@ use tidemark_sync::syncer::{Phase, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
 use tidemark_tap::{FuseLoopConfig, FuseLoopFrontend, IntentConfig, IntentMap, Tap, TapConfig};
 
-use crate::{common, signals, status};
+use crate::{common, signals, source_control, status};
 
 /// How applications reach the protected volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +86,8 @@ pub struct Args {
     /// Spool capacity in MiB (beyond it the tap tracks regions and resyncs them later).
     #[arg(long, default_value_t = 1024)]
     spool_mib: u64,
+    #[command(flatten)]
+    control: source_control::Args,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -170,6 +172,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut pcfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
     pcfg.initial_view = initial_view(&args.image);
     pcfg.fresh = fresh;
+    // One slot: a verify through the control socket and a resync never compare at once.
+    let slots = tidemark_sync::shape::ResyncSlots::new(1);
+    pcfg.slots = Some(slots.clone());
     let pair = SourcePair::start(tap.clone(), shipper.hash_client(), pcfg)
         .context("start the pair controller")?;
 
@@ -190,6 +195,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = &device_path {
         println!("device: {}", p.display());
     }
+    let control = source_control::SourceControl::start(
+        &args.control,
+        &args.state,
+        tap.clone(),
+        shipper.hash_client(),
+        pair.watch(),
+        slots,
+    )?;
+    println!("control: {}", control.path().display());
     use std::io::Write as _;
     std::io::stdout().flush()?;
 
@@ -217,6 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("signal: shutting down");
     view.finish();
+    control.stop();
     if let Some(f) = frontend {
         f.shutdown().context("stop the frontend")?;
     }
