@@ -92,8 +92,11 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
 /// The running control socket and periodic bookmark thread of a `protect`.
 pub struct SourceControl {
     listener: Listener<SourceService>,
-    periodic: Option<(Arc<(Mutex<bool>, Condvar)>, JoinHandle<()>)>,
+    periodic: Option<(Arc<StopFlag>, JoinHandle<()>)>,
 }
+
+/// A stop flag a sleeping thread is woken by.
+type StopFlag = (Mutex<bool>, Condvar);
 
 impl std::fmt::Debug for SourceControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -167,7 +170,7 @@ fn periodic(
     client: &HashClient,
     every: Duration,
     prefix: &str,
-    stop: &(Mutex<bool>, Condvar),
+    stop: &StopFlag,
     last: &Mutex<Option<Value>>,
 ) {
     let mut next = Instant::now() + every;
@@ -485,10 +488,8 @@ impl SourceService {
                 })
                 .context("start the thaw timer")
         };
-        let timer = match timer {
-            Ok(t) => t,
-            Err(e) => return Err(e), // the guard thaws
-        };
+        // On an error the guard thaws.
+        let timer = timer?;
         let taken = take_bookmark(&self.tap, &self.client, name, kind, &self.last_bookmark);
         let thawed_by_us = frozen.thaw(false);
         drop(guard);
