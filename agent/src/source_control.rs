@@ -411,9 +411,13 @@ impl SourceService {
         let diff = std::thread::scope(|s| {
             let job = s.spawn(|| syncer.verify(None));
             let mut client_gone = false;
+            let mut last_sent = Instant::now();
             while !job.is_finished() {
                 let p = *latest.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(p) = p {
+                // Checked every 50 ms (a short verify answers at once), sent every 500 ms.
+                let due = last_sent.elapsed() >= PROGRESS_EVERY;
+                if let Some(p) = p.filter(|_| due) {
+                    last_sent = Instant::now();
                     let phase = match p.phase {
                         Phase::Hashing => "hashing",
                         Phase::Comparing => "comparing",
@@ -424,7 +428,7 @@ impl SourceService {
                         client_gone = true;
                     }
                 }
-                std::thread::sleep(PROGRESS_EVERY.min(Duration::from_millis(100)));
+                std::thread::sleep(Duration::from_millis(50));
             }
             job.join().map_err(|_| anyhow::anyhow!("the verify thread panicked"))
         })?
