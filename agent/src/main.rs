@@ -1,6 +1,7 @@
 //! `tidemark`: the agent binary. A driver only: argument parsing, wiring, printing. The
 //! logic lives in the `tidemark-journal`, `tidemark-tap` and `tidemark-sync` crates.
 
+mod bookmark;
 mod common;
 mod control;
 mod demo;
@@ -16,8 +17,10 @@ mod protect;
 mod receive;
 mod recover;
 mod signals;
+mod source_control;
 mod status;
 mod up;
+mod verify;
 mod vsnaps;
 
 use std::path::PathBuf;
@@ -77,6 +80,13 @@ enum Command {
     /// Capture a volume's writes without a target for a while: change rate, compressibility,
     /// the WAN bandwidth a desired RPO needs and the journal a retention window needs.
     Profile(profile::Args),
+    /// Compare the protected volume with the target's replica through the running
+    /// `protect` (Merkle hashes, nothing sent) and print the differing ranges; exit code 0
+    /// identical, 1 different, 2 could not verify.
+    Verify(verify::Args),
+    /// Insert a named bookmark into the capture stream of the running `protect`
+    /// (optionally with the filesystem frozen, or between pre/post hook scripts).
+    Bookmark(bookmark::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,5 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => up::up(args),
         Command::Config(command) => up::config(command),
         Command::Profile(args) => profile::run(args),
+        Command::Verify(args) => std::process::exit(verify::run(args)),
+        Command::Bookmark(args) => bookmark::run(args),
     }
 }

@@ -37,7 +37,7 @@ use tidemark_sync::syncer::{Phase, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
 use tidemark_tap::{FuseLoopConfig, FuseLoopFrontend, IntentConfig, IntentMap, Tap, TapConfig};
 
-use crate::{common, metrics, signals, status};
+use crate::{common, metrics, signals, source_control, status};
 
 /// How applications reach the protected volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,6 +102,8 @@ pub struct Args {
     /// with a fast resync of the whole volume (only differing blocks move).
     #[arg(long)]
     failback: bool,
+    #[command(flatten)]
+    control: source_control::Args,
 }
 
 /// How often the group-commit thread makes the spool durable.
@@ -197,6 +199,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut pcfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
     pcfg.initial_view = initial_view(&args.image);
     pcfg.fresh = fresh;
+    // One slot: a verify through the control socket and a resync never compare at once.
+    let slots = tidemark_sync::shape::ResyncSlots::new(1);
+    pcfg.slots = Some(slots.clone());
     let pair = SourcePair::start(tap.clone(), shipper.hash_client(), pcfg)
         .context("start the pair controller")?;
 
@@ -229,6 +234,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(p) = &device_path {
         println!("device: {}", p.display());
     }
+    let control = source_control::SourceControl::start(
+        &args.control,
+        &args.state,
+        tap.clone(),
+        shipper.hash_client(),
+        pair.watch(),
+        slots,
+    )?;
+    println!("control: {}", control.path().display());
     use std::io::Write as _;
     std::io::stdout().flush()?;
 
@@ -258,6 +272,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("signal: shutting down");
     view.finish();
+    control.stop();
     if let Some(f) = frontend {
         f.shutdown().context("stop the frontend")?;
     }

@@ -140,7 +140,7 @@ struct Inner {
     tap: Arc<Tap>,
     client: HashClient,
     cfg: SourcePairConfig,
-    status: Watch<PairStatus>,
+    status: Arc<Watch<PairStatus>>,
     stopping: AtomicBool,
 }
 
@@ -168,6 +168,25 @@ pub struct SourcePair {
 impl std::fmt::Debug for SourcePair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SourcePair").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+/// The status of a [`SourcePair`], readable from another thread ([`SourcePair::watch`]).
+#[derive(Clone)]
+pub struct PairWatch {
+    status: Arc<Watch<PairStatus>>,
+}
+
+impl std::fmt::Debug for PairWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairWatch").field("status", &self.status()).finish()
+    }
+}
+
+impl PairWatch {
+    /// A snapshot.
+    pub fn status(&self) -> PairStatus {
+        self.status.get()
     }
 }
 
@@ -210,7 +229,7 @@ impl SourcePair {
             tap,
             client,
             cfg,
-            status: Watch::new(PairStatus {
+            status: Arc::new(Watch::new(PairStatus {
                 stage: PairStage::Connecting,
                 progress: None,
                 last_resync: None,
@@ -218,7 +237,7 @@ impl SourcePair {
                 last_error: None,
                 pending_bytes: 0,
                 waiting_for_slot: false,
-            }),
+            })),
             stopping: AtomicBool::new(false),
         });
         let i = inner.clone();
@@ -232,6 +251,12 @@ impl SourcePair {
     /// A snapshot.
     pub fn status(&self) -> PairStatus {
         self.inner.status.get()
+    }
+
+    /// A view of the status for other threads (a control socket), which keeps neither the
+    /// controller nor its tap alive.
+    pub fn watch(&self) -> PairWatch {
+        PairWatch { status: self.inner.status.clone() }
     }
 
     /// Waits until `pred` holds for the status, or `timeout` passes.

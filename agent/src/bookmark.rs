@@ -1,0 +1,157 @@
+//! `tidemark bookmark NAME`: inserts a named bookmark into the capture stream of the
+//! running `tidemark protect` (through its control socket). `--freeze MOUNTPOINT` has the
+//! agent freeze the filesystem around it (FIFREEZE, bookmark, FITHAW; the agent thaws at
+//! the timeout whatever happens to this client); `--pre`/`--post` run hook scripts here
+//! for an application-consistent bookmark (a database checkpoint): a failing pre hook
+//! means no bookmark, and the post hook always runs. `--wait` waits until the target
+//! acknowledged the bookmark.
+//!
+//! Hooks run with `sh -c`, with `TIDEMARK_BOOKMARK` (the name) and `TIDEMARK_STATE` in
+//! their environment; the post hook also gets `TIDEMARK_BOOKMARK_RESULT` (`ok` or
+//! `failed`) and, when taken, `TIDEMARK_BOOKMARK_SEQ`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::source_control::{MAX_FREEZE, check_name};
+use crate::verify::connect;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The bookmark's name: 1 to 255 bytes of UTF-8, no control characters.
+    name: String,
+    /// The state directory of the running `tidemark protect`.
+    #[arg(long)]
+    state: PathBuf,
+    /// Its control socket (default: STATE/control.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Freeze the filesystem mounted here (on the protected device) around the bookmark.
+    #[arg(long)]
+    freeze: Option<PathBuf>,
+    /// Longest time the filesystem stays frozen; the agent thaws it then in any case.
+    #[arg(long, default_value_t = 30.0)]
+    freeze_timeout: f64,
+    /// Run this (with `sh -c`) before; the bookmark is taken only if it exits 0.
+    #[arg(long)]
+    pre: Option<String>,
+    /// Run this (with `sh -c`) after, whether or not the bookmark was taken.
+    #[arg(long)]
+    post: Option<String>,
+    /// Wait until the target acknowledged the bookmark.
+    #[arg(long)]
+    wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 600)]
+    wait_timeout: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    check_name(&args.name).context("bad bookmark name")?;
+    if !(args.freeze_timeout > 0.0 && args.freeze_timeout <= MAX_FREEZE.as_secs_f64()) {
+        bail!(
+            "--freeze-timeout {}: expected more than 0 and at most {} seconds",
+            args.freeze_timeout,
+            MAX_FREEZE.as_secs()
+        );
+    }
+    let mut client = connect(&args.state, args.control.as_ref())?;
+    let kind = if args.pre.is_some() || args.post.is_some() {
+        "application"
+    } else if args.freeze.is_some() {
+        "filesystem"
+    } else {
+        "user"
+    };
+    let taken = (|| -> anyhow::Result<Value> {
+        if let Some(pre) = &args.pre {
+            hook("pre", pre, &args, None)?;
+        }
+        let mut req = json!({"op": "bookmark", "name": args.name, "kind": kind});
+        if let Some(m) = &args.freeze {
+            let m =
+                std::fs::canonicalize(m).with_context(|| format!("--freeze {}", m.display()))?;
+            req["freeze"] = json!(m.display().to_string());
+            req["freeze_timeout_s"] = json!(args.freeze_timeout);
+        }
+        client.request(req)
+    })();
+    let post = match &args.post {
+        Some(post) => hook("post", post, &args, Some(taken.as_ref().ok())),
+        None => Ok(()),
+    };
+    let answer = taken?;
+    post?;
+    let seq = answer["seq"].as_u64().context("the bookmark answer has no seq")?;
+    let mut acked = None;
+    if args.wait {
+        let until = Instant::now() + Duration::from_secs(args.wait_timeout);
+        loop {
+            let st = client.request(json!({"op": "status"}))?;
+            let a = st["shipper"]["acked"].as_u64().unwrap_or(0);
+            if a >= seq {
+                acked = Some(a);
+                break;
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "bookmark {:?} is seq {seq}, but the target acknowledged only up to {a} \
+                     within {} s (link {})",
+                    args.name,
+                    args.wait_timeout,
+                    st["shipper"]["state"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if args.json {
+        let mut doc = answer.clone();
+        if let Some(o) = doc.as_object_mut() {
+            o.remove("v");
+            o.remove("ok");
+        }
+        doc["acked"] = json!(acked);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "bookmark {:?} ({}): seq {seq}{}{}",
+            args.name,
+            answer["kind"].as_str().unwrap_or(kind),
+            answer["frozen_ms"]
+                .as_u64()
+                .map(|ms| format!(", filesystem frozen {ms} ms"))
+                .unwrap_or_default(),
+            if acked.is_some() { ", acknowledged by the target" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Runs a hook; an error when it cannot start or exits non-zero. `result`: for the post
+/// hook, the bookmark's answer (`None` inside when it failed).
+fn hook(which: &str, cmd: &str, args: &Args, result: Option<Option<&Value>>) -> anyhow::Result<()> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd).env("TIDEMARK_BOOKMARK", &args.name).env("TIDEMARK_STATE", &args.state);
+    if let Some(r) = result {
+        c.env("TIDEMARK_BOOKMARK_RESULT", if r.is_some() { "ok" } else { "failed" });
+        if let Some(seq) = r.and_then(|v| v["seq"].as_u64()) {
+            c.env("TIDEMARK_BOOKMARK_SEQ", seq.to_string());
+        }
+    }
+    let status = c.status().with_context(|| format!("run the {which} hook {cmd:?}"))?;
+    if !status.success() {
+        if which == "pre" {
+            bail!("the pre hook {cmd:?} failed ({status}): no bookmark taken");
+        }
+        bail!("the post hook {cmd:?} failed ({status})");
+    }
+    Ok(())
+}

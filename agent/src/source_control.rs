@@ -1,0 +1,623 @@
+//! The control socket of `tidemark protect` (`STATE/control.sock` by default; spec:
+//! `docs/control-protocol.md`, "The source's socket"), over the transport of
+//! [`crate::control`]: `status`, `verify` (the Merkle comparison of a fast resync over the
+//! live connection, sending nothing) and `bookmark` (a named point in the capture stream,
+//! optionally with the filesystem frozen). Also the periodic bookmarks of
+//! `protect --bookmark-every`. `tidemark verify` and `tidemark bookmark` are its clients.
+//!
+//! Invariants:
+//! - A verify compares only after the target acknowledged everything spooled before it
+//!   started, and never while a resync runs: it takes the pair's resync slot (the target
+//!   keeps one hash tree per session, so two comparisons must not interleave).
+//! - A filesystem this agent froze is thawed by this agent: after the bookmark, on any
+//!   error or panic of the request (a guard), and by a timer at the freeze timeout whatever
+//!   the request is doing. None of it depends on the client staying connected.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tidemark_journal::{Bookmark, BookmarkKind, Nanos, VolumeId};
+use tidemark_sync::pair::{PairStage, PairWatch};
+use tidemark_sync::resync::shape_for;
+use tidemark_sync::shape::ResyncSlots;
+use tidemark_sync::ship::HashClient;
+use tidemark_sync::syncer::{Phase, Syncer, SyncerConfig};
+use tidemark_tap::{Captured, Tap};
+
+use crate::control::{self, Listener, Progress, Service};
+use crate::points;
+
+/// `protect`'s options for its control socket and periodic bookmarks.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The control socket, for `tidemark verify` and `tidemark bookmark` (default:
+    /// STATE/control.sock).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; at least one second), named
+    /// PREFIX-TIME (`auto-2026-12-01T21:45:00Z`).
+    #[arg(long, value_parser = parse_duration)]
+    pub bookmark_every: Option<Duration>,
+    /// The name prefix of periodic bookmarks.
+    #[arg(long, default_value = "auto")]
+    pub bookmark_prefix: String,
+}
+
+/// The longest freeze a client may ask for.
+pub const MAX_FREEZE: Duration = Duration::from_secs(600);
+
+/// How often a long op sends a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Parses `90s`, `15m`, `2h`, `1d` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 =
+        digits.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        other => return Err(format!("{s:?}: unknown unit {other:?}; expected s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: the period must be at least one second"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The name of a periodic bookmark taken at `t`: `PREFIX-YYYY-MM-DDTHH:MM:SSZ`.
+pub fn periodic_name(prefix: &str, t: Nanos) -> String {
+    let whole = Nanos(t.0 / Nanos::SECOND * Nanos::SECOND);
+    let stamp = points::rfc3339(whole).replace(".000Z", "Z");
+    format!("{prefix}-{stamp}")
+}
+
+/// Checks a bookmark name against the journal's and the wire's rule (1 to 255 bytes of
+/// UTF-8, no control characters, not only whitespace: `docs/journal-format.md` 5.4).
+pub fn check_name(name: &str) -> anyhow::Result<()> {
+    Bookmark::new(name, BookmarkKind::User, 0).map(|_| ()).map_err(anyhow::Error::from)
+}
+
+/// The running control socket and periodic bookmark thread of a `protect`.
+pub struct SourceControl {
+    listener: Listener<SourceService>,
+    periodic: Option<(Arc<StopFlag>, JoinHandle<()>)>,
+}
+
+/// A stop flag a sleeping thread is woken by.
+type StopFlag = (Mutex<bool>, Condvar);
+
+impl std::fmt::Debug for SourceControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceControl").field("path", &self.listener.path()).finish()
+    }
+}
+
+impl SourceControl {
+    /// Serves the socket of `args` (default `STATE/control.sock`) over `tap`, the
+    /// shipper's `client`, the pair's status `pair` and its resync `slots` (the same
+    /// [`ResyncSlots`] the pair controller was started with), and starts the periodic
+    /// bookmarks when asked.
+    pub fn start(
+        args: &Args,
+        state: &Path,
+        tap: Arc<Tap>,
+        client: HashClient,
+        pair: PairWatch,
+        slots: Arc<ResyncSlots>,
+    ) -> anyhow::Result<SourceControl> {
+        if args.bookmark_every.is_some() {
+            let sample = periodic_name(&args.bookmark_prefix, Nanos(0));
+            check_name(&sample)
+                .with_context(|| format!("--bookmark-prefix {:?}", args.bookmark_prefix))?;
+        }
+        let path = args.control.clone().unwrap_or_else(|| control::default_socket(state));
+        let last_bookmark = Arc::new(Mutex::new(None));
+        let service = SourceService {
+            tap: tap.clone(),
+            client: client.clone(),
+            pair,
+            slots,
+            last_bookmark: last_bookmark.clone(),
+            verifying: Mutex::new(None),
+        };
+        let listener = Listener::start(&path, service)?;
+        let periodic = match args.bookmark_every {
+            Some(every) => {
+                let stop = Arc::new((Mutex::new(false), Condvar::new()));
+                let (s, prefix) = (stop.clone(), args.bookmark_prefix.clone());
+                let thread = std::thread::Builder::new()
+                    .name("tidemark-bookmarks".into())
+                    .spawn(move || periodic(&tap, &client, every, &prefix, &s, &last_bookmark))
+                    .context("start the periodic bookmark thread")?;
+                Some((stop, thread))
+            }
+            None => None,
+        };
+        Ok(SourceControl { listener, periodic })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        self.listener.path()
+    }
+
+    /// Stops the periodic bookmarks and the socket (a running verify is waited for up to
+    /// a few seconds; a frozen filesystem is thawed before its request ends).
+    pub fn stop(self) {
+        if let Some((stop, thread)) = self.periodic {
+            *stop.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            stop.1.notify_all();
+            let _ = thread.join();
+        }
+        self.listener.stop();
+    }
+}
+
+fn periodic(
+    tap: &Tap,
+    client: &HashClient,
+    every: Duration,
+    prefix: &str,
+    stop: &StopFlag,
+    last: &Mutex<Option<Value>>,
+) {
+    let mut next = Instant::now() + every;
+    loop {
+        {
+            let mut stopped = stop.0.lock().unwrap_or_else(|e| e.into_inner());
+            while !*stopped {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                stopped = stop.1.wait_timeout(stopped, left).unwrap_or_else(|e| e.into_inner()).0;
+            }
+            if *stopped {
+                return;
+            }
+        }
+        next += every;
+        let name = periodic_name(prefix, now());
+        match take_bookmark(tap, client, &name, BookmarkKind::User, last) {
+            Ok(seq) => tracing::info!(name, seq, "periodic bookmark"),
+            Err(e) => eprintln!("periodic bookmark {name:?}: {e:#}"),
+        }
+    }
+}
+
+fn now() -> Nanos {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Nanos(d.as_nanos() as u64)
+}
+
+/// Appends the bookmark to the capture stream; its sequence number.
+fn take_bookmark(
+    tap: &Tap,
+    client: &HashClient,
+    name: &str,
+    kind: BookmarkKind,
+    last: &Mutex<Option<Value>>,
+) -> anyhow::Result<u64> {
+    let bookmark = Bookmark::new(name, kind, 0)?;
+    let captured = tap.bookmark(bookmark).with_context(|| format!("bookmark {name:?}"))?;
+    let seq = match captured {
+        Captured::Spooled(seq) => seq,
+        Captured::OutOfSync | Captured::Nothing => bail!(
+            "bookmark {name:?}: the spool is in overflow (writes are tracked as dirty regions \
+             until a resync), so no point can be marked now"
+        ),
+    };
+    tap.sync_spool().context("sync the spool after the bookmark")?;
+    client.ring();
+    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+        json!({"name": name, "seq": seq.0, "kind": kind_name(kind), "time": points::rfc3339(now())}),
+    );
+    Ok(seq.0)
+}
+
+fn kind_name(kind: BookmarkKind) -> &'static str {
+    match kind {
+        BookmarkKind::Filesystem => "filesystem",
+        BookmarkKind::Application => "application",
+        _ => "user",
+    }
+}
+
+fn parse_kind(s: &str) -> anyhow::Result<BookmarkKind> {
+    Ok(match s {
+        "user" => BookmarkKind::User,
+        "filesystem" => BookmarkKind::Filesystem,
+        "application" => BookmarkKind::Application,
+        other => bail!("bookmark kind {other:?}: expected user, filesystem or application"),
+    })
+}
+
+struct SourceService {
+    tap: Arc<Tap>,
+    client: HashClient,
+    pair: PairWatch,
+    slots: Arc<ResyncSlots>,
+    last_bookmark: Arc<Mutex<Option<Value>>>,
+    /// The running verify's progress, for `status`.
+    verifying: Mutex<Option<Value>>,
+}
+
+impl Service for SourceService {
+    type Conn = ();
+
+    fn role(&self) -> &'static str {
+        "protect"
+    }
+
+    fn ops(&self) -> &'static str {
+        "status, verify or bookmark"
+    }
+
+    fn handle(
+        &self,
+        op: &str,
+        req: &Value,
+        _: &mut (),
+        progress: &mut Progress<'_>,
+    ) -> Option<anyhow::Result<Value>> {
+        Some(match op {
+            "status" => Ok(self.status()),
+            "verify" => self.verify(req, progress),
+            "bookmark" => self.bookmark(req),
+            _ => return None,
+        })
+    }
+}
+
+impl SourceService {
+    fn status(&self) -> Value {
+        let ps = self.pair.status();
+        let s = self.client.status();
+        let t = self.tap.status();
+        json!({
+            "stage": ps.stage.name(),
+            "resyncs": ps.resyncs,
+            "pending_resync_bytes": ps.pending_bytes,
+            "last_error": ps.last_error,
+            "volume_bytes": self.tap.device_len(),
+            "tap": {
+                "last_seq": t.last_seq.0,
+                "durable_seq": t.durable_seq.0,
+                "overflow": t.overflow.as_ref().map(|o| o.cause.clone()),
+            },
+            "shipper": {
+                "state": format!("{:?}", s.state),
+                "acked": s.acked.0,
+                "backlog_bytes": s.backlog_bytes,
+            },
+            "last_bookmark": self.last_bookmark.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "verify": self.verifying.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        })
+    }
+
+    fn set_verifying(&self, v: Option<Value>) {
+        *self.verifying.lock().unwrap_or_else(|e| e.into_inner()) = v;
+    }
+
+    fn verify(&self, req: &Value, progress: &mut Progress<'_>) -> anyhow::Result<Value> {
+        let len = self.tap.device_len();
+        let range = match &req["range"] {
+            Value::Null => None,
+            Value::Array(a) if a.len() == 2 => {
+                let (Some(start), Some(end)) = (a[0].as_u64(), a[1].as_u64()) else {
+                    bail!("verify \"range\" must be [start, end] in bytes");
+                };
+                if start >= end || end > len {
+                    bail!(
+                        "verify range {start}..{end}: expected start < end <= {len} (the volume's size)"
+                    );
+                }
+                Some(start..end)
+            }
+            _ => bail!("verify \"range\" must be [start, end] in bytes"),
+        };
+        let timeout = Duration::from_secs(req["timeout_s"].as_u64().unwrap_or(600));
+        let started = Instant::now();
+        let result = self.verify_inner(range, timeout, progress);
+        self.set_verifying(None);
+        let mut v = result?;
+        v["elapsed_s"] = json!(crate::common::secs(started.elapsed()));
+        Ok(v)
+    }
+
+    fn verify_inner(
+        &self,
+        range: Option<Range<u64>>,
+        timeout: Duration,
+        progress: &mut Progress<'_>,
+    ) -> anyhow::Result<Value> {
+        let until = Instant::now() + timeout;
+        let mut report = |what: &str, p: Value| {
+            let mut p = p;
+            p["step"] = json!(what);
+            self.set_verifying(Some(p.clone()));
+            progress.send(p)
+        };
+        // 1. No resync may run meanwhile: take the pair's slot.
+        let _permit = loop {
+            if let Some(permit) = self.slots.acquire(Some(Duration::from_secs(1))) {
+                break permit;
+            }
+            if !report("waiting for the running resync", json!({})) {
+                bail!("the client went away");
+            }
+            if Instant::now() >= until {
+                bail!("a resync kept running for {timeout:?}: verify did not start");
+            }
+        };
+        let ps = self.pair.status();
+        if ps.stage != PairStage::DiffSync || ps.pending_bytes > 0 {
+            bail!(
+                "the pair is in stage {:?}{}: verify compares the replica only in diff sync, \
+                 once the initial sync and every resync have completed",
+                ps.stage.name(),
+                if ps.pending_bytes > 0 {
+                    format!(" with {} bytes waiting for a resync", ps.pending_bytes)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        // 2. The target holds everything spooled before the verify started.
+        let before = self.tap.sync_spool().context("sync the spool")?;
+        self.client.ring();
+        loop {
+            let s = self.client.status();
+            if s.acked >= before {
+                break;
+            }
+            if !report(
+                "waiting for the target to acknowledge",
+                json!({"seq": before.0, "acked": s.acked.0}),
+            ) {
+                bail!("the client went away");
+            }
+            if Instant::now() >= until {
+                bail!(
+                    "the target did not acknowledge seq {before} within {timeout:?} (acknowledged: \
+                     {}, link {:?}): verify did not compare",
+                    s.acked,
+                    s.state
+                );
+            }
+            self.client.wait_for(Duration::from_secs(1), |s| s.acked >= before);
+        }
+        // 3. The comparison. A limited comparison would be answered by the target from the
+        // tree of the session's last whole comparison when one is cached (stale by now), so
+        // the whole volume is compared and the result cut to the range.
+        let latest = Arc::new(Mutex::new(None));
+        let l = latest.clone();
+        let mut cfg = SyncerConfig::new(VolumeId(0));
+        cfg.request_timeout = timeout;
+        let syncer = Syncer::new(self.tap.clone(), self.client.clone(), cfg)
+            .progress(Arc::new(move |p| *l.lock().unwrap_or_else(|e| e.into_inner()) = Some(p)));
+        let diff = std::thread::scope(|s| {
+            let job = s.spawn(|| syncer.verify(None));
+            let mut client_gone = false;
+            let mut last_sent = Instant::now();
+            while !job.is_finished() {
+                let p = *latest.lock().unwrap_or_else(|e| e.into_inner());
+                // Checked every 50 ms (a short verify answers at once), sent every 500 ms.
+                let due = last_sent.elapsed() >= PROGRESS_EVERY;
+                if let Some(p) = p.filter(|_| due) {
+                    last_sent = Instant::now();
+                    let phase = match p.phase {
+                        Phase::Hashing => "hashing",
+                        Phase::Comparing => "comparing",
+                        Phase::Copying => "copying",
+                    };
+                    if !client_gone && !report(phase, json!({"done": p.done, "total": p.total})) {
+                        // The comparison cannot be cancelled: it ends, unseen.
+                        client_gone = true;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            job.join().map_err(|_| anyhow::anyhow!("the verify thread panicked"))
+        })?
+        .context("verify")?;
+        let after = self.tap.status().last_seq;
+        let ranges: Vec<Range<u64>> = match &range {
+            None => diff.ranges.clone(),
+            Some(r) => diff
+                .ranges
+                .iter()
+                .filter_map(|d| {
+                    let (start, end) = (d.start.max(r.start), d.end.min(r.end));
+                    (start < end).then_some(start..end)
+                })
+                .collect(),
+        };
+        let differing: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let compared = range.as_ref().map_or(self.tap.device_len(), |r| r.end - r.start);
+        Ok(json!({
+            "identical": ranges.is_empty(),
+            "ranges": ranges.iter().map(|r| json!({"start": r.start, "end": r.end})).collect::<Vec<_>>(),
+            "differing_bytes": differing,
+            "compared_bytes": compared,
+            "range": range.as_ref().map(|r| json!([r.start, r.end])),
+            "volume_bytes": self.tap.device_len(),
+            "leaf_bytes": shape_for(self.tap.device_len()).leaf_size(),
+            "acked_seq": before.0,
+            // Events captured while the comparison ran: a difference inside their ranges
+            // may be a write in flight rather than damage.
+            "events_during": after.0.saturating_sub(before.0),
+            "hash_requests": diff.stats.hash_requests,
+            "hashes_exchanged": diff.stats.hashes_exchanged,
+        }))
+    }
+
+    fn bookmark(&self, req: &Value) -> anyhow::Result<Value> {
+        let name = req["name"].as_str().context("bookmark needs a \"name\"")?;
+        check_name(name)?;
+        let kind = parse_kind(req["kind"].as_str().unwrap_or("user"))?;
+        let Some(mountpoint) = req["freeze"].as_str() else {
+            let seq = take_bookmark(&self.tap, &self.client, name, kind, &self.last_bookmark)?;
+            return Ok(json!({"name": name, "seq": seq, "kind": kind_name(kind)}));
+        };
+        let timeout = Duration::from_secs_f64(req["freeze_timeout_s"].as_f64().unwrap_or(30.0));
+        if timeout.is_zero() || timeout > MAX_FREEZE {
+            bail!("freeze timeout {timeout:?}: expected more than 0 and at most {MAX_FREEZE:?}");
+        }
+        let kind = if kind == BookmarkKind::User { BookmarkKind::Filesystem } else { kind };
+        let started = Instant::now();
+        let frozen = Frozen::freeze(Path::new(mountpoint))?;
+        let guard = ThawOnDrop(frozen.clone());
+        let (done, done_rx) = mpsc::channel::<()>();
+        let timer = {
+            let f = frozen.clone();
+            std::thread::Builder::new()
+                .name("tidemark-thaw".into())
+                .spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                        let _ = f.thaw(true);
+                    }
+                })
+                .context("start the thaw timer")
+        };
+        // On an error the guard thaws.
+        let timer = timer?;
+        let taken = take_bookmark(&self.tap, &self.client, name, kind, &self.last_bookmark);
+        let thawed_by_us = frozen.thaw(false);
+        drop(guard);
+        drop(done);
+        let _ = timer.join();
+        let frozen_ms = started.elapsed().as_millis() as u64;
+        let seq = taken?;
+        match thawed_by_us {
+            Ok(true) => {}
+            Ok(false) => bail!(
+                "bookmark {name:?} (seq {seq}) was taken after the freeze timeout ({timeout:?}) \
+                 had thawed {mountpoint}: it is only crash-consistent"
+            ),
+            Err(e) => {
+                bail!("bookmark {name:?} (seq {seq}) taken, but thawing {mountpoint} failed: {e:#}")
+            }
+        }
+        Ok(json!({"name": name, "seq": seq, "kind": kind_name(kind), "frozen_ms": frozen_ms}))
+    }
+}
+
+/// `FIFREEZE` and `FITHAW` (`<linux/fs.h>`: `_IOWR('X', 119, int)`, `_IOWR('X', 120, int)`).
+const FIFREEZE: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_readwrite!(b'X', 119, std::mem::size_of::<nix::libc::c_int>())
+        as nix::sys::ioctl::ioctl_num_type;
+const FITHAW: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_readwrite!(b'X', 120, std::mem::size_of::<nix::libc::c_int>())
+        as nix::sys::ioctl::ioctl_num_type;
+
+/// A filesystem this process froze; thawed exactly once, by whoever comes first.
+struct Frozen {
+    mountpoint: PathBuf,
+    /// The open mountpoint while frozen; `None` once thawed.
+    dir: Mutex<Option<File>>,
+}
+
+impl Frozen {
+    fn freeze(mountpoint: &Path) -> anyhow::Result<Arc<Frozen>> {
+        let dir = File::open(mountpoint)
+            .with_context(|| format!("open the mountpoint {}", mountpoint.display()))?;
+        // SAFETY: FIFREEZE takes an int argument by value (ignored) on a valid open fd; no
+        // memory is passed to the kernel.
+        let r = unsafe { nix::libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            let hint = match e.raw_os_error() {
+                Some(nix::libc::EBUSY) => " (it is already frozen)",
+                Some(nix::libc::EOPNOTSUPP) => " (this filesystem cannot be frozen)",
+                Some(nix::libc::ENOTTY) | Some(nix::libc::EINVAL) => {
+                    " (is it the root of a mounted filesystem?)"
+                }
+                _ => "",
+            };
+            return Err(e).with_context(|| format!("FIFREEZE {}{hint}", mountpoint.display()));
+        }
+        tracing::info!(mountpoint = %mountpoint.display(), "filesystem frozen for a bookmark");
+        Ok(Arc::new(Frozen { mountpoint: mountpoint.to_path_buf(), dir: Mutex::new(Some(dir)) }))
+    }
+
+    /// Thaws if still frozen. `Ok(true)`: this call thawed it; `Ok(false)`: it already was
+    /// (by the timer, or an earlier call).
+    fn thaw(&self, timer: bool) -> std::io::Result<bool> {
+        let Some(dir) = self.dir.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(false);
+        };
+        if timer {
+            eprintln!(
+                "freeze timeout: thawing {} before the bookmark was taken",
+                self.mountpoint.display()
+            );
+        }
+        // SAFETY: as for FIFREEZE: an int by value on a valid open fd.
+        let r = unsafe { nix::libc::ioctl(dir.as_raw_fd(), FITHAW as _, 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FITHAW");
+            return Err(e);
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), timer, "filesystem thawed");
+        Ok(true)
+    }
+}
+
+/// Thaws on every way out of a bookmark request, a panic included.
+struct ThawOnDrop(Arc<Frozen>);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.thaw(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("0m").is_err());
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn periodic_names_are_valid_bookmarks_with_second_precision() {
+        let t = Nanos(1_796_161_500 * Nanos::SECOND + 123_000_000);
+        let name = periodic_name("auto", t);
+        assert_eq!(name, "auto-2026-12-01T21:45:00Z");
+        check_name(&name).unwrap();
+    }
+
+    #[test]
+    fn bad_names_are_refused_with_the_reason() {
+        for (name, reason) in
+            [("", "empty"), (&"x".repeat(256), "255"), ("a\nb", "control"), ("   ", "whitespace")]
+        {
+            let e = format!("{:#}", check_name(name).unwrap_err());
+            assert!(e.contains(reason), "{name:?}: {e}");
+        }
+        check_name(&"x".repeat(255)).unwrap();
+    }
+}
