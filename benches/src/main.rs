@@ -196,12 +196,12 @@ mod tests {
     fn argument_orders() {
         let a = parse(&["--smoke", "all"]).unwrap().unwrap();
         assert!(a.smoke);
-        assert_eq!(a.benches, ["journal", "tap", "sync"]);
+        assert_eq!(a.benches, ["journal", "tap", "sync", "recover"]);
         let a = parse(&["journal", "--smoke", "--dir", "/x"]).unwrap().unwrap();
         assert!(a.smoke);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/x")));
         let a = parse(&["all", "journal", "--dir=/y"]).unwrap().unwrap();
-        assert_eq!(a.benches, ["journal", "tap", "sync"]);
+        assert_eq!(a.benches, ["journal", "tap", "sync", "recover"]);
         assert_eq!(a.dir.as_deref(), Some(Path::new("/y")));
         let a = parse(&["sync", "--smoke"]).unwrap().unwrap();
         assert_eq!(a.benches, ["sync"]);
