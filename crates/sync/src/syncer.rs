@@ -376,17 +376,25 @@ impl Syncer {
             return Ok(());
         }
         let started = Instant::now();
-        let ok =
-            self.client.wait_for(self.cfg.backlog_timeout, |s| s.backlog_bytes <= limit).is_some();
-        if ok {
-            Ok(())
-        } else {
-            Err(SyncerError::Backlog {
-                id,
-                volume: self.cfg.volume,
-                limit,
-                waited: started.elapsed(),
-            })
+        // The spool decides, not the shipper's status: that snapshot is taken when the
+        // shipper last read or trimmed the spool, before the copies appended since (on a
+        // loaded machine it lags by chunks, and the copy then overflowed the spool).
+        loop {
+            if self.tap.status().backlog_bytes <= limit {
+                return Ok(());
+            }
+            let left = self.cfg.backlog_timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(SyncerError::Backlog {
+                    id,
+                    volume: self.cfg.volume,
+                    limit,
+                    waited: started.elapsed(),
+                });
+            }
+            // Woken by the next ack (the spool is trimmed before the status shows it).
+            let seen = self.client.status().acked;
+            self.client.wait_for(left.min(Duration::from_millis(50)), |s| s.acked != seen);
         }
     }
 

@@ -431,9 +431,10 @@ fn wait_stage(pair: &SourcePair, rig: &Rig, resyncs: u64) {
     pair.wait_for(PATIENCE, |s| s.stage == PairStage::DiffSync && s.resyncs >= resyncs)
         .unwrap_or_else(|| {
             panic!(
-                "pair not in diff sync after {resyncs} resyncs: {:?} {:?}",
+                "pair not in diff sync after {resyncs} resyncs: {:?} {:?} RECEIVER {:?}",
                 pair.status(),
-                rig.shipper().status()
+                rig.shipper().status(),
+                rig.receiver.status()
             )
         });
 }
