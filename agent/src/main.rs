@@ -8,6 +8,7 @@ mod demo;
 mod failback;
 mod inspect;
 mod keygen;
+mod limits;
 mod materialize;
 mod metrics;
 mod points;
@@ -87,6 +88,9 @@ enum Command {
     /// Insert a named bookmark into the capture stream of the running `protect`
     /// (optionally with the filesystem frozen, or between pre/post hook scripts).
     Bookmark(bookmark::Args),
+    /// Show or change a running `protect`'s link limits: the bandwidth limit, its daily
+    /// schedule and the cap on concurrent resyncs (through its control socket).
+    Limits(limits::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -118,5 +122,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(args) => profile::run(args),
         Command::Verify(args) => std::process::exit(verify::run(args)),
         Command::Bookmark(args) => bookmark::run(args),
+        Command::Limits(args) => limits::run(args),
     }
 }

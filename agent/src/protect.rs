@@ -95,9 +95,17 @@ pub struct Args {
     /// printed as `metrics: ADDR`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Most bytes per second put on the link, in MiB (default: unlimited).
+    /// Most bytes per second put on the link, in MiB, `0` (paused) or `unlimited` (the
+    /// default); changeable while running with `tidemark limits`.
+    #[arg(long, value_parser = crate::limits::parse_rate)]
+    rate_mib: Option<Rate>,
+    /// Daily windows with their own rate, e.g. `08:00-18:00=10,18:00-08:00=unlimited`
+    /// (MiB/s; UTC unless it ends with `@+HH:MM`); outside them `--rate-mib` applies.
     #[arg(long)]
-    rate_mib: Option<f64>,
+    rate_schedule: Option<String>,
+    /// Most resyncs (and verifies) that run at once.
+    #[arg(long, default_value_t = 1)]
+    resync_slots: u16,
     /// Failback: the target (`receive --replica`) holds an older state of this volume; start
     /// with a fast resync of the whole volume (only differing blocks move).
     #[arg(long)]
@@ -178,13 +186,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let weak: Weak<Tap> = Arc::downgrade(&tap);
     let mut shipper = Shipper::new(tap.shared_spool(), ShipperConfig::new(hello, secure));
-    if let Some(mib) = args.rate_mib {
-        if !(mib > 0.0 && mib.is_finite()) {
-            bail!("--rate-mib {mib}: expected a positive number of MiB per second");
-        }
-        let rate = Rate::BytesPerSec((mib * f64::from(1u32 << 20)) as u64);
-        shipper = shipper.bucket(Arc::new(TokenBucket::new(rate, 1 << 20, Arc::new(SystemClock))?));
+    // Always a bucket (unlimited unless told otherwise), so that `tidemark limits` can
+    // change the rate of a running protection.
+    let bucket = Arc::new(TokenBucket::new(
+        args.rate_mib.unwrap_or(Rate::Unlimited),
+        1 << 20,
+        Arc::new(SystemClock),
+    )?);
+    let schedule_text = args.rate_schedule.clone();
+    if let Some(text) = &schedule_text {
+        let schedule = crate::limits::parse_schedule(text)
+            .map_err(anyhow::Error::msg)
+            .context("--rate-schedule")?;
+        bucket.set_schedule(Some(schedule));
     }
+    if !(1..=64).contains(&args.resync_slots) {
+        bail!("--resync-slots {}: expected 1 to 64", args.resync_slots);
+    }
+    shipper = shipper.bucket(bucket.clone());
     let shipper = shipper
         .observer(Box::new(move |e| {
             if let ShipperEvent::Acked { upto } = e {
@@ -199,8 +218,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut pcfg = SourcePairConfig::new(SyncerConfig::new(VolumeId(0)));
     pcfg.initial_view = initial_view(&args.image);
     pcfg.fresh = fresh;
-    // One slot: a verify through the control socket and a resync never compare at once.
-    let slots = tidemark_sync::shape::ResyncSlots::new(1);
+    // A verify through the control socket takes a slot like a resync; with one slot (the
+    // default) they never compare at once.
+    let slots = tidemark_sync::shape::ResyncSlots::new(usize::from(args.resync_slots));
     pcfg.slots = Some(slots.clone());
     let pair = SourcePair::start(tap.clone(), shipper.hash_client(), pcfg)
         .context("start the pair controller")?;
@@ -241,6 +261,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shipper.hash_client(),
         pair.watch(),
         slots,
+        bucket,
+        schedule_text,
     )?;
     println!("control: {}", control.path().display());
     use std::io::Write as _;

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tidemark_journal::{Bookmark, BookmarkKind, Nanos, VolumeId};
 use tidemark_sync::pair::{PairStage, PairWatch};
 use tidemark_sync::resync::shape_for;
-use tidemark_sync::shape::ResyncSlots;
+use tidemark_sync::shape::{ResyncSlots, TokenBucket};
 use tidemark_sync::ship::HashClient;
 use tidemark_sync::syncer::{Phase, Syncer, SyncerConfig};
 use tidemark_tap::{Captured, Tap};
@@ -116,6 +116,8 @@ impl SourceControl {
         client: HashClient,
         pair: PairWatch,
         slots: Arc<ResyncSlots>,
+        bucket: Arc<TokenBucket>,
+        schedule: Option<String>,
     ) -> anyhow::Result<SourceControl> {
         if args.bookmark_every.is_some() {
             let sample = periodic_name(&args.bookmark_prefix, Nanos(0));
@@ -129,6 +131,8 @@ impl SourceControl {
             client: client.clone(),
             pair,
             slots,
+            bucket,
+            schedule: Mutex::new(schedule),
             last_bookmark: last_bookmark.clone(),
             verifying: Mutex::new(None),
         };
@@ -249,6 +253,10 @@ struct SourceService {
     client: HashClient,
     pair: PairWatch,
     slots: Arc<ResyncSlots>,
+    /// The shipper's token bucket (`limits`).
+    bucket: Arc<TokenBucket>,
+    /// The daily schedule in force, as written (`limits`).
+    schedule: Mutex<Option<String>>,
     last_bookmark: Arc<Mutex<Option<Value>>>,
     /// The running verify's progress, for `status`.
     verifying: Mutex<Option<Value>>,
@@ -262,7 +270,7 @@ impl Service for SourceService {
     }
 
     fn ops(&self) -> &'static str {
-        "status, verify or bookmark"
+        "status, verify, bookmark or limits"
     }
 
     fn handle(
@@ -276,12 +284,27 @@ impl Service for SourceService {
             "status" => Ok(self.status()),
             "verify" => self.verify(req, progress),
             "bookmark" => self.bookmark(req),
+            "limits" => self.limits(req),
             _ => return None,
         })
     }
 }
 
 impl SourceService {
+    /// `limits`: changes what the request sets (all checked first), answers what is in force.
+    fn limits(&self, req: &Value) -> anyhow::Result<Value> {
+        let mut schedule = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(changed) = crate::limits::apply(req, &self.bucket, &self.slots)? {
+            *schedule = changed;
+        }
+        tracing::info!(rate = %self.bucket.status().base_rate, schedule = ?*schedule, slots = self.slots.limit(), "link limits");
+        Ok(crate::limits::status_json(
+            &self.bucket.status(),
+            schedule.as_deref(),
+            self.slots.limit(),
+        ))
+    }
+
     fn status(&self) -> Value {
         let ps = self.pair.status();
         let s = self.client.status();

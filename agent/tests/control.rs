@@ -381,3 +381,53 @@ fn bookmarks_through_protect_recover_on_the_target() {
     cleanup.loops.clear();
     rx.terminate();
 }
+
+#[test]
+fn link_limits_change_while_protect_runs() {
+    // No receiver: protect keeps trying to connect; the limits live in the agent.
+    let p = Pair::new();
+    let (mut px, _) = p.start_protect(
+        "127.0.0.1:9",
+        &["--frontend", "none", "--rate-mib", "50", "--rate-schedule", "08:00-18:00=10"],
+    );
+    let state = p.path("state");
+    let limits = |extra: &[&str]| {
+        let mut args = vec!["limits", "--state", state.as_str(), "--json"];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ok, out) = limits(&[]);
+    assert!(ok, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["rate_mib"], 50.0, "{doc:#}");
+    assert_eq!(doc["schedule"], "08:00-18:00=10", "{doc:#}");
+    assert_eq!(doc["resync_slots"], 1, "{doc:#}");
+
+    let (ok, out) =
+        limits(&["--rate-mib", "2.5", "--schedule", "22:00-06:00=0@+01:00", "--resync-slots", "3"]);
+    assert!(ok, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["rate_mib"], 2.5, "{doc:#}");
+    assert_eq!(doc["schedule"], "22:00-06:00=0@+01:00", "{doc:#}");
+    assert_eq!(doc["resync_slots"], 3, "{doc:#}");
+
+    let (ok, out) = limits(&["--rate-mib", "unlimited", "--no-schedule"]);
+    assert!(ok, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["rate_mib"], "unlimited", "{doc:#}");
+    assert_eq!(doc["rate_now_mib"], "unlimited", "{doc:#}");
+    assert!(doc["schedule"].is_null(), "{doc:#}");
+
+    // Refused, and nothing changed.
+    let (ok, out) = limits(&["--schedule", "08:00-18:00=1,12:00-13:00=2"]);
+    assert!(!ok && out.contains("overlap"), "{out}");
+    let (ok, out) = limits(&["--resync-slots", "0"]);
+    assert!(!ok && out.contains("resync_slots 0: expected a whole number from 1 to 64"), "{out}");
+    let (ok, out) = limits(&[]);
+    assert!(ok, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["resync_slots"], 3, "{doc:#}");
+    assert!(doc["schedule"].is_null(), "{doc:#}");
+    px.terminate();
+}
