@@ -261,8 +261,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shipper.hash_client(),
         pair.watch(),
         slots,
-        bucket,
-        schedule_text,
+        (bucket, schedule_text),
     )?;
     println!("control: {}", control.path().display());
     use std::io::Write as _;

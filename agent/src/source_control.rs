@@ -116,8 +116,7 @@ impl SourceControl {
         client: HashClient,
         pair: PairWatch,
         slots: Arc<ResyncSlots>,
-        bucket: Arc<TokenBucket>,
-        schedule: Option<String>,
+        (bucket, schedule): (Arc<TokenBucket>, Option<String>),
     ) -> anyhow::Result<SourceControl> {
         if args.bookmark_every.is_some() {
             let sample = periodic_name(&args.bookmark_prefix, Nanos(0));
