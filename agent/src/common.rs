@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tidemark_journal::{BlockIo, FileIo, FsDir, RetentionConfig, RetentionLog, SystemClock};
@@ -50,6 +51,28 @@ pub fn open_log(dir: &Path, block_size: u32) -> anyhow::Result<RetentionLog> {
         );
     }
     Ok(log)
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d`, `250ms` or a bare number of seconds.
+/// The one duration syntax of every command line option (`--retain`, `--tier`,
+/// `--bookmark-every`, `profile --retention`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 =
+        num.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0).ok_or_else(|| {
+            format!("duration {text:?}: expected a number and a unit (s, m, h, d)")
+        })?;
+    let scale = match unit {
+        "" | "s" => 1.0,
+        "ms" => 0.001,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => return Err(format!("duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs_f64(n * scale))
 }
 
 /// Seconds as a float with millisecond precision (for status documents).

@@ -64,24 +64,9 @@ pub struct Args {
     mountpoint: Option<PathBuf>,
 }
 
-/// Parses `90s`, `30m`, `24h`, `7d`, `2w` or plain seconds.
+/// [`crate::common::parse_duration`], as an `anyhow` result.
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let t = text.trim();
-    let (num, unit) =
-        t.split_at(t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len()));
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("duration {text:?}: expected a number with s, m, h, d or w"))?;
-    let scale = match unit {
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86_400.0,
-        "w" => 604_800.0,
-        other => bail!("duration {text:?}: unit {other:?}, expected s, m, h, d or w"),
-    };
-    Duration::try_from_secs_f64(n * scale)
-        .with_context(|| format!("duration {text:?} out of range"))
+    crate::common::parse_duration(text).map_err(anyhow::Error::msg)
 }
 
 /// What one interval of capture time held.

@@ -36,6 +36,7 @@ use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
 use tidemark_sync::secure::SecureConfig;
 use tidemark_sync::wire::PairId;
 
+use crate::common::parse_duration;
 use crate::{common, control, metrics, signals, status};
 
 #[derive(Debug, clap::Args)]
@@ -108,26 +109,6 @@ pub struct Args {
 const LINE_EVERY: Duration = Duration::from_secs(5);
 /// Wait before reopening a journal that failed (a full disk, an I/O error).
 const REOPEN_AFTER: Duration = Duration::from_secs(2);
-
-/// Parses `90s`, `30m`, `24h`, `7d`, `250ms` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 =
-        num.parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0).ok_or_else(|| {
-            format!("duration {text:?}: expected a number and a unit (s, m, h, d)")
-        })?;
-    let scale = match unit {
-        "" | "s" => 1.0,
-        "ms" => 0.001,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
-        other => return Err(format!("duration {text:?}: unknown unit {other:?} (ms, s, m, h, d)")),
-    };
-    Ok(Duration::from_secs_f64(n * scale))
-}
 
 /// Parses a tier `AGE=EVERY`.
 pub fn parse_tier(text: &str) -> Result<Tier, String> {

@@ -57,23 +57,14 @@ pub const MAX_FREEZE: Duration = Duration::from_secs(600);
 /// How often a long op sends a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// Parses `90s`, `15m`, `2h`, `1d` or plain seconds.
+/// Parses a bookmark period: a duration ([`crate::common::parse_duration`]) of at least
+/// one second.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 =
-        digits.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        other => return Err(format!("{s:?}: unknown unit {other:?}; expected s, m, h or d")),
-    };
-    if secs == 0 {
+    let d = crate::common::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
         return Err(format!("{s:?}: the period must be at least one second"));
     }
-    Ok(Duration::from_secs(secs))
+    Ok(d)
 }
 
 /// The name of a periodic bookmark taken at `t`: `PREFIX-YYYY-MM-DDTHH:MM:SSZ`.
