@@ -54,6 +54,18 @@ pub fn open_log(dir: &Path, block_size: u32) -> anyhow::Result<RetentionLog> {
 }
 
 /// Parses `90s`, `30m`, `24h`, `7d`, `250ms` or a bare number of seconds.
+/// Opens a volume to capture (`protect`, `profile`): the image file or block device and its
+/// length, which must be a positive multiple of 4096 (the tap's and the wire's block).
+pub fn open_volume(image: &Path) -> anyhow::Result<(FileIo, u64)> {
+    let device =
+        FileIo::open(image).with_context(|| format!("open the volume {}", image.display()))?;
+    let len = device.len().with_context(|| format!("size of {}", image.display()))?;
+    if len == 0 || len % 4096 != 0 {
+        bail!("{} holds {len} bytes: expected a positive multiple of 4096", image.display());
+    }
+    Ok((device, len))
+}
+
 /// The one duration syntax of every command line option (`--retain`, `--tier`,
 /// `--bookmark-every`, `profile --retention`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -18,14 +18,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 use tidemark_journal::format::RECORD_HEADER_LEN;
-use tidemark_journal::{
-    BlockIo, Clock, Event, FileIo, FsDir, Nanos, Seq, Spool, SpoolConfig, SystemClock,
-};
+use tidemark_journal::{Clock, Event, FileIo, FsDir, Nanos, Seq, Spool, SpoolConfig, SystemClock};
 use tidemark_sync::ship::ShipperConfig;
 use tidemark_tap::{FuseLoopConfig, FuseLoopFrontend, IntentConfig, IntentMap, Tap, TapConfig};
 
 use crate::protect::Frontend;
-use crate::{signals, status};
+use crate::{common, signals, status};
 
 /// The zstd level the shipper starts at (`ShipperConfig`'s default compression).
 pub const SHIPPING_LEVEL: i32 = 1;
@@ -451,15 +449,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.state.display()
         );
     }
-    let device = FileIo::open(&args.image)
-        .with_context(|| format!("open the volume {}", args.image.display()))?;
-    let vol_len = device.len().with_context(|| format!("size of {}", args.image.display()))?;
-    if vol_len == 0 || vol_len % 4096 != 0 {
-        bail!(
-            "{} holds {vol_len} bytes: expected a positive multiple of 4096",
-            args.image.display()
-        );
-    }
+    let (device, vol_len) = common::open_volume(&args.image)?;
     let (spool, _) = Spool::open(
         Arc::new(FsDir::new(&spool_dir)?),
         SpoolConfig { capacity_bytes: 1 << 30, segment_bytes: 16 << 20, key: None },

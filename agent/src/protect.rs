@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tidemark_journal::{BlockIo, Event, FileIo, FsDir, Spool, SpoolConfig, SystemClock, VolumeId};
+use tidemark_journal::{Event, FileIo, FsDir, Spool, SpoolConfig, SystemClock, VolumeId};
 use tidemark_sync::pair::{PairStatus, SourcePair, SourcePairConfig};
 use tidemark_sync::resync::{BlockSource, Ext4InUse, FileSource};
 use tidemark_sync::shape::{Rate, TokenBucket};
@@ -142,15 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
     };
 
-    let device = FileIo::open(&args.image)
-        .with_context(|| format!("open the protected volume {}", args.image.display()))?;
-    let vol_len = device.len().with_context(|| format!("size of {}", args.image.display()))?;
-    if vol_len == 0 || vol_len % 4096 != 0 {
-        bail!(
-            "{} holds {vol_len} bytes: expected a positive multiple of 4096",
-            args.image.display()
-        );
-    }
+    let (device, vol_len) = common::open_volume(&args.image)?;
     let (spool, _) = Spool::open(
         Arc::new(FsDir::new(&spool_dir)?),
         SpoolConfig { capacity_bytes: args.spool_mib << 20, segment_bytes: 16 << 20, key: None },
