@@ -137,17 +137,6 @@ impl Setup {
     }
 }
 
-/// Waits until the target acknowledged everything `protect` captured up to now.
-fn wait_caught_up(state: &Path) -> Value {
-    let after = now_ms();
-    wait_status(state, "everything acknowledged in diff sync", |v| {
-        v["updated_ms"].as_u64().is_some_and(|t| t > after)
-            && v["stage"] == "diff sync"
-            && v["shipper"]["backlog_bytes"] == 0
-            && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
-    })
-}
-
 #[test]
 fn ext4_replicated_through_fuse_frontend() {
     require_env!("ext4_replicated_through_fuse_frontend");

@@ -113,16 +113,6 @@ impl Sites {
     }
 }
 
-fn wait_caught_up(state: &Path) -> Value {
-    let after = now_ms();
-    wait_status(state, "everything acknowledged in diff sync", |v| {
-        v["updated_ms"].as_u64().is_some_and(|t| t > after)
-            && v["stage"] == "diff sync"
-            && v["shipper"]["backlog_bytes"] == 0
-            && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
-    })
-}
-
 /// Stops `protect` (SIGTERM: drain) and returns the last seq it spooled, checking in its
 /// final status that the target acknowledged all of it.
 fn drain(px: &mut Proc, state: &Path) -> u64 {

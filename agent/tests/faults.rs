@@ -302,17 +302,6 @@ fn differing_ranges(a: &Path, b: &Path) -> Vec<(u64, u64)> {
     out
 }
 
-/// Waits until the source acknowledged everything it captured, in diff sync.
-fn wait_caught_up(state: &Path) -> Value {
-    let after = now_ms();
-    wait_status(state, "everything acknowledged in diff sync", |v| {
-        v["updated_ms"].as_u64().is_some_and(|t| t > after)
-            && v["stage"] == "diff sync"
-            && v["shipper"]["backlog_bytes"] == 0
-            && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
-    })
-}
-
 /// Waits until the receiver's status (written by process `pid`, if given) satisfies `pred`.
 fn wait_rx(dir: &Path, what: &str, pid: Option<u64>, pred: impl Fn(&Value) -> bool) -> Value {
     wait_status(dir, what, |v| pid.is_none_or(|p| v["pid"] == p) && pred(v))

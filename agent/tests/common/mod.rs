@@ -201,6 +201,18 @@ pub fn tidemark(args: &[&str]) -> String {
     run(BIN, args)
 }
 
+/// Waits until `protect` (its `state` directory's status) is in diff sync with everything
+/// it captured up to now acknowledged by the target.
+pub fn wait_caught_up(state: &Path) -> Value {
+    let after = now_ms();
+    wait_status(state, "everything acknowledged in diff sync", |v| {
+        v["updated_ms"].as_u64().is_some_and(|t| t > after)
+            && v["stage"] == "diff sync"
+            && v["shipper"]["backlog_bytes"] == 0
+            && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
+    })
+}
+
 /// Polls `dir/status.json` until `pred` holds; returns the document.
 pub fn wait_status(dir: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let path = dir.join("status.json");
