@@ -63,6 +63,7 @@ use tidemark_journal::{
 };
 
 use crate::error::{Result, TapError};
+use crate::gate::{HoldStatus, WriteGate, WriteHold};
 use crate::intent::{IntentMap, IntentStatus, WriteIntent};
 use crate::regions::{RegionRun, RegionSet};
 
@@ -193,6 +194,8 @@ pub struct Tap {
     cfg: TapConfig,
     capture: Mutex<Capture>,
     order: Arc<ArrivalOrder>,
+    /// Write holds for consistency-group bookmarks (`crate::gate`).
+    gate: WriteGate,
 }
 
 impl Tap {
@@ -248,6 +251,7 @@ impl Tap {
             cfg,
             capture: Mutex::new(capture),
             order: Arc::new(ArrivalOrder::default()),
+            gate: WriteGate::default(),
         })
     }
 
@@ -357,6 +361,36 @@ impl Tap {
         self.wait_durable(captured)
     }
 
+    /// Holds writes for a consistency-group bookmark (`crate::gate`): until
+    /// [`Tap::release_writes`] or the end of `lease`, [`Tap::begin_mutation`] admits no new
+    /// mutation (mutations already begun finish). One hold at a time.
+    pub fn hold_writes(&self, lease: Duration) -> Result<WriteHold> {
+        self.gate.hold(lease).map_err(TapError::Hold)
+    }
+
+    /// Ends the hold `token`; an error when it is not in force any more (its lease ran
+    /// out: writes resumed already).
+    pub fn release_writes(&self, token: u64) -> Result<()> {
+        self.gate.release(token).map_err(TapError::Hold)
+    }
+
+    /// Appends `bookmark` while the hold `token` is in force, then syncs the device as
+    /// [`Tap::bookmark`] does. Refused, with nothing appended, when the hold is not in force
+    /// (its lease ran out: writes were admitted since it started).
+    pub fn bookmark_held(&self, token: u64, bookmark: Bookmark) -> Result<Captured> {
+        let captured = self
+            .gate
+            .while_held(token, || self.begin_bookmark(bookmark))
+            .map_err(TapError::Hold)?;
+        self.sync_device()?;
+        self.wait_durable(captured)
+    }
+
+    /// The write gate's hold in force and counters.
+    pub fn hold_status(&self) -> HoldStatus {
+        self.gate.status()
+    }
+
     /// Split API, step 1 of a mutation (see the module documentation): checks the range,
     /// marks its regions durably in the write-intent map (with the hot-bound policy applied;
     /// this may write and sync the map, and under [`HotFullPolicy::Wait`] wait for
@@ -365,6 +399,8 @@ impl Tap {
     /// calls [`Tap::finish_write`] or [`Tap::finish_range`].
     pub fn begin_mutation(&self, kind: Mutation, offset: u64, len: u64) -> Result<PendingMutation> {
         self.check_range(offset, len)?;
+        // A write hold in force (a group bookmark being cut) admits nothing until it ends.
+        self.gate.pass();
         let intent = self.intent_for(offset, len)?;
         let ticket = (len > 0).then(|| self.order.enter(offset, offset + len));
         Ok(PendingMutation {

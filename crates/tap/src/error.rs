@@ -230,6 +230,9 @@ pub enum TapError {
         cause: String,
     },
     /// A configuration value is invalid.
+    /// A write hold (consistency-group bookmark) was refused or is no longer in force.
+    #[error("{0}")]
+    Hold(crate::gate::HoldRefusal),
     #[error("invalid configuration: {0}")]
     Config(String),
     /// A FUSE frontend's mount point is already mounted by something alive (another

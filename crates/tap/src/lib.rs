@@ -12,6 +12,8 @@
 //! - [`ublk`]: the ublk frontend, a user-space block device server over io_uring that
 //!   passes `/dev/ublkbN` through to the protected device via a [`Tap`] (Linux >= 6.0).
 //!
+//! - [`gate`]: the write gate, a bounded hold on new mutations for a consistency group's
+//!   bookmark.
 //! - [`fuse`]: the FUSE + loop frontend, the fallback where ublk is missing: the volume as a
 //!   file on a FUSE mount with a loop device over it, every request through a [`Tap`], or
 //!   through any other [`BlockBackend`] (a virtual snapshot).
@@ -20,6 +22,7 @@ pub mod capture;
 pub mod dmlog;
 pub mod error;
 pub mod fuse;
+pub mod gate;
 pub mod intent;
 mod le;
 pub mod regions;
@@ -34,6 +37,7 @@ pub use error::{Result, TapError};
 pub use fuse::{
     BlockBackend, FuseCounters, FuseLoopConfig, FuseLoopFrontend, LoopDevice, LoopOptions,
 };
+pub use gate::{HoldRefusal, HoldStatus, MAX_HOLD_LEASE, WriteHold};
 pub use intent::{IntentConfig, IntentMap, IntentOpenReport, IntentStatus, WriteIntent};
 pub use regions::{RegionRun, RegionSet};
 pub use ublk::{UblkConfig, UblkServer, UblkStats};
