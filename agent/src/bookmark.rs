@@ -24,12 +24,24 @@ use crate::verify::connect;
 pub struct Args {
     /// The bookmark's name: 1 to 255 bytes of UTF-8, no control characters.
     name: String,
-    /// The state directory of the running `tidemark protect`.
-    #[arg(long)]
-    state: PathBuf,
-    /// Its control socket (default: STATE/control.sock).
+    /// The state directory of the running `tidemark protect`. Given more than once: a
+    /// group bookmark across those pairs (one cut across their volumes).
+    #[arg(long, required_unless_present = "group")]
+    state: Vec<PathBuf>,
+    /// Its control socket (default: STATE/control.sock; with one --state only).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// A group bookmark across the protect pairs of this `[group.NAME]` of the
+    /// configuration file.
+    #[arg(long, conflicts_with_all = ["state", "control", "freeze"])]
+    group: Option<String>,
+    /// The configuration file (with --group).
+    #[arg(long, default_value = crate::up::DEFAULT_CONFIG, requires = "group")]
+    config: PathBuf,
+    /// Group bookmarks: how long each member holds its writes at most, in seconds (a
+    /// member lets itself go then, whatever happens to this client).
+    #[arg(long, default_value_t = 10.0)]
+    hold_lease: f64,
     /// Freeze the filesystem mounted here (on the protected device) around the bookmark.
     #[arg(long)]
     freeze: Option<PathBuf>,
@@ -55,6 +67,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     check_name(&args.name).context("bad bookmark name")?;
+    if args.group.is_some() || args.state.len() > 1 {
+        return run_group(&args);
+    }
+    if args.state.len() != 1 {
+        bail!("--state: expected the state directory of a running `tidemark protect`");
+    }
     if !(args.freeze_timeout > 0.0 && args.freeze_timeout <= MAX_FREEZE.as_secs_f64()) {
         bail!(
             "--freeze-timeout {}: expected more than 0 and at most {} seconds",
@@ -62,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             MAX_FREEZE.as_secs()
         );
     }
-    let mut client = connect(&args.state, args.control.as_ref())?;
+    let mut client = connect(&args.state[0], args.control.as_ref())?;
     let kind = if args.pre.is_some() || args.post.is_some() {
         "application"
     } else if args.freeze.is_some() {
@@ -135,11 +153,83 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A group bookmark (`crate::group`): hooks once around the whole cut, here.
+fn run_group(args: &Args) -> anyhow::Result<()> {
+    if args.freeze.is_some() {
+        bail!("--freeze is not supported with a group bookmark yet");
+    }
+    if args.control.is_some() {
+        bail!("--control names one pair's socket; a group's members use STATE/control.sock");
+    }
+    if !(args.hold_lease > 0.0 && args.hold_lease <= tidemark_tap::MAX_HOLD_LEASE.as_secs_f64()) {
+        bail!(
+            "--hold-lease {}: expected more than 0 and at most {} seconds",
+            args.hold_lease,
+            tidemark_tap::MAX_HOLD_LEASE.as_secs()
+        );
+    }
+    let members =
+        crate::group::members(args.group.as_deref(), &args.config, &args.state, "protect")?;
+    let kind = if args.pre.is_some() || args.post.is_some() { "application" } else { "user" };
+    let taken = (|| {
+        if let Some(pre) = &args.pre {
+            hook("pre", pre, args, None)?;
+        }
+        crate::group::bookmark(&args.name, kind, &members, Duration::from_secs_f64(args.hold_lease))
+    })();
+    let post = match &args.post {
+        Some(post) => {
+            let answer =
+                taken.as_ref().ok().map(|m| json!({"seq": m.marks.first().map(|x| x.seq)}));
+            hook("post", post, args, Some(answer.as_ref()))
+        }
+        None => Ok(()),
+    };
+    let mark = taken?;
+    post?;
+    if args.wait {
+        crate::group::wait_acked(&members, &mark, Duration::from_secs(args.wait_timeout))?;
+    }
+    let group = crate::source_control::group_hex(mark.group);
+    if args.json {
+        let doc = json!({
+            "name": args.name,
+            "kind": kind,
+            "group": group,
+            "held_ms": mark.held.as_millis() as u64,
+            "members": mark.marks.iter().zip(&members).map(|(m, g)| json!({
+                "member": m.member, "state": g.dir.display().to_string(), "seq": m.seq,
+            })).collect::<Vec<_>>(),
+            "acked": args.wait,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "group bookmark {:?} ({kind}): group {group}, {} members, writes held {} ms{}",
+            args.name,
+            mark.marks.len(),
+            mark.held.as_millis(),
+            if args.wait { ", acknowledged by every target" } else { "" }
+        );
+        for m in &mark.marks {
+            println!("  {}: seq {}", m.member, m.seq);
+        }
+    }
+    Ok(())
+}
+
 /// Runs a hook; an error when it cannot start or exits non-zero. `result`: for the post
 /// hook, the bookmark's answer (`None` inside when it failed).
 fn hook(which: &str, cmd: &str, args: &Args, result: Option<Option<&Value>>) -> anyhow::Result<()> {
     let mut c = Command::new("sh");
-    c.arg("-c").arg(cmd).env("TIDEMARK_BOOKMARK", &args.name).env("TIDEMARK_STATE", &args.state);
+    let states: Vec<String> = args.state.iter().map(|s| s.display().to_string()).collect();
+    c.arg("-c")
+        .arg(cmd)
+        .env("TIDEMARK_BOOKMARK", &args.name)
+        .env("TIDEMARK_STATE", states.join(":"));
+    if let Some(g) = &args.group {
+        c.env("TIDEMARK_GROUP", g);
+    }
     if let Some(r) = result {
         c.env("TIDEMARK_BOOKMARK_RESULT", if r.is_some() { "ok" } else { "failed" });
         if let Some(seq) = r.and_then(|v| v["seq"].as_u64()) {

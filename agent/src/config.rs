@@ -135,13 +135,50 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A parsed configuration: the pairs by name, in file order.
+/// A consistency group of the file (`[group.NAME]`): pairs of one role whose volumes get
+/// one bookmark across all of them and are recovered together
+/// (`docs/consistency-groups.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// The group's name.
+    pub name: String,
+    /// Its pairs' names, in the file's order (all of one role).
+    pub pairs: Vec<String>,
+    /// Their role: `protect` (bookmarks are taken there) or `receive` (recovered there).
+    pub role: String,
+    /// The `[group.NAME]` header.
+    pub header: Span,
+}
+
+/// A parsed configuration: the pairs by name, in file order, and the groups of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub pairs: Vec<PairConfig>,
+    pub groups: Vec<GroupConfig>,
+}
+
+impl PairConfig {
+    /// The value the pair gives option `long` (from its own keys or the defaults), when it
+    /// gives one.
+    pub fn value(&self, long: &str) -> Option<&str> {
+        let prefix = format!("--{long}=");
+        self.args.iter().rev().find_map(|a| a.strip_prefix(&prefix))
+    }
 }
 
 impl Config {
+    /// The group named `name`, or an error listing the groups the file has.
+    pub fn group(&self, name: &str) -> Result<&GroupConfig, String> {
+        self.groups.iter().find(|g| g.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
+            if names.is_empty() {
+                format!("no group named {name:?}: the file defines no [group.NAME] tables")
+            } else {
+                format!("no group named {name:?}; the file defines: {}", names.join(", "))
+            }
+        })
+    }
+
     /// The pair named `name`, or an error listing the pairs the file has.
     pub fn pair(&self, name: &str) -> Result<&PairConfig, String> {
         self.pairs.iter().find(|p| p.name == name).ok_or_else(|| {
@@ -172,13 +209,17 @@ pub fn parse(file: &str, text: &str, commands: &[CommandSpec]) -> Result<Config,
         let key_span = root.key(key).and_then(|k| k.span());
         match key {
             "version" => version = Some(item),
-            "defaults" | "pair" => {
+            "defaults" | "pair" | "group" => {
                 if !item.is_table() {
                     return Err(err(
                         key_span,
                         format!(
                             "`{key}` must be a table (`[{key}]`{}), not {}",
-                            if key == "pair" { " with `[pair.NAME]` under it" } else { "" },
+                            if key == "defaults" {
+                                String::new()
+                            } else {
+                                format!(" with `[{key}.NAME]` under it")
+                            },
                             item.type_name()
                         ),
                     ));
@@ -188,7 +229,7 @@ pub fn parse(file: &str, text: &str, commands: &[CommandSpec]) -> Result<Config,
                 return Err(err(
                     key_span,
                     format!(
-                        "unknown top-level key `{other}`: expected `version`, `[defaults]` or `[pair.NAME]` tables"
+                        "unknown top-level key `{other}`: expected `version`, `[defaults]`, `[pair.NAME]` or `[group.NAME]` tables"
                     ),
                 ));
             }
@@ -236,9 +277,127 @@ pub fn parse(file: &str, text: &str, commands: &[CommandSpec]) -> Result<Config,
     }
 
     let mut pairs = Vec::new();
-    let Some(pair_table) = root.get("pair").and_then(Item::as_table) else {
-        return Ok(Config { pairs });
+    if let Some(pair_table) = root.get("pair").and_then(Item::as_table) {
+        parse_pairs(pair_table, defaults, commands, text, &err, &mut pairs)?;
+    }
+    let groups = match root.get("group").and_then(Item::as_table) {
+        Some(t) => parse_groups(t, &pairs, text, &err)?,
+        None => Vec::new(),
     };
+    Ok(Config { pairs, groups })
+}
+
+/// The `[group.NAME]` tables: `pairs = ["a", "b", ...]`, at least two distinct pairs of the
+/// file, all of one role.
+fn parse_groups(
+    table: &Table,
+    pairs: &[PairConfig],
+    text: &str,
+    err: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<Vec<GroupConfig>, ConfigError> {
+    let mut groups = Vec::new();
+    for (name, item) in table.iter() {
+        let name_span = table.key(name).and_then(|k| k.span());
+        let Some(g) = item.as_table() else {
+            return Err(err(
+                name_span,
+                format!(
+                    "`group.{name}` must be a table (`[group.{name}]`), not {}",
+                    item.type_name()
+                ),
+            ));
+        };
+        check_name(name)
+            .map_err(|m| err(name_span.clone(), m.replacen("pair name", "group name", 1)))?;
+        let header = g.span().or(name_span.clone()).unwrap_or(0..0);
+        for (key, _) in g.iter() {
+            if key != "pairs" {
+                return Err(err(
+                    g.key(key).and_then(|k| k.span()),
+                    format!("group `{name}`: unknown key `{key}`; a group has only `pairs`"),
+                ));
+            }
+        }
+        let Some(list_item) = g.get("pairs") else {
+            return Err(err(
+                Some(header),
+                format!("group `{name}` has no `pairs`: expected `pairs = [\"a\", \"b\"]`"),
+            ));
+        };
+        let Some(list) = list_item.as_array() else {
+            return Err(err(
+                list_item.span(),
+                format!(
+                    "group `{name}`: `pairs` must be a list of pair names, not {}",
+                    describe(list_item)
+                ),
+            ));
+        };
+        let mut members: Vec<String> = Vec::new();
+        let mut role: Option<&str> = None;
+        for v in list.iter() {
+            let Some(member) = v.as_str() else {
+                return Err(err(
+                    v.span(),
+                    format!("group `{name}`: a pair name is a string, not {}", v.type_name()),
+                ));
+            };
+            let Some(pair) = pairs.iter().find(|p| p.name == member) else {
+                let known: Vec<&str> = pairs.iter().map(|p| p.name.as_str()).collect();
+                return Err(err(
+                    v.span(),
+                    format!(
+                        "group `{name}`: no pair named {member:?}; the file defines: {}",
+                        if known.is_empty() { "no pairs".to_owned() } else { known.join(", ") }
+                    ),
+                ));
+            };
+            if members.iter().any(|m| m == member) {
+                return Err(err(
+                    v.span(),
+                    format!("group `{name}`: pair {member:?} is listed twice"),
+                ));
+            }
+            match role {
+                Some(r) if r != pair.role => {
+                    return Err(err(
+                        v.span(),
+                        format!(
+                            "group `{name}`: pair {member:?} has role {:?} but {:?} has {r:?}: a \
+                             group's pairs are all sources (protect) or all targets (receive)",
+                            pair.role, members[0]
+                        ),
+                    ));
+                }
+                _ => role = Some(&pair.role),
+            }
+            members.push(member.to_owned());
+        }
+        if members.len() < 2 {
+            return Err(err(
+                list_item.span(),
+                format!("group `{name}`: expected at least two pairs, found {}", members.len()),
+            ));
+        }
+        groups.push(GroupConfig {
+            name: name.to_owned(),
+            role: role.unwrap_or_default().to_owned(),
+            pairs: members,
+            header: Span::locate(text, header),
+        });
+    }
+    Ok(groups)
+}
+
+/// The `[pair.NAME]` tables, appended to `pairs`.
+fn parse_pairs(
+    pair_table: &Table,
+    defaults: &Table,
+    commands: &[CommandSpec],
+    text: &str,
+    err: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+    pairs: &mut Vec<PairConfig>,
+) -> Result<(), ConfigError> {
     for (name, item) in pair_table.iter() {
         let name_span = pair_table.key(name).and_then(|k| k.span());
         let Some(table) = item.as_table() else {
@@ -377,7 +536,7 @@ pub fn parse(file: &str, text: &str, commands: &[CommandSpec]) -> Result<Config,
             header: header_span,
         });
     }
-    Ok(Config { pairs })
+    Ok(())
 }
 
 /// Points at the place a refused value came from: `long` is the option the command named
@@ -573,6 +732,63 @@ size = 268435456
         assert_eq!(dr.sources["key"].line, 19);
         let missing = config.pair("web").unwrap_err();
         assert!(missing.contains("db, db-dr"), "{missing}");
+    }
+
+    const GROUPS: &str = r#"version = 1
+
+[pair.a]
+role = "protect"
+id = "5eed0123456789abcdef0123456789ab"
+image = "/srv/a.img"
+state = "/var/lib/tidemark/a"
+key = "k"
+
+[pair.b]
+role = "protect"
+id = "5eed0123456789abcdef0123456789ac"
+image = "/srv/b.img"
+state = "/var/lib/tidemark/b"
+key = "k"
+
+[pair.c]
+role = "receive"
+id = "5eed0123456789abcdef0123456789ad"
+dir = "/srv/c"
+key = "k"
+size = 4096
+
+[group.shop]
+pairs = ["a", "b"]
+"#;
+
+    #[test]
+    fn groups_name_pairs_of_one_role() {
+        let config = parse_sample(GROUPS).unwrap();
+        let g = config.group("shop").unwrap();
+        assert_eq!(
+            (g.pairs.as_slice(), g.role.as_str()),
+            (["a", "b"].map(String::from).as_slice(), "protect")
+        );
+        assert_eq!(g.header.line, 24);
+        assert_eq!(config.pair("b").unwrap().value("state"), Some("/var/lib/tidemark/b"));
+        assert!(config.group("nope").unwrap_err().contains("shop"));
+        let cases: [(&str, &str, usize, usize); 6] = [
+            (r#"pairs = ["a", "x"]"#, "no pair named \"x\"", 25, 15),
+            (r#"pairs = ["a", "c"]"#, "has role \"receive\"", 25, 15),
+            (r#"pairs = ["a", "a"]"#, "listed twice", 25, 15),
+            (r#"pairs = ["a"]"#, "at least two pairs", 25, 9),
+            (r#"pairs = "a""#, "must be a list", 25, 9),
+            (r#"members = ["a", "b"]"#, "unknown key `members`", 25, 1),
+        ];
+        for (line, want, l, c) in cases {
+            let text = GROUPS.replace(r#"pairs = ["a", "b"]"#, line);
+            let e = parse_sample(&text).expect_err(line);
+            assert!(e.message.contains(want), "{line}: {e}");
+            let at = e.at.expect("a place");
+            assert_eq!((at.line, at.column), (l, c), "{line}: {e}");
+        }
+        let e = parse_sample(&GROUPS.replace("[group.shop]\n", "[group.\"s p\"]\n")).unwrap_err();
+        assert!(e.message.contains("group name"), "{e}");
     }
 
     #[test]

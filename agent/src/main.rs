@@ -6,6 +6,7 @@ mod common;
 mod control;
 mod demo;
 mod failback;
+mod group;
 mod inspect;
 mod keygen;
 mod limits;

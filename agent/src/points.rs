@@ -50,13 +50,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let points = doc["points"].as_array().cloned().unwrap_or_default();
     println!("{} recovery points in {} (read from the {via}):", points.len(), args.dir.display());
-    println!("{:>12}  {:<30}  {:<11}  BOOKMARK", "SEQ", "TIME (UTC)", "KIND");
+    println!("{:>12}  {:<30}  {:<11}  {:<16}  BOOKMARK", "SEQ", "TIME (UTC)", "KIND", "GROUP");
     for p in &points {
         println!(
-            "{:>12}  {:<30}  {:<11}  {}",
+            "{:>12}  {:<30}  {:<11}  {:<16}  {}",
             p["seq"],
             p["time"].as_str().unwrap_or("?"),
             p["kind"].as_str().unwrap_or("?"),
+            p["group"].as_str().unwrap_or("-"),
             p["bookmark"].as_str().unwrap_or("")
         );
     }
@@ -86,7 +87,7 @@ pub fn point_json(p: &PointInfo) -> Value {
     let (kind, bookmark) = match &p.kind {
         PointKind::Base => ("base", None),
         PointKind::Barrier => ("barrier", None),
-        PointKind::Bookmark(b) => ("bookmark", Some(b.name.clone())),
+        PointKind::Bookmark(b) => ("bookmark", Some(b)),
         PointKind::Latest => ("latest", None),
         PointKind::ResyncEnd { .. } => ("resync-end", None),
     };
@@ -95,7 +96,11 @@ pub fn point_json(p: &PointInfo) -> Value {
         "time_ns": p.time.0,
         "time": rfc3339(p.time),
         "kind": kind,
-        "bookmark": bookmark,
+        "bookmark": bookmark.map(|b| b.name.clone()),
+        // A consistency group's bookmark: its id, 16 hexadecimal digits.
+        "group": bookmark
+            .filter(|b| b.group != 0)
+            .map(|b| crate::source_control::group_hex(b.group)),
     })
 }
 

@@ -31,14 +31,28 @@ use serde_json::{Value, json};
 use tidemark_journal::VolumeId;
 
 use crate::control::{self, Client};
+use crate::group;
+use crate::source_control::{group_hex, parse_group_id};
 use crate::vsnaps::{Mode, Registry};
 use crate::{common, points, signals};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The directory of `tidemark receive` (replica.img, journal/, control.sock).
+    /// The directory of `tidemark receive` (replica.img, journal/, control.sock). Given more
+    /// than once: the volumes of a consistency group, all recovered at one group bookmark.
+    #[arg(long, required_unless_present = "group")]
+    dir: Vec<PathBuf>,
+    /// Recover the receive pairs of this `[group.NAME]` of the configuration file, all at
+    /// one group bookmark.
+    #[arg(long, conflicts_with_all = ["dir", "control"])]
+    group: Option<String>,
+    /// The configuration file (with --group).
+    #[arg(long, default_value = crate::up::DEFAULT_CONFIG, requires = "group")]
+    config: PathBuf,
+    /// For a group: the group bookmark's id (16 hexadecimal digits, as `tidemark points`
+    /// shows), when not the newest group bookmark of that name.
     #[arg(long)]
-    dir: PathBuf,
+    group_id: Option<String>,
     /// The point: latest, seq:N, time:RFC3339-or-unix-seconds, bookmark:NAME (list them with
     /// `tidemark points`).
     #[arg(long)]
@@ -59,9 +73,9 @@ pub struct Args {
     #[arg(long, requires = "expose")]
     mountpoint: Option<PathBuf>,
     /// Write the point to this file (created or overwritten) or block device (at least the
-    /// volume's size), then verify it.
+    /// volume's size), then verify it. For a group: once per member, in the members' order.
     #[arg(long)]
-    materialize: Option<PathBuf>,
+    materialize: Vec<PathBuf>,
     /// The receiver's control socket (default: DIR/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -72,37 +86,28 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.group.is_some() || args.dir.len() > 1 {
+        return run_group(&args);
+    }
+    let Some(dir) = args.dir.first() else { bail!("--dir: expected a receive directory") };
+    if args.group_id.is_some() {
+        bail!("--group-id names a group bookmark: recover a group (--group, or --dir repeated)");
+    }
+    if args.materialize.len() > 1 {
+        bail!("--materialize is given once per volume; one --dir is one volume");
+    }
     let point = points::parse_point(&args.point)?;
-    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
+    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(dir));
     let client = Client::connect(&socket)?;
-    if let Some(out) = &args.materialize {
+    if let Some(out) = args.materialize.first() {
         return match client {
             Some(client) => materialize_online(client, &args.point, out),
-            None => materialize_offline(&args, &point, out),
+            None => materialize_offline(dir, args.block_size, &point, out),
         };
     }
     let mode = args.expose.context("--expose or --materialize is required")?;
     signals::install()?;
-    let mut session = match client {
-        Some(mut client) => {
-            let v = client
-                .request(json!({"op": "expose", "point": args.point, "mode": mode.as_str()}))?;
-            let id = v["id"].as_u64().context("expose answer without an id")?;
-            let device =
-                PathBuf::from(v["device"].as_str().context("expose answer without a device")?);
-            print_point(&v["point"]);
-            Session::Remote { client, id, device }
-        }
-        None => {
-            let log = common::open_log(&args.dir, args.block_size)?;
-            let access = Arc::new(Mutex::new(log));
-            let prefix = format!("offline-{}-", std::process::id());
-            let mut registry = Registry::new(access, &args.dir.join("vsnaps"), &prefix);
-            let info = registry.expose(&point, mode)?;
-            print_point(&points::point_json(&info.point));
-            Session::Local { registry, id: info.id, device: info.device }
-        }
-    };
+    let mut session = open_session(client, dir, &args.point, &point, mode, args.block_size)?;
     let device = session.device().to_path_buf();
     println!("device: {}", device.display());
     let mounted = match &args.mountpoint {
@@ -140,6 +145,126 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         mode.as_str(),
         args.point
     );
+    Ok(())
+}
+
+/// Exposes `spec` (parsed: `point`) of the receive directory `dir`, through its receiver
+/// when `client` is one, else from the journal opened here.
+fn open_session(
+    client: Option<Client>,
+    dir: &Path,
+    spec: &str,
+    point: &tidemark_journal::RecoveryPoint,
+    mode: Mode,
+    block_size: u32,
+) -> anyhow::Result<Session> {
+    Ok(match client {
+        Some(mut client) => {
+            let v =
+                client.request(json!({"op": "expose", "point": spec, "mode": mode.as_str()}))?;
+            let id = v["id"].as_u64().context("expose answer without an id")?;
+            let device =
+                PathBuf::from(v["device"].as_str().context("expose answer without a device")?);
+            print_point(&v["point"]);
+            Session::Remote { client, id, device }
+        }
+        None => {
+            let log = common::open_log(dir, block_size)?;
+            let access = Arc::new(Mutex::new(log));
+            let prefix = format!("offline-{}-", std::process::id());
+            let mut registry = Registry::new(access, &dir.join("vsnaps"), &prefix);
+            let info = registry.expose(point, mode)?;
+            print_point(&points::point_json(&info.point));
+            Session::Local { registry, id: info.id, device: info.device }
+        }
+    })
+}
+
+/// A consistency group (`crate::group`): every member at the same group bookmark, or
+/// nothing.
+fn run_group(args: &Args) -> anyhow::Result<()> {
+    let members = group::members(args.group.as_deref(), &args.config, &args.dir, "receive")?;
+    if members.len() < 2 {
+        bail!("a group has at least two members, got {}", members.len());
+    }
+    let tidemark_journal::RecoveryPoint::Bookmark(name) = points::parse_point(&args.point)? else {
+        bail!(
+            "point {:?}: a group is recovered at a group bookmark, --point bookmark:NAME \
+             (other points are not one state across the volumes)",
+            args.point
+        );
+    };
+    if args.mountpoint.is_some() {
+        bail!("--mountpoint mounts one volume; with a group, mount the devices printed");
+    }
+    if !args.materialize.is_empty() && args.materialize.len() != members.len() {
+        bail!(
+            "--materialize: {} outputs for {} members; give one per member, in the members' order ({})",
+            args.materialize.len(),
+            members.len(),
+            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let wanted = args.group_id.as_deref().map(parse_group_id).transpose()?;
+    let docs = members
+        .iter()
+        .map(|m| group::member_points(m, args.block_size))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (id, pts) = group::resolve(&members, &docs, &name, wanted)?;
+    println!("group: {} ({} members, bookmark {name:?})", group_hex(id), members.len());
+    let specs: Vec<String> = pts.iter().map(|p| format!("seq:{}", p["seq"])).collect();
+    let connect = |m: &group::GroupMember| {
+        let socket = m.control.clone().unwrap_or_else(|| control::default_socket(&m.dir));
+        Client::connect(&socket)
+    };
+    if !args.materialize.is_empty() {
+        for ((m, spec), out) in members.iter().zip(&specs).zip(&args.materialize) {
+            println!("member: {}", m.name);
+            let point = points::parse_point(spec)?;
+            match connect(m)? {
+                Some(client) => materialize_online(client, spec, out),
+                None => materialize_offline(&m.dir, args.block_size, &point, out),
+            }
+            .with_context(|| format!("member {}", m.name))?;
+        }
+        return Ok(());
+    }
+    let mode = args.expose.context("--expose or --materialize is required")?;
+    signals::install()?;
+    let mut sessions = Vec::new();
+    let opened = (|| {
+        for (m, spec) in members.iter().zip(&specs) {
+            println!("member: {}", m.name);
+            let point = points::parse_point(spec)?;
+            let s = open_session(connect(m)?, &m.dir, spec, &point, mode, args.block_size)
+                .with_context(|| format!("member {}", m.name))?;
+            println!("device: {}", s.device().display());
+            sessions.push(s);
+        }
+        anyhow::Ok(())
+    })();
+    if let Err(e) = opened {
+        for s in &mut sessions {
+            let _ = s.remove();
+        }
+        return Err(e);
+    }
+    println!("ready: {} snapshots of the group; Ctrl-C or SIGTERM removes them", mode.as_str());
+    std::io::stdout().flush()?;
+    while !signals::stop_requested() {
+        for s in &mut sessions {
+            if let Session::Remote { client, .. } = s {
+                if client.closed() {
+                    bail!("a receiver closed its control connection: its snapshot is gone");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for s in &mut sessions {
+        s.remove()?;
+    }
+    println!("removed: {} snapshots of group {}", mode.as_str(), group_hex(id));
     Ok(())
 }
 
@@ -213,11 +338,12 @@ fn bar(total: u64) -> Option<ProgressBar> {
 }
 
 fn materialize_offline(
-    args: &Args,
+    dir: &Path,
+    block_size: u32,
     point: &tidemark_journal::RecoveryPoint,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let log = common::open_log(&args.dir, args.block_size)?;
+    let log = common::open_log(dir, block_size)?;
     let info = points::resolve_or_explain(&log, point)?;
     print_point(&points::point_json(&info));
     let len = log.volume_len(VolumeId(0))?;

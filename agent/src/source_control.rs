@@ -206,19 +206,24 @@ fn take_bookmark(
 ) -> anyhow::Result<u64> {
     let bookmark = Bookmark::new(name, kind, 0)?;
     let captured = tap.bookmark(bookmark).with_context(|| format!("bookmark {name:?}"))?;
-    let seq = match captured {
-        Captured::Spooled(seq) => seq,
+    let seq = spooled_seq(captured, name)?;
+    tap.sync_spool().context("sync the spool after the bookmark")?;
+    client.ring();
+    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+        json!({"name": name, "seq": seq, "kind": kind_name(kind), "time": points::rfc3339(now())}),
+    );
+    Ok(seq)
+}
+
+/// The sequence number of a bookmark the tap appended; an error in overflow.
+fn spooled_seq(captured: Captured, name: &str) -> anyhow::Result<u64> {
+    match captured {
+        Captured::Spooled(seq) => Ok(seq.0),
         Captured::OutOfSync | Captured::Nothing => bail!(
             "bookmark {name:?}: the spool is in overflow (writes are tracked as dirty regions \
              until a resync), so no point can be marked now"
         ),
-    };
-    tap.sync_spool().context("sync the spool after the bookmark")?;
-    client.ring();
-    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(
-        json!({"name": name, "seq": seq.0, "kind": kind_name(kind), "time": points::rfc3339(now())}),
-    );
-    Ok(seq.0)
+    }
 }
 
 fn kind_name(kind: BookmarkKind) -> &'static str {
@@ -253,30 +258,159 @@ struct SourceService {
 }
 
 impl Service for SourceService {
-    type Conn = ();
+    type Conn = GroupConn;
 
     fn role(&self) -> &'static str {
         "protect"
     }
 
     fn ops(&self) -> &'static str {
-        "status, verify, bookmark or limits"
+        "status, verify, bookmark, limits, hold or release"
     }
 
     fn handle(
         &self,
         op: &str,
         req: &Value,
-        _: &mut (),
+        conn: &mut GroupConn,
         progress: &mut Progress<'_>,
     ) -> Option<anyhow::Result<Value>> {
         Some(match op {
             "status" => Ok(self.status()),
             "verify" => self.verify(req, progress),
+            "bookmark" if !req["hold"].is_null() || !req["group"].is_null() => {
+                self.group_bookmark(req)
+            }
             "bookmark" => self.bookmark(req),
             "limits" => self.limits(req),
+            "hold" => self.hold(req, conn),
+            "release" => self.release(req, conn),
             _ => return None,
         })
+    }
+
+    fn disconnected(&self, conn: GroupConn) {
+        // A coordinator that went away leaves no hold behind (the lease covers one that
+        // hangs while connected).
+        if let Some(token) = conn.hold {
+            if self.tap.release_writes(token).is_ok() {
+                tracing::warn!(token, "write hold released: its coordinator disconnected");
+            }
+        }
+    }
+}
+
+/// What one control connection owns: the write hold it took, released when it closes.
+#[derive(Debug, Default)]
+pub struct GroupConn {
+    hold: Option<u64>,
+}
+
+/// The default lease of a write hold.
+pub const DEFAULT_HOLD_LEASE: Duration = Duration::from_secs(10);
+
+/// Parses a group id as the control protocol writes it: 16 hexadecimal digits, not all zero.
+pub fn parse_group_id(s: &str) -> anyhow::Result<u64> {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("group id {s:?}: expected 16 hexadecimal digits");
+    }
+    let id = u64::from_str_radix(s, 16).context("group id")?;
+    if id == 0 {
+        bail!("group id {s:?}: 0 means \"no group\"");
+    }
+    Ok(id)
+}
+
+/// A group id as the control protocol writes it.
+pub fn group_hex(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+impl SourceService {
+    /// `hold`: no new write is admitted until `release`, the connection closes or the
+    /// lease (`lease_s`) runs out (`docs/consistency-groups.md`).
+    fn hold(&self, req: &Value, conn: &mut GroupConn) -> anyhow::Result<Value> {
+        let lease = match &req["lease_s"] {
+            Value::Null => DEFAULT_HOLD_LEASE,
+            v => {
+                let s = v.as_f64().context("hold \"lease_s\" must be a number of seconds")?;
+                if !(s > 0.0 && s <= tidemark_tap::MAX_HOLD_LEASE.as_secs_f64()) {
+                    bail!(
+                        "hold lease {s} s: expected more than 0 and at most {} s",
+                        tidemark_tap::MAX_HOLD_LEASE.as_secs()
+                    );
+                }
+                Duration::from_secs_f64(s)
+            }
+        };
+        let ps = self.pair.status();
+        if matches!(ps.stage, PairStage::InitialSync | PairStage::Resync) {
+            bail!(
+                "the pair is in stage {:?}: the replica offers no point inside a resync, so a \
+                 group bookmark taken now could not be recovered here; try again once it is in \
+                 diff sync",
+                ps.stage.name()
+            );
+        }
+        if let Some(ov) = self.tap.status().overflow {
+            bail!(
+                "the spool is in overflow ({}): no bookmark can be marked until the resync, so \
+                 writes are not held",
+                ov.cause
+            );
+        }
+        let hold = self.tap.hold_writes(lease)?;
+        conn.hold = Some(hold.token);
+        Ok(json!({
+            "token": hold.token,
+            "lease_s": lease.as_secs_f64(),
+            "last_seq": self.tap.status().last_seq.0,
+            "stage": ps.stage.name(),
+        }))
+    }
+
+    /// `release`: ends the hold `token`; `released` false when its lease had run out.
+    fn release(&self, req: &Value, conn: &mut GroupConn) -> anyhow::Result<Value> {
+        let token = req["token"].as_u64().context("release needs the hold's \"token\"")?;
+        if conn.hold == Some(token) {
+            conn.hold = None;
+        }
+        let released = match self.tap.release_writes(token) {
+            Ok(()) => true,
+            Err(tidemark_tap::TapError::Hold(tidemark_tap::HoldRefusal::NotHeld { .. })) => false,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(json!({"token": token, "released": released}))
+    }
+
+    /// `bookmark` with `group` and `hold`: the member's part of a group bookmark, appended
+    /// only while the hold is in force.
+    fn group_bookmark(&self, req: &Value) -> anyhow::Result<Value> {
+        let name = req["name"].as_str().context("bookmark needs a \"name\"")?;
+        check_name(name)?;
+        let kind = parse_kind(req["kind"].as_str().unwrap_or("user"))?;
+        let group = parse_group_id(
+            req["group"].as_str().context("a group bookmark needs its \"group\" id")?,
+        )?;
+        let token = req["hold"].as_u64().context(
+            "a group bookmark needs the \"hold\" token: it is taken while writes are held",
+        )?;
+        if !req["freeze"].is_null() {
+            bail!("a group bookmark does not freeze filesystems (not supported yet)");
+        }
+        let bookmark = Bookmark::new(name, kind, group)?;
+        let captured = self
+            .tap
+            .bookmark_held(token, bookmark)
+            .with_context(|| format!("group bookmark {name:?}"))?;
+        let seq = spooled_seq(captured, name)?;
+        self.tap.sync_spool().context("sync the spool after the bookmark")?;
+        self.client.ring();
+        *self.last_bookmark.lock().unwrap_or_else(|e| e.into_inner()) = Some(json!({
+            "name": name, "seq": seq, "kind": kind_name(kind), "group": group_hex(group),
+            "time": points::rfc3339(now()),
+        }));
+        Ok(json!({"name": name, "seq": seq, "kind": kind_name(kind), "group": group_hex(group)}))
     }
 }
 
@@ -317,6 +451,7 @@ impl SourceService {
             },
             "last_bookmark": self.last_bookmark.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "verify": self.verifying.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "hold": hold_json(&self.tap.hold_status()),
         })
     }
 
@@ -526,6 +661,17 @@ impl SourceService {
         }
         Ok(json!({"name": name, "seq": seq, "kind": kind_name(kind), "frozen_ms": frozen_ms}))
     }
+}
+
+fn hold_json(h: &tidemark_tap::HoldStatus) -> Value {
+    json!({
+        "token": h.active.map(|a| a.0),
+        "left_ms": h.active.map(|a| a.1.as_millis() as u64),
+        "waiting": h.waiting,
+        "granted": h.granted,
+        "expired": h.expired,
+        "waited": h.waited,
+    })
 }
 
 /// `FIFREEZE` and `FITHAW` (`<linux/fs.h>`: `_IOWR('X', 119, int)`, `_IOWR('X', 120, int)`).

@@ -76,6 +76,48 @@ fn load(file: &Path) -> anyhow::Result<(String, Config)> {
     Ok((text, config))
 }
 
+/// A member of a consistency group from the configuration file: the pair's name, its
+/// directory (`state` of a protect pair, `dir` of a receive pair) and its control socket
+/// when the pair names one.
+#[derive(Debug, Clone)]
+pub struct GroupMember {
+    pub name: String,
+    pub dir: PathBuf,
+    pub control: Option<PathBuf>,
+}
+
+/// The pairs of group `name` in `file`, which must have role `role`. Each member's pair is
+/// checked by its command's parser, as `tidemark up` would run it.
+pub fn group_members(file: &Path, name: &str, role: &str) -> anyhow::Result<Vec<GroupMember>> {
+    let (text, config) = load(file)?;
+    let group = config.group(name).map_err(|m| anyhow::anyhow!("{}: {m}", file.display()))?;
+    if group.role != role {
+        anyhow::bail!(
+            "{}:{}:{}: group `{name}` is a group of {} pairs; this command needs {role} pairs \
+             (the group as this node's {role} side names it)",
+            file.display(),
+            group.header.line,
+            group.header.column,
+            group.role
+        );
+    }
+    let key = if role == "protect" { "state" } else { "dir" };
+    group
+        .pairs
+        .iter()
+        .map(|p| {
+            let pair = config.pair(p).map_err(|m| anyhow::anyhow!("{m}"))?;
+            to_command(file, &text, pair)?;
+            let dir = pair.value(key).with_context(|| format!("pair {p} has no {key}"))?;
+            Ok(GroupMember {
+                name: p.clone(),
+                dir: PathBuf::from(dir),
+                control: pair.value("control").map(PathBuf::from),
+            })
+        })
+        .collect()
+}
+
 /// The pair's arguments through the command line parser: the command to run, or the
 /// refusal pointed at the value in the file.
 fn to_command(file: &Path, text: &str, pair: &PairConfig) -> Result<Cli, ConfigError> {
@@ -149,6 +191,9 @@ pub fn config(command: ConfigCommand) -> anyhow::Result<()> {
             );
             for pair in &config.pairs {
                 println!("  pair {}: {}", pair.name, command_line(pair));
+            }
+            for group in &config.groups {
+                println!("  group {} ({}): {}", group.name, group.role, group.pairs.join(", "));
             }
             Ok(())
         }

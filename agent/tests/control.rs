@@ -258,7 +258,10 @@ fn verify_finds_identical_then_exactly_the_damaged_ranges() {
     assert!(refused["error"].as_str().unwrap().contains("must not be empty"), "{refused}");
     let unknown = ask(&socket, json!({"v": 1, "op": "expose"}));
     assert!(
-        unknown["error"].as_str().unwrap().contains("status, verify, bookmark or limits"),
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("status, verify, bookmark, limits, hold or release"),
         "{unknown}"
     );
     px.terminate();

@@ -113,6 +113,15 @@ impl PointInfo {
             _ => None,
         }
     }
+
+    /// A bookmark of a consistency group (group id not 0). Sparse tiers always keep these:
+    /// whether a tier keeps an ordinary point depends on the other points of its own log
+    /// (the last of its interval), which differ between the group's members, and a group
+    /// bookmark is only recoverable while every member keeps it. Only the age limit and the
+    /// space limit drop them.
+    pub fn is_group_bookmark(&self) -> bool {
+        matches!(&self.kind, PointKind::Bookmark(b) if b.group != 0)
+    }
 }
 
 /// Which points a tier keeps.
@@ -1272,8 +1281,11 @@ impl RetentionLog {
                     let bucket = p.time.0 / (interval.as_nanos() as u64).max(1);
                     bucket_last.get(&(ti, bucket)) == Some(&i)
                         || p.bookmark_kind().is_some_and(|k| bookmarks.contains(&k))
+                        || p.is_group_bookmark()
                 }
-                Keep::Bookmarks(kinds) => p.bookmark_kind().is_some_and(|k| kinds.contains(&k)),
+                Keep::Bookmarks(kinds) => {
+                    p.bookmark_kind().is_some_and(|k| kinds.contains(&k)) || p.is_group_bookmark()
+                }
             };
         }
         if let Some(last) = keep.last_mut() {
