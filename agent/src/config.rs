@@ -169,26 +169,35 @@ impl PairConfig {
 impl Config {
     /// The group named `name`, or an error listing the groups the file has.
     pub fn group(&self, name: &str) -> Result<&GroupConfig, String> {
-        self.groups.iter().find(|g| g.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.groups.iter().map(|g| g.name.as_str()).collect();
-            if names.is_empty() {
-                format!("no group named {name:?}: the file defines no [group.NAME] tables")
-            } else {
-                format!("no group named {name:?}; the file defines: {}", names.join(", "))
-            }
-        })
+        let names = self.groups.iter().map(|g| g.name.as_str());
+        self.groups
+            .iter()
+            .find(|g| g.name == name)
+            .ok_or_else(|| not_found("group", name, names, "no [group.NAME] tables"))
     }
 
     /// The pair named `name`, or an error listing the pairs the file has.
     pub fn pair(&self, name: &str) -> Result<&PairConfig, String> {
-        self.pairs.iter().find(|p| p.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.pairs.iter().map(|p| p.name.as_str()).collect();
-            if names.is_empty() {
-                format!("no pair named {name:?}: the file defines no pairs")
-            } else {
-                format!("no pair named {name:?}; the file defines: {}", names.join(", "))
-            }
-        })
+        let names = self.pairs.iter().map(|p| p.name.as_str());
+        self.pairs
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| not_found("pair", name, names, "no pairs"))
+    }
+}
+
+/// "no pair named ...; the file defines: a, b" (or `none` when it defines none).
+fn not_found<'a>(
+    what: &str,
+    name: &str,
+    names: impl Iterator<Item = &'a str>,
+    none: &str,
+) -> String {
+    let names: Vec<&str> = names.collect();
+    if names.is_empty() {
+        format!("no {what} named {name:?}: the file defines {none}")
+    } else {
+        format!("no {what} named {name:?}; the file defines: {}", names.join(", "))
     }
 }
 
@@ -297,19 +306,7 @@ fn parse_groups(
 ) -> Result<Vec<GroupConfig>, ConfigError> {
     let mut groups = Vec::new();
     for (name, item) in table.iter() {
-        let name_span = table.key(name).and_then(|k| k.span());
-        let Some(g) = item.as_table() else {
-            return Err(err(
-                name_span,
-                format!(
-                    "`group.{name}` must be a table (`[group.{name}]`), not {}",
-                    item.type_name()
-                ),
-            ));
-        };
-        check_name(name)
-            .map_err(|m| err(name_span.clone(), m.replacen("pair name", "group name", 1)))?;
-        let header = g.span().or(name_span.clone()).unwrap_or(0..0);
+        let (g, header) = named_table(table, name, item, "group", err)?;
         for (key, _) in g.iter() {
             if key != "pairs" {
                 return Err(err(
@@ -343,14 +340,9 @@ fn parse_groups(
                 ));
             };
             let Some(pair) = pairs.iter().find(|p| p.name == member) else {
-                let known: Vec<&str> = pairs.iter().map(|p| p.name.as_str()).collect();
-                return Err(err(
-                    v.span(),
-                    format!(
-                        "group `{name}`: no pair named {member:?}; the file defines: {}",
-                        if known.is_empty() { "no pairs".to_owned() } else { known.join(", ") }
-                    ),
-                ));
+                let known = pairs.iter().map(|p| p.name.as_str());
+                let why = not_found("pair", member, known, "no pairs");
+                return Err(err(v.span(), format!("group `{name}`: {why}")));
             };
             if members.iter().any(|m| m == member) {
                 return Err(err(
@@ -389,6 +381,30 @@ fn parse_groups(
     Ok(groups)
 }
 
+/// The table `[WHAT.NAME]` (`what`: `pair` or `group`) under `parent`, its name checked;
+/// with its header's place.
+fn named_table<'a>(
+    parent: &Table,
+    name: &str,
+    item: &'a Item,
+    what: &str,
+    err: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<(&'a Table, Range<usize>), ConfigError> {
+    let name_span = parent.key(name).and_then(|k| k.span());
+    let Some(table) = item.as_table() else {
+        return Err(err(
+            name_span,
+            format!(
+                "`{what}.{name}` must be a table (`[{what}.{name}]`), not {}",
+                item.type_name()
+            ),
+        ));
+    };
+    check_name(name)
+        .map_err(|m| err(name_span.clone(), m.replacen("pair name", &format!("{what} name"), 1)))?;
+    Ok((table, table.span().or(name_span).unwrap_or(0..0)))
+}
+
 /// The `[pair.NAME]` tables, appended to `pairs`.
 fn parse_pairs(
     pair_table: &Table,
@@ -399,18 +415,7 @@ fn parse_pairs(
     pairs: &mut Vec<PairConfig>,
 ) -> Result<(), ConfigError> {
     for (name, item) in pair_table.iter() {
-        let name_span = pair_table.key(name).and_then(|k| k.span());
-        let Some(table) = item.as_table() else {
-            return Err(err(
-                name_span,
-                format!(
-                    "`pair.{name}` must be a table (`[pair.{name}]`), not {}",
-                    item.type_name()
-                ),
-            ));
-        };
-        check_name(name).map_err(|m| err(name_span.clone(), m))?;
-        let header = table.span().or(name_span.clone()).unwrap_or(0..0);
+        let (table, header) = named_table(pair_table, name, item, "pair", err)?;
 
         let Some(role_item) = table.get("role") else {
             let roles: Vec<&str> = commands.iter().map(|c| c.role.as_str()).collect();

@@ -360,36 +360,16 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     for m in &members {
         wait_caught_up(&m.state);
     }
-    let o = root.join("partial.img").display().to_string();
-    let e = tidemark_fails(&[
-        "recover",
-        "--dir",
-        &ra,
-        "--dir",
-        &rb,
-        "--point",
-        "bookmark:cut-3",
-        "--materialize",
-        &o,
-        "--materialize",
-        &o,
-    ]);
+    let recover_fails = |point: &str| {
+        let o = root.join("partial.img").display().to_string();
+        let args = ["recover", "--dir", &ra, "--dir", &rb, "--point", point];
+        tidemark_fails(&[&args[..], &["--materialize", &o, "--materialize", &o]].concat())
+    };
+    let e = recover_fails("bookmark:cut-3");
     assert!(e.contains(&format!("member {rb} does not hold it")), "{e}");
     assert!(e.contains("not held by every member"), "{e}");
     // A group point is a group bookmark: other points are refused for a group.
-    let e = tidemark_fails(&[
-        "recover",
-        "--dir",
-        &ra,
-        "--dir",
-        &rb,
-        "--point",
-        "latest",
-        "--materialize",
-        &o,
-        "--materialize",
-        &o,
-    ]);
+    let e = recover_fails("latest");
     assert!(e.contains("group bookmark"), "{e}");
 
     for m in members {
