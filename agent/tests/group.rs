@@ -299,6 +299,25 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     println!("group cuts: A at {a1} and {a2} of {last} dependent writes");
     println!("RELIABILITY group_bookmark_cuts_checked=2");
 
+    // Exposed rather than copied: both read-only snapshots show the same cut.
+    let mut exposed = Proc::spawn(
+        "recover",
+        &["recover", "--dir", &ra, "--dir", &rb, "--point", "bookmark:cut-1", "--expose", "ro"],
+    );
+    exposed.wait_line("ready:");
+    let devices: Vec<String> = exposed
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.strip_prefix("device: ").map(str::to_owned))
+        .collect();
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    let seen: Vec<u64> = devices.iter().map(|d| counter_of(Path::new(d))).collect();
+    assert_eq!(seen[0], a1, "the exposed A differs from the materialized A");
+    assert!(seen[1] <= seen[0] && seen[0] - seen[1] <= 1, "exposed cut {seen:?}");
+    exposed.terminate();
+
     // A coordinator that hangs: its hold ends by its lease, the waiting write goes
     // through, and its late bookmark is refused.
     let mut hung = Raw::connect(&members[0].state);
