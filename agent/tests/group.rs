@@ -297,7 +297,6 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
         recover_and_check(&members, &root, "cut-2", &["--group", "shop-dr", "--config", &config_s]);
     assert!(0 < a1 && a1 < a2 && a2 < last, "cuts at {a1} and {a2} of {last} writes");
     println!("group cuts: A at {a1} and {a2} of {last} dependent writes");
-    println!("RELIABILITY group_bookmark_cuts_checked=2");
 
     // Exposed rather than copied: both read-only snapshots show the same cut.
     let mut exposed = Proc::spawn(
