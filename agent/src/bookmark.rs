@@ -33,7 +33,7 @@ pub struct Args {
     control: Option<PathBuf>,
     /// A group bookmark across the protect pairs of this `[group.NAME]` of the
     /// configuration file.
-    #[arg(long, conflicts_with_all = ["state", "control", "freeze"])]
+    #[arg(long, conflicts_with_all = ["state", "control"])]
     group: Option<String>,
     /// The configuration file (with --group).
     #[arg(long, default_value = crate::up::DEFAULT_CONFIG, requires = "group")]
@@ -43,8 +43,9 @@ pub struct Args {
     #[arg(long, default_value_t = 10.0)]
     hold_lease: f64,
     /// Freeze the filesystem mounted here (on the protected device) around the bookmark.
+    /// For a group: once per member, in the members' order.
     #[arg(long)]
-    freeze: Option<PathBuf>,
+    freeze: Vec<PathBuf>,
     /// Longest time the filesystem stays frozen; the agent thaws it then in any case.
     #[arg(long, default_value_t = 30.0)]
     freeze_timeout: f64,
@@ -73,6 +74,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.state.len() != 1 {
         bail!("--state: expected the state directory of a running `tidemark protect`");
     }
+    if args.freeze.len() > 1 {
+        bail!("--freeze is given once per member of a group; one --state is one member");
+    }
     if !(args.freeze_timeout > 0.0 && args.freeze_timeout <= MAX_FREEZE.as_secs_f64()) {
         bail!(
             "--freeze-timeout {}: expected more than 0 and at most {} seconds",
@@ -83,7 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut client = connect(&args.state[0], args.control.as_ref())?;
     let kind = if args.pre.is_some() || args.post.is_some() {
         "application"
-    } else if args.freeze.is_some() {
+    } else if !args.freeze.is_empty() {
         "filesystem"
     } else {
         "user"
@@ -93,7 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             hook("pre", pre, &args, None)?;
         }
         let mut req = json!({"op": "bookmark", "name": args.name, "kind": kind});
-        if let Some(m) = &args.freeze {
+        if let Some(m) = args.freeze.first() {
             let m =
                 std::fs::canonicalize(m).with_context(|| format!("--freeze {}", m.display()))?;
             req["freeze"] = json!(m.display().to_string());
@@ -155,9 +159,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// A group bookmark (`crate::group`): hooks once around the whole cut, here.
 fn run_group(args: &Args) -> anyhow::Result<()> {
-    if args.freeze.is_some() {
-        bail!("--freeze is not supported with a group bookmark yet");
-    }
     if args.control.is_some() {
         bail!("--control names one pair's socket; a group's members use STATE/control.sock");
     }
@@ -170,12 +171,37 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
     }
     let members =
         crate::group::members(args.group.as_deref(), &args.config, &args.state, "protect")?;
-    let kind = if args.pre.is_some() || args.post.is_some() { "application" } else { "user" };
+    if !args.freeze.is_empty() && args.freeze.len() != members.len() {
+        bail!(
+            "--freeze: {} mountpoints for {} members; give one per member, in the members' order ({})",
+            args.freeze.len(),
+            members.len(),
+            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let freeze = args
+        .freeze
+        .iter()
+        .map(|m| std::fs::canonicalize(m).with_context(|| format!("--freeze {}", m.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kind = if args.pre.is_some() || args.post.is_some() {
+        "application"
+    } else if !freeze.is_empty() {
+        "filesystem"
+    } else {
+        "user"
+    };
     let taken = (|| {
         if let Some(pre) = &args.pre {
             hook("pre", pre, args, None)?;
         }
-        crate::group::bookmark(&args.name, kind, &members, Duration::from_secs_f64(args.hold_lease))
+        crate::group::bookmark(
+            &args.name,
+            kind,
+            &members,
+            &freeze,
+            Duration::from_secs_f64(args.hold_lease),
+        )
     })();
     let post = match &args.post {
         Some(post) => {

@@ -84,11 +84,14 @@ pub struct GroupMark {
     pub held: Duration,
 }
 
-/// Takes the group bookmark `name` (kind `kind`) across `members`, each hold with `lease`.
+/// Takes the group bookmark `name` (kind `kind`) across `members`, each hold with `lease`;
+/// with `freeze` (empty, or one absolute mountpoint per member), each member's agent freezes
+/// that filesystem before its hold and thaws it at its release (or at the lease).
 pub fn bookmark(
     name: &str,
     kind: &str,
     members: &[GroupMember],
+    freeze: &[PathBuf],
     lease: Duration,
 ) -> anyhow::Result<GroupMark> {
     if members.len() < 2 {
@@ -106,9 +109,12 @@ pub fn bookmark(
     let outcome = (|| -> anyhow::Result<Vec<MemberMark>> {
         // Phase 1: every member holds its writes.
         for (i, (m, c)) in members.iter().zip(clients.iter_mut()).enumerate() {
-            let v = c
-                .request(json!({"op": "hold", "lease_s": lease.as_secs_f64()}))
-                .with_context(|| format!("member {}: hold its writes", m.name))?;
+            let mut req = json!({"op": "hold", "lease_s": lease.as_secs_f64()});
+            if let Some(f) = freeze.get(i) {
+                req["freeze"] = json!(f.display().to_string());
+            }
+            let v =
+                c.request(req).with_context(|| format!("member {}: hold its writes", m.name))?;
             first_hold.get_or_insert_with(Instant::now);
             tokens[i] = Some(v["token"].as_u64().context("hold answer without a token")?);
         }
@@ -130,8 +136,15 @@ pub fn bookmark(
     let mut release_errors = Vec::new();
     for (i, c) in clients.iter_mut().enumerate() {
         if let Some(token) = tokens[i] {
-            if let Err(e) = c.request(json!({"op": "release", "token": token})) {
-                release_errors.push(format!("member {}: release: {e:#}", members[i].name));
+            match c.request(json!({"op": "release", "token": token})) {
+                Err(e) => {
+                    release_errors.push(format!("member {}: release: {e:#}", members[i].name))
+                }
+                Ok(v) if v["thawed"] == false => release_errors.push(format!(
+                    "member {}: its filesystem was thawed by the lease before the release",
+                    members[i].name
+                )),
+                Ok(_) => {}
             }
         }
     }

@@ -297,13 +297,57 @@ impl Service for SourceService {
                 tracing::warn!(token, "write hold released: its coordinator disconnected");
             }
         }
+        if let Some(f) = conn.frozen {
+            let _ = f.thaw();
+        }
     }
 }
 
-/// What one control connection owns: the write hold it took, released when it closes.
-#[derive(Debug, Default)]
+/// What one control connection owns: the write hold it took and the filesystem it froze
+/// with it, released and thawed when it closes.
+#[derive(Default)]
 pub struct GroupConn {
     hold: Option<u64>,
+    frozen: Option<HeldFreeze>,
+}
+
+/// A filesystem frozen for a hold: thawed at `release`, when the connection closes, or by
+/// its timer at the hold's lease.
+struct HeldFreeze {
+    frozen: Arc<Frozen>,
+    done: mpsc::Sender<()>,
+    timer: JoinHandle<()>,
+    since: Instant,
+}
+
+impl HeldFreeze {
+    /// Freezes `mountpoint`; its timer thaws it after `lease` unless thawed before.
+    fn start(mountpoint: &Path, lease: Duration) -> anyhow::Result<HeldFreeze> {
+        let since = Instant::now();
+        let frozen = Frozen::freeze(mountpoint)?;
+        let (done, done_rx) = mpsc::channel::<()>();
+        let f = frozen.clone();
+        let timer = std::thread::Builder::new()
+            .name("tidemark-thaw".into())
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(lease) {
+                    let _ = f.thaw(true);
+                }
+            })
+            .map_err(|e| {
+                let _ = frozen.thaw(false);
+                anyhow::Error::from(e).context("start the thaw timer")
+            })?;
+        Ok(HeldFreeze { frozen, done, timer, since })
+    }
+
+    /// Thaws (if the timer has not); `(thawed here, frozen for)`.
+    fn thaw(self) -> (std::io::Result<bool>, Duration) {
+        let thawed = self.frozen.thaw(false);
+        drop(self.done);
+        let _ = self.timer.join();
+        (thawed, self.since.elapsed())
+    }
 }
 
 /// The default lease of a write hold.
@@ -359,13 +403,32 @@ impl SourceService {
                 ov.cause
             );
         }
-        let hold = self.tap.hold_writes(lease)?;
+        // A filesystem is frozen before the writes are held: freezing writes its dirty data
+        // back through the tap, which a hold would stop.
+        let frozen = match req["freeze"].as_str() {
+            Some(m) => Some(HeldFreeze::start(Path::new(m), lease)?),
+            None => None,
+        };
+        let hold = match self.tap.hold_writes(lease) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(f) = frozen {
+                    let _ = f.thaw();
+                }
+                return Err(e.into());
+            }
+        };
         conn.hold = Some(hold.token);
+        let froze = frozen.is_some();
+        if let Some(old) = std::mem::replace(&mut conn.frozen, frozen) {
+            let _ = old.thaw();
+        }
         Ok(json!({
             "token": hold.token,
             "lease_s": lease.as_secs_f64(),
             "last_seq": self.tap.status().last_seq.0,
             "stage": ps.stage.name(),
+            "frozen": froze,
         }))
     }
 
@@ -380,7 +443,15 @@ impl SourceService {
             Err(tidemark_tap::TapError::Hold(tidemark_tap::HoldRefusal::NotHeld { .. })) => false,
             Err(e) => return Err(e.into()),
         };
-        Ok(json!({"token": token, "released": released}))
+        let mut answer = json!({"token": token, "released": released});
+        if let Some(f) = conn.frozen.take() {
+            let mountpoint = f.frozen.mountpoint.display().to_string();
+            let (thawed, frozen_for) = f.thaw();
+            answer["frozen_ms"] = json!(frozen_for.as_millis() as u64);
+            // false: the timer had thawed it at the lease, before this release.
+            answer["thawed"] = json!(thawed.with_context(|| format!("FITHAW {mountpoint}"))?);
+        }
+        Ok(answer)
     }
 
     /// `bookmark` with `group` and `hold`: the member's part of a group bookmark, appended

@@ -11,6 +11,8 @@
 //! - A hold whose coordinator hangs ends by its lease (the write waiting at the gate goes
 //!   through, and the late bookmark is refused); one whose coordinator disconnects ends at
 //!   once.
+//! - With ext4 on both volumes and `--freeze` for each, both recover fsck-clean with the
+//!   data written (not synced) before the bookmark.
 //! - A group bookmark one member does not hold (its coordinator died between the members'
 //!   bookmarks) is refused by `recover`, naming that member.
 //!
@@ -389,6 +391,64 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     // A group point is a group bookmark: other points are refused for a group.
     let e = recover_fails("latest");
     assert!(e.contains("group bookmark"), "{e}");
+
+    // With ext4 on both volumes, frozen by their agents around the cut: both recover
+    // fsck-clean with the data written (not synced) before the bookmark.
+    let mut mounts = Vec::new();
+    for (i, m) in members.iter().enumerate() {
+        run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", "-b", "4096", &m.device]);
+        let mnt = root.join(format!("ext4-{i}"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mnt_s = mnt.display().to_string();
+        run("mount", &[&m.device, &mnt_s]);
+        cleanup.mounts.push(mnt.clone());
+        std::fs::write(mnt.join("before.bin"), pattern(600 + i as u64, (1 << 20) + 77)).unwrap();
+        mounts.push(mnt_s);
+    }
+    let doc: Value = serde_json::from_str(&tidemark(&[
+        "bookmark", "fs-cut", "--state", &sa, "--state", &sb, "--freeze", &mounts[0], "--freeze",
+        &mounts[1], "--wait", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (doc["kind"].clone(), doc["acked"].clone()),
+        (json!("filesystem"), json!(true)),
+        "{doc:#}"
+    );
+    // Thawed: writes go on.
+    for mnt in &mounts {
+        std::fs::write(Path::new(mnt).join("after.bin"), pattern(700, 1 << 20)).unwrap();
+    }
+    assert_eq!(status(&members[0].state)["hold"]["token"], Value::Null);
+    let outs = [root.join("fs-a.img"), root.join("fs-b.img")];
+    let (oa, ob) = (outs[0].display().to_string(), outs[1].display().to_string());
+    tidemark(&[
+        "recover",
+        "--dir",
+        &ra,
+        "--dir",
+        &rb,
+        "--point",
+        "bookmark:fs-cut",
+        "--materialize",
+        &oa,
+        "--materialize",
+        &ob,
+    ]);
+    for (i, out) in outs.iter().enumerate() {
+        let o = out.display().to_string();
+        run("e2fsck", &["-fn", &o]);
+        let got = root.join(format!("before-{i}.bin"));
+        run("debugfs", &["-R", &format!("dump /before.bin {}", got.display()), &o]);
+        assert!(
+            std::fs::read(&got).unwrap() == pattern(600 + i as u64, (1 << 20) + 77),
+            "{o}: before.bin differs from what was written before the group bookmark"
+        );
+    }
+    for mnt in mounts.iter().rev() {
+        run("umount", &[mnt]);
+        cleanup.mounts.pop();
+    }
 
     for m in members {
         let Member { _procs: (mut rx, mut px), .. } = m;
