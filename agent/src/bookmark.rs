@@ -171,14 +171,7 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
     }
     let members =
         crate::group::members(args.group.as_deref(), &args.config, &args.state, "protect")?;
-    if !args.freeze.is_empty() && args.freeze.len() != members.len() {
-        bail!(
-            "--freeze: {} mountpoints for {} members; give one per member, in the members' order ({})",
-            args.freeze.len(),
-            members.len(),
-            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
+    crate::group::one_per_member("--freeze", "mountpoints", args.freeze.len(), &members)?;
     let freeze = args
         .freeze
         .iter()

@@ -58,6 +58,24 @@ pub fn members(
     Ok(members)
 }
 
+/// Checks that an option repeated per member (`--freeze`, `--materialize`) was given
+/// `given` times: none, or once per member.
+pub fn one_per_member(
+    option: &str,
+    what: &str,
+    given: usize,
+    members: &[GroupMember],
+) -> anyhow::Result<()> {
+    if given != 0 && given != members.len() {
+        bail!(
+            "{option}: {given} {what} for {} members; give one per member, in the members' order ({})",
+            members.len(),
+            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// A new group id: random, never 0 (0 means "no group").
 pub fn new_group_id() -> u64 {
     loop {

@@ -197,14 +197,7 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
     if args.mountpoint.is_some() {
         bail!("--mountpoint mounts one volume; with a group, mount the devices printed");
     }
-    if !args.materialize.is_empty() && args.materialize.len() != members.len() {
-        bail!(
-            "--materialize: {} outputs for {} members; give one per member, in the members' order ({})",
-            args.materialize.len(),
-            members.len(),
-            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-        );
-    }
+    group::one_per_member("--materialize", "outputs", args.materialize.len(), &members)?;
     let wanted = args.group_id.as_deref().map(parse_group_id).transpose()?;
     let docs = members
         .iter()

@@ -392,6 +392,16 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     let e = recover_fails("latest");
     assert!(e.contains("group bookmark"), "{e}");
 
+    // Bad invocations are refused before anything is held.
+    let granted = status(&members[0].state)["hold"]["granted"].clone();
+    let e = tidemark_fails(&["bookmark", "x", "--state", &sa, "--state", &sb, "--freeze", "/"]);
+    assert!(e.contains("1 mountpoints for 2 members"), "{e}");
+    let e = tidemark_fails(&["bookmark", "x", "--group", "nope", "--config", &config_s]);
+    assert!(e.contains("no group named \"nope\"") && e.contains("shop, shop-dr"), "{e}");
+    let e = tidemark_fails(&["bookmark", "x", "--group", "shop-dr", "--config", &config_s]);
+    assert!(e.contains("group `shop-dr` is a group of receive pairs"), "{e}");
+    assert_eq!(status(&members[0].state)["hold"]["granted"], granted, "a refused call held writes");
+
     // With ext4 on both volumes, frozen by their agents around the cut: both recover
     // fsck-clean with the data written (not synced) before the bookmark.
     let mut mounts = Vec::new();
