@@ -9,6 +9,7 @@ mod failback;
 mod inspect;
 mod keygen;
 mod limits;
+mod lineage;
 mod materialize;
 mod metrics;
 mod points;
