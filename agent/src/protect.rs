@@ -305,7 +305,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let _ = committer.join();
     let last = tap.sync_spool().context("last group commit")?;
     shipper.notify();
-    let acked = shipper.wait_for(DRAIN, |s| s.acked >= last).map(|s| s.acked);
+    // A shipper stopped by a refusal (a split brain, say) will not see an ack: no wait.
+    let acked = shipper
+        .wait_for(DRAIN, |s| s.acked >= last || s.state == tidemark_sync::LinkState::Failed)
+        .filter(|s| s.acked >= last)
+        .map(|s| s.acked);
     if acked.is_none() {
         eprintln!(
             "the target did not acknowledge up to seq {last} within {DRAIN:?}; the spool keeps the rest"

@@ -438,3 +438,136 @@ fn interrupted_promotion_resumes_to_the_same_image() {
     assert_eq!(read_all(&b.join("replica.img")), folded, "the resumed fold differs");
     assert!(b.join("promoted.json").exists() && !b.join("promote.json").exists());
 }
+
+/// `protect --frontend none` of `image` with `state` (node `me`) to `addr`.
+fn protect_bare(
+    s: &Sites,
+    image: &str,
+    state: &str,
+    me: &str,
+    peer: &str,
+    addr: &str,
+    extra: &[&str],
+) -> Proc {
+    let (i, st, k, pk) =
+        (s.p(image), s.p(state), s.p(&format!("keys/{me}.key")), s.p(&format!("keys/{peer}.pub")));
+    let mut args = vec![
+        "protect",
+        "--image",
+        &i,
+        "--state",
+        &st,
+        "--target",
+        addr,
+        "--key",
+        &k,
+        "--peer",
+        &pk,
+        "--pair",
+        PAIR,
+        "--frontend",
+        "none",
+        "--name",
+        me,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn("protect", &args)
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn lineage_of(dir: &Path) -> Value {
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("status.json")).unwrap()).unwrap();
+    st["lineage"].clone()
+}
+
+/// Split brain that the old spool cannot show: after a planned failover (everything A
+/// spooled was acknowledged, so `--old-state` finds nothing unreceived), B takes writes
+/// and A's image is written directly, around the tap, while its `protect` is stopped. The
+/// failback is refused in the opening exchange (Refuse reason 7) with a message naming both
+/// generations and the branch seq, and nothing reaches A's replica; once the operator says
+/// B wins (`protect --discard-target-changes`), the failback resync converges A to B byte for
+/// byte and both sides hold the same lineage. Needs no root: `--frontend none`.
+#[test]
+fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
+    let s = Sites::new();
+    let (a_image, b_image) = (s.root.join("a-volume.img"), s.root.join("b/replica.img"));
+    write_at(&a_image, 1 << 20, &pattern(1, 2 << 20));
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = protect_bare(&s, "a-volume.img", "a-state", "a", "b", &addr, &[]);
+    wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    let last = drain(&mut px_a, &s.root.join("a-state"));
+    let a_generation =
+        lineage_of(&s.root.join("a-state"))["generation"].as_str().unwrap().to_owned();
+    rx_b.terminate();
+    tidemark(&["promote", "--dir", &s.p("b"), "--require-seq", &last.to_string()]);
+    let promoted: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.root.join("b/promoted.json")).unwrap())
+            .unwrap();
+    let (branch, b_generation) =
+        (u(&promoted, "/seq"), promoted["generation"].as_str().unwrap().to_owned());
+    assert_ne!(a_generation, b_generation);
+
+    // Both sides written: B as the live volume, A around the tap (protect stopped).
+    write_at(&b_image, 8 << 20, &pattern(2, 1 << 20));
+    write_at(&a_image, 20 << 20, &pattern(3, 1 << 20));
+    let a_before = read_all(&a_image);
+
+    // Failback: A's old spool shows nothing unreceived, so the receiver starts; the
+    // lineages meet in the opening and the session is refused.
+    let a_vol = a_image.display().to_string();
+    let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = protect_bare(&s, "b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let st = wait_status(&s.root.join("b-state"), "the split-brain refusal", |v| {
+        v["shipper"]["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert_eq!(st["shipper"]["state"], "Failed", "a refusal is not retried: {st:#}");
+    assert!(err.contains(&a_generation) && err.contains(&b_generation), "{err}");
+    assert!(
+        err.contains(&format!("seq {branch}")) && err.contains("--discard-target-changes"),
+        "{err}"
+    );
+    let rx_st = wait_status(&s.root.join("a-rx"), "the refusal on A", |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    assert_eq!(rx_st["received"], 0, "{rx_st:#}");
+    assert_eq!(rx_st["lineage"]["generation"], a_generation.as_str(), "{rx_st:#}");
+    assert_eq!(rx_st["lineage"]["dirty"], true, "the write around the tap was not seen: {rx_st:#}");
+    px_b.terminate();
+    rx_a.terminate();
+    assert_eq!(read_all(&a_image), a_before, "the refused failback changed A's volume");
+
+    // The operator chooses B: its failback resync overwrites A's writes; the sides converge.
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = protect_bare(
+        &s,
+        "b/replica.img",
+        "b-state",
+        "b",
+        "a",
+        &addr,
+        &["--failback", "--discard-target-changes"],
+    );
+    wait_status(&s.root.join("b-state"), "the failback resync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    wait_caught_up(&s.root.join("b-state"));
+    let last = drain(&mut px_b, &s.root.join("b-state"));
+    rx_a.terminate();
+    let (a_lineage, b_lineage) =
+        (lineage_of(&s.root.join("a-rx")), lineage_of(&s.root.join("b-state")));
+    assert_eq!(a_lineage["chain"], b_lineage["chain"], "the lineages differ after converging");
+    assert_eq!(a_lineage["generation"], b_generation.as_str());
+    tidemark(&["promote", "--dir", &s.p("a-rx"), "--require-seq", &last.to_string()]);
+    assert_eq!(read_all(&a_image), read_all(&b_image), "A did not converge to B");
+}

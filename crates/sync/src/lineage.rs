@@ -91,6 +91,10 @@ pub struct Conflict {
     pub source_branch: Seq,
     /// See `source_branch`.
     pub target_branch: Seq,
+    /// The source may hold writes no seq counts (written around the tap).
+    pub source_dirty: bool,
+    /// The target may hold writes no seq counts.
+    pub target_dirty: bool,
 }
 
 impl Conflict {
@@ -111,12 +115,14 @@ impl fmt::Display for Conflict {
             GenId(self.common_generation),
         );
         let (sb, tb) = (self.source_branch, self.target_branch);
+        let around = |dirty: bool| if dirty { " and writes around the tap" } else { "" };
+        let (sd, td) = (around(self.source_dirty), around(self.target_dirty));
         match self.kind {
             ConflictKind::SplitBrain => write!(
                 f,
                 "split brain: the source (generation {s}) and this target (generation {t}) both \
-                 took writes after they branched from generation {c} (source at seq {sb}, \
-                 target at seq {tb}). Nothing applied, never merged. Choose the winner: the \
+                 took writes after they branched from generation {c} (source at seq {sb}{sd}, \
+                 target at seq {tb}{td}). Nothing applied, never merged. Choose the winner: the \
                  source (`receive --discard-local-changes` here, or `protect \
                  --discard-target-changes` there, with `--failback`), or this side (protect it \
                  to the other instead)"
@@ -248,6 +254,8 @@ fn conflict(source: &LineageInfo, target: &LineageInfo, kind: ConflictKind) -> C
         common_generation: if common == 0 { 0 } else { s[common - 1].id },
         source_branch: if common == 0 { source.head } else { left_at(source, common) },
         target_branch: if common == 0 { target.head } else { left_at(target, common) },
+        source_dirty: source.dirty,
+        target_dirty: target.dirty,
     }
 }
 
