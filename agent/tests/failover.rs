@@ -70,6 +70,24 @@ impl Sites {
         (rx, addr)
     }
 
+    /// `protect` of `image` with `state`, node `me`, to `addr`, with `more` options.
+    fn spawn_protect(
+        &self,
+        (image, state, me, peer, addr): (&str, &str, &str, &str, &str),
+        more: &[&str],
+    ) -> Proc {
+        let (i, s, k, pk) = (
+            self.p(image),
+            self.p(state),
+            self.p(&format!("keys/{me}.key")),
+            self.p(&format!("keys/{peer}.pub")),
+        );
+        let mut args = vec!["protect", "--image", &i, "--state", &s, "--target", addr, "--key", &k];
+        args.extend(["--peer", &pk, "--pair", PAIR, "--name", me]);
+        args.extend_from_slice(more);
+        Proc::spawn("protect", &args)
+    }
+
     fn protect(
         &self,
         image: &str,
@@ -79,37 +97,28 @@ impl Sites {
         addr: &str,
         extra: &[&str],
     ) -> (Proc, String) {
-        let (i, s, k, pk, m) = (
-            self.p(image),
-            self.p(state),
-            self.p(&format!("keys/{me}.key")),
-            self.p(&format!("keys/{peer}.pub")),
-            self.p(&format!("{state}-fuse")),
-        );
-        let mut args = vec![
-            "protect",
-            "--image",
-            &i,
-            "--state",
-            &s,
-            "--target",
-            addr,
-            "--key",
-            &k,
-            "--peer",
-            &pk,
-            "--pair",
-            PAIR,
-            "--mountpoint",
-            &m,
-            "--name",
-            me,
-        ];
-        args.extend_from_slice(extra);
-        let mut px = Proc::spawn("protect", &args);
+        let mnt = self.p(&format!("{state}-fuse"));
+        let mut more = vec!["--mountpoint", &mnt];
+        more.extend_from_slice(extra);
+        let mut px = self.spawn_protect((image, state, me, peer, addr), &more);
         let dev = px.wait_line("device:");
         assert!(dev.starts_with("/dev/loop"), "device line {dev:?}");
         (px, dev)
+    }
+
+    /// `protect --frontend none` (no FUSE, no loop device: needs no root).
+    fn protect_bare(
+        &self,
+        image: &str,
+        state: &str,
+        me: &str,
+        peer: &str,
+        addr: &str,
+        extra: &[&str],
+    ) -> Proc {
+        let mut more = vec!["--frontend", "none"];
+        more.extend_from_slice(extra);
+        self.spawn_protect((image, state, me, peer, addr), &more)
     }
 }
 
@@ -372,28 +381,7 @@ fn interrupted_promotion_resumes_to_the_same_image() {
         f.write_all_at(&pattern(6, 1 << 20), 40 << 20).unwrap();
     }
     let (mut rx, addr) = s.receive("b", "b", "a", &[]);
-    let (i, st, k, pk) =
-        (s.p("a-volume.img"), s.p("a-state"), s.p("keys/a.key"), s.p("keys/b.pub"));
-    let mut px = Proc::spawn(
-        "protect",
-        &[
-            "protect",
-            "--image",
-            &i,
-            "--state",
-            &st,
-            "--target",
-            &addr,
-            "--key",
-            &k,
-            "--peer",
-            &pk,
-            "--pair",
-            PAIR,
-            "--frontend",
-            "none",
-        ],
-    );
+    let mut px = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -439,41 +427,6 @@ fn interrupted_promotion_resumes_to_the_same_image() {
     assert!(b.join("promoted.json").exists() && !b.join("promote.json").exists());
 }
 
-/// `protect --frontend none` of `image` with `state` (node `me`) to `addr`.
-fn protect_bare(
-    s: &Sites,
-    image: &str,
-    state: &str,
-    me: &str,
-    peer: &str,
-    addr: &str,
-    extra: &[&str],
-) -> Proc {
-    let (i, st, k, pk) =
-        (s.p(image), s.p(state), s.p(&format!("keys/{me}.key")), s.p(&format!("keys/{peer}.pub")));
-    let mut args = vec![
-        "protect",
-        "--image",
-        &i,
-        "--state",
-        &st,
-        "--target",
-        addr,
-        "--key",
-        &k,
-        "--peer",
-        &pk,
-        "--pair",
-        PAIR,
-        "--frontend",
-        "none",
-        "--name",
-        me,
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn("protect", &args)
-}
-
 fn write_at(path: &Path, offset: u64, data: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -500,7 +453,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     let (a_image, b_image) = (s.root.join("a-volume.img"), s.root.join("b/replica.img"));
     write_at(&a_image, 1 << 20, &pattern(1, 2 << 20));
     let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
-    let mut px_a = protect_bare(&s, "a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -526,7 +479,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     let a_vol = a_image.display().to_string();
     let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
     let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
-    let mut px_b = protect_bare(&s, "b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let mut px_b = s.protect_bare("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
     let st = wait_status(&s.root.join("b-state"), "the split-brain refusal", |v| {
         v["shipper"]["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
     });
@@ -549,8 +502,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
 
     // The operator chooses B: its failback resync overwrites A's writes; the sides converge.
     let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
-    let mut px_b = protect_bare(
-        &s,
+    let mut px_b = s.protect_bare(
         "b/replica.img",
         "b-state",
         "b",

@@ -172,6 +172,18 @@ pub fn new_generation_id() -> u64 {
     }
 }
 
+/// A chain of generations from `(id, branch seq)` links, root first: each link's parent is
+/// the one before it (the root's branch seq is taken as 0).
+pub fn chain(links: &[(u64, u64)]) -> Vec<Generation> {
+    let mut out: Vec<Generation> = Vec::with_capacity(links.len());
+    for &(id, branch) in links {
+        let parent = out.last().map_or(0, |g| g.id);
+        let branch_seq = if out.is_empty() { Seq::ZERO } else { Seq(branch) };
+        out.push(Generation { id, parent, branch_seq });
+    }
+    out
+}
+
 /// The root of a new lineage (a new protection).
 pub fn new_root() -> Generation {
     Generation { id: new_generation_id(), parent: 0, branch_seq: Seq::ZERO }
@@ -536,15 +548,6 @@ impl LineageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn chain(ids_and_branches: &[(u64, u64)]) -> Vec<Generation> {
-        let mut out: Vec<Generation> = Vec::new();
-        for &(id, branch) in ids_and_branches {
-            let parent = out.last().map_or(0, |g| g.id);
-            out.push(Generation { id, parent, branch_seq: Seq(branch) });
-        }
-        out
-    }
 
     fn side(gens: &[(u64, u64)], head: u64, dirty: bool) -> LineageInfo {
         LineageInfo {

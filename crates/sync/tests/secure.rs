@@ -20,9 +20,9 @@ use tidemark_sync::secure::{
     connect_tcp,
 };
 use tidemark_sync::wire::{
-    Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, EntryBody, ErrorCode, Generation,
-    HashReply, HashRequest, Hello, LineageInfo, Message, NodeHash, NodeRange, PairId, RefSource,
-    Refuse, RefuseReason, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
+    Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, EntryBody, ErrorCode, HashReply,
+    HashRequest, Hello, LineageInfo, Message, NodeHash, NodeRange, PairId, RefSource, Refuse,
+    RefuseReason, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
 };
 
 /// Two configurations that allow each other.
@@ -460,16 +460,8 @@ fn hello() -> Hello {
 
 /// A source in generation 2, branched from generation 1 at seq 40.
 fn source_lineage() -> LineageInfo {
-    LineageInfo {
-        generations: vec![
-            Generation { id: 1, parent: 0, branch_seq: Seq(0) },
-            Generation { id: 2, parent: 1, branch_seq: Seq(40) },
-        ],
-        head: Seq(50),
-        dirty: true,
-        source_wins: false,
-        full_resync: true,
-    }
+    let generations = tidemark_sync::lineage::chain(&[(1, 0), (2, 40)]);
+    LineageInfo { generations, head: Seq(50), dirty: true, full_resync: true, ..Default::default() }
 }
 
 /// A target in the source's generation.
@@ -733,7 +725,7 @@ fn a_split_brain_is_refused_in_the_opening_and_the_operator_choice_resolves_it()
     // The target is the old source: still in generation 1, with writes up to seq 45, past
     // the source's branch at 40.
     let old = LineageInfo {
-        generations: vec![Generation { id: 1, parent: 0, branch_seq: Seq(0) }],
+        generations: tidemark_sync::lineage::chain(&[(1, 0)]),
         head: Seq(45),
         ..LineageInfo::default()
     };

@@ -131,16 +131,8 @@ fn every_message() -> Vec<Message> {
 
 /// A promoted side's lineage: a root and a child branched at seq 40.
 fn sample_lineage() -> LineageInfo {
-    LineageInfo {
-        generations: vec![
-            Generation { id: 0x1111, parent: 0, branch_seq: Seq(0) },
-            Generation { id: 0x2222, parent: 0x1111, branch_seq: Seq(40) },
-        ],
-        head: Seq(7),
-        dirty: true,
-        source_wins: true,
-        full_resync: true,
-    }
+    let generations = tidemark_sync::lineage::chain(&[(0x1111, 0), (0x2222, 40)]);
+    LineageInfo { generations, head: Seq(7), dirty: true, source_wins: true, full_resync: true }
 }
 
 #[test]
