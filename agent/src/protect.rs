@@ -478,6 +478,8 @@ fn document(
             "raw_bytes": s.raw_bytes,
             "batches": s.batches,
             "compression": format!("{:?}", s.compression),
+            // What the lineages decided at the last opening (docs/failover.md).
+            "lineage_verdict": s.lineage.as_ref().map(|v| v.name()),
             "last_error": s.last_error,
         },
         "tap": {

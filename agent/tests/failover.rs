@@ -446,7 +446,8 @@ fn lineage_of(dir: &Path) -> Value {
 /// failback is refused in the opening exchange (Refuse reason 7) with a message naming both
 /// generations and the branch seq, and nothing reaches A's replica; once the operator says
 /// B wins (`protect --discard-target-changes`), the failback resync converges A to B byte for
-/// byte and both sides hold the same lineage. Needs no root: `--frontend none`.
+/// byte and both sides hold the same lineage. On the way, A's old `protect` restarted against
+/// B's promoted directory is refused as a stale source. Needs no root: `--frontend none`.
 #[test]
 fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     let s = Sites::new();
@@ -469,8 +470,23 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
         (u(&promoted, "/seq"), promoted["generation"].as_str().unwrap().to_owned());
     assert_ne!(a_generation, b_generation);
 
-    // Both sides written: B as the live volume, A around the tap (protect stopped).
+    // B is live; A's old protect, restarted by mistake against a receiver on B's promoted
+    // directory, is refused as stale (B's generation is newer) and B's volume is untouched.
     write_at(&b_image, 8 << 20, &pattern(2, 1 << 20));
+    let b_before = read_all(&b_image);
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let st = wait_status(&s.root.join("a-state"), "the stale-source refusal", |v| {
+        v["shipper"]["state"] == "Failed"
+    });
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert!(err.contains("lineage conflict (8)") && err.contains("stale source"), "{err}");
+    assert!(err.contains(&a_generation) && err.contains(&b_generation), "{err}");
+    px_a.terminate();
+    rx_b.terminate();
+    assert_eq!(read_all(&b_image), b_before, "the stale source changed B's volume");
+
+    // Both sides written: B as the live volume, A around the tap (protect stopped).
     write_at(&a_image, 20 << 20, &pattern(3, 1 << 20));
     let a_before = read_all(&a_image);
 
@@ -510,9 +526,10 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
         &addr,
         &["--failback", "--discard-target-changes"],
     );
-    wait_status(&s.root.join("b-state"), "the failback resync", |v| {
+    let st = wait_status(&s.root.join("b-state"), "the failback resync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
+    assert_eq!(st["shipper"]["lineage_verdict"], "resync", "{st:#}");
     wait_caught_up(&s.root.join("b-state"));
     let last = drain(&mut px_b, &s.root.join("b-state"));
     rx_a.terminate();

@@ -61,6 +61,18 @@ pub enum Verdict {
     Conflict(Conflict),
 }
 
+impl Verdict {
+    /// One word for status documents: `same`, `adopt`, `resync` or `conflict`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Same => "same",
+            Self::Adopt => "adopt",
+            Self::Resync { .. } => "resync",
+            Self::Conflict(_) => "conflict",
+        }
+    }
+}
+
 /// Why two lineages cannot be reconciled without the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictKind {
