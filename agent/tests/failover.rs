@@ -540,3 +540,42 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     tidemark(&["promote", "--dir", &s.p("a-rx"), "--require-seq", &last.to_string()]);
     assert_eq!(read_all(&a_image), read_all(&b_image), "A did not converge to B");
 }
+
+/// The other gap of the old spool check: an unplanned promotion at a point older than what
+/// the original site had acknowledged. A's spool holds nothing unreceived and its image is
+/// untouched since its clean stop, yet it is past B's branch: the failback is a split brain.
+/// Needs no root: `--frontend none`, a bookmark for a second point.
+#[test]
+fn a_promotion_older_than_the_sources_acknowledged_point_is_a_split_brain() {
+    let s = Sites::new();
+    write_at(&s.root.join("a-volume.img"), 3 << 20, &pattern(4, 1 << 20));
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let st = wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    let end = u(&st, "/last_resync/end_seq");
+    tidemark(&["bookmark", "later", "--state", &s.p("a-state")]);
+    wait_caught_up(&s.root.join("a-state"));
+    let last = drain(&mut px_a, &s.root.join("a-state"));
+    assert!(last > end, "the bookmark made no later point: {last} <= {end}");
+    rx_b.terminate();
+    tidemark(&["promote", "--dir", &s.p("b"), "--point", &format!("seq:{end}")]);
+
+    let a_vol = s.p("a-volume.img");
+    let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = s.protect_bare("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let st =
+        wait_status(&s.root.join("b-state"), "the refusal", |v| v["shipper"]["state"] == "Failed");
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert!(err.contains("split brain (7)"), "{err}");
+    assert!(err.contains(&format!("source at seq {end}")), "{err}");
+    assert!(err.contains(&format!("target at seq {last})")), "not dirty, past the branch: {err}");
+    let rx_st = wait_status(&s.root.join("a-rx"), "the refusal on A", |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    assert_eq!(rx_st["lineage"]["dirty"], false, "A was sealed and untouched: {rx_st:#}");
+    px_b.terminate();
+    rx_a.terminate();
+}
