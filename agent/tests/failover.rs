@@ -107,18 +107,10 @@ impl Sites {
     }
 
     /// `protect --frontend none` (no FUSE, no loop device: needs no root).
-    fn protect_bare(
-        &self,
-        image: &str,
-        state: &str,
-        me: &str,
-        peer: &str,
-        addr: &str,
-        extra: &[&str],
-    ) -> Proc {
+    fn protect_bare(&self, who: (&str, &str, &str, &str, &str), extra: &[&str]) -> Proc {
         let mut more = vec!["--frontend", "none"];
         more.extend_from_slice(extra);
-        self.spawn_protect((image, state, me, peer, addr), &more)
+        self.spawn_protect(who, &more)
     }
 }
 
@@ -381,7 +373,7 @@ fn interrupted_promotion_resumes_to_the_same_image() {
         f.write_all_at(&pattern(6, 1 << 20), 40 << 20).unwrap();
     }
     let (mut rx, addr) = s.receive("b", "b", "a", &[]);
-    let mut px = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let mut px = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -454,7 +446,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     let (a_image, b_image) = (s.root.join("a-volume.img"), s.root.join("b/replica.img"));
     write_at(&a_image, 1 << 20, &pattern(1, 2 << 20));
     let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
-    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -475,7 +467,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     write_at(&b_image, 8 << 20, &pattern(2, 1 << 20));
     let b_before = read_all(&b_image);
     let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
-    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
     let st = wait_status(&s.root.join("a-state"), "the stale-source refusal", |v| {
         v["shipper"]["state"] == "Failed"
     });
@@ -495,7 +487,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     let a_vol = a_image.display().to_string();
     let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
     let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
-    let mut px_b = s.protect_bare("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let mut px_b = s.protect_bare(("b/replica.img", "b-state", "b", "a", &addr), &["--failback"]);
     let st = wait_status(&s.root.join("b-state"), "the split-brain refusal", |v| {
         v["shipper"]["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
     });
@@ -519,11 +511,7 @@ fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
     // The operator chooses B: its failback resync overwrites A's writes; the sides converge.
     let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
     let mut px_b = s.protect_bare(
-        "b/replica.img",
-        "b-state",
-        "b",
-        "a",
-        &addr,
+        ("b/replica.img", "b-state", "b", "a", &addr),
         &["--failback", "--discard-target-changes"],
     );
     let st = wait_status(&s.root.join("b-state"), "the failback resync", |v| {
@@ -550,7 +538,7 @@ fn a_promotion_older_than_the_sources_acknowledged_point_is_a_split_brain() {
     let s = Sites::new();
     write_at(&s.root.join("a-volume.img"), 3 << 20, &pattern(4, 1 << 20));
     let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
-    let mut px_a = s.protect_bare("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
     let st = wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -565,7 +553,7 @@ fn a_promotion_older_than_the_sources_acknowledged_point_is_a_split_brain() {
     let a_vol = s.p("a-volume.img");
     let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
     let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
-    let mut px_b = s.protect_bare("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let mut px_b = s.protect_bare(("b/replica.img", "b-state", "b", "a", &addr), &["--failback"]);
     let st =
         wait_status(&s.root.join("b-state"), "the refusal", |v| v["shipper"]["state"] == "Failed");
     let err = st["shipper"]["last_error"].as_str().unwrap();
