@@ -10,6 +10,7 @@ mod group;
 mod inspect;
 mod keygen;
 mod limits;
+mod lineage;
 mod materialize;
 mod metrics;
 mod points;

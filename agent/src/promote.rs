@@ -108,6 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "journal_newest_seq": st.newest_seq.0,
             "discarded_after_point": st.newest_seq.0.saturating_sub(info.seq.0),
             "planned_require_seq": args.require_seq,
+            // The generation the promoted image starts (docs/failover.md, lineages).
+            "generation": format!("{:016x}", crate::lineage::new_id()),
             "started_ms": status::now_ms(),
         });
         write_durable(dir, IN_PROGRESS, &v)?;
@@ -129,6 +131,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             aside.display()
         );
     }
+    // A marker from before lineages has no generation: make one now.
+    let generation = match record["generation"].as_str().map(|h| u64::from_str_radix(h, 16)) {
+        Some(Ok(id)) if id != 0 => id,
+        _ => crate::lineage::new_id(),
+    };
+    record["generation"] = json!(format!("{generation:016x}"));
+    crate::lineage::branch(dir, generation, Seq(seq))?;
     record["state"] = json!("promoted");
     record["journal_set_aside"] = json!(aside.display().to_string());
     record["finished_ms"] = json!(status::now_ms());

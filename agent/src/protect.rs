@@ -110,6 +110,11 @@ pub struct Args {
     /// with a fast resync of the whole volume (only differing blocks move).
     #[arg(long)]
     failback: bool,
+    /// A lineage conflict (split brain, or a target whose generation is newer) is resolved
+    /// for this side: the target's own writes are overwritten by the failback resync (with
+    /// `--failback`). Never needed for a plain failback.
+    #[arg(long)]
+    discard_target_changes: bool,
     #[command(flatten)]
     control: source_control::Args,
 }
@@ -142,6 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
     };
 
+    // Before the image is opened: its fingerprint tells whether it changed since a clean stop.
+    let (lineage, dirty) = crate::lineage::for_protect(&args.state, &args.image)?;
     let (device, vol_len) = common::open_volume(&args.image)?;
     let (spool, _) = Spool::open(
         Arc::new(FsDir::new(&spool_dir)?),
@@ -177,7 +184,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         volumes: vec![VolumeInfo { id: VolumeId(0), block_size: 4096, size: vol_len }],
     };
     let weak: Weak<Tap> = Arc::downgrade(&tap);
-    let mut shipper = Shipper::new(tap.shared_spool(), ShipperConfig::new(hello, secure));
+    let mut ship_cfg = ShipperConfig::new(hello, secure);
+    ship_cfg.lineage =
+        crate::lineage::wire(&lineage, dirty, args.discard_target_changes, args.failback);
+    let mut shipper = Shipper::new(tap.shared_spool(), ship_cfg);
     // Always a bucket (unlimited unless told otherwise), so that `tidemark limits` can
     // change the rate of a running protection.
     let bucket = Arc::new(TokenBucket::new(
@@ -264,6 +274,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut last_file = Instant::now() - Duration::from_secs(2);
     let ctx = DocContext {
         fresh,
+        state: args.state.clone(),
         leaf_bytes: tidemark_sync::resync::shape_for(vol_len).leaf_size(),
         vol_len,
         device: device_path,
@@ -294,7 +305,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let _ = committer.join();
     let last = tap.sync_spool().context("last group commit")?;
     shipper.notify();
-    let acked = shipper.wait_for(DRAIN, |s| s.acked >= last).map(|s| s.acked);
+    // A shipper stopped by a refusal (a split brain, say) will not see an ack: no wait.
+    let acked = shipper
+        .wait_for(DRAIN, |s| s.acked >= last || s.state == tidemark_sync::LinkState::Failed)
+        .filter(|s| s.acked >= last)
+        .map(|s| s.acked);
     if acked.is_none() {
         eprintln!(
             "the target did not acknowledge up to seq {last} within {DRAIN:?}; the spool keeps the rest"
@@ -311,6 +326,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(tap) => tap.close().context("close the tap")?,
         Err(_) => bail!("the tap is still shared at shutdown"),
     }
+    crate::lineage::seal(&args.state, &args.image, lineage, last)?;
     println!("stopped: acknowledged up to seq {}", st.acked);
     Ok(())
 }
@@ -359,6 +375,7 @@ fn group_commit(
 
 struct DocContext {
     fresh: bool,
+    state: PathBuf,
     /// Leaf size of the volume's Merkle tree.
     leaf_bytes: u64,
     vol_len: u64,
@@ -424,6 +441,7 @@ fn document(
         "device": ctx.device.as_ref().map(|p| p.display().to_string()),
         "volume_bytes": ctx.vol_len,
         "fresh": ctx.fresh,
+        "lineage": crate::lineage::status_json(&ctx.state),
         "pair": figures.json(),
         "stage": ps.stage.name(),
         "progress": ps.progress.map(|p| json!({
@@ -460,6 +478,8 @@ fn document(
             "raw_bytes": s.raw_bytes,
             "batches": s.batches,
             "compression": format!("{:?}", s.compression),
+            // What the lineages decided at the last opening (docs/failover.md).
+            "lineage_verdict": s.lineage.as_ref().map(|v| v.name()),
             "last_error": s.last_error,
         },
         "tap": {

@@ -96,12 +96,13 @@ pub struct Args {
     #[arg(long)]
     replica: Option<PathBuf>,
     /// With --replica: the state directory of the `protect` that ran on that image before
-    /// the failover; refuses (split brain) when it holds writes the DR side never received.
+    /// the failover; refuses (split brain) when it holds writes the DR side never received,
+    /// and gives the replica that protection's lineage (checked against the source's).
     #[arg(long, requires = "replica")]
     old_state: Option<PathBuf>,
-    /// With --old-state: the DR side wins a split brain; this site's later writes are
-    /// overwritten by the failback resync.
-    #[arg(long, requires = "old_state")]
+    /// The source wins a split brain (or any lineage conflict): this replica's own later
+    /// writes are overwritten by the source's failback resync.
+    #[arg(long)]
     discard_local_changes: bool,
 }
 
@@ -132,6 +133,8 @@ struct Setup {
     secure: SecureConfig,
     image: PathBuf,
     cfg: RetentionConfig,
+    /// The replica's lineage, shared by every session (and journal reopening).
+    lineage: Arc<tidemark_sync::lineage::LineageStore>,
 }
 
 /// The last retention pass, for status.json.
@@ -167,13 +170,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     crate::promote::check_not_promoting(&args.dir)?;
     if let Some(existing) = &args.replica {
-        if let Some(old) = &args.old_state {
-            crate::failback::check_old_state(old, args.discard_local_changes)?;
-        }
+        let old = match &args.old_state {
+            Some(state) => {
+                Some((state, crate::failback::check_old_state(state, args.discard_local_changes)?))
+            }
+            None => None,
+        };
         crate::failback::link_replica(&args.dir, existing)?;
+        if let Some((state, old)) = old {
+            crate::lineage::for_failback_target(&args.dir, state, existing, old.last_seq)?;
+        }
     }
+    let lineage = Arc::new(
+        tidemark_sync::lineage::LineageStore::open(crate::lineage::path(&args.dir))
+            .context("open the replica's lineage")?,
+    );
     let image = args.dir.join("replica.img");
-    let setup = Setup { args, pair, secure, image, cfg };
+    let setup = Setup { args, pair, secure, image, cfg, lineage };
     let mut passes = Passes::default();
     let mut log = open_log(&setup, &mut passes)?;
     signals::install()?;
@@ -272,8 +285,10 @@ fn serve(
     metrics: Option<&metrics::Server>,
 ) -> anyhow::Result<(Receiver, Option<String>)> {
     let args = &s.args;
-    let receiver =
-        Receiver::new(log, ReceiverConfig::new(args.name.clone(), s.pair, s.secure.clone()))?;
+    let mut rcfg = ReceiverConfig::new(args.name.clone(), s.pair, s.secure.clone());
+    rcfg.lineage = s.lineage.clone();
+    rcfg.source_wins = args.discard_local_changes;
+    let receiver = Receiver::new(log, rcfg)?;
     let socket = match listen {
         // The same port again after a reopen.
         Some(addr) => TcpListener::bind(*addr).with_context(|| format!("listen on {addr}"))?,
@@ -401,6 +416,7 @@ fn document(
     json!({
         "role": "receive",
         "state": state,
+        "lineage": crate::lineage::status_json(&setup.args.dir),
         "pid": std::process::id(),
         "updated_ms": status::now_ms(),
         "uptime_s": common::secs(uptime),

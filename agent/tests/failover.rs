@@ -70,6 +70,24 @@ impl Sites {
         (rx, addr)
     }
 
+    /// `protect` of `image` with `state`, node `me`, to `addr`, with `more` options.
+    fn spawn_protect(
+        &self,
+        (image, state, me, peer, addr): (&str, &str, &str, &str, &str),
+        more: &[&str],
+    ) -> Proc {
+        let (i, s, k, pk) = (
+            self.p(image),
+            self.p(state),
+            self.p(&format!("keys/{me}.key")),
+            self.p(&format!("keys/{peer}.pub")),
+        );
+        let mut args = vec!["protect", "--image", &i, "--state", &s, "--target", addr, "--key", &k];
+        args.extend(["--peer", &pk, "--pair", PAIR, "--name", me]);
+        args.extend_from_slice(more);
+        Proc::spawn("protect", &args)
+    }
+
     fn protect(
         &self,
         image: &str,
@@ -79,37 +97,20 @@ impl Sites {
         addr: &str,
         extra: &[&str],
     ) -> (Proc, String) {
-        let (i, s, k, pk, m) = (
-            self.p(image),
-            self.p(state),
-            self.p(&format!("keys/{me}.key")),
-            self.p(&format!("keys/{peer}.pub")),
-            self.p(&format!("{state}-fuse")),
-        );
-        let mut args = vec![
-            "protect",
-            "--image",
-            &i,
-            "--state",
-            &s,
-            "--target",
-            addr,
-            "--key",
-            &k,
-            "--peer",
-            &pk,
-            "--pair",
-            PAIR,
-            "--mountpoint",
-            &m,
-            "--name",
-            me,
-        ];
-        args.extend_from_slice(extra);
-        let mut px = Proc::spawn("protect", &args);
+        let mnt = self.p(&format!("{state}-fuse"));
+        let mut more = vec!["--mountpoint", &mnt];
+        more.extend_from_slice(extra);
+        let mut px = self.spawn_protect((image, state, me, peer, addr), &more);
         let dev = px.wait_line("device:");
         assert!(dev.starts_with("/dev/loop"), "device line {dev:?}");
         (px, dev)
+    }
+
+    /// `protect --frontend none` (no FUSE, no loop device: needs no root).
+    fn protect_bare(&self, who: (&str, &str, &str, &str, &str), extra: &[&str]) -> Proc {
+        let mut more = vec!["--frontend", "none"];
+        more.extend_from_slice(extra);
+        self.spawn_protect(who, &more)
     }
 }
 
@@ -372,28 +373,7 @@ fn interrupted_promotion_resumes_to_the_same_image() {
         f.write_all_at(&pattern(6, 1 << 20), 40 << 20).unwrap();
     }
     let (mut rx, addr) = s.receive("b", "b", "a", &[]);
-    let (i, st, k, pk) =
-        (s.p("a-volume.img"), s.p("a-state"), s.p("keys/a.key"), s.p("keys/b.pub"));
-    let mut px = Proc::spawn(
-        "protect",
-        &[
-            "protect",
-            "--image",
-            &i,
-            "--state",
-            &st,
-            "--target",
-            &addr,
-            "--key",
-            &k,
-            "--peer",
-            &pk,
-            "--pair",
-            PAIR,
-            "--frontend",
-            "none",
-        ],
-    );
+    let mut px = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
         v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
     });
@@ -437,4 +417,153 @@ fn interrupted_promotion_resumes_to_the_same_image() {
     assert!(out.contains(&format!("resuming the promotion of {} to seq {seq}", s.p("b"))), "{out}");
     assert_eq!(read_all(&b.join("replica.img")), folded, "the resumed fold differs");
     assert!(b.join("promoted.json").exists() && !b.join("promote.json").exists());
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn lineage_of(dir: &Path) -> Value {
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("status.json")).unwrap()).unwrap();
+    st["lineage"].clone()
+}
+
+/// Split brain that the old spool cannot show: after a planned failover (everything A
+/// spooled was acknowledged, so `--old-state` finds nothing unreceived), B takes writes
+/// and A's image is written directly, around the tap, while its `protect` is stopped. The
+/// failback is refused in the opening exchange (Refuse reason 7) with a message naming both
+/// generations and the branch seq, and nothing reaches A's replica; once the operator says
+/// B wins (`protect --discard-target-changes`), the failback resync converges A to B byte for
+/// byte and both sides hold the same lineage. On the way, A's old `protect` restarted against
+/// B's promoted directory is refused as a stale source. Needs no root: `--frontend none`.
+#[test]
+fn split_brain_around_the_tap_is_refused_by_lineage_until_a_side_wins() {
+    let s = Sites::new();
+    let (a_image, b_image) = (s.root.join("a-volume.img"), s.root.join("b/replica.img"));
+    write_at(&a_image, 1 << 20, &pattern(1, 2 << 20));
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
+    wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    let last = drain(&mut px_a, &s.root.join("a-state"));
+    let a_generation =
+        lineage_of(&s.root.join("a-state"))["generation"].as_str().unwrap().to_owned();
+    rx_b.terminate();
+    tidemark(&["promote", "--dir", &s.p("b"), "--require-seq", &last.to_string()]);
+    let promoted: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.root.join("b/promoted.json")).unwrap())
+            .unwrap();
+    let (branch, b_generation) =
+        (u(&promoted, "/seq"), promoted["generation"].as_str().unwrap().to_owned());
+    assert_ne!(a_generation, b_generation);
+
+    // B is live; A's old protect, restarted by mistake against a receiver on B's promoted
+    // directory, is refused as stale (B's generation is newer) and B's volume is untouched.
+    write_at(&b_image, 8 << 20, &pattern(2, 1 << 20));
+    let b_before = read_all(&b_image);
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
+    let st = wait_status(&s.root.join("a-state"), "the stale-source refusal", |v| {
+        v["shipper"]["state"] == "Failed"
+    });
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert!(err.contains("lineage conflict (8)") && err.contains("stale source"), "{err}");
+    assert!(err.contains(&a_generation) && err.contains(&b_generation), "{err}");
+    px_a.terminate();
+    rx_b.terminate();
+    assert_eq!(read_all(&b_image), b_before, "the stale source changed B's volume");
+
+    // Both sides written: B as the live volume, A around the tap (protect stopped).
+    write_at(&a_image, 20 << 20, &pattern(3, 1 << 20));
+    let a_before = read_all(&a_image);
+
+    // Failback: A's old spool shows nothing unreceived, so the receiver starts; the
+    // lineages meet in the opening and the session is refused.
+    let a_vol = a_image.display().to_string();
+    let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = s.protect_bare(("b/replica.img", "b-state", "b", "a", &addr), &["--failback"]);
+    let st = wait_status(&s.root.join("b-state"), "the split-brain refusal", |v| {
+        v["shipper"]["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert_eq!(st["shipper"]["state"], "Failed", "a refusal is not retried: {st:#}");
+    assert!(err.contains(&a_generation) && err.contains(&b_generation), "{err}");
+    assert!(
+        err.contains(&format!("seq {branch}")) && err.contains("--discard-target-changes"),
+        "{err}"
+    );
+    let rx_st = wait_status(&s.root.join("a-rx"), "the refusal on A", |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    assert_eq!(rx_st["received"], 0, "{rx_st:#}");
+    assert_eq!(rx_st["lineage"]["generation"], a_generation.as_str(), "{rx_st:#}");
+    assert_eq!(rx_st["lineage"]["dirty"], true, "the write around the tap was not seen: {rx_st:#}");
+    px_b.terminate();
+    rx_a.terminate();
+    assert_eq!(read_all(&a_image), a_before, "the refused failback changed A's volume");
+
+    // The operator chooses B: its failback resync overwrites A's writes; the sides converge.
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = s.protect_bare(
+        ("b/replica.img", "b-state", "b", "a", &addr),
+        &["--failback", "--discard-target-changes"],
+    );
+    let st = wait_status(&s.root.join("b-state"), "the failback resync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    assert_eq!(st["shipper"]["lineage_verdict"], "resync", "{st:#}");
+    wait_caught_up(&s.root.join("b-state"));
+    let last = drain(&mut px_b, &s.root.join("b-state"));
+    rx_a.terminate();
+    let (a_lineage, b_lineage) =
+        (lineage_of(&s.root.join("a-rx")), lineage_of(&s.root.join("b-state")));
+    assert_eq!(a_lineage["chain"], b_lineage["chain"], "the lineages differ after converging");
+    assert_eq!(a_lineage["generation"], b_generation.as_str());
+    tidemark(&["promote", "--dir", &s.p("a-rx"), "--require-seq", &last.to_string()]);
+    assert_eq!(read_all(&a_image), read_all(&b_image), "A did not converge to B");
+}
+
+/// The other gap of the old spool check: an unplanned promotion at a point older than what
+/// the original site had acknowledged. A's spool holds nothing unreceived and its image is
+/// untouched since its clean stop, yet it is past B's branch: the failback is a split brain.
+/// Needs no root: `--frontend none`, a bookmark for a second point.
+#[test]
+fn a_promotion_older_than_the_sources_acknowledged_point_is_a_split_brain() {
+    let s = Sites::new();
+    write_at(&s.root.join("a-volume.img"), 3 << 20, &pattern(4, 1 << 20));
+    let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
+    let mut px_a = s.protect_bare(("a-volume.img", "a-state", "a", "b", &addr), &[]);
+    let st = wait_status(&s.root.join("a-state"), "the initial sync", |v| {
+        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+    });
+    let end = u(&st, "/last_resync/end_seq");
+    tidemark(&["bookmark", "later", "--state", &s.p("a-state")]);
+    wait_caught_up(&s.root.join("a-state"));
+    let last = drain(&mut px_a, &s.root.join("a-state"));
+    assert!(last > end, "the bookmark made no later point: {last} <= {end}");
+    rx_b.terminate();
+    tidemark(&["promote", "--dir", &s.p("b"), "--point", &format!("seq:{end}")]);
+
+    let a_vol = s.p("a-volume.img");
+    let a_rx = ["--replica", a_vol.as_str(), "--old-state", &s.p("a-state")];
+    let (mut rx_a, addr) = s.receive("a-rx", "a", "b", &a_rx);
+    let mut px_b = s.protect_bare(("b/replica.img", "b-state", "b", "a", &addr), &["--failback"]);
+    let st =
+        wait_status(&s.root.join("b-state"), "the refusal", |v| v["shipper"]["state"] == "Failed");
+    let err = st["shipper"]["last_error"].as_str().unwrap();
+    assert!(err.contains("split brain (7)"), "{err}");
+    assert!(err.contains(&format!("source at seq {end}")), "{err}");
+    assert!(err.contains(&format!("target at seq {last})")), "not dirty, past the branch: {err}");
+    let rx_st = wait_status(&s.root.join("a-rx"), "the refusal on A", |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
+    });
+    assert_eq!(rx_st["lineage"]["dirty"], false, "A was sealed and untouched: {rx_st:#}");
+    px_b.terminate();
+    rx_a.terminate();
 }

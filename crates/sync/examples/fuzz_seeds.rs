@@ -1,6 +1,6 @@
 //! Writes the seed corpora of the sync fuzz targets: `fuzz/corpus/wire_frame` (a frame of
 //! every message type, plain and compressed, plus truncated, bit-flipped and
-//! foreign-version variants) and `fuzz/corpus/handshake` (recorded handshakes and sessions
+//! foreign-version variants, and a lineage file, whole and torn) and `fuzz/corpus/handshake` (recorded handshakes and sessions
 //! replayable by the harness, see `tidemark_sync::secure::fuzz_handshake_seeds`). Run with
 //! `cargo run -p tidemark-sync --example fuzz_seeds`.
 
@@ -10,9 +10,9 @@ use bytes::Bytes;
 use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 use tidemark_sync::wire::{
     Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, DedupedWrite, EntryBody,
-    ErrorCode, HashReply, HashRequest, Hello, Message, NodeHash, NodeRange, PairId, RefSource,
-    RefSpan, Refuse, RefuseReason, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
-    Welcome,
+    ErrorCode, Generation, HashReply, HashRequest, Hello, LineageInfo, Message, NodeHash,
+    NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason, Role, SUPPORTED_VERSIONS,
+    TreeShape, VersionRange, VolumeInfo, Welcome,
 };
 
 fn messages() -> Vec<Message> {
@@ -123,7 +123,31 @@ fn messages() -> Vec<Message> {
             level: 1,
             hashes: (0..32u8).map(|i| NodeHash([i; 32])).collect(),
         }),
+        Message::SourceLineage(promoted_lineage()),
+        Message::TargetLineage(LineageInfo {
+            generations: promoted_lineage().generations[..1].to_vec(),
+            head: Seq(1200),
+            ..LineageInfo::default()
+        }),
     ]
+}
+
+/// A promoted side's lineage: the root, and the child a promotion at seq 1000 started.
+fn promoted_lineage() -> LineageInfo {
+    LineageInfo {
+        generations: vec![
+            Generation { id: 0x0123_4567_89ab_cdef, parent: 0, branch_seq: Seq(0) },
+            Generation {
+                id: 0xfeed_f00d_0000_0001,
+                parent: 0x0123_4567_89ab_cdef,
+                branch_seq: Seq(1000),
+            },
+        ],
+        head: Seq(17),
+        dirty: true,
+        source_wins: false,
+        full_resync: true,
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -161,6 +185,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::fs::write(wire_dir.join("hello-version-2"), &frame)?;
         }
     }
+
+    // The lineage file shares the target (`fuzz_frame` parses its input as both).
+    let file = tidemark_sync::lineage::LineageFile {
+        generations: promoted_lineage().generations,
+        head: Seq(17),
+        dirty: true,
+        seal: Some([0x5a; 32]),
+    };
+    std::fs::write(wire_dir.join("lineage-file"), file.encode())?;
+    let mut torn = file.encode();
+    torn.truncate(torn.len() - 5);
+    std::fs::write(wire_dir.join("lineage-file-torn"), torn)?;
 
     for (name, bytes) in tidemark_sync::secure::fuzz_handshake_seeds() {
         std::fs::write(handshake_dir.join(name), bytes)?;

@@ -57,14 +57,15 @@ use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
 
 use crate::connection::{Connection, ConnectionError};
 use crate::dedupe::{self, AppliedWindow};
+use crate::lineage::{self, LineageStore, Verdict};
 use crate::resync::{BlockSource, MerkleTree, ResyncError, hash_nodes};
 use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureSender, Stream};
 use crate::ship::error_chain;
 use crate::watch::Watch;
 use crate::wire::{
-    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_OPEN_RESYNCS, MAX_TEXT,
-    Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind, ReplicaState,
-    SUPPORTED_VERSIONS, TreeShape, WireError,
+    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, LineageInfo,
+    MAX_OPEN_RESYNCS, MAX_TEXT, Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind,
+    ReplicaState, SUPPORTED_VERSIONS, TreeShape, WireError,
 };
 
 /// What went wrong on the target side of replication.
@@ -249,6 +250,14 @@ pub struct ReceiverConfig {
     /// [`crate::dedupe`]); at least the sources' window, or their references fail and
     /// are resent as data. 0 refuses every reference.
     pub dedupe_window_bytes: u64,
+    /// This target's lineage (`crate::lineage`): compared with each source's in the opening
+    /// exchange, adopted durably when the source's history replaces it. In memory and empty
+    /// (a blank target) by default.
+    pub lineage: Arc<LineageStore>,
+    /// The operator chose the source as the winner of a lineage conflict (`receive
+    /// --discard-local-changes`): a split brain resolves to a whole-volume resync that
+    /// overwrites this replica's own writes.
+    pub source_wins: bool,
 }
 
 impl ReceiverConfig {
@@ -264,6 +273,8 @@ impl ReceiverConfig {
             queue_depth: 4,
             linger: Duration::from_secs(2),
             dedupe_window_bytes: dedupe::DEFAULT_WINDOW_BYTES,
+            lineage: Arc::new(LineageStore::memory()),
+            source_wins: false,
         }
     }
 }
@@ -520,30 +531,62 @@ impl Receiver {
         authenticated.store(true, Ordering::SeqCst);
         let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
         let mut admitted = None;
-        let opened = conn.answer_session(&cfg.node, |hello| {
-            self.check_hello(hello)?;
-            let id = self.take_over(kill.clone())?;
-            // Everything the previous connection appended becomes durable, and is where
-            // this one resumes.
-            let (synced, replica) = {
-                let mut log = lock(&self.inner.log);
-                (log.sync(), replica_state(&log))
-            };
-            match synced {
-                Ok(durable) => {
-                    admitted = Some((id, durable));
-                    Ok((durable, replica))
+        let ours = std::cell::RefCell::new(LineageInfo::default());
+        let opened = conn.answer_session(
+            &cfg.node,
+            |hello| {
+                self.check_hello(hello)?;
+                let head = lock(&self.inner.log).last_seq();
+                let mut info = cfg.lineage.info(head);
+                info.source_wins = cfg.source_wins;
+                *ours.borrow_mut() = info.clone();
+                Ok(info)
+            },
+            |_hello, theirs| {
+                let verdict = lineage::decide(theirs, &ours.borrow());
+                if let Verdict::Conflict(c) = &verdict {
+                    return Err(Refuse {
+                        reason: c.reason(),
+                        supported: SUPPORTED_VERSIONS,
+                        message: truncate(c.to_string()),
+                    });
                 }
-                Err(source) => {
-                    let e = ApplyError::Storage { op: "group commit".to_owned(), source };
-                    self.mark_failed(&e);
-                    self.release(id);
-                    Err(unavailable(&format!("the target's retention log failed: {e}")))
+                let id = self.take_over(kill.clone())?;
+                // Everything the previous connection appended becomes durable, and is where
+                // this one resumes.
+                let (synced, replica) = {
+                    let mut log = lock(&self.inner.log);
+                    (log.sync(), replica_state(&log))
+                };
+                let adopted = match (&synced, &verdict) {
+                    (Ok(_), Verdict::Adopt | Verdict::Resync { .. }) => {
+                        cfg.lineage.adopt(&theirs.generations).map_err(|e| e.to_string())
+                    }
+                    _ => Ok(()),
+                };
+                match (synced, adopted) {
+                    (Ok(durable), Ok(())) => {
+                        if let Verdict::Resync { why } = &verdict {
+                            tracing::warn!(%why, "lineage: the source's resync overwrites this replica");
+                        }
+                        admitted = Some((id, durable));
+                        Ok((durable, replica))
+                    }
+                    (Ok(_), Err(e)) => {
+                        self.release(id);
+                        Err(unavailable(&format!("the target could not record its lineage: {e}")))
+                    }
+                    (Err(source), _) => {
+                        let e = ApplyError::Storage { op: "group commit".to_owned(), source };
+                        self.mark_failed(&e);
+                        self.release(id);
+                        Err(unavailable(&format!("the target's retention log failed: {e}")))
+                    }
                 }
-            }
-        });
+            },
+        );
         let hello = match opened {
-            Ok((hello, _version)) => hello,
+            Ok((hello, _version, _lineage)) => hello,
             Err(e) => {
                 if let Some((id, _)) = admitted {
                     self.release(id);

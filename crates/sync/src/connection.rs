@@ -4,9 +4,16 @@
 //! ```text
 //! source                              target
 //!   Hello (versions, role, node, pair, volumes)  ->
-//!                                  <-  Welcome (version, node), Resume (last_acked)
+//!                                  <-  Welcome (version, node), TargetLineage
 //!                               or <-  Refuse (reason, supported versions, message)
+//!   SourceLineage                                ->
+//!                                  <-  Resume (last_acked, replica)
+//!                               or <-  Refuse (split brain, lineage conflict, ...)
 //! ```
+//!
+//! The target speaks its lineage first and the source answers, so that a peer built
+//! before lineages fails at once on the message it cannot read instead of both waiting
+//! ([`ConnectionError::NoLineage`]).
 //!
 //! Invariants: a peer that speaks another protocol version is answered with a `Refuse`
 //! naming the versions this node speaks, and both sides end with
@@ -16,10 +23,11 @@
 use bytes::Bytes;
 use tidemark_journal::Seq;
 
+use crate::lineage::Verdict;
 use crate::secure::{SecureChannel, SecureError, Stream};
 use crate::wire::{
-    Codec, ErrorCode, Hello, MAX_TEXT, Message, MessageType, Refuse, RefuseReason, ReplicaState,
-    Role, SUPPORTED_VERSIONS, VersionRange, Welcome, WireError,
+    Codec, ErrorCode, Hello, LineageInfo, MAX_TEXT, Message, MessageType, Refuse, RefuseReason,
+    ReplicaState, Role, SUPPORTED_VERSIONS, VersionRange, Welcome, WireError,
 };
 
 /// What went wrong on a connection.
@@ -78,6 +86,17 @@ pub enum ConnectionError {
         /// The message expected.
         waiting_for: &'static str,
     },
+    /// The peer does not exchange lineages (messages 12 and 13): it was built before them.
+    #[error(
+        "the {peer} did not send its lineage ({what}): it was built before lineages were \
+         exchanged (docs/wire-protocol.md section 10); run a build with them on both ends"
+    )]
+    NoLineage {
+        /// "source" or "target".
+        peer: &'static str,
+        /// What came instead.
+        what: String,
+    },
     /// The codec's maximum frame length is larger than the channel's maximum message.
     #[error(
         "configuration: the codec's maximum frame length {codec} exceeds the channel's maximum message length {channel}"
@@ -112,6 +131,11 @@ pub struct Session {
     pub last_acked: Seq,
     /// What the replica is (blank, consistent, inside resync windows).
     pub replica: ReplicaState,
+    /// The target's lineage, as it sent it.
+    pub target_lineage: LineageInfo,
+    /// What the lineages decided ([`crate::lineage::decide`]): same, adopt or resync (a
+    /// conflict ends in a `Refuse` instead).
+    pub verdict: Verdict,
 }
 
 /// A secure channel that carries wire messages.
@@ -195,20 +219,13 @@ impl<S: Stream> Connection<S> {
         Ok(())
     }
 
-    /// The source's opening: sends `hello` and waits for `Welcome` and `Resume`.
-    pub fn open_session(&mut self, hello: &Hello) -> Result<Session> {
+    /// The source's opening: sends `hello`, waits for `Welcome` and the target's lineage,
+    /// answers with `lineage` (this source's), and waits for `Resume`.
+    pub fn open_session(&mut self, hello: &Hello, lineage: &LineageInfo) -> Result<Session> {
         self.send(&Message::Hello(hello.clone()))?;
         let welcome = match self.recv()? {
             Some(Message::Welcome(w)) => w,
-            Some(Message::Refuse(r)) if r.reason == RefuseReason::VERSION_MISMATCH => {
-                return Err(ConnectionError::VersionMismatch {
-                    ours: hello.versions,
-                    theirs: r.supported,
-                });
-            }
-            Some(Message::Refuse(r)) => {
-                return Err(ConnectionError::Refused { reason: r.reason, message: r.message });
-            }
+            Some(Message::Refuse(r)) => return Err(refused(hello, r)),
             other => return Err(self.unexpected(other, "Welcome or Refuse")),
         };
         if !hello.versions.contains(welcome.version) {
@@ -217,26 +234,43 @@ impl<S: Stream> Connection<S> {
                 theirs: VersionRange::single(welcome.version),
             });
         }
+        let target_lineage = match self.recv()? {
+            Some(Message::TargetLineage(l)) => l,
+            Some(Message::Resume { .. }) => {
+                return Err(ConnectionError::NoLineage {
+                    peer: "target",
+                    what: "it sent Resume right after Welcome".to_owned(),
+                });
+            }
+            other => return Err(self.unexpected(other, "TargetLineage")),
+        };
+        self.send(&Message::SourceLineage(lineage.clone()))?;
         match self.recv()? {
             Some(Message::Resume { last_acked, replica }) => Ok(Session {
                 version: welcome.version,
                 peer_node: welcome.node,
                 last_acked,
                 replica,
+                verdict: crate::lineage::decide(lineage, &target_lineage),
+                target_lineage,
             }),
-            other => Err(self.unexpected(other, "Resume")),
+            Some(Message::Refuse(r)) => Err(refused(hello, r)),
+            other => Err(self.unexpected(other, "Resume or Refuse")),
         }
     }
 
-    /// The target's opening: waits for a `Hello`, negotiates the version, asks `decide`
-    /// whether to accept (it returns the last sequence number durable here, or the
-    /// refusal), and answers `Welcome` + `Resume` or `Refuse`. Returns the `Hello` and the
-    /// version agreed.
+    /// The target's opening: waits for a `Hello`, negotiates the version, asks `admit`
+    /// whether to accept it (it returns this target's lineage, or the refusal), answers
+    /// `Welcome` and its lineage, waits for the source's lineage, asks `resume` (given the
+    /// `Hello` and the source's lineage) for the last sequence number durable here and the
+    /// replica's state, or a refusal (a split brain, say), and answers `Resume` or `Refuse`.
+    /// Returns the `Hello`, the version agreed and the source's lineage.
     pub fn answer_session(
         &mut self,
         node: &str,
-        decide: impl FnOnce(&Hello) -> Result<(Seq, ReplicaState), Refuse>,
-    ) -> Result<(Hello, u16)> {
+        admit: impl FnOnce(&Hello) -> Result<LineageInfo, Refuse>,
+        resume: impl FnOnce(&Hello, &LineageInfo) -> Result<(Seq, ReplicaState), Refuse>,
+    ) -> Result<(Hello, u16, LineageInfo)> {
         let hello = match self.recv() {
             Ok(Some(Message::Hello(h))) => h,
             Err(ConnectionError::VersionMismatch { ours, theirs }) => {
@@ -249,31 +283,49 @@ impl<S: Stream> Connection<S> {
             Ok(v) => v,
             Err(_) => return Err(self.refuse_version(SUPPORTED_VERSIONS, hello.versions)),
         };
-        let verdict = if hello.role == Role::Target {
+        let admitted = if hello.role == Role::Target {
             Err(Refuse {
                 reason: RefuseReason::ROLE_CONFLICT,
                 supported: SUPPORTED_VERSIONS,
                 message: "both nodes are targets: connect from the source".to_owned(),
             })
         } else {
-            decide(&hello)
+            admit(&hello)
         };
-        match verdict {
+        let ours = match admitted {
+            Ok(l) => l,
+            Err(refuse) => return Err(self.refuse(refuse)),
+        };
+        self.send(&Message::Welcome(Welcome { version, node: node.to_owned() }))?;
+        self.send(&Message::TargetLineage(ours))?;
+        let theirs = match self.recv()? {
+            Some(Message::SourceLineage(l)) => l,
+            // A source built before lineages cannot read message 13 and says so.
+            Some(Message::Error { code: ErrorCode::MALFORMED, message }) => {
+                return Err(ConnectionError::NoLineage {
+                    peer: "source",
+                    what: format!("it could not read TargetLineage: {message}"),
+                });
+            }
+            other => return Err(self.unexpected(other, "SourceLineage")),
+        };
+        match resume(&hello, &theirs) {
             Ok((last_acked, replica)) => {
-                self.send(&Message::Welcome(Welcome { version, node: node.to_owned() }))?;
                 self.send(&Message::Resume { last_acked, replica })?;
-                Ok((hello, version))
+                Ok((hello, version, theirs))
             }
-            Err(refuse) => {
-                let err = ConnectionError::RefusedPeer {
-                    reason: refuse.reason,
-                    message: refuse.message.clone(),
-                };
-                self.send(&Message::Refuse(refuse))?;
-                let _ = self.close();
-                Err(err)
-            }
+            Err(refuse) => Err(self.refuse(refuse)),
         }
+    }
+
+    /// Sends `refuse`, closes, and returns the error this side reports.
+    fn refuse(&mut self, refuse: Refuse) -> ConnectionError {
+        let err =
+            ConnectionError::RefusedPeer { reason: refuse.reason, message: refuse.message.clone() };
+        let refuse = Refuse { message: wire_text(&refuse.message), ..refuse };
+        let _ = self.send(&Message::Refuse(refuse));
+        let _ = self.close();
+        err
     }
 
     fn refuse_version(&mut self, ours: VersionRange, theirs: VersionRange) -> ConnectionError {
@@ -302,5 +354,14 @@ impl<S: Stream> Connection<S> {
                 ConnectionError::UnexpectedMessage { expected, found }
             }
         }
+    }
+}
+
+/// The source's error for a target's `Refuse`.
+fn refused(hello: &Hello, r: Refuse) -> ConnectionError {
+    if r.reason == RefuseReason::VERSION_MISMATCH {
+        ConnectionError::VersionMismatch { ours: hello.versions, theirs: r.supported }
+    } else {
+        ConnectionError::Refused { reason: r.reason, message: r.message }
     }
 }

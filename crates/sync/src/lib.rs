@@ -9,7 +9,8 @@
 //!   up to the maximum frame length in chunks;
 //! - [`wire`]: one frame per message: the versioned, hand-written message codec;
 //! - [`connection`]: the two together, plus the opening exchange (`Hello`, then `Welcome`
-//!   or `Refuse`).
+//!   or `Refuse`), with the exchange of the two sides' lineages ([`lineage`]: split-brain
+//!   detection).
 //!
 //! On top of them, the replication stream:
 //! - [`ship`]: the source's [`Shipper`]: spool -> batches -> wire, acks -> spool trim,
@@ -38,6 +39,7 @@ pub mod apply;
 pub mod compress;
 pub mod connection;
 pub mod dedupe;
+pub mod lineage;
 pub mod pair;
 pub mod pipe;
 pub mod resync;

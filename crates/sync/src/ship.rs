@@ -64,8 +64,8 @@ use crate::shape::TokenBucket;
 use crate::watch::Watch;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
-    HashReply, HashRequest, Hello, Message, MessageType, RefuseReason, ReplicaKind, ReplicaState,
-    WireError,
+    HashReply, HashRequest, Hello, LineageInfo, Message, MessageType, RefuseReason, ReplicaKind,
+    ReplicaState, WireError,
 };
 
 /// What went wrong on the source side of replication.
@@ -246,9 +246,9 @@ impl ShipError {
             Self::PeerError { code, .. } => code_fatal(*code),
             Self::Connection(e) => match e {
                 ConnectionError::Secure(e) => secure_fatal(e),
-                ConnectionError::VersionMismatch { .. } | ConnectionError::LimitMismatch { .. } => {
-                    true
-                }
+                ConnectionError::VersionMismatch { .. }
+                | ConnectionError::LimitMismatch { .. }
+                | ConnectionError::NoLineage { .. } => true,
                 ConnectionError::Refused { reason, .. } => {
                     !matches!(*reason, RefuseReason::BUSY | RefuseReason::UNAVAILABLE)
                 }
@@ -405,6 +405,10 @@ pub struct ShipperConfig {
     pub backoff: Backoff,
     /// On stop, how long to wait for the target's last ack and close.
     pub stop_timeout: Duration,
+    /// This source's lineage (`crate::lineage`) and the operator's choices, sent in each
+    /// opening exchange; `head` is filled in from the spool's last seq at each connection.
+    /// By default a new root generation (a new protection).
+    pub lineage: LineageInfo,
 }
 
 impl ShipperConfig {
@@ -430,6 +434,10 @@ impl ShipperConfig {
             keepalive: Duration::from_secs(10),
             backoff: Backoff::default(),
             stop_timeout: Duration::from_secs(5),
+            lineage: LineageInfo {
+                generations: vec![crate::lineage::new_root()],
+                ..LineageInfo::default()
+            },
         }
     }
 
@@ -537,6 +545,10 @@ pub struct ShipperStatus {
     /// what the replica will be once the events not yet acknowledged reach it. `None`
     /// before the first session.
     pub replica: Option<ReplicaState>,
+    /// What the lineages decided when the current (or last) session opened: same
+    /// generation, adopted by a blank target, or a resync that overwrites the target's
+    /// state (a failback). `None` before the first session.
+    pub lineage: Option<crate::lineage::Verdict>,
     /// `HashRequest`s sent (all connections).
     pub hash_requests: u64,
     /// Frame bytes of `HashRequest`s sent (all connections): the source's share of the
@@ -849,6 +861,7 @@ impl Shipper {
                 dedupe_window_bytes: self.cfg.dedupe_window_bytes,
                 last_error: None,
                 replica: None,
+                lineage: None,
                 hash_requests: 0,
                 hash_request_bytes: 0,
                 hash_reply_bytes: 0,
@@ -1037,7 +1050,12 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let killer = stream.try_clone().map_err(|source| ShipError::Connect { source })?;
     let channel = SecureChannel::initiate(stream, &cfg.secure)?;
     let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
-    let session = conn.open_session(&cfg.hello)?;
+    let mut lineage = cfg.lineage.clone();
+    lineage.head = lock(&shared.spool).last_seq();
+    let session = conn.open_session(&cfg.hello, &lineage)?;
+    if let crate::lineage::Verdict::Resync { why } = &session.verdict {
+        tracing::warn!(%why, "lineage: the target takes this source's history; whole-volume resync");
+    }
     let resume = session.last_acked;
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
     let markers = match reconcile(shared, resume) {
@@ -1083,6 +1101,7 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
         s.reconnect_attempt = 0;
         s.peer = Some(session.peer_node.clone());
         s.replica = Some(replica.clone());
+        s.lineage = Some(session.verdict.clone());
         s.acked = s.acked.max(resume);
         s.last_sent = resume;
     });

@@ -10,14 +10,17 @@ use std::thread;
 
 use bytes::Bytes;
 use common::*;
+use std::sync::Arc;
 use tidemark_journal::{Event, Nanos, Seq, VolumeId};
-use tidemark_sync::apply::ApplyError;
+
+use tidemark_sync::apply::{ApplyError, Receiver, ReceiverConfig};
 use tidemark_sync::connection::{Connection, ConnectionError, Session};
+use tidemark_sync::lineage::{LineageFile, LineageStore, Verdict};
 use tidemark_sync::pipe::{PipeEnd, duplex};
 use tidemark_sync::secure::{SecureChannel, SecureConfig};
 use tidemark_sync::wire::{
-    Batch, BatchEntry, BlockRef, Codec, ContentHash, EntryBody, ErrorCode, Hello, Message, PairId,
-    RefSource, RefuseReason, VolumeInfo,
+    Batch, BatchEntry, BlockRef, Codec, ContentHash, EntryBody, ErrorCode, Generation, Hello,
+    Message, PairId, RefSource, RefuseReason, VolumeInfo,
 };
 
 fn connect(target: &Target, cs: &SecureConfig) -> (Connection<PipeEnd>, Server) {
@@ -30,7 +33,7 @@ fn connect(target: &Target, cs: &SecureConfig) -> (Connection<PipeEnd>, Server) 
 
 fn open(target: &Target, cs: &SecureConfig) -> (Connection<PipeEnd>, Session, Server) {
     let (mut conn, server) = connect(target, cs);
-    let session = conn.open_session(&hello()).unwrap();
+    let session = conn.open_session(&hello(), &lineage()).unwrap();
     (conn, session, server)
 }
 
@@ -171,7 +174,8 @@ fn the_wrong_pair_or_volumes_are_refused() {
     let (cs, ct) = paired();
     let target = Target::new(ct);
     let (mut conn, server) = connect(&target, &cs);
-    let err = conn.open_session(&Hello { pair: PairId([9; 16]), ..hello() }).unwrap_err();
+    let err =
+        conn.open_session(&Hello { pair: PairId([9; 16]), ..hello() }, &lineage()).unwrap_err();
     match &err {
         ConnectionError::Refused { reason, message } => {
             assert_eq!(*reason, RefuseReason::UNKNOWN_PAIR);
@@ -186,7 +190,7 @@ fn the_wrong_pair_or_volumes_are_refused() {
         volumes: vec![VolumeInfo { id: VolumeId(0), block_size: 4096, size: 2 * VOLUME }],
         ..hello()
     };
-    let err = conn.open_session(&bigger).unwrap_err();
+    let err = conn.open_session(&bigger, &lineage()).unwrap_err();
     assert!(
         matches!(&err, ConnectionError::Refused { reason: RefuseReason::VOLUME_MISMATCH, message }
             if message.contains(&format!("0:{VOLUME}"))),
@@ -194,6 +198,53 @@ fn the_wrong_pair_or_volumes_are_refused() {
     );
     assert!(server.join().unwrap().is_err());
     assert_eq!(target.receiver.status().sessions, 0);
+}
+
+#[test]
+fn a_split_brain_is_refused_with_nothing_applied_until_the_source_is_chosen() {
+    let (cs, ct) = paired();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lineage");
+    let plain = Target::new(ct.clone());
+    let mut cfg = ReceiverConfig::new("target-1", PAIR, ct);
+    cfg.lineage = Arc::new(LineageStore::open(path.clone()).unwrap());
+    let log = plain.receiver.into_log().unwrap_or_else(|_| panic!("the log is shared"));
+    let target = Target { receiver: Receiver::new(log, cfg).unwrap(), ..plain };
+
+    // The old source's generation: the blank target adopts it (durably) and takes 10 events.
+    let (mut conn, session, server) = open(&target, &cs);
+    assert_eq!(session.verdict, Verdict::Adopt);
+    assert_eq!(LineageFile::load(&path).unwrap().unwrap().generations, lineage().generations);
+    conn.send(&batch(1, 10)).unwrap();
+    assert_eq!(next(&mut conn), Message::Ack { upto: Seq(10) });
+    conn.close().unwrap();
+    assert_eq!(conn.recv().unwrap(), None);
+    server.join().unwrap().unwrap();
+
+    // A promoted copy of seq 5 of that generation: the target went on past it. Refused.
+    let mut promoted = lineage();
+    promoted.generations.push(Generation { id: 0xb0b, parent: 0x7e57, branch_seq: Seq(5) });
+    promoted.full_resync = true;
+    let (mut conn, server) = connect(&target, &cs);
+    let err = conn.open_session(&hello(), &promoted).unwrap_err();
+    let ConnectionError::Refused { reason, message } = &err else { panic!("{err}") };
+    assert_eq!(*reason, RefuseReason::SPLIT_BRAIN);
+    assert!(message.contains("0000000000000b0b") && message.contains("seq 5"), "{message}");
+    assert!(message.contains("target at seq 10"), "{message}");
+    assert!(server.join().unwrap().is_err());
+    assert_eq!(target.journal_seqs(), (1..=10).collect::<Vec<_>>(), "nothing applied");
+    assert_eq!(LineageFile::load(&path).unwrap().unwrap().generations, lineage().generations);
+    assert!(target.receiver.status().last_error.unwrap().contains("split brain"));
+
+    // The operator chooses the source: a resync; the target takes its lineage.
+    promoted.source_wins = true;
+    let (mut conn, server) = connect(&target, &cs);
+    let session = conn.open_session(&hello(), &promoted).unwrap();
+    assert!(matches!(session.verdict, Verdict::Resync { .. }), "{:?}", session.verdict);
+    assert_eq!(LineageFile::load(&path).unwrap().unwrap().generations, promoted.generations);
+    conn.close().unwrap();
+    assert_eq!(conn.recv().unwrap(), None);
+    server.join().unwrap().unwrap();
 }
 
 #[test]
@@ -243,7 +294,7 @@ fn a_failed_sync_is_never_acknowledged_and_later_sessions_are_refused() {
 
     target.dir.set_syncs_left(None);
     let (mut conn, server) = connect(&target, &cs);
-    let err = conn.open_session(&hello()).unwrap_err();
+    let err = conn.open_session(&hello(), &lineage()).unwrap_err();
     assert!(
         matches!(&err, ConnectionError::Refused { reason: RefuseReason::UNAVAILABLE, .. }),
         "{err}"

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 use tidemark_sync::connection::{Connection, ConnectionError, Session};
+use tidemark_sync::lineage::Verdict;
 use tidemark_sync::pipe::{PipeEnd, duplex};
 use tidemark_sync::secure::channel::RECORD_HEADER_LEN;
 use tidemark_sync::secure::handshake::{PREAMBLE_MAGIC, SUPPORTED_TRANSPORT};
@@ -20,8 +21,8 @@ use tidemark_sync::secure::{
 };
 use tidemark_sync::wire::{
     Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, EntryBody, ErrorCode, HashReply,
-    HashRequest, Hello, Message, NodeHash, NodeRange, PairId, RefSource, Refuse, RefuseReason,
-    Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
+    HashRequest, Hello, LineageInfo, Message, NodeHash, NodeRange, PairId, RefSource, Refuse,
+    RefuseReason, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
 };
 
 /// Two configurations that allow each other.
@@ -457,6 +458,17 @@ fn hello() -> Hello {
     }
 }
 
+/// A source in generation 2, branched from generation 1 at seq 40.
+fn source_lineage() -> LineageInfo {
+    let generations = tidemark_sync::lineage::chain(&[(1, 0), (2, 40)]);
+    LineageInfo { generations, head: Seq(50), dirty: true, full_resync: true, ..Default::default() }
+}
+
+/// A target in the source's generation.
+fn target_lineage() -> LineageInfo {
+    LineageInfo { head: Seq(41), dirty: false, full_resync: false, ..source_lineage() }
+}
+
 fn connections(ci: &SecureConfig, cr: &SecureConfig) -> (Connection<PipeEnd>, Connection<PipeEnd>) {
     let p = pipe_pair(ci, cr);
     (
@@ -470,13 +482,16 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
     let (ci, cr) = paired();
     let (mut source, mut target) = connections(&ci, &cr);
     let target_side = thread::spawn(move || {
-        let (hello, version) = target
-            .answer_session("target-1", |_| {
-                Ok((Seq(41), tidemark_sync::wire::ReplicaState::consistent()))
-            })
+        let (hello, version, theirs) = target
+            .answer_session(
+                "target-1",
+                |_| Ok(target_lineage()),
+                |_, _| Ok((Seq(41), tidemark_sync::wire::ReplicaState::consistent())),
+            )
             .unwrap();
         assert_eq!(hello.node, "source-1");
         assert_eq!(version, 1);
+        assert_eq!(theirs, source_lineage());
         let mut got = Vec::new();
         while let Some(m) = target.recv().unwrap() {
             target.send(&m).unwrap();
@@ -484,14 +499,16 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
         }
         got
     });
-    let session = source.open_session(&hello()).unwrap();
+    let session = source.open_session(&hello(), &source_lineage()).unwrap();
     assert_eq!(
         session,
         Session {
             version: 1,
             peer_node: "target-1".to_owned(),
             last_acked: Seq(41),
-            replica: tidemark_sync::wire::ReplicaState::consistent()
+            replica: tidemark_sync::wire::ReplicaState::consistent(),
+            target_lineage: target_lineage(),
+            verdict: Verdict::Same,
         }
     );
     source.codec_mut().set_compression(Compression::Zstd { level: 3 });
@@ -573,6 +590,8 @@ fn a_session_opens_and_every_message_type_crosses_the_channel() {
         }),
         Message::Hello(hello()),
         Message::Error { code: ErrorCode::SHUTDOWN, message: "bye".to_owned() },
+        Message::SourceLineage(source_lineage()),
+        Message::TargetLineage(LineageInfo::default()),
     ];
     for m in &messages {
         source.send(m).unwrap();
@@ -589,9 +608,11 @@ fn a_protocol_version_mismatch_is_clear_on_both_sides() {
     let (source, mut target) = connections(&ci, &cr);
     let target_side = thread::spawn(move || {
         target
-            .answer_session("target-1", |_| {
-                Ok((Seq(0), tidemark_sync::wire::ReplicaState::consistent()))
-            })
+            .answer_session(
+                "target-1",
+                |_| Ok(target_lineage()),
+                |_, _| Ok((Seq(0), tidemark_sync::wire::ReplicaState::consistent())),
+            )
             .unwrap_err()
     });
     let mut frame = Vec::new();
@@ -630,7 +651,7 @@ fn a_protocol_version_mismatch_is_clear_on_both_sides() {
             }))
             .unwrap();
     });
-    let err = source.open_session(&hello()).unwrap_err();
+    let err = source.open_session(&hello(), &source_lineage()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "protocol version mismatch: this node speaks version 1, the peer speaks versions 4 to 5"
@@ -644,16 +665,20 @@ fn a_refused_session_and_a_malformed_frame_are_reported() {
     let (mut source, mut target) = connections(&ci, &cr);
     let target_side = thread::spawn(move || {
         target
-            .answer_session("t", |h| {
-                Err(Refuse {
-                    reason: RefuseReason::UNKNOWN_PAIR,
-                    supported: SUPPORTED_VERSIONS,
-                    message: format!("no pair {}", h.pair),
-                })
-            })
+            .answer_session(
+                "t",
+                |h| {
+                    Err(Refuse {
+                        reason: RefuseReason::UNKNOWN_PAIR,
+                        supported: SUPPORTED_VERSIONS,
+                        message: format!("no pair {}", h.pair),
+                    })
+                },
+                |_, _| unreachable!("a refused Hello goes no further"),
+            )
             .unwrap_err()
     });
-    let err = source.open_session(&hello()).unwrap_err();
+    let err = source.open_session(&hello(), &source_lineage()).unwrap_err();
     assert!(
         matches!(&err, ConnectionError::Refused { reason: RefuseReason::UNKNOWN_PAIR, message } if message.starts_with("no pair 0101")),
         "{err}"
@@ -671,6 +696,113 @@ fn a_refused_session_and_a_malformed_frame_are_reported() {
         matches!(&report, Message::Error { code: ErrorCode::MALFORMED, message } if message.contains("Ack frame")),
         "{report:?}"
     );
+}
+
+/// The target's side of an opening whose lineage decision is `decide`'s, as a receiver
+/// makes it.
+fn answer_with_lineage(
+    target: &mut Connection<PipeEnd>,
+    ours: LineageInfo,
+) -> Result<(Hello, u16, LineageInfo), ConnectionError> {
+    let sent = ours.clone();
+    target.answer_session(
+        "target-1",
+        move |_| Ok(sent),
+        move |_, theirs| match tidemark_sync::lineage::decide(theirs, &ours) {
+            Verdict::Conflict(c) => Err(Refuse {
+                reason: c.reason(),
+                supported: SUPPORTED_VERSIONS,
+                message: c.to_string(),
+            }),
+            _ => Ok((Seq(0), tidemark_sync::wire::ReplicaState::consistent())),
+        },
+    )
+}
+
+#[test]
+fn a_split_brain_is_refused_in_the_opening_and_the_operator_choice_resolves_it() {
+    let (ci, cr) = paired();
+    // The target is the old source: still in generation 1, with writes up to seq 45, past
+    // the source's branch at 40.
+    let old = LineageInfo {
+        generations: tidemark_sync::lineage::chain(&[(1, 0)]),
+        head: Seq(45),
+        ..LineageInfo::default()
+    };
+    let (mut source, mut target) = connections(&ci, &cr);
+    let t = old.clone();
+    let target_side = thread::spawn(move || answer_with_lineage(&mut target, t).unwrap_err());
+    let err = source.open_session(&hello(), &source_lineage()).unwrap_err();
+    let ConnectionError::Refused { reason, message } = &err else { panic!("{err}") };
+    assert_eq!(*reason, RefuseReason::SPLIT_BRAIN);
+    assert!(message.contains("split brain"), "{message}");
+    assert!(
+        message.contains("0000000000000002") && message.contains("0000000000000001"),
+        "{message}"
+    );
+    assert!(message.contains("seq 40") && message.contains("--discard-local-changes"), "{message}");
+    assert!(matches!(
+        target_side.join().unwrap(),
+        ConnectionError::RefusedPeer { reason: RefuseReason::SPLIT_BRAIN, .. }
+    ));
+
+    // The source's operator chooses it: a resync that overwrites the target.
+    let (mut source, mut target) = connections(&ci, &cr);
+    let t = old.clone();
+    let target_side = thread::spawn(move || answer_with_lineage(&mut target, t).unwrap());
+    let wins = LineageInfo { source_wins: true, ..source_lineage() };
+    let session = source.open_session(&hello(), &wins).unwrap();
+    assert!(matches!(session.verdict, Verdict::Resync { .. }), "{:?}", session.verdict);
+    assert_eq!(session.target_lineage, old);
+    assert_eq!(target_side.join().unwrap().2, wins);
+}
+
+#[test]
+fn a_peer_without_lineages_gets_a_clear_error_not_a_hang() {
+    let (ci, cr) = paired();
+    // A source built before lineages: it reads Welcome, fails on message 13 and says so.
+    let (source, mut target) = connections(&ci, &cr);
+    let target_side = thread::spawn(move || answer_with_lineage(&mut target, target_lineage()));
+    let (mut channel, mut codec) = source.into_parts();
+    let mut frame = Vec::new();
+    codec.encode(&Message::Hello(hello()), &mut frame).unwrap();
+    channel.send(&frame).unwrap();
+    let welcome = codec.decode(Bytes::from(channel.recv().unwrap().unwrap())).unwrap();
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    let lineage = channel.recv().unwrap().unwrap();
+    assert_eq!(lineage[6], 13, "the target's lineage follows Welcome");
+    frame.clear();
+    let old_error = Message::Error {
+        code: ErrorCode::MALFORMED,
+        message: "frame header: unknown message type 13, expected 1 to 11".to_owned(),
+    };
+    codec.encode(&old_error, &mut frame).unwrap();
+    channel.send(&frame).unwrap();
+    let err = target_side.join().unwrap().unwrap_err();
+    assert!(matches!(err, ConnectionError::NoLineage { peer: "source", .. }), "{err}");
+    assert!(err.to_string().contains("built before lineages"), "{err}");
+
+    // A target built before lineages: Welcome, then Resume.
+    let (mut source, target) = connections(&ci, &cr);
+    let target_side = thread::spawn(move || {
+        let (mut channel, mut codec) = target.into_parts();
+        let _hello = channel.recv().unwrap();
+        for m in [
+            Message::Welcome(tidemark_sync::wire::Welcome { version: 1, node: "old".to_owned() }),
+            Message::Resume {
+                last_acked: Seq(0),
+                replica: tidemark_sync::wire::ReplicaState::consistent(),
+            },
+        ] {
+            let mut frame = Vec::new();
+            codec.encode(&m, &mut frame).unwrap();
+            channel.send(&frame).unwrap();
+        }
+        channel
+    });
+    let err = source.open_session(&hello(), &source_lineage()).unwrap_err();
+    assert!(matches!(err, ConnectionError::NoLineage { peer: "target", .. }), "{err}");
+    drop(target_side.join().unwrap());
 }
 
 #[test]

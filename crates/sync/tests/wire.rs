@@ -8,10 +8,10 @@ use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 use tidemark_sync::wire::codec::{ENTRY_HEADER_LEN, fuzz_frame, max_hashes_per_reply};
 use tidemark_sync::wire::{
     Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, DEDUPE_BLOCK, DedupedWrite,
-    EntryBody, ErrorCode, FRAME_HEADER_LEN, HashReply, HashRequest, Hello, Message, MessageType,
-    NodeHash, NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason, ReplicaKind,
-    ReplicaState, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo, Welcome,
-    WireError,
+    EntryBody, ErrorCode, FRAME_HEADER_LEN, Generation, HashReply, HashRequest, Hello, LineageInfo,
+    Message, MessageType, NodeHash, NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason,
+    ReplicaKind, ReplicaState, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
+    Welcome, WireError,
 };
 
 fn encode(message: &Message) -> Vec<u8> {
@@ -124,7 +124,60 @@ fn every_message() -> Vec<Message> {
             level: 3,
             hashes: (0..20u8).map(|i| NodeHash([i; 32])).collect(),
         }),
+        Message::SourceLineage(sample_lineage()),
+        Message::TargetLineage(LineageInfo::default()),
     ]
+}
+
+/// A promoted side's lineage: a root and a child branched at seq 40.
+fn sample_lineage() -> LineageInfo {
+    let generations = tidemark_sync::lineage::chain(&[(0x1111, 0), (0x2222, 40)]);
+    LineageInfo { generations, head: Seq(7), dirty: true, source_wins: true, full_resync: true }
+}
+
+#[test]
+fn lineage_messages_are_laid_out_as_specified_and_bad_chains_refused() {
+    let mut codec = Codec::default();
+    let mut frame = Vec::new();
+    codec.encode(&Message::SourceLineage(sample_lineage()), &mut frame).unwrap();
+    assert_eq!(frame[6], 12);
+    let body = &frame[12..];
+    assert_eq!(body.len(), 16 + 2 * 24);
+    assert_eq!(&body[0..8], &7u64.to_le_bytes());
+    assert_eq!(body[8], 0b111, "dirty, source wins, full resync");
+    assert_eq!(&body[9..12], &[0, 0, 0]);
+    assert_eq!(&body[12..16], &2u32.to_le_bytes());
+    assert_eq!(&body[40..48], &0x2222u64.to_le_bytes());
+    assert_eq!(&body[48..56], &0x1111u64.to_le_bytes());
+    assert_eq!(&body[56..64], &40u64.to_le_bytes());
+
+    let mut refuse = |bytes: &[u8], field: &str| {
+        let err = codec.decode_slice(bytes).unwrap_err();
+        assert!(
+            matches!(&err, WireError::InvalidField { field: f, .. } if *f == field),
+            "{field}: {err}"
+        );
+    };
+    // A child whose parent is not the generation before it.
+    let mut bad = frame.clone();
+    bad[12 + 40 + 8] ^= 1;
+    refuse(&bad, "parent");
+    // An unknown flag, a count beyond the bytes, an id of 0.
+    let mut bad = frame.clone();
+    bad[12 + 8] |= 0x80;
+    refuse(&bad, "flags");
+    let mut bad = frame.clone();
+    bad[12 + 12] = 3;
+    refuse(&bad, "generation_count");
+    let mut bad = frame.clone();
+    bad[12 + 16..12 + 24].fill(0);
+    refuse(&bad, "generation id");
+    // A source must name its generation; a blank target names none.
+    let empty = LineageInfo::default();
+    let mut out = Vec::new();
+    assert!(codec.encode(&Message::SourceLineage(empty.clone()), &mut out).is_err());
+    codec.encode(&Message::TargetLineage(empty.clone()), &mut out).unwrap();
+    assert_eq!(codec.decode_slice(&out).unwrap(), Message::TargetLineage(empty));
 }
 
 #[test]
@@ -670,6 +723,32 @@ fn arb_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         arb_hash_request().prop_map(Message::HashRequest),
+        (
+            prop::collection::vec((1..u64::MAX, any::<u64>()), 0..6),
+            any::<u64>(),
+            0..8u8,
+            any::<bool>()
+        )
+            .prop_map(|(chain, head, flags, source)| {
+                let mut generations: Vec<Generation> = Vec::new();
+                for (i, (id, branch)) in chain.into_iter().enumerate() {
+                    let parent = generations.last().map_or(0, |g| g.id);
+                    let branch_seq = Seq(if i == 0 { 0 } else { branch });
+                    generations.push(Generation { id, parent, branch_seq });
+                }
+                let l = LineageInfo {
+                    generations,
+                    head: Seq(head),
+                    dirty: flags & 1 != 0,
+                    source_wins: flags & 2 != 0,
+                    full_resync: flags & 4 != 0,
+                };
+                if source && !l.generations.is_empty() {
+                    Message::SourceLineage(l)
+                } else {
+                    Message::TargetLineage(l)
+                }
+            }),
         (any::<u32>(), any::<u16>(), 0..=63u8, prop::collection::vec(any::<[u8; 32]>(), 1..40))
             .prop_map(|(id, v, level, hashes)| Message::HashReply(HashReply {
                 id,

@@ -19,11 +19,12 @@ use tidemark_journal::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 use super::merkle::TreeShape;
 use super::{
     Batch, BatchEntry, BlockRef, ContentHash, DEDUPE_BLOCK, DEFAULT_MAX_FRAME_LEN, DedupedWrite,
-    EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, HASH_LEN, HashReply,
-    HashRequest, Hello, MAX_FRAME_LEN_CEILING, MAX_NODE_NAME, MAX_OPEN_RESYNCS, MAX_TEXT,
-    MIN_FRAME_LEN_FLOOR, Message, MessageType, NodeHash, NodeRange, PROTOCOL_VERSION, PairId,
-    REF_SPAN_LEN, RefSource, RefSpan, Refuse, RefuseReason, ReplicaKind, ReplicaState, Role,
-    SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome, WireError,
+    EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, Generation, HASH_LEN,
+    HashReply, HashRequest, Hello, LineageInfo, MAX_FRAME_LEN_CEILING, MAX_GENERATIONS,
+    MAX_NODE_NAME, MAX_OPEN_RESYNCS, MAX_TEXT, MIN_FRAME_LEN_FLOOR, Message, MessageType, NodeHash,
+    NodeRange, PROTOCOL_VERSION, PairId, REF_SPAN_LEN, RefSource, RefSpan, Refuse, RefuseReason,
+    ReplicaKind, ReplicaState, Role, SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome,
+    WireError,
 };
 
 type Result<T, E = WireError> = std::result::Result<T, E>;
@@ -56,6 +57,14 @@ pub const HASH_REQUEST_FIXED_LEN: usize = 16;
 pub const NODE_RANGE_LEN: usize = 16;
 /// Length of the fixed part of a `HashReply` body.
 pub const HASH_REPLY_FIXED_LEN: usize = 16;
+/// Length of the fixed part of a `SourceLineage` / `TargetLineage` body.
+pub const LINEAGE_FIXED_LEN: usize = 16;
+/// Length of one generation in a lineage message (and in a lineage file).
+pub const GENERATION_LEN: usize = 24;
+/// Lineage message flags.
+const LINEAGE_DIRTY: u8 = 1;
+const LINEAGE_SOURCE_WINS: u8 = 2;
+const LINEAGE_FULL_RESYNC: u8 = 4;
 /// Length of the uncompressed-length prefix of a compressed body.
 const COMPRESSED_PREFIX_LEN: usize = 4;
 /// Highest tree level a hash message may name (a tree over 2^64 bytes with 4 KiB leaves
@@ -919,7 +928,127 @@ fn encode_body(message: &Message, out: &mut Vec<u8>, max_frame_len: u32) -> Resu
             }
             Ok(())
         }
+        Message::SourceLineage(l) => encode_lineage(MessageType::SourceLineage, l, out),
+        Message::TargetLineage(l) => encode_lineage(MessageType::TargetLineage, l, out),
     }
+}
+
+/// A lineage's generations: at most [`MAX_GENERATIONS`] (at least one from a source), ids
+/// not 0, a root with parent 0 and branch seq 0, each later one the child of the one before
+/// it. Shared with the lineage file (`crate::lineage`).
+pub fn check_generations(
+    object: &str,
+    generations: &[Generation],
+    at_least: usize,
+) -> Result<(), WireError> {
+    let bad = |field, found: String, expected: String| WireError::InvalidField {
+        object: object.to_owned(),
+        field,
+        found,
+        expected,
+    };
+    let n = generations.len();
+    if n < at_least || n > MAX_GENERATIONS {
+        return Err(bad(
+            "generation_count",
+            n.to_string(),
+            format!("{at_least} to {MAX_GENERATIONS}"),
+        ));
+    }
+    for (i, g) in generations.iter().enumerate() {
+        if g.id == 0 {
+            return Err(bad("generation id", format!("0 (generation {i})"), "nonzero".to_owned()));
+        }
+        let (parent, branch_ok) = match i {
+            0 => (0, g.branch_seq == Seq::ZERO),
+            _ => (generations[i - 1].id, true),
+        };
+        if g.parent != parent || !branch_ok {
+            return Err(bad(
+                "parent",
+                format!("generation {i}: parent {:016x} at seq {}", g.parent, g.branch_seq),
+                if i == 0 {
+                    "a root: parent 0 at seq 0".to_owned()
+                } else {
+                    format!("the generation before it, {parent:016x}")
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn encode_lineage(ty: MessageType, l: &LineageInfo, out: &mut Vec<u8>) -> Result<()> {
+    let at_least = usize::from(ty == MessageType::SourceLineage);
+    check_generations(&Obj::Body(ty).to_string(), &l.generations, at_least)?;
+    put_u64(out, l.head.0);
+    let mut flags = 0;
+    for (on, bit) in [
+        (l.dirty, LINEAGE_DIRTY),
+        (l.source_wins, LINEAGE_SOURCE_WINS),
+        (l.full_resync, LINEAGE_FULL_RESYNC),
+    ] {
+        if on {
+            flags |= bit;
+        }
+    }
+    out.push(flags);
+    put_zeros(out, 3);
+    put_u32(out, l.generations.len() as u32);
+    for g in &l.generations {
+        put_u64(out, g.id);
+        put_u64(out, g.parent);
+        put_u64(out, g.branch_seq.0);
+    }
+    Ok(())
+}
+
+fn decode_lineage(ty: MessageType, r: &mut Reader<'_>) -> Result<LineageInfo> {
+    let obj = Obj::Body(ty);
+    let head = Seq(r.u64(obj)?);
+    let flags = r.u8(obj)?;
+    let known = LINEAGE_DIRTY | LINEAGE_SOURCE_WINS | LINEAGE_FULL_RESYNC;
+    if flags & !known != 0 {
+        return Err(invalid(
+            obj,
+            "flags",
+            format!("{flags:#04x}"),
+            format!("only bits {known:#04x}"),
+        ));
+    }
+    r.reserved(3, obj)?;
+    let count = r.u32(obj)? as usize;
+    if count > MAX_GENERATIONS || count > r.remaining() / GENERATION_LEN {
+        return Err(invalid(
+            obj,
+            "generation_count",
+            count.to_string(),
+            format!(
+                "at most {MAX_GENERATIONS}, with {GENERATION_LEN} bytes each in the frame ({} remain)",
+                r.remaining()
+            ),
+        ));
+    }
+    let mut generations = Vec::with_capacity(count);
+    for _ in 0..count {
+        generations.push(Generation {
+            id: r.u64(obj)?,
+            parent: r.u64(obj)?,
+            branch_seq: Seq(r.u64(obj)?),
+        });
+    }
+    check_generations(
+        &obj.to_string(),
+        &generations,
+        usize::from(ty == MessageType::SourceLineage),
+    )?;
+    Ok(LineageInfo {
+        generations,
+        head,
+        dirty: flags & LINEAGE_DIRTY != 0,
+        source_wins: flags & LINEAGE_SOURCE_WINS != 0,
+        full_resync: flags & LINEAGE_FULL_RESYNC != 0,
+    })
 }
 
 fn check_welcome_version(obj: Obj, version: u16) -> Result<()> {
@@ -1169,6 +1298,8 @@ fn decode_body(ty: MessageType, body: &Bytes, max_frame_len: u32) -> Result<Mess
             }
             Message::HashReply(HashReply { id, volume, level, hashes })
         }
+        MessageType::SourceLineage => Message::SourceLineage(decode_lineage(ty, &mut r)?),
+        MessageType::TargetLineage => Message::TargetLineage(decode_lineage(ty, &mut r)?),
     };
     r.finish(obj)?;
     Ok(message)
@@ -1404,7 +1535,10 @@ fn decode_deduped(
 /// Never panics on any input. Whatever decodes must re-encode, plain and compressed, and
 /// decode equal; and since the layout is canonical (reserved bytes zero, every length
 /// implied by the content), an uncompressed version-1 frame must re-encode byte for byte.
+/// The same bytes are also parsed as a lineage file ([`crate::lineage::fuzz_file`]), whose
+/// layout is as canonical.
 pub fn fuzz_frame(data: &[u8]) {
+    crate::lineage::fuzz_file(data);
     let mut codec = Codec::new(1 << 20).expect("1 MiB is in range");
     let Ok(message) = codec.decode_slice(data) else {
         return;

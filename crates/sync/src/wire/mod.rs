@@ -186,6 +186,14 @@ impl RefuseReason {
     /// The target cannot take a session now (its retention log failed, or it is shutting
     /// down); the source retries later.
     pub const UNAVAILABLE: Self = Self(6);
+    /// Split brain: both sides took writes after their lineages branched (section 6.3);
+    /// nothing is applied until the operator names the winner.
+    pub const SPLIT_BRAIN: Self = Self(7);
+    /// The lineages do not allow this direction without the operator's choice: the
+    /// source's generation is older than the target's, the two are unrelated while the
+    /// target holds writes of its own, or a failback resync is due and the source does not
+    /// compare the whole volume (section 6.3).
+    pub const LINEAGE: Self = Self(8);
 
     /// The reason's name, or `None` for a code this build does not know.
     pub fn name(self) -> Option<&'static str> {
@@ -196,6 +204,8 @@ impl RefuseReason {
             Self::ROLE_CONFLICT => "role conflict",
             Self::BUSY => "busy",
             Self::UNAVAILABLE => "unavailable",
+            Self::SPLIT_BRAIN => "split brain",
+            Self::LINEAGE => "lineage conflict",
             _ => return None,
         })
     }
@@ -487,6 +497,51 @@ impl ReplicaState {
     }
 }
 
+/// Most generations a lineage holds, on the wire and in a lineage file.
+pub const MAX_GENERATIONS: usize = 1024;
+
+/// One generation of a volume's history: the span of capture sequence numbers one live
+/// side assigned (a `protect` of a new volume starts the first; a `promote` starts a child
+/// of the generation it promoted). Sequence numbers of one generation are its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Generation {
+    /// Random, never 0.
+    pub id: u64,
+    /// The generation this one branched from (0 for the root).
+    pub parent: u64,
+    /// The seq of the parent generation at which this one branched: its history starts as
+    /// the parent's state after that seq (0 for the root).
+    pub branch_seq: Seq,
+}
+
+/// A side's lineage as the opening exchange carries it (messages 12 and 13, section 5.9):
+/// its generations, how far into the newest one its data goes, and the operator's choice.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LineageInfo {
+    /// Root first, the side's current generation last; each one's parent is the one
+    /// before it. Empty only from a target that never held a history (blank).
+    pub generations: Vec<Generation>,
+    /// The highest seq of the current generation the side's data includes.
+    pub head: Seq,
+    /// The side's data may hold writes of its current generation that `head` does not count
+    /// (a promoted image used live; an image changed while nothing captured it).
+    pub dirty: bool,
+    /// The operator chose the source as the winner of a conflict (`protect
+    /// --discard-target-changes` on the source, `receive --discard-local-changes` on the
+    /// target).
+    pub source_wins: bool,
+    /// Source only: the source compares the whole volume before shipping (a failback), so a
+    /// target holding another state of the volume converges.
+    pub full_resync: bool,
+}
+
+impl LineageInfo {
+    /// The current generation, `None` for a blank target.
+    pub fn current(&self) -> Option<&Generation> {
+        self.generations.last()
+    }
+}
+
 /// A wire message: the body of one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -532,6 +587,10 @@ pub enum Message {
     HashRequest(HashRequest),
     /// The answer to a `HashRequest`.
     HashReply(HashReply),
+    /// Source to target, after the target's lineage: the source's lineage and choices.
+    SourceLineage(LineageInfo),
+    /// Target to source, right after `Welcome`: the target's lineage.
+    TargetLineage(LineageInfo),
 }
 
 /// The type code of each message, as in the frame header.
@@ -560,11 +619,15 @@ pub enum MessageType {
     HashRequest = 10,
     /// [`Message::HashReply`].
     HashReply = 11,
+    /// [`Message::SourceLineage`].
+    SourceLineage = 12,
+    /// [`Message::TargetLineage`].
+    TargetLineage = 13,
 }
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [MessageType; 11] = [
+    pub const ALL: [MessageType; 13] = [
         Self::Hello,
         Self::Welcome,
         Self::Refuse,
@@ -576,6 +639,8 @@ impl MessageType {
         Self::Pong,
         Self::HashRequest,
         Self::HashReply,
+        Self::SourceLineage,
+        Self::TargetLineage,
     ];
 
     /// The type with this code.
@@ -597,6 +662,8 @@ impl MessageType {
             Self::Pong => "Pong",
             Self::HashRequest => "HashRequest",
             Self::HashReply => "HashReply",
+            Self::SourceLineage => "SourceLineage",
+            Self::TargetLineage => "TargetLineage",
         }
     }
 
@@ -627,6 +694,8 @@ impl Message {
             Self::Pong { .. } => MessageType::Pong,
             Self::HashRequest(_) => MessageType::HashRequest,
             Self::HashReply(_) => MessageType::HashReply,
+            Self::SourceLineage(_) => MessageType::SourceLineage,
+            Self::TargetLineage(_) => MessageType::TargetLineage,
         }
     }
 }

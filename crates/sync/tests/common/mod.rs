@@ -54,6 +54,18 @@ pub fn hello() -> Hello {
     }
 }
 
+/// The lineage of the hand-written sources of the protocol tests: one root generation.
+pub fn lineage() -> tidemark_sync::wire::LineageInfo {
+    tidemark_sync::wire::LineageInfo {
+        generations: vec![tidemark_sync::wire::Generation {
+            id: 0x7e57,
+            parent: 0,
+            branch_seq: Seq(0),
+        }],
+        ..Default::default()
+    }
+}
+
 /// A shipper configuration for tests: small batches and window (so a workload spans many
 /// of them), tiny reconnect delays.
 pub fn ship_config(secure: SecureConfig) -> ShipperConfig {
