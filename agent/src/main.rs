@@ -6,6 +6,7 @@ mod common;
 mod control;
 mod demo;
 mod failback;
+mod grow;
 mod inspect;
 mod keygen;
 mod limits;

@@ -229,8 +229,13 @@ fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
     let base = if image.exists() {
         let f = FileIo::open(image).with_context(|| format!("open {}", image.display()))?;
         let len = f.len().with_context(|| format!("stat {}", image.display()))?;
-        if len != size {
-            bail!("{} holds {len} bytes, expected {size} (--size)", image.display());
+        // Larger once retention folded a growth of the volume into it (the journal knows
+        // the size of every state); never smaller.
+        if len < size {
+            bail!(
+                "{} holds {len} bytes, expected at least {size} (--size; a replica only grows)",
+                image.display()
+            );
         }
         f
     } else {

@@ -629,6 +629,8 @@ struct Shared {
     dedupe_budget: AtomicU64,
     calls: Mutex<HashCalls>,
     calls_changed: Condvar,
+    /// The volumes the next `Hello` announces (`cfg.hello`'s until a volume grew).
+    volumes: Mutex<Vec<crate::wire::VolumeInfo>>,
 }
 
 /// The hash requests in flight, by id, with their replies once they arrive.
@@ -822,6 +824,7 @@ impl Shipper {
             c => Box::new(FixedCompression(c)),
         });
         let shared = Arc::new(Shared {
+            volumes: Mutex::new(self.cfg.hello.volumes.clone()),
             spool: self.spool,
             bucket: self.bucket,
             doorbell: self.doorbell,
@@ -897,6 +900,12 @@ impl ShipperHandle {
         pred: impl Fn(&ShipperStatus) -> bool,
     ) -> Option<ShipperStatus> {
         self.shared.status.wait_for(timeout, pred)
+    }
+
+    /// The volumes announced from the next connection on (a volume grew: its resize is in
+    /// the spool, and the target admits a source larger than its replica).
+    pub fn set_volumes(&self, volumes: Vec<crate::wire::VolumeInfo>) {
+        *lock(&self.shared.volumes) = volumes;
     }
 
     /// Tells the shipper the spool has new durable events.
@@ -1037,7 +1046,8 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let killer = stream.try_clone().map_err(|source| ShipError::Connect { source })?;
     let channel = SecureChannel::initiate(stream, &cfg.secure)?;
     let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
-    let session = conn.open_session(&cfg.hello)?;
+    let hello = Hello { volumes: lock(&shared.volumes).clone(), ..cfg.hello.clone() };
+    let session = conn.open_session(&hello)?;
     let resume = session.last_acked;
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
     let markers = match reconcile(shared, resume) {
