@@ -291,11 +291,14 @@ impl FuseLoopFrontend {
                 }
             })?;
         }
+        // A stat makes the kernel ask again and take the new size into the inode, which is
+        // what the loop driver reads.
+        let file_len = std::fs::metadata(&self.volume).map(|m| m.len()).map_err(|source| {
+            TapError::Io { op: "stat", object: self.volume.display().to_string(), source }
+        })?;
         match self.loop_device.as_ref() {
             Some(l) => l.set_capacity(),
-            None => std::fs::metadata(&self.volume).map(|m| m.len()).map_err(|source| {
-                TapError::Io { op: "stat", object: self.volume.display().to_string(), source }
-            }),
+            None => Ok(file_len),
         }
     }
 
