@@ -194,8 +194,7 @@ fn a_grown_volume_is_followed_without_a_full_copy() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|pt| pt["seq"].as_u64().unwrap() <= before_seq)
-        .next_back()
+        .rfind(|pt| pt["seq"].as_u64().unwrap() <= before_seq)
         .cloned()
         .expect("a point before the growth");
     assert_eq!(old_point["volume_bytes"], OLD, "{old_point:#}");
