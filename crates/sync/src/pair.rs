@@ -439,9 +439,21 @@ fn take_grown(
     inner: &Inner,
     grown: &mut Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)>,
     acked: tidemark_journal::Seq,
-    mut pending: RegionSet,
+    pending: RegionSet,
 ) -> RegionSet {
     grown.extend(inner.tap.take_grown());
+    admit_grown(grown, acked, pending)
+}
+
+/// The regions of the growths in `grown` whose resize the target acknowledged (`acked`)
+/// join `pending` (and leave `grown`): a region resync then compares them with the
+/// replica's new range (zeros) and moves only what differs. Pure, shared with the
+/// deterministic simulation.
+pub fn admit_grown(
+    grown: &mut Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)>,
+    acked: tidemark_journal::Seq,
+    mut pending: RegionSet,
+) -> RegionSet {
     grown.retain(|(seq, run)| {
         if *seq > acked {
             return true;
