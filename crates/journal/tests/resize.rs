@@ -26,14 +26,8 @@ fn open(
     key: Option<JournalKey>,
 ) -> RetentionLog {
     let cfg = RetentionConfig { segment_bytes: 64 << 10, block_size: 4096, key, policy };
-    RetentionLog::open(
-        Arc::new(dir.clone()),
-        vec![base.clone() as Arc<dyn BlockIo>],
-        cfg,
-        clock.clone(),
-    )
-    .expect("open")
-    .0
+    let bases: Vec<Arc<dyn BlockIo>> = vec![base.clone()];
+    RetentionLog::open(Arc::new(dir.clone()), bases, cfg, clock.clone()).expect("open").0
 }
 
 fn write(off: u64, len: usize, b: u8) -> Event {
