@@ -30,7 +30,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tidemark_journal::{
     BlockIo, BookmarkKind, FileIo, FsDir, Keep, RetentionConfig, RetentionLog, RetentionPolicy,
-    RetentionReport, SystemClock, Tier,
+    RetentionReport, SystemClock, Tier, VolumeId,
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
 use tidemark_sync::secure::SecureConfig;
@@ -402,7 +402,8 @@ fn document(
         }),
         Err(e) => json!({ "at_ms": at, "took_s": common::secs(*took), "error": e }),
     });
-    let (r, held) = receiver.with_log(|log| (log.status(), log.held()));
+    let (r, held, size) =
+        receiver.with_log(|log| (log.status(), log.held(), log.volume_len(VolumeId(0)).ok()));
     json!({
         "role": "receive",
         "state": state,
@@ -429,6 +430,8 @@ fn document(
             "segment": segment, "offset": offset, "length": len, "reason": reason,
         })).collect::<Vec<_>>(),
         "replica": {
+            // The volume's size now (it grows with the source's).
+            "volume_bytes": size,
             "consistent": r.inconsistent.is_none(),
             "open_resyncs": r.inconsistent.as_ref().map(|w| w.open_ids.clone()).unwrap_or_default(),
             "initial_sync": r.inconsistent.as_ref().is_some_and(|w| w.initial_sync),
