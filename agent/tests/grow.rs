@@ -163,7 +163,7 @@ fn a_grown_volume_is_followed_without_a_full_copy() {
     let shipped = u(&st, "/shipper/raw_bytes") - before_wire;
     let workload = written.load(Ordering::SeqCst) + (128 << 10);
     println!(
-        "RELIABILITY grow_shipped_bytes={shipped} grow_workload_bytes={workload} grow_new_range_bytes={}",
+        "growth: {shipped} bytes shipped for {workload} bytes of writes and {PRESENT} bytes of grown content; the new range is {} bytes",
         NEW - OLD
     );
     assert!(shipped >= PRESENT as u64, "shipped {shipped} bytes: less than the grown content");
