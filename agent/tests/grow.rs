@@ -34,9 +34,20 @@ fn device_size(dev: &str) -> u64 {
     run("blockdev", &["--getsize64", dev]).trim().parse().unwrap()
 }
 
-#[test]
-fn a_grown_volume_is_followed_without_a_full_copy() {
-    require_env!("a_grown_volume_is_followed_without_a_full_copy");
+/// A receiver and a protect of a fresh `OLD`-byte image through FUSE + loop, past the
+/// initial sync.
+struct Pair {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    image: PathBuf,
+    state: PathBuf,
+    rx: Proc,
+    px: Proc,
+    dev: String,
+    cleanup: Cleanup,
+}
+
+fn start_pair() -> Pair {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let mut cleanup = Cleanup::default();
@@ -49,53 +60,36 @@ fn a_grown_volume_is_followed_without_a_full_copy() {
     f.set_len(OLD).unwrap();
     f.write_all_at(&pattern(1, 256 << 10), 5 << 20).unwrap();
     f.sync_all().unwrap();
-
-    let size = OLD.to_string();
+    let (rx_dir, size) = (p(&root, "rx"), OLD.to_string());
+    let (dst_key, src_pub) = (p(&root, "keys/dst.key"), p(&root, "keys/src.pub"));
+    let rx_args =
+        ["--dir", &rx_dir, "--listen", "127.0.0.1:0", "--key", &dst_key, "--peer", &src_pub];
     let mut rx = Proc::spawn(
         "receive",
-        &[
-            "receive",
-            "--dir",
-            &p(&root, "rx"),
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            &p(&root, "keys/dst.key"),
-            "--peer",
-            &p(&root, "keys/src.pub"),
-            "--pair",
-            PAIR,
-            "--size",
-            &size,
-        ],
+        &[&["receive"][..], &rx_args, &["--pair", PAIR, "--size", &size]].concat(),
     );
     let addr = rx.wait_line("listening:");
     let state = root.join("state");
+    let (img, st, mnt) = (image.display().to_string(), p(&root, "state"), p(&root, "fuse"));
+    let (src_key, dst_pub) = (p(&root, "keys/src.key"), p(&root, "keys/dst.pub"));
+    let px_args = ["--image", &img, "--state", &st, "--target", &addr, "--mountpoint", &mnt];
     let mut px = Proc::spawn(
         "protect",
-        &[
-            "protect",
-            "--image",
-            &image.display().to_string(),
-            "--state",
-            &p(&root, "state"),
-            "--target",
-            &addr,
-            "--key",
-            &p(&root, "keys/src.key"),
-            "--peer",
-            &p(&root, "keys/dst.pub"),
-            "--pair",
-            PAIR,
-            "--mountpoint",
-            &p(&root, "fuse"),
-        ],
+        &[&["protect"][..], &px_args, &["--key", &src_key, "--peer", &dst_pub, "--pair", PAIR]]
+            .concat(),
     );
     let dev = px.wait_line("device:");
     cleanup.loops.push(dev.clone());
     cleanup.mounts.push(root.join("fuse"));
     assert_eq!(device_size(&dev), OLD);
     wait_status(&state, "the initial sync", |v| v["stage"] == "diff sync" && u(v, "/resyncs") >= 1);
+    Pair { _tmp: tmp, root, image, state, rx, px, dev, cleanup }
+}
+
+#[test]
+fn a_grown_volume_is_followed_without_a_full_copy() {
+    require_env!("a_grown_volume_is_followed_without_a_full_copy");
+    let Pair { _tmp, root, image, state, mut rx, mut px, dev, mut cleanup } = start_pair();
 
     // A point before the growth, with content of its own.
     let disk = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
@@ -212,4 +206,37 @@ fn a_grown_volume_is_followed_without_a_full_copy() {
     assert_eq!(old.len() as u64, OLD, "the old point keeps its size");
     assert_eq!(&old[1 << 20..(1 << 20) + (64 << 10)], &pattern(2, 64 << 10)[..]);
     assert_eq!(&old[5 << 20..(5 << 20) + (256 << 10)], &pattern(1, 256 << 10)[..]);
+}
+
+#[test]
+fn a_shrunken_volume_is_refused_by_name_and_nothing_is_resized() {
+    require_env!("a_shrunken_volume_is_refused_by_name_and_nothing_is_resized");
+    let Pair { _tmp, root: _, image, state, mut rx, mut px, dev, mut cleanup } = start_pair();
+    let before = wait_caught_up(&state);
+    let small = OLD - (4 << 20);
+    let f = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+    f.set_len(small).unwrap();
+    let st = wait_status(&state, "the shrink refused", |v| v["grow"]["refused"].is_string());
+    let text = st["grow"]["refused"].as_str().unwrap();
+    assert!(
+        text.contains(&image.display().to_string())
+            && text.contains(&OLD.to_string())
+            && text.contains(&small.to_string()),
+        "the refusal names the volume and both sizes: {text}"
+    );
+    assert_eq!(st["volume_bytes"], OLD, "the protected size is kept");
+    assert_eq!(u(&st, "/tap/last_seq"), u(&before, "/tap/last_seq"), "nothing was appended");
+    assert_eq!(device_size(&dev), OLD, "the loop device keeps its size");
+    let rx_status: Value =
+        serde_json::from_str(&std::fs::read_to_string(p(_tmp.path(), "rx/status.json")).unwrap())
+            .unwrap();
+    assert_eq!(rx_status["replica"]["volume_bytes"], OLD, "{rx_status:#}");
+    // Back to its size: the refusal clears and the pair goes on.
+    f.set_len(OLD).unwrap();
+    wait_status(&state, "the refusal cleared", |v| v["grow"]["refused"].is_null());
+    let st = wait_caught_up(&state);
+    assert_eq!(st["grow"]["grows"], 0);
+    px.terminate();
+    cleanup.loops.clear();
+    rx.terminate();
 }
