@@ -127,3 +127,31 @@ fn a_map_that_missed_a_growth_opens_at_its_size_and_grows_again() {
         "{e}"
     );
 }
+
+#[test]
+fn a_torn_growth_write_leaves_the_old_size_and_the_old_marks() {
+    let dir = MemDir::new();
+    let (map, _) = IntentMap::open(dir.open(MAP, true).unwrap(), OLD, cfg()).unwrap();
+    map.mark(0, 4096).unwrap().record(Seq(1));
+    let before = dir.read_file(MAP).unwrap();
+    map.grow(NEW).unwrap();
+    let after = dir.read_file(MAP).unwrap();
+    let slot = map.header().slot_offset((map.status().generation & 1) as u8) as usize;
+    drop(map);
+    // The image's used bytes: its 64-byte header and 16 bytes a run; a cut at or past
+    // them is a whole write.
+    let runs = u32::from_le_bytes(after[slot + 32..slot + 36].try_into().unwrap()) as usize;
+    let used = 64 + 16 * runs;
+    for cut in [1usize, 60, 64, used - 16, used - 8] {
+        let mut torn = before.clone();
+        torn[slot..slot + cut].copy_from_slice(&after[slot..slot + cut]);
+        let d = MemDir::new();
+        d.write_file(MAP, torn);
+        let (map, report) = IntentMap::open_grown(d.open(MAP, false).unwrap(), NEW, cfg()).unwrap();
+        assert_eq!(map.volume_bytes(), OLD, "torn at {cut}: the old image, the old size");
+        assert!(report.dirty.contains(0), "torn at {cut}: the old marks stay");
+        // (One byte in: the slot's first byte is the same in both images, so the slot
+        // still holds its older, valid image and nothing is torn to name.)
+        assert!(cut == 1 || report.other_slot.is_some(), "torn at {cut}: the torn slot is named");
+    }
+}
