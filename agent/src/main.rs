@@ -7,6 +7,7 @@ mod control;
 mod demo;
 mod failback;
 mod group;
+mod grow;
 mod inspect;
 mod keygen;
 mod limits;

@@ -50,14 +50,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let points = doc["points"].as_array().cloned().unwrap_or_default();
     println!("{} recovery points in {} (read from the {via}):", points.len(), args.dir.display());
-    println!("{:>12}  {:<30}  {:<11}  {:<16}  BOOKMARK", "SEQ", "TIME (UTC)", "KIND", "GROUP");
+    println!(
+        "{:>12}  {:<30}  {:<11}  {:<16}  {:>14}  BOOKMARK",
+        "SEQ", "TIME (UTC)", "KIND", "GROUP", "BYTES"
+    );
     for p in &points {
         println!(
-            "{:>12}  {:<30}  {:<11}  {:<16}  {}",
+            "{:>12}  {:<30}  {:<11}  {:<16}  {:>14}  {}",
             p["seq"],
             p["time"].as_str().unwrap_or("?"),
             p["kind"].as_str().unwrap_or("?"),
             p["group"].as_str().unwrap_or("-"),
+            p["volume_bytes"],
             p["bookmark"].as_str().unwrap_or("")
         );
     }
@@ -70,11 +74,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The points a log offers, oldest first, then `latest` when it is not one of them, as the
 /// JSON document of `points --json` and of the control socket's `points`.
 pub fn points_doc(log: &RetentionLog) -> Value {
-    let mut points: Vec<Value> = log.points().iter().map(point_json).collect();
+    // Each point with the volume's size in that state (it differs across a growth).
+    let with_size = |p: &PointInfo| {
+        let mut v = point_json(p);
+        v["volume_bytes"] = json!(log.volume_len_at(tidemark_journal::VolumeId(0), p.seq).ok());
+        v
+    };
+    let mut points: Vec<Value> = log.points().iter().map(with_size).collect();
     let mut note = None;
     match log.resolve(&RecoveryPoint::Latest) {
         Ok(latest) if log.points().last().is_none_or(|p| p.seq != latest.seq) => {
-            points.push(point_json(&latest))
+            points.push(with_size(&latest))
         }
         Ok(_) => {}
         Err(e) => note = Some(error_chain(&e)),

@@ -163,9 +163,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(n) = args.max_hot_regions {
         intent_cfg.max_hot_regions = n;
     }
-    let (intent, intent_open) = IntentMap::open(Arc::new(intent_file), vol_len, intent_cfg)
+    // A volume that grew while no agent ran opens at the map's size; the growth is followed
+    // once the pair runs (`grow.rs`).
+    let (intent, intent_open) = IntentMap::open_grown(Arc::new(intent_file), vol_len, intent_cfg)
         .context("open the write-intent map")?;
     let tap = Arc::new(Tap::new(Arc::new(device), spool, intent, TapConfig::default())?);
+    let vol_len = tap.device_len();
     if args.failback {
         crate::failback::mark_whole_volume(&tap, vol_len)?;
     }
@@ -272,18 +275,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut view = View::new(std::io::stderr().is_terminal());
     let started = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
-    let ctx = DocContext {
+    let mut ctx = DocContext {
         fresh,
         state: args.state.clone(),
         leaf_bytes: tidemark_sync::resync::shape_for(vol_len).leaf_size(),
         vol_len,
         device: device_path,
         dirty_at_open: intent_open.dirty_bytes,
+        grow: crate::grow::Follower::default(),
     };
     while !signals::stop_requested() {
         let ps = pair.status();
         view.show(&ps);
         if last_file.elapsed() >= Duration::from_secs(1) {
+            ctx.grow.check(&args.image, &tap, &shipper, frontend.as_ref());
+            if tap.device_len() != ctx.vol_len {
+                ctx.vol_len = tap.device_len();
+                ctx.leaf_bytes = tidemark_sync::resync::shape_for(ctx.vol_len).leaf_size();
+            }
             let ps = pair.status();
             let figures = sample(&mut tracker, &tap, &ps, &shipper, metrics.as_ref());
             status::write(
@@ -381,6 +390,7 @@ struct DocContext {
     vol_len: u64,
     device: Option<PathBuf>,
     dirty_at_open: u64,
+    grow: crate::grow::Follower,
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -440,6 +450,7 @@ fn document(
         "uptime_s": common::secs(started.elapsed()),
         "device": ctx.device.as_ref().map(|p| p.display().to_string()),
         "volume_bytes": ctx.vol_len,
+        "grow": ctx.grow.json(),
         "fresh": ctx.fresh,
         "lineage": crate::lineage::status_json(&ctx.state),
         "pair": figures.json(),

@@ -30,7 +30,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 use tidemark_journal::{
     BlockIo, BookmarkKind, FileIo, FsDir, Keep, RetentionConfig, RetentionLog, RetentionPolicy,
-    RetentionReport, SystemClock, Tier,
+    RetentionReport, SystemClock, Tier, VolumeId,
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig, ReceiverStatus};
 use tidemark_sync::secure::SecureConfig;
@@ -242,8 +242,13 @@ fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
     let base = if image.exists() {
         let f = FileIo::open(image).with_context(|| format!("open {}", image.display()))?;
         let len = f.len().with_context(|| format!("stat {}", image.display()))?;
-        if len != size {
-            bail!("{} holds {len} bytes, expected {size} (--size)", image.display());
+        // Larger once retention folded a growth of the volume into it (the journal knows
+        // the size of every state); never smaller.
+        if len < size {
+            bail!(
+                "{} holds {len} bytes, expected at least {size} (--size; a replica only grows)",
+                image.display()
+            );
         }
         f
     } else {
@@ -412,7 +417,8 @@ fn document(
         }),
         Err(e) => json!({ "at_ms": at, "took_s": common::secs(*took), "error": e }),
     });
-    let (r, held) = receiver.with_log(|log| (log.status(), log.held()));
+    let (r, held, size) =
+        receiver.with_log(|log| (log.status(), log.held(), log.volume_len(VolumeId(0)).ok()));
     json!({
         "role": "receive",
         "state": state,
@@ -440,6 +446,8 @@ fn document(
             "segment": segment, "offset": offset, "length": len, "reason": reason,
         })).collect::<Vec<_>>(),
         "replica": {
+            // The volume's size now (it grows with the source's).
+            "volume_bytes": size,
             "consistent": r.inconsistent.is_none(),
             "open_resyncs": r.inconsistent.as_ref().map(|w| w.open_ids.clone()).unwrap_or_default(),
             "initial_sync": r.inconsistent.as_ref().is_some_and(|w| w.initial_sync),

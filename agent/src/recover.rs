@@ -339,7 +339,7 @@ fn materialize_offline(
     let log = common::open_log(dir, block_size)?;
     let info = points::resolve_or_explain(&log, point)?;
     print_point(&points::point_json(&info));
-    let len = log.volume_len(VolumeId(0))?;
+    let len = log.volume_len_at(VolumeId(0), info.seq)?;
     let hash = copy_out(len, out, &mut |pos, buf| {
         log.read_at(&info, VolumeId(0), pos, buf)
             .with_context(|| format!("read {} bytes at {pos} as of seq {}", buf.len(), info.seq))

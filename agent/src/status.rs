@@ -86,6 +86,8 @@ fn summary(v: &Value) -> Vec<(String, String)> {
         Some("protect") => {
             row("PAIR", get("/pair/id").map(plain));
             row("STAGE", get("/pair/stage").map(plain));
+            row("VOLUME", num("/volume_bytes").map(|b| bytes(b as u64)));
+            row("GROWTH", get("/grow/refused").and_then(Value::as_str).map(str::to_owned));
             row("RPO", num("/pair/rpo_s").map(|r| format!("{r:.1} s")));
             let alarm = match (num("/pair/rpo_alarm/threshold_s"), get("/pair/rpo_alarm/active")) {
                 (Some(t), Some(Value::Bool(true))) => Some(format!("RAISED (threshold {t} s)")),
@@ -145,6 +147,7 @@ fn summary(v: &Value) -> Vec<(String, String)> {
                 }
             });
             row("RETENTION", window);
+            row("VOLUME", num("/replica/volume_bytes").map(|b| bytes(b as u64)));
             row("JOURNAL", num("/retention/journal_bytes").map(|b| bytes(b as u64)));
             row("POINTS", get("/retention/points").map(plain));
         }

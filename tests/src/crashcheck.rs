@@ -668,6 +668,7 @@ fn kind_name(event: &Event) -> &'static str {
         Event::Bookmark(_) => "bookmark",
         Event::ResyncBegin { .. } => "resync begin",
         Event::ResyncEnd { .. } => "resync end",
+        Event::Resize { .. } => "resize",
     }
 }
 

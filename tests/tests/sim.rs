@@ -80,6 +80,8 @@ fn sim_seed_budget() {
     report("sim.acked_events", acked);
     report("acknowledged_writes_lost", lost);
     report("sim.failed_seeds", failed.len() as u64);
+    let grows: u64 = reports.iter().map(|r| r.faults.grows).sum();
+    report("sim.disk_grows", grows);
     println!("sim: {} seeds in {:.1?}", reports.len(), started.elapsed());
     assert!(
         failed.is_empty(),
@@ -88,6 +90,7 @@ fn sim_seed_budget() {
     );
     assert_eq!(lost, 0, "acknowledged writes lost");
     assert!(faults > 0, "the runs injected no fault at all");
+    assert!(reports.len() < 20 || grows > 0, "no run grew its volume (the disk-resize fault)");
 }
 
 #[test]
@@ -125,7 +128,7 @@ fn planted_bug_is_caught(bug: PlantedBug, max_seeds: u64) -> SimReport {
 
 #[test]
 fn planted_dropped_write_is_caught() {
-    let r = planted_bug_is_caught(PlantedBug::DropWrite, 10);
+    let r = planted_bug_is_caught(PlantedBug::DropWrite, 40);
     assert!(r.failures[0].contains("differs"), "expected a content mismatch, got {:?}", r.failures);
 }
 

@@ -76,6 +76,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             n += 1;
         }
     }
+    // A spool across a volume growth (record kind 8, format version 3), plain and
+    // encrypted, with a torn copy.
+    for (i, key) in [None, Some(JournalKey::from_bytes([5; 32]))].into_iter().enumerate() {
+        let dir = MemDir::new();
+        let cfg = SpoolConfig { capacity_bytes: 1 << 20, segment_bytes: 64 << 10, key };
+        let (mut spool, _) = Spool::open(Arc::new(dir.clone()), cfg, clock.clone())?;
+        spool.append(&Event::Write {
+            volume: VolumeId(0),
+            offset: 0,
+            data: vec![3u8; 512].into(),
+        })?;
+        spool.append(&Event::Resize {
+            volume: VolumeId(0),
+            old_size: 1 << 20,
+            new_size: 2 << 20,
+        })?;
+        spool.append(&Event::Write {
+            volume: VolumeId(0),
+            offset: (2 << 20) - 512,
+            data: vec![4u8; 512].into(),
+        })?;
+        spool.append(&Event::Barrier)?;
+        spool.sync()?;
+        for name in dir.list_segments() {
+            let bytes = dir.read_file(&name).ok_or("segment vanished")?;
+            std::fs::write(seg_dir.join(format!("resize-{i:02}")), &bytes)?;
+            std::fs::write(seg_dir.join(format!("resize-{i:02}-torn")), &bytes[..bytes.len() - 9])?;
+        }
+    }
     println!("wrote seeds to {}", root.display());
     Ok(())
 }

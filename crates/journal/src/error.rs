@@ -201,6 +201,18 @@ pub enum JournalError {
         /// Size of the volume.
         volume_len: u64,
     },
+    /// A resize would shrink a volume: volumes only grow.
+    #[error(
+        "volume {volume}: resize to {new_size} bytes refused: the volume holds {size} bytes and volumes only grow"
+    )]
+    Shrink {
+        /// Volume index in the group.
+        volume: u16,
+        /// Its size now.
+        size: u64,
+        /// The size asked for.
+        new_size: u64,
+    },
     /// A record is larger than the format allows.
     #[error("record payload of {len} bytes exceeds the maximum of {max}")]
     RecordTooLarge {

@@ -39,16 +39,20 @@ pub enum FormatVersion {
     /// would take those records for damage (and cut them as a torn tail in the newest
     /// segment), so they get a new version that a v1 reader refuses by name.
     V2 = 2,
+    /// Adds the record kind `Resize` (8) (2026-12), refused by a v2 reader by name for the
+    /// same reason.
+    V3 = 3,
 }
 
 impl FormatVersion {
     /// The version this build writes.
-    pub const CURRENT: FormatVersion = FormatVersion::V2;
+    pub const CURRENT: FormatVersion = FormatVersion::V3;
 
     fn parse(object: &str, v: u32) -> Result<Self> {
         match v {
             1 => Ok(Self::V1),
             2 => Ok(Self::V2),
+            3 => Ok(Self::V3),
             _ => Err(JournalError::UnsupportedVersion {
                 object: object.to_owned(),
                 found: v,
@@ -258,6 +262,8 @@ pub enum RecordKind {
     ResyncBegin = 6,
     /// A resync window closes (payload: the 8-byte resync id). Format version 2.
     ResyncEnd = 7,
+    /// The volume grew (payload: `u64` old size, `u64` new size). Format version 3.
+    Resize = 8,
 }
 
 impl RecordKind {
@@ -270,6 +276,7 @@ impl RecordKind {
             5 => Self::Bookmark,
             6 => Self::ResyncBegin,
             7 => Self::ResyncEnd,
+            8 => Self::Resize,
             _ => return None,
         })
     }
@@ -278,6 +285,7 @@ impl RecordKind {
     pub fn since(self) -> FormatVersion {
         match self {
             Self::ResyncBegin | Self::ResyncEnd => FormatVersion::V2,
+            Self::Resize => FormatVersion::V3,
             _ => FormatVersion::V1,
         }
     }
@@ -450,6 +458,14 @@ impl RecordHeader {
                     return Err(RecordDefect::Field("payload_len", payload_len));
                 }
             }
+            RecordKind::Resize => {
+                if self.length != 0
+                    || self.offset != 0
+                    || payload_len != RESIZE_BODY_LEN as u64 + tag
+                {
+                    return Err(RecordDefect::Field("payload_len", payload_len));
+                }
+            }
         }
         Ok(())
     }
@@ -525,6 +541,32 @@ pub fn decode_resync_id(p: &[u8]) -> std::result::Result<u64, String> {
     }
 }
 
+/// Length of a resize record's payload: the old and the new size.
+pub const RESIZE_BODY_LEN: usize = 16;
+
+/// Decodes a resize record's payload: `(old_size, new_size)`, the new size at least the old
+/// one and at least 1.
+pub fn decode_resize(p: &[u8]) -> std::result::Result<(u64, u64), String> {
+    let bytes: [u8; RESIZE_BODY_LEN] = p
+        .try_into()
+        .map_err(|_| format!("resize payload of {} bytes, expected {RESIZE_BODY_LEN}", p.len()))?;
+    let old = u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes"));
+    let new = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if new < old || new == 0 {
+        return Err(format!(
+            "resize from {old} to {new} bytes (a volume only grows, to at least 1 byte)"
+        ));
+    }
+    Ok((old, new))
+}
+
+fn encode_resize(old: u64, new: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RESIZE_BODY_LEN);
+    v.extend_from_slice(&old.to_le_bytes());
+    v.extend_from_slice(&new.to_le_bytes());
+    v
+}
+
 /// The record header fields and plaintext payload that represent an event (write data is
 /// borrowed, not copied).
 pub fn event_to_record(
@@ -551,6 +593,9 @@ pub fn event_to_record(
         Event::ResyncEnd { id } => {
             (RecordKind::ResyncEnd, VolumeId(0), 0, 0, Cow::Owned(id.to_le_bytes().to_vec()))
         }
+        Event::Resize { volume, old_size, new_size } => {
+            (RecordKind::Resize, *volume, 0, 0, Cow::Owned(encode_resize(*old_size, *new_size)))
+        }
     }
 }
 
@@ -568,6 +613,10 @@ pub fn record_to_event(h: &RecordHeader, payload: Vec<u8>) -> std::result::Resul
         RecordKind::Bookmark => Event::Bookmark(decode_bookmark(&payload)?),
         RecordKind::ResyncBegin => Event::ResyncBegin { id: decode_resync_id(&payload)? },
         RecordKind::ResyncEnd => Event::ResyncEnd { id: decode_resync_id(&payload)? },
+        RecordKind::Resize => {
+            let (old_size, new_size) = decode_resize(&payload)?;
+            Event::Resize { volume: h.volume, old_size, new_size }
+        }
     })
 }
 
@@ -658,6 +707,9 @@ fn record_at(
     }
     if h.kind.is_resync() && !h.encrypted {
         decode_resync_id(payload).map_err(|e| (true, e))?;
+    }
+    if h.kind == RecordKind::Resize && !h.encrypted {
+        decode_resize(payload).map_err(|e| (true, e))?;
     }
     Ok(h)
 }

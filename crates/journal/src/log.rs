@@ -91,6 +91,8 @@ pub struct Visit<'a> {
     pub bookmark: Option<Bookmark>,
     /// The decoded resync id for `ResyncBegin` and `ResyncEnd` records.
     pub resync_id: Option<u64>,
+    /// The decoded `(old_size, new_size)` for `Resize` records.
+    pub resize: Option<(u64, u64)>,
     /// The manifest's base sequence number (records at or below it are history the base
     /// already holds, or acknowledged spool records).
     pub base_seq: Seq,
@@ -424,13 +426,21 @@ impl SegmentLog {
             }
             let mut bookmark = None;
             let mut resync_id = None;
-            if r.header.kind == RecordKind::Bookmark || r.header.kind.is_resync() {
+            let mut resize = None;
+            if r.header.kind == RecordKind::Bookmark
+                || r.header.kind.is_resync()
+                || r.header.kind == RecordKind::Resize
+            {
                 let start = r.offset as usize + RECORD_HEADER_LEN;
                 let payload = &bytes[start..start + r.header.payload_len as usize];
                 let decoded = decode_payload(&seg, r.offset, &r.header, payload).and_then(|p| {
                     if r.header.kind == RecordKind::Bookmark {
                         bookmark = Some(
                             format::decode_bookmark(&p).map_err(|e| corrupt(&seg, r.offset, e))?,
+                        );
+                    } else if r.header.kind == RecordKind::Resize {
+                        resize = Some(
+                            format::decode_resize(&p).map_err(|e| corrupt(&seg, r.offset, e))?,
                         );
                     } else {
                         resync_id = Some(
@@ -480,6 +490,7 @@ impl SegmentLog {
                 header: &r.header,
                 bookmark,
                 resync_id,
+                resize,
                 base_seq: self.manifest.base_seq,
                 block_size: self.manifest.block_size,
             });

@@ -485,7 +485,13 @@ type IndexedRecords = Vec<(Loc, RecordHeader)>;
 pub struct RetentionLog {
     log: SegmentLog,
     volumes: Vec<Arc<dyn BlockIo>>,
+    /// Per volume, its size in the base state.
     volume_lens: Vec<u64>,
+    /// Per volume, the length of its base image file (reads past it see zeros: a grown
+    /// volume's base grows lazily, when retention folds past the resize).
+    base_file_lens: Vec<u64>,
+    /// The resizes above the base, in sequence order: (seq, volume, old size, new size).
+    resizes: Vec<(Seq, VolumeId, u64, u64)>,
     index: BlockIndex,
     /// Offered points above the base (barriers, bookmarks and resync ends outside resync
     /// spans), in sequence order.
@@ -550,6 +556,10 @@ impl RetentionLog {
         let mut resync_defects: Vec<(Loc, u64, String)> = Vec::new();
         let mut last_time = Nanos(0);
         let mut mismatch: Option<JournalError> = None;
+        let base_file_lens = volume_lens.clone();
+        // Sizes as the scan goes: a write is checked against the size when it was taken.
+        let mut running = volume_lens.clone();
+        let mut resizes: Vec<(Seq, VolumeId, u64, u64)> = Vec::new();
         let (log, report) = SegmentLog::open(dir, opts, clock.clone(), &mut |v| {
             last_time = last_time.max(v.header.time);
             if v.header.seq <= v.base_seq {
@@ -560,11 +570,11 @@ impl RetentionLog {
                 // (or shrunken) devices is refused, not indexed.
                 let (vol, off, len) =
                     (v.header.volume, v.header.offset, u64::from(v.header.length));
-                let bad = match volume_lens.get(usize::from(vol.0)) {
+                let bad = match running.get(usize::from(vol.0)) {
                     None => Some(JournalError::Config(format!(
                         "the journal holds writes for volume {vol} (seq {}) but {} volumes were supplied",
                         v.header.seq,
-                        volume_lens.len()
+                        running.len()
                     ))),
                     Some(&vlen) if off + len > vlen => Some(JournalError::OutOfRange {
                         volume: vol.0,
@@ -580,6 +590,24 @@ impl RetentionLog {
                     }
                     return;
                 }
+            }
+            if let (RecordKind::Resize, Some((old, new))) = (v.header.kind, v.resize) {
+                let vol = v.header.volume;
+                match running.get_mut(usize::from(vol.0)) {
+                    Some(len) => {
+                        *len = (*len).max(new);
+                        resizes.push((v.header.seq, vol, old, new));
+                    }
+                    None if mismatch.is_none() => {
+                        mismatch = Some(JournalError::Config(format!(
+                            "the journal resizes volume {vol} (seq {}) but {} volumes were supplied",
+                            v.header.seq,
+                            running.len()
+                        )))
+                    }
+                    None => {}
+                }
+                return;
             }
             let (seq, time) = (v.header.seq, v.header.time);
             let event = match (v.header.kind, v.bookmark, v.resync_id) {
@@ -617,6 +645,14 @@ impl RetentionLog {
         let bs = u64::from(m.block_size);
         let base_seq = m.base_seq;
         points.retain(|p| p.seq > base_seq);
+        resizes.retain(|r| r.0 > base_seq);
+        // The size of the base state: what the first resize above it started from (the
+        // image may already be longer, if a fold past that resize was interrupted).
+        for (i, len) in volume_lens.iter_mut().enumerate() {
+            if let Some(r) = resizes.iter().find(|r| usize::from(r.1.0) == i) {
+                *len = r.2;
+            }
+        }
         let segment_count = log.segment_count();
         let mut this = Self {
             index: BlockIndex::from_entries(idx),
@@ -625,6 +661,8 @@ impl RetentionLog {
             log,
             volumes,
             volume_lens,
+            base_file_lens,
+            resizes,
             points,
             windows,
             space_held_by_resync: false,
@@ -654,16 +692,51 @@ impl RetentionLog {
         self.bs
     }
 
-    /// Size of a volume in bytes.
+    /// Size of a volume in bytes now (after every resize received).
     pub fn volume_len(&self, volume: VolumeId) -> Result<u64> {
-        self.volume_lens
-            .get(usize::from(volume.0))
-            .copied()
-            .ok_or_else(|| JournalError::Config(format!("volume {volume} is not in this group")))
+        self.volume_len_at(volume, Seq(u64::MAX))
+    }
+
+    /// Size of a volume in bytes in the state after `seq` (the base's size for a seq at or
+    /// below the base): the new size of the last resize at or below `seq`.
+    pub fn volume_len_at(&self, volume: VolumeId, seq: Seq) -> Result<u64> {
+        let base =
+            self.volume_lens.get(usize::from(volume.0)).copied().ok_or_else(|| {
+                JournalError::Config(format!("volume {volume} is not in this group"))
+            })?;
+        Ok(self
+            .resizes
+            .iter()
+            .rev()
+            .find(|r| r.1 == volume && r.0 <= seq)
+            .map_or(base, |r| r.3.max(r.2)))
+    }
+
+    /// The resizes retained above the base, oldest first: (seq, volume, old size, new size).
+    pub fn resizes(&self) -> &[(Seq, VolumeId, u64, u64)] {
+        &self.resizes
+    }
+
+    /// Reads the base image of `volume` at `offset`; bytes past the image's end (a volume
+    /// grown since the base state) read as zeros.
+    fn read_base(&self, volume: VolumeId, buf: &mut [u8], offset: u64) -> Result<()> {
+        let i = usize::from(volume.0);
+        let (base, flen) = (&self.volumes[i], self.base_file_lens[i]);
+        let have = flen.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if have > 0 {
+            base.read_at(&mut buf[..have], offset)
+                .map_err(|e| JournalError::io("read", base.name(), e))?;
+        }
+        buf[have..].fill(0);
+        Ok(())
     }
 
     fn check_range(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
-        let vlen = self.volume_len(volume)?;
+        self.check_range_at(volume, Seq(u64::MAX), offset, len)
+    }
+
+    fn check_range_at(&self, volume: VolumeId, at: Seq, offset: u64, len: u64) -> Result<()> {
+        let vlen = self.volume_len_at(volume, at)?;
         if offset.checked_add(len).is_none_or(|e| e > vlen) {
             return Err(JournalError::OutOfRange {
                 volume: volume.0,
@@ -687,6 +760,24 @@ impl RetentionLog {
         }
         self.windows.check(seq, event)?;
         let time = time.max(self.last_time);
+        // A resize is recorded with the size this log had before it (the writer's old size
+        // is only what the source saw; a repeated resize is a no-op).
+        let resized;
+        let event = match event {
+            Event::Resize { volume, new_size, .. } => {
+                let size = self.volume_len(*volume)?;
+                if *new_size < size {
+                    return Err(JournalError::Shrink {
+                        volume: volume.0,
+                        size,
+                        new_size: *new_size,
+                    });
+                }
+                resized = Event::Resize { volume: *volume, old_size: size, new_size: *new_size };
+                &resized
+            }
+            other => other,
+        };
         let (kind, volume, offset, length, payload) = format::event_to_record(event);
         if payload.len() > MAX_PAYLOAD {
             return Err(JournalError::RecordTooLarge {
@@ -705,6 +796,9 @@ impl RetentionLog {
                 if let Some(kind) = self.windows.apply(seq, time, event) {
                     self.points.push(PointInfo { seq, time, kind });
                 }
+            }
+            Event::Resize { volume, old_size, new_size } => {
+                self.resizes.push((seq, *volume, *old_size, *new_size));
             }
             Event::Write { .. } | Event::WriteZeroes { .. } | Event::Discard { .. } => {
                 let h = RecordHeader {
@@ -930,9 +1024,11 @@ impl RetentionLog {
         Ok(r)
     }
 
+    /// A block's length at the volume's largest (current) size; for a state of a smaller
+    /// size, the bytes past its end read as zeros and are never returned.
     fn block_len(&self, key: BlockKey) -> usize {
-        let vlen = self.volume_lens[usize::from(key.volume().0)];
-        (vlen - key.block() * self.bs).min(self.bs) as usize
+        let vlen = self.volume_len(key.volume()).unwrap_or(0);
+        vlen.saturating_sub(key.block() * self.bs).min(self.bs) as usize
     }
 
     /// The content of one block as of `at` (the newest version at or below it).
@@ -960,9 +1056,7 @@ impl RetentionLog {
         }
         let from_base = !base_loaded && stack.last().is_none_or(|e| !e.full());
         if from_base {
-            let v = &self.volumes[usize::from(key.volume().0)];
-            v.read_at(out, key.block() * self.bs)
-                .map_err(|e| JournalError::io("read", v.name(), e))?;
+            self.read_base(key.volume(), out, key.block() * self.bs)?;
         }
         let bstart = key.block() * self.bs;
         let bend = bstart + out.len() as u64;
@@ -1048,12 +1142,11 @@ impl RetentionLog {
     /// The state at `at` of a byte range: one base read for the whole range, then the blocks
     /// the journal changed at or below `at` laid over it.
     fn read_range(&self, at: Seq, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(volume, offset, buf.len() as u64)?;
+        self.check_range_at(volume, at, offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
-        let base = &self.volumes[usize::from(volume.0)];
-        base.read_at(buf, offset).map_err(|e| JournalError::io("read", base.name(), e))?;
+        self.read_base(volume, buf, offset)?;
         let end = offset + buf.len() as u64;
         let keys = self.index.keys_in_range(
             BlockKey::new(volume, offset / self.bs),
@@ -1090,7 +1183,7 @@ impl RetentionLog {
         out: &dyn BlockIo,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MaterializeReport> {
-        let vlen = self.volume_len(volume)?;
+        let vlen = self.volume_len_at(volume, at.seq)?;
         let olen = out.len().map_err(|e| JournalError::io("stat", out.name(), e))?;
         if olen != vlen {
             out.set_len(vlen).map_err(|e| JournalError::io("resize", out.name(), e))?;
@@ -1146,12 +1239,11 @@ impl RetentionLog {
                     }
                     let mut buf = free_rx.recv().expect("the hasher hands every buffer back");
                     let chunk = &mut buf[..n];
-                    base.read_at(chunk, pos)
-                        .map_err(|e| JournalError::io("read", base.name(), e))?;
+                    self.read_base(volume, chunk, pos)?;
                     while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
                         let k = keys[ki];
                         let s = (k.block() * self.bs - pos) as usize;
-                        let blen = self.block_len(k);
+                        let blen = self.block_len(k).min(n - s);
                         if self.block_over(k, at.seq, &mut chunk[s..s + blen], true)? {
                             journal_blocks += 1;
                         }
@@ -1451,10 +1543,24 @@ impl RetentionLog {
             "the base never moves into a resync window"
         );
         self.log.update_manifest(|m| m.pending_base = target.seq)?;
+        // A volume grown at or below the target: its base image grows to the size there
+        // first (a device that is already large enough is left as it is).
+        for i in 0..self.volumes.len() {
+            let size = self.volume_len_at(VolumeId(i as u16), target.seq)?;
+            if size > self.base_file_lens[i] {
+                let v = &self.volumes[i];
+                let flen = v.len().map_err(|e| JournalError::io("stat", v.name(), e))?;
+                if flen < size {
+                    v.set_len(size).map_err(|e| JournalError::io("grow", v.name(), e))?;
+                }
+                self.base_file_lens[i] = flen.max(size);
+            }
+        }
         let keys = self.index.keys_between(self.base.seq, target.seq);
         let mut buf = vec![0u8; self.bs as usize];
         for k in keys {
-            let blen = self.block_len(k);
+            let size = self.volume_len_at(k.volume(), target.seq)?;
+            let blen = self.block_len(k).min(size.saturating_sub(k.block() * self.bs) as usize);
             self.block_view(k, target.seq, &mut buf[..blen])?;
             let v = &self.volumes[usize::from(k.volume().0)];
             v.write_at(&buf[..blen], k.block() * self.bs)
@@ -1480,6 +1586,10 @@ impl RetentionLog {
         let gone: HashSet<u32> = done.into_iter().collect();
         self.index.retain(|e| e.seq > seq && !gone.contains(&e.loc().slot));
         self.points.retain(|p| p.seq > seq);
+        for i in 0..self.volume_lens.len() {
+            self.volume_lens[i] = self.volume_len_at(VolumeId(i as u16), seq)?;
+        }
+        self.resizes.retain(|r| r.0 > seq);
         self.windows.spans.retain(|sp| sp.end.is_none_or(|e| e > seq));
         self.base = PointInfo { kind: PointKind::Base, ..target };
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1533,6 +1643,10 @@ impl RetentionLog {
                                 block_entries(&h, loc, self.bs, |e| {
                                     touched.insert(e.key);
                                 });
+                            } else if h.kind == RecordKind::Resize {
+                                // A size change is history every later state needs: kept.
+                                let (_, payload) = self.log.read(loc)?;
+                                out.copy(&mut self.log, &h, &payload)?;
                             } else if h.seq == intervals[ii].1 {
                                 // The retained point closing the interval: its coalesced
                                 // state first, then the point itself.
@@ -1602,7 +1716,8 @@ impl RetentionLog {
         let mut run: Option<(BlockKey, bool, Vec<u8>)> = None;
         let mut block = vec![0u8; self.bs as usize];
         for &k in keys {
-            let blen = self.block_len(k);
+            let size = self.volume_len_at(k.volume(), at)?;
+            let blen = self.block_len(k).min(size.saturating_sub(k.block() * self.bs) as usize);
             let view = &mut block[..blen];
             self.block_view(k, at, view)?;
             let zero = view.iter().all(|&b| b == 0);

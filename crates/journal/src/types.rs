@@ -190,6 +190,20 @@ pub enum Event {
         /// The id of the matching [`Event::ResyncBegin`].
         id: u64,
     },
+    /// The volume grew: from here on it holds `new_size` bytes, the range
+    /// `old_size..new_size` reading as zeros until written. Ordered like every event: the
+    /// states before it have the old size, the states after it the new one. Volumes only
+    /// grow (`new_size >= old_size`; equal is a repeat, a no-op); a shrink is refused
+    /// wherever it is met. `old_size` is the size its writer saw (the tap's, the target's
+    /// own in its journal), so a journal knows the size of every state it holds.
+    Resize {
+        /// Volume in the group.
+        volume: VolumeId,
+        /// Size in bytes before the event.
+        old_size: u64,
+        /// Size in bytes after the event.
+        new_size: u64,
+    },
 }
 
 impl Event {
@@ -210,7 +224,8 @@ impl Event {
             Event::Barrier
             | Event::Bookmark(_)
             | Event::ResyncBegin { .. }
-            | Event::ResyncEnd { .. } => None,
+            | Event::ResyncEnd { .. }
+            | Event::Resize { .. } => None,
         }
     }
 }

@@ -86,11 +86,11 @@ fn wrong_magic() {
 fn future_version() {
     let dir = spool_dir(40, None);
     with_segment(&dir, |b| {
-        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
         fix_header_crc(b);
     });
     let e = reopen(&dir, None).expect_err("future version");
-    assert!(matches!(e, JournalError::UnsupportedVersion { found: 3, supported: 2, .. }), "{e:?}");
+    assert!(matches!(e, JournalError::UnsupportedVersion { found: 4, supported: 3, .. }), "{e:?}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Model test: random interleavings of writes, zeroes, discards, barriers, bookmarks,
 //! resync windows (nested, and ends without a begin), retention passes, syncs, reopenings
-//! and crashes against a plain in-memory model of the volume. Exactly the consistent points
+//! volume growth (a grow by whole sectors, so often not by whole 4 KiB blocks, and a shrink
+//! that must be refused) and crashes against a plain in-memory model of the volume. Exactly the consistent points
 //! (those outside every resync window, and the ends that close one) are offered, and every
 //! one reads back byte for byte as the model had it.
 
@@ -42,6 +43,13 @@ enum Op {
     ResyncBegin,
     /// Closes the open window picked by the number (or, with none open, must be refused).
     ResyncEnd(u8),
+    /// Grows the volume by this many sectors.
+    Grow {
+        vol: u16,
+        sectors: u64,
+    },
+    /// Tries to shrink the volume by one sector: refused.
+    Shrink(u16),
     Time(u64),
     Enforce,
     Sync,
@@ -50,7 +58,9 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let range = (0u16..2, 0u64..(VOL / SECTOR), 1u64..=20);
+    // Offsets are taken modulo the volume's size at the time, so twice the first size
+    // reaches into grown ranges.
+    let range = (0u16..2, 0u64..(2 * VOL / SECTOR), 1u64..=20);
     prop_oneof![
         8 => (range.clone(), any::<u8>()).prop_map(|((vol, sector, sectors), seed)| Op::Write { vol, sector, sectors, seed }),
         1 => range.clone().prop_map(|(vol, sector, sectors)| Op::Zero { vol, sector, sectors }),
@@ -59,6 +69,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::Bookmark),
         1 => Just(Op::ResyncBegin),
         1 => any::<u8>().prop_map(Op::ResyncEnd),
+        1 => (0u16..2, 1u64..=24).prop_map(|(vol, sectors)| Op::Grow { vol, sectors }),
+        1 => (0u16..2).prop_map(Op::Shrink),
         3 => (1u64..40).prop_map(Op::Time),
         2 => Just(Op::Enforce),
         1 => Just(Op::Sync),
@@ -187,9 +199,19 @@ fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
         }
         let want = model.states.get(&p.seq).expect("model has every seq");
         for (v, want_v) in want.iter().enumerate() {
-            let mut got = vec![0u8; VOL as usize];
-            log.read_at(p, VolumeId(v as u16), 0, &mut got).expect("read point");
+            let vol = VolumeId(v as u16);
+            prop_assert_eq!(log.volume_len_at(vol, p.seq).expect("size"), want_v.len() as u64);
+            let mut got = vec![0u8; want_v.len()];
+            log.read_at(p, vol, 0, &mut got).expect("read point");
             prop_assert!(&got == want_v, "volume {} differs at point {} ({:?})", v, p.seq, p.kind);
+            // Past the point's size is out of range, even where a later state is larger.
+            let past = log.read_at(p, vol, want_v.len() as u64, &mut [0u8; 1]);
+            prop_assert!(
+                matches!(past, Err(JournalError::OutOfRange { .. })),
+                "a read past point {}'s size: {:?}",
+                p.seq,
+                past
+            );
         }
     }
     if let Some(np) = newest_point {
@@ -199,7 +221,6 @@ fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
             np
         );
     }
-    let mut got = vec![0u8; VOL as usize];
     let open_span = an.spans.last().filter(|(_, e)| e.is_none()).map(|(b, _)| *b);
     match open_span {
         Some(b) if an.initial_sync(base) && an.spans.len() == 1 => {
@@ -214,6 +235,7 @@ fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
             prop_assert_eq!(latest.seq, want_seq, "latest is the newest consistent state");
             prop_assert_eq!(log.status().inconsistent.map(|w| w.begin_seq), open_span);
             for (v, want) in model.states[&want_seq].iter().enumerate() {
+                let mut got = vec![0u8; want.len()];
                 log.read_at(&latest, VolumeId(v as u16), 0, &mut got).expect("read latest");
                 prop_assert!(&got == want, "latest state of volume {} differs", v);
             }
@@ -221,6 +243,8 @@ fn check_all(log: &RetentionLog, model: &Model) -> Result<(), TestCaseError> {
     }
     // The replica as it is now, consistent or not.
     for (v, want) in model.cur.iter().enumerate() {
+        let mut got = vec![0u8; want.len()];
+        prop_assert_eq!(log.volume_len(VolumeId(v as u16)).expect("size"), want.len() as u64);
         log.read_current(VolumeId(v as u16), 0, &mut got).expect("read current");
         prop_assert!(&got == want, "current state of volume {} differs", v);
         let mut part = vec![0u8; 5000];
@@ -271,8 +295,9 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
         let now = clock.now();
         let event = match op {
             Op::Write { vol, sector, sectors, seed } => {
-                let off = sector * SECTOR;
-                let len = (sectors * SECTOR).min(VOL - off);
+                let size = model.cur[vol as usize].len() as u64;
+                let off = (sector * SECTOR) % size;
+                let len = (sectors * SECTOR).min(size - off);
                 Some(Event::Write {
                     volume: VolumeId(vol),
                     offset: off,
@@ -280,20 +305,53 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                 })
             }
             Op::Zero { vol, sector, sectors } => {
-                let off = sector * SECTOR;
+                let size = model.cur[vol as usize].len() as u64;
+                let off = (sector * SECTOR) % size;
                 Some(Event::WriteZeroes {
                     volume: VolumeId(vol),
                     offset: off,
-                    len: (sectors * SECTOR).min(VOL - off) as u32,
+                    len: (sectors * SECTOR).min(size - off) as u32,
                 })
             }
             Op::Discard { vol, sector, sectors } => {
-                let off = sector * SECTOR;
+                let size = model.cur[vol as usize].len() as u64;
+                let off = (sector * SECTOR) % size;
                 Some(Event::Discard {
                     volume: VolumeId(vol),
                     offset: off,
-                    len: (sectors * SECTOR).min(VOL - off) as u32,
+                    len: (sectors * SECTOR).min(size - off) as u32,
                 })
+            }
+            Op::Grow { vol, sectors } => {
+                let size = model.cur[vol as usize].len() as u64;
+                // The writer's old size is informational: the log records its own.
+                Some(Event::Resize {
+                    volume: VolumeId(vol),
+                    old_size: 0,
+                    new_size: size + sectors * SECTOR,
+                })
+            }
+            Op::Shrink(vol) => {
+                let size = model.cur[vol as usize].len() as u64;
+                let e = log
+                    .append(
+                        model.seq.next(),
+                        now,
+                        &Event::Resize {
+                            volume: VolumeId(vol),
+                            old_size: size,
+                            new_size: size - SECTOR,
+                        },
+                    )
+                    .expect_err("a shrink");
+                prop_assert!(
+                    matches!(e, JournalError::Shrink { volume, size: s, new_size }
+                        if volume == vol && s == size && new_size == size - SECTOR),
+                    "{:?}",
+                    e
+                );
+                prop_assert!(e.to_string().contains(&size.to_string()), "{}", e);
+                None
             }
             Op::Barrier => Some(Event::Barrier),
             Op::Bookmark(k) => Some(Event::Bookmark(
@@ -384,7 +442,9 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
                     _ => dst.fill(0),
                 }
             }
-            if ev.range().is_none() {
+            if let Event::Resize { volume, new_size, .. } = &ev {
+                model.cur[volume.0 as usize].resize(*new_size as usize, 0);
+            } else if ev.range().is_none() {
                 model.marks.insert(seq, ev);
             }
             model.states.insert(seq, model.cur.clone());
@@ -416,7 +476,7 @@ fn run(ops: Vec<Op>, which_policy: u8, encrypted: bool) -> Result<Stats, TestCas
             prop_assert!(e.to_string().contains("resync window id"), "{}", e);
         } else {
             let at = r.expect("seq");
-            let mut got = vec![0u8; VOL as usize];
+            let mut got = vec![0u8; model.states[&last][0].len()];
             log.read_at(&at, VolumeId(0), 0, &mut got).expect("read");
             prop_assert!(got == model.states[&last][0]);
         }
@@ -469,6 +529,13 @@ fn thinning_keeps_every_retained_point_exact() {
             }
             if i % 150 == 149 {
                 ops.push(Op::Crash);
+            }
+            // Growth, by whole blocks and by a few sectors, so folds and coalescing meet it.
+            if i % 60 == 20 {
+                ops.push(Op::Grow {
+                    vol: (i % 2) as u16,
+                    sectors: if i % 120 == 20 { 8 } else { 3 },
+                });
             }
         }
         ops.push(Op::Barrier);

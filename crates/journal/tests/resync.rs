@@ -347,7 +347,7 @@ fn a_version_1_segment_may_not_hold_resync_records() {
     // there, so it is reported as damage rather than read.
     let name = dir.list_segments()[0].clone();
     let mut b = dir.read_file(&name).expect("segment");
-    assert_eq!(&b[8..12], &2u32.to_le_bytes(), "writers write version 2");
+    assert_eq!(&b[8..12], &3u32.to_le_bytes(), "writers write version 3");
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
     let crc = crc32c::crc32c(&b[..124]);
     b[124..128].copy_from_slice(&crc.to_le_bytes());

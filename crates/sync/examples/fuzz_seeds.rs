@@ -197,6 +197,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut torn = file.encode();
     torn.truncate(torn.len() - 5);
     std::fs::write(wire_dir.join("lineage-file-torn"), torn)?;
+    // A batch across a volume growth: a write, the resize (kind 10), a write in the new
+    // range.
+    let entry = |time: u64, body| BatchEntry { time: Nanos(time), body };
+    let grown = Message::Batch(Batch {
+        first_seq: Seq(2001),
+        entries: vec![
+            entry(
+                1,
+                EntryBody::Event(Event::Write {
+                    volume: VolumeId(0),
+                    offset: (1 << 20) - 4096,
+                    data: Bytes::from(vec![0x71; 4096]),
+                }),
+            ),
+            entry(
+                2,
+                EntryBody::Event(Event::Resize {
+                    volume: VolumeId(0),
+                    old_size: 1 << 20,
+                    new_size: 3 << 20,
+                }),
+            ),
+            entry(
+                3,
+                EntryBody::Event(Event::Write {
+                    volume: VolumeId(0),
+                    offset: 2 << 20,
+                    data: Bytes::from(vec![0x72; 512]),
+                }),
+            ),
+        ],
+    });
+    let mut frame = Vec::new();
+    codec.set_compression(Compression::Off);
+    codec.encode(&grown, &mut frame)?;
+    std::fs::write(wire_dir.join("batch-resize"), &frame)?;
+    std::fs::write(wire_dir.join("batch-resize-torn"), &frame[..frame.len() * 2 / 3])?;
+    let mut shrink = frame.clone();
+    // A new size of 0 (its third byte, the only nonzero one, cleared): below the old size,
+    // refused by the codec. The last entry is 24 header bytes and 512 data bytes.
+    let at = frame.len() - 512 - 24 - 8;
+    shrink[at + 2] = 0;
+    std::fs::write(wire_dir.join("batch-resize-shrink"), &shrink)?;
 
     for (name, bytes) in tidemark_sync::secure::fuzz_handshake_seeds() {
         std::fs::write(handshake_dir.join(name), bytes)?;

@@ -126,6 +126,21 @@ pub enum ApplyError {
         /// The volume's size (0 for a volume the pair does not have).
         volume_len: u64,
     },
+    /// A resize entry would shrink a volume: refused, nothing of the batch applied (the
+    /// pair stays where it is until the source's volume is back to at least the size).
+    #[error(
+        "Batch entry seq {seq}: volume {volume} resize to {new_size} bytes refused: the replica holds {size} bytes and volumes only grow"
+    )]
+    Shrink {
+        /// The entry's sequence number.
+        seq: Seq,
+        /// The volume named.
+        volume: u16,
+        /// The replica's size of it.
+        size: u64,
+        /// The size the entry asked for.
+        new_size: u64,
+    },
     /// A dedupe reference this receiver cannot resolve: the write it names left the
     /// connection's dedupe window, or the retention log no longer holds it.
     #[error("Batch entry seq {seq}: unknown dedupe reference ({why}); resend the write as data")]
@@ -208,7 +223,9 @@ impl ApplyError {
             Self::Wire(_) | Self::EventTooLarge { .. } => ErrorCode::MALFORMED,
             Self::UnexpectedMessage { .. } => ErrorCode::UNEXPECTED_MESSAGE,
             Self::SequenceGap { .. } => ErrorCode::SEQUENCE_GAP,
-            Self::OutOfRange { .. } | Self::UnknownVolume { .. } => ErrorCode::OUT_OF_RANGE,
+            Self::OutOfRange { .. } | Self::UnknownVolume { .. } | Self::Shrink { .. } => {
+                ErrorCode::OUT_OF_RANGE
+            }
             Self::Hashing { .. } => ErrorCode::STORAGE,
             Self::UnknownReference { .. } => ErrorCode::UNKNOWN_REFERENCE,
             Self::Storage { .. } => ErrorCode::STORAGE,
@@ -342,7 +359,8 @@ struct Slots {
 struct Inner {
     cfg: ReceiverConfig,
     log: Mutex<RetentionLog>,
-    volume_lens: Vec<u64>,
+    /// Volumes in the group (their sizes, which grow, are the log's).
+    volume_count: usize,
     slots: Mutex<Slots>,
     slots_changed: Condvar,
     status: Watch<ReceiverStatus>,
@@ -404,13 +422,7 @@ impl Receiver {
         if cfg.queue_depth == 0 {
             return bad("queue_depth", "0".to_owned(), "at least 1");
         }
-        let mut volume_lens = Vec::new();
-        while let Ok(len) = log.volume_len(VolumeId(volume_lens.len() as u16)) {
-            volume_lens.push(len);
-            if volume_lens.len() == usize::from(u16::MAX) {
-                break;
-            }
-        }
+        let volume_count = volume_lens_of(&log).len();
         let status = ReceiverStatus {
             received: log.last_seq(),
             durable: log.durable_seq(),
@@ -421,7 +433,7 @@ impl Receiver {
             inner: Arc::new(Inner {
                 cfg,
                 log: Mutex::new(log),
-                volume_lens,
+                volume_count,
                 slots: Mutex::new(Slots {
                     next_id: 1,
                     active: None,
@@ -617,7 +629,7 @@ impl Receiver {
                 message: format!("this target serves pair {}, not {}", cfg.pair, hello.pair),
             });
         }
-        check_volumes(&hello.volumes, &self.inner.volume_lens)
+        check_volumes(&hello.volumes, &volume_lens_of(&lock(&self.inner.log)))
     }
 
     /// Makes the connection `kill` belongs to the live one: shuts the previous one down
@@ -860,6 +872,8 @@ impl Receiver {
         let mut log = lock(&self.inner.log);
         let duplicates = admit_batch(log.last_seq(), batch.first_seq, batch.entries.len())?;
         let fresh = || batch.iter().skip(duplicates as usize);
+        // Sizes as the batch goes: a resize entry grows its volume for the entries after it.
+        let mut lens = volume_lens_of(&log);
         let mut data_bytes = 0;
         let (mut deduped_entries, mut deduped_bytes) = (0, 0);
         for (seq, entry) in fresh() {
@@ -885,8 +899,28 @@ impl Receiver {
                     (Some((d.volume, d.offset, u64::from(d.len))), Some(u64::from(d.len)))
                 }
             };
+            if let EntryBody::Event(Event::Resize { volume, new_size, .. }) = &entry.body {
+                let Some(size) = lens.get_mut(usize::from(volume.0)) else {
+                    return Err(ApplyError::OutOfRange {
+                        seq,
+                        volume: volume.0,
+                        offset: 0,
+                        len: *new_size,
+                        volume_len: 0,
+                    });
+                };
+                if *new_size < *size {
+                    return Err(ApplyError::Shrink {
+                        seq,
+                        volume: volume.0,
+                        size: *size,
+                        new_size: *new_size,
+                    });
+                }
+                *size = *new_size;
+            }
             if let Some((volume, offset, len)) = range {
-                let volume_len = self.inner.volume_lens.get(usize::from(volume.0)).copied();
+                let volume_len = lens.get(usize::from(volume.0)).copied();
                 if offset.checked_add(len).is_none_or(|end| end > volume_len.unwrap_or(0)) {
                     return Err(ApplyError::OutOfRange {
                         seq,
@@ -1041,12 +1075,27 @@ pub fn admit_batch(last_received: Seq, first_seq: Seq, entries: usize) -> Result
     Ok((last_received.0 + 1 - first_seq.0).min(entries as u64))
 }
 
+/// The current size of every volume of `log`, index = volume id.
+fn volume_lens_of(log: &RetentionLog) -> Vec<u64> {
+    let mut lens = Vec::new();
+    while let Ok(len) = log.volume_len(VolumeId(lens.len() as u16)) {
+        lens.push(len);
+        if lens.len() == usize::from(u16::MAX) {
+            break;
+        }
+    }
+    lens
+}
+
 /// Checks the volumes a source announced in its `Hello` against the replica's volume sizes
-/// (`lens`, index = volume id): same count, same ids in order, same sizes. A resized volume
-/// on either side is refused with [`RefuseReason::VOLUME_MISMATCH`] naming both lists.
+/// (`lens`, index = volume id): same count, same ids in order, and each announced size at
+/// least the replica's. A larger source volume is one that grew and whose resize entry is
+/// still on its way in the stream (it is applied in order; a write past the replica's size
+/// before it is refused as out of range). A source volume smaller than the replica, or any
+/// other difference, is refused with [`RefuseReason::VOLUME_MISMATCH`] naming both lists.
 pub fn check_volumes(announced: &[crate::wire::VolumeInfo], lens: &[u64]) -> Result<(), Refuse> {
     let matches = announced.len() == lens.len()
-        && announced.iter().enumerate().all(|(i, v)| usize::from(v.id.0) == i && v.size == lens[i]);
+        && announced.iter().enumerate().all(|(i, v)| usize::from(v.id.0) == i && v.size >= lens[i]);
     if matches {
         return Ok(());
     }
@@ -1137,12 +1186,15 @@ fn run_hasher<S: Stream>(
     let mut cache: Option<(VolumeId, TreeShape, MerkleTree)> = None;
     for request in requests {
         let (id, volume) = (request.id, request.volume);
-        let Some(&len) = inner.volume_lens.get(usize::from(volume.0)) else {
-            return Err(ApplyError::UnknownVolume {
-                id,
-                volume: volume.0,
-                volumes: inner.volume_lens.len(),
-            });
+        let len = match lock(&inner.log).volume_len(volume) {
+            Ok(len) => len,
+            Err(_) => {
+                return Err(ApplyError::UnknownVolume {
+                    id,
+                    volume: volume.0,
+                    volumes: inner.volume_count,
+                });
+            }
         };
         let source = ReplicaSource { inner, volume, len, cancel };
         let failed = |source| ApplyError::Hashing { id, source };

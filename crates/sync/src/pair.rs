@@ -304,10 +304,13 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
     let mut forced: Option<Job> = None;
     // Windows failed resyncs left open: the next resync closes them.
     let mut leftover: Vec<u64> = Vec::new();
+    // Ranges a growth added, waiting for the target to acknowledge the resize.
+    let mut grown: Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)> = Vec::new();
     while !inner.stopping.load(Ordering::SeqCst) {
+        let st = inner.client.status();
+        pending = take_grown(inner, &mut grown, st.acked, pending);
         let pending_bytes = region_bytes(inner, &pending);
         inner.update(|s| s.pending_bytes = pending_bytes);
-        let st = inner.client.status();
         // Overflow: wait until the spool is shipped, then spool again and resync what the
         // intent map tracked meanwhile.
         if inner.tap.status().overflow.is_some() {
@@ -427,6 +430,39 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
             }
         }
     }
+}
+
+/// Moves the ranges growths added into `pending` once the target acknowledged their resize
+/// (`acked`): from then on the replica has the range (as zeros) and a region resync moves
+/// only what differs from that.
+fn take_grown(
+    inner: &Inner,
+    grown: &mut Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)>,
+    acked: tidemark_journal::Seq,
+    pending: RegionSet,
+) -> RegionSet {
+    grown.extend(inner.tap.take_grown());
+    admit_grown(grown, acked, pending)
+}
+
+/// The regions of the growths in `grown` whose resize the target acknowledged (`acked`)
+/// join `pending` (and leave `grown`): a region resync then compares them with the
+/// replica's new range (zeros) and moves only what differs. Pure, shared with the
+/// deterministic simulation.
+pub fn admit_grown(
+    grown: &mut Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)>,
+    acked: tidemark_journal::Seq,
+    mut pending: RegionSet,
+) -> RegionSet {
+    grown.retain(|(seq, run)| {
+        if *seq > acked {
+            return true;
+        }
+        tracing::info!(regions = run.count, resize = %seq, "resyncing the range the volume grew by");
+        pending.insert_range(run.first, run.end());
+        false
+    });
+    pending
 }
 
 /// The controller's decision when a session opens: what to run given the replica's state in

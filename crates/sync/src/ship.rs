@@ -641,6 +641,8 @@ struct Shared {
     dedupe_budget: AtomicU64,
     calls: Mutex<HashCalls>,
     calls_changed: Condvar,
+    /// The volumes the next `Hello` announces (`cfg.hello`'s until a volume grew).
+    volumes: Mutex<Vec<crate::wire::VolumeInfo>>,
 }
 
 /// The hash requests in flight, by id, with their replies once they arrive.
@@ -834,6 +836,7 @@ impl Shipper {
             c => Box::new(FixedCompression(c)),
         });
         let shared = Arc::new(Shared {
+            volumes: Mutex::new(self.cfg.hello.volumes.clone()),
             spool: self.spool,
             bucket: self.bucket,
             doorbell: self.doorbell,
@@ -910,6 +913,12 @@ impl ShipperHandle {
         pred: impl Fn(&ShipperStatus) -> bool,
     ) -> Option<ShipperStatus> {
         self.shared.status.wait_for(timeout, pred)
+    }
+
+    /// The volumes announced from the next connection on (a volume grew: its resize is in
+    /// the spool, and the target admits a source larger than its replica).
+    pub fn set_volumes(&self, volumes: Vec<crate::wire::VolumeInfo>) {
+        *lock(&self.shared.volumes) = volumes;
     }
 
     /// Tells the shipper the spool has new durable events.
@@ -1052,7 +1061,8 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
     let mut lineage = cfg.lineage.clone();
     lineage.head = lock(&shared.spool).last_seq();
-    let session = conn.open_session(&cfg.hello, &lineage)?;
+    let hello = Hello { volumes: lock(&shared.volumes).clone(), ..cfg.hello.clone() };
+    let session = conn.open_session(&hello, &lineage)?;
     if let crate::lineage::Verdict::Resync { why } = &session.verdict {
         tracing::warn!(%why, "lineage: the target takes this source's history; whole-volume resync");
     }

@@ -250,7 +250,8 @@ impl Vsnap {
         let journal = |what: String| move |source| VsnapError::Journal { what, source };
         let (hold, len) = with_log(&*log, |l| -> Result<_, VsnapError> {
             let info = l.resolve(point).map_err(journal(format!("resolve {point}")))?;
-            let len = l.volume_len(volume).map_err(journal(format!("volume {volume}")))?;
+            let len =
+                l.volume_len_at(volume, info.seq).map_err(journal(format!("volume {volume}")))?;
             let hold = l.hold(&info).map_err(journal(format!("hold {point}")))?;
             Ok((hold, len))
         })?;

@@ -186,11 +186,12 @@ fn the_wrong_pair_or_volumes_are_refused() {
     assert!(server.join().unwrap().is_err());
 
     let (mut conn, server) = connect(&target, &cs);
-    let bigger = Hello {
-        volumes: vec![VolumeInfo { id: VolumeId(0), block_size: 4096, size: 2 * VOLUME }],
+    // A source volume smaller than the replica (a larger one may be a growth on its way).
+    let smaller = Hello {
+        volumes: vec![VolumeInfo { id: VolumeId(0), block_size: 4096, size: VOLUME / 2 }],
         ..hello()
     };
-    let err = conn.open_session(&bigger, &lineage()).unwrap_err();
+    let err = conn.open_session(&smaller, &lineage()).unwrap_err();
     assert!(
         matches!(&err, ConnectionError::Refused { reason: RefuseReason::VOLUME_MISMATCH, message }
             if message.contains(&format!("0:{VOLUME}"))),

@@ -25,12 +25,16 @@ fn batch_admission_drops_duplicates_and_refuses_gaps() {
 }
 
 #[test]
-fn a_resized_volume_is_refused_by_name() {
+fn a_shrunken_volume_is_refused_by_name_and_a_grown_one_admitted() {
     let v = |size| [VolumeInfo { id: VolumeId(0), block_size: 4096, size }];
     assert!(check_volumes(&v(1 << 20), &[1 << 20]).is_ok());
-    let r = check_volumes(&v(2 << 20), &[1 << 20]).unwrap_err();
+    // A source that grew: its resize entry follows in the stream.
+    assert!(check_volumes(&v(2 << 20), &[1 << 20]).is_ok());
+    let r = check_volumes(&v(1 << 20), &[2 << 20]).unwrap_err();
     assert_eq!(r.reason, RefuseReason::VOLUME_MISMATCH);
     assert!(r.message.contains("0:1048576") && r.message.contains("0:2097152"), "{}", r.message);
+    let r = check_volumes(&[], &[1 << 20]).unwrap_err();
+    assert_eq!(r.reason, RefuseReason::VOLUME_MISMATCH);
 }
 
 #[test]

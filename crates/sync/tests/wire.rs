@@ -240,6 +240,41 @@ fn batch_entry_layout_is_24_bytes_then_the_data() {
 }
 
 #[test]
+fn a_resize_entry_has_the_documented_layout_and_a_shrink_is_refused() {
+    let resize = |old_size, new_size| {
+        Message::Batch(Batch {
+            first_seq: Seq(9),
+            entries: vec![BatchEntry {
+                time: Nanos(5),
+                body: EntryBody::Event(Event::Resize { volume: VolumeId(2), old_size, new_size }),
+            }],
+        })
+    };
+    let m = resize(1 << 20, 3 << 20);
+    let frame = encode(&m);
+    let e = &frame[FRAME_HEADER_LEN + 16..];
+    assert_eq!(e.len(), ENTRY_HEADER_LEN + 16);
+    assert_eq!(e[0], 10, "kind resize");
+    assert_eq!(&e[2..4], &2u16.to_le_bytes(), "volume");
+    assert_eq!(&e[4..8], &0u32.to_le_bytes(), "length");
+    assert_eq!(&e[16..24], &0u64.to_le_bytes(), "offset");
+    assert_eq!(&e[24..32], &(1u64 << 20).to_le_bytes(), "old size");
+    assert_eq!(&e[32..40], &(3u64 << 20).to_le_bytes(), "new size");
+    assert_eq!(decode(&frame).unwrap(), m);
+    // A repeat (equal sizes) is valid; a shrink is refused, naming the field.
+    assert_eq!(decode(&encode(&resize(7 << 12, 7 << 12))).unwrap(), resize(7 << 12, 7 << 12));
+    let mut bad = frame.clone();
+    let n = bad.len();
+    bad[n - 8..].copy_from_slice(&(1u64 << 19).to_le_bytes());
+    let err = decode(&bad).unwrap_err().to_string();
+    assert!(err.contains("new_size") && err.contains("only grow"), "{err}");
+    // An offset on a resize entry is refused too.
+    let mut bad = frame;
+    bad[FRAME_HEADER_LEN + 16 + 16] = 1;
+    assert!(decode(&bad).unwrap_err().to_string().contains("resize"));
+}
+
+#[test]
 fn compression_shrinks_a_compressible_batch_and_skips_an_incompressible_one() {
     let mut codec = Codec::default();
     codec.set_compression(Compression::Zstd { level: 3 });

@@ -54,6 +54,7 @@
 //! [`HotFullPolicy`] decides: wait for acknowledgements (back-pressure), or mark the range out
 //! of sync at once. The application's write is never failed for replication's sake.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -189,8 +190,12 @@ struct Capture {
 pub struct Tap {
     device: Arc<dyn BlockIo>,
     device_name: String,
-    device_len: u64,
+    /// The size the tap serves: the intent map's (it grows with [`Tap::grow`]).
+    device_len: AtomicU64,
     intent: IntentMap,
+    /// Regions a growth added that the pair has not taken yet ([`Tap::take_grown`]): the
+    /// resize's seq and the runs.
+    grown: Mutex<Vec<(Seq, RegionRun)>>,
     cfg: TapConfig,
     capture: Mutex<Capture>,
     order: Arc<ArrivalOrder>,
@@ -220,13 +225,16 @@ impl Tap {
         let device_name = device.name();
         let device_len =
             device.len().map_err(|e| TapError::io("length query", device_name.clone(), e))?;
+        // A device larger than the map grew while nothing was protecting it: the tap serves
+        // the map's size until [`Tap::grow`] tells the target.
         let volume_bytes = intent.header().volume_bytes;
-        if volume_bytes != device_len {
+        if volume_bytes > device_len {
             return Err(TapError::Config(format!(
-                "write-intent map {} covers {volume_bytes} bytes, device {device_name} holds {device_len}",
+                "write-intent map {} covers {volume_bytes} bytes, device {device_name} holds {device_len} (a protected volume does not shrink)",
                 intent.name()
             )));
         }
+        let device_len = volume_bytes;
         if cfg.max_event_bytes == 0 || cfg.max_event_bytes > tidemark_journal::format::MAX_PAYLOAD {
             return Err(TapError::Config(format!(
                 "max_event_bytes {} is not from 1 to {}",
@@ -246,8 +254,9 @@ impl Tap {
         Ok(Tap {
             device,
             device_name,
-            device_len,
+            device_len: AtomicU64::new(device_len),
             intent,
+            grown: Mutex::new(Vec::new()),
             cfg,
             capture: Mutex::new(capture),
             order: Arc::new(ArrivalOrder::default()),
@@ -281,9 +290,83 @@ impl Tap {
         let _ = self.device.will_need(offset, len);
     }
 
-    /// Length of the protected device in bytes.
+    /// Length of the protected volume in bytes (grows with [`Tap::grow`]).
     pub fn device_len(&self) -> u64 {
-        self.device_len
+        self.device_len.load(Ordering::SeqCst)
+    }
+
+    /// The protected device's own length now (larger than [`Tap::device_len`] when it
+    /// grew and [`Tap::grow`] has not followed yet).
+    pub fn backing_len(&self) -> Result<u64> {
+        self.device.len().map_err(|e| TapError::io("length query", self.device_name.clone(), e))
+    }
+
+    /// The protected volume grew to `new_len` (the device already holds that many bytes):
+    /// in this order, a [`Event::Resize`] appended to the spool and made durable (ordered
+    /// after every write completed before and before every write into the new range), the
+    /// intent map grown with the new range out of sync (durable), then the new size served.
+    /// The pair resyncs the new range ([`Tap::take_grown`]): only its differences from
+    /// zeros move. A crash between the steps repeats the growth on the next start (the map
+    /// still has the old size), and the target takes a repeated resize as a no-op.
+    /// Refused: a smaller size ([`TapError::Shrink`], nothing changes), a device shorter
+    /// than `new_len`, and growth while the tap is not spooling (retry after the overflow).
+    /// Returns the resize's seq, or `None` when the size is already `new_len`.
+    pub fn grow(&self, new_len: u64) -> Result<Option<Seq>> {
+        // One growth at a time.
+        let mut grown = self.grown.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.device_len();
+        if new_len < old {
+            return Err(TapError::Shrink {
+                object: format!("protected device {}", self.device_name),
+                size: old,
+                new_size: new_len,
+            });
+        }
+        if new_len == old && self.intent.volume_bytes() == old {
+            return Ok(None);
+        }
+        let backing = self.backing_len()?;
+        if backing < new_len {
+            return Err(TapError::OutOfRange {
+                object: format!("protected device {}", self.device_name),
+                offset: 0,
+                len: new_len,
+                object_len: backing,
+            });
+        }
+        let event = Event::Resize { volume: self.cfg.volume, old_size: old, new_size: new_len };
+        let seq = {
+            let mut c = self.lock();
+            if let Some(ov) = &c.overflow {
+                return Err(TapError::NotSpooling {
+                    what: format!("a growth to {new_len} bytes"),
+                    cause: ov.cause.clone(),
+                });
+            }
+            let appended = lock_spool(&c.spool).append(&event);
+            match appended {
+                Ok(seq) => seq,
+                Err(e) => {
+                    Self::enter_overflow(&mut c, &e);
+                    return Err(TapError::Spool { op: "append", source: e });
+                }
+            }
+        };
+        // Durable before the map says the new size: a map that covers a range the target
+        // was never told about would leave it behind for good.
+        while self.sync_spool()? < seq {}
+        let run = self.intent.grow(new_len)?;
+        self.device_len.store(new_len, Ordering::SeqCst);
+        grown.extend(run.map(|run| (seq, run)));
+        tracing::info!(device = %self.device_name, old, new = new_len, %seq, "protected volume grew");
+        Ok(Some(seq))
+    }
+
+    /// The regions growths added since the last call, with the seq of each resize: the
+    /// pair resyncs them once the target acknowledged the resize (before that the replica
+    /// does not have the range to compare).
+    pub fn take_grown(&self) -> Vec<(Seq, RegionRun)> {
+        std::mem::take(&mut *self.grown.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Writes `data` at byte `offset`.
@@ -756,12 +839,13 @@ impl Tap {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.device_len) {
+        let device_len = self.device_len();
+        if offset.checked_add(len).is_none_or(|end| end > device_len) {
             return Err(TapError::OutOfRange {
                 object: format!("protected device {}", self.device_name),
                 offset,
                 len,
-                object_len: self.device_len,
+                object_len: device_len,
             });
         }
         Ok(())

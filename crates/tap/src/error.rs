@@ -141,6 +141,19 @@ pub enum TapError {
         /// Size of the object.
         object_len: u64,
     },
+    /// A volume would shrink: a protected volume only grows (the pair stays paused until
+    /// the device is back to at least its size).
+    #[error(
+        "{object}: shrinking from {size} to {new_size} bytes is refused: a protected volume only grows"
+    )]
+    Shrink {
+        /// The device or map.
+        object: String,
+        /// Its size now.
+        size: u64,
+        /// The size it was asked to take.
+        new_size: u64,
+    },
     /// A checksum did not match.
     #[error(
         "{object}: {what} checksum mismatch at byte offset {offset}: stored {stored:#010x}, computed {computed:#010x}"

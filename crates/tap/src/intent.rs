@@ -34,6 +34,7 @@
 //! write is in flight, only regions in both the old and the new image count as durable.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -264,6 +265,9 @@ pub struct SlotImage {
     pub acked: Seq,
     /// The dirty regions.
     pub regions: RegionSet,
+    /// Bytes of the volume this image covers: the header's `volume_bytes` until the volume
+    /// grew ([`IntentMap::grow`]), then the grown size (stored in the slot).
+    pub volume_bytes: u64,
 }
 
 /// Encodes a slot: header and runs, padded to a whole number of [`MAP_BLOCK`]s. The caller
@@ -285,6 +289,9 @@ pub fn encode_slot(h: &MapHeader, img: &SlotImage) -> Vec<u8> {
     let runs_crc = crc32c::crc32c(&b[SLOT_HEADER_LEN..len]);
     b[36..40].copy_from_slice(&runs_crc.to_le_bytes());
     b[40..48].copy_from_slice(&img.regions.region_count().to_le_bytes());
+    // 0 means "the header's size", so a map that never grew keeps its version 1 bytes.
+    let grown = if img.volume_bytes == h.volume_bytes { 0 } else { img.volume_bytes };
+    b[48..56].copy_from_slice(&grown.to_le_bytes());
     let crc = crc32c::crc32c(&b[..60]);
     b[60..64].copy_from_slice(&crc.to_le_bytes());
     b
@@ -336,10 +343,26 @@ pub fn decode_slot_header(h: &MapHeader, index: u8, b: &[u8], object: &str) -> R
     if run_count > h.max_runs {
         return Err(invalid("run_count", u64::from(run_count), format!("at most {}", h.max_runs)));
     }
-    if b[48..60].iter().any(|&x| x != 0) {
+    let grown = le64(b, 48);
+    if grown != 0 && grown <= h.volume_bytes {
+        return Err(invalid(
+            "volume_bytes",
+            grown,
+            format!("0 or more than the header's {} bytes (a map only grows)", h.volume_bytes),
+        ));
+    }
+    if b[56..60].iter().any(|&x| x != 0) {
         return Err(invalid("reserved", 1, "zero".into()));
     }
     Ok(run_count)
+}
+
+/// The volume size a slot image covers: its `volume_bytes` field, or the header's when 0.
+fn slot_volume_bytes(h: &MapHeader, b: &[u8]) -> u64 {
+    match le64(b, 48) {
+        0 => h.volume_bytes,
+        grown => grown,
+    }
 }
 
 /// Decodes and validates slot `index` from `b` (the slot's bytes from its start; at least its
@@ -367,7 +390,8 @@ pub fn decode_slot(h: &MapHeader, index: u8, b: &[u8], object: &str) -> Result<S
             computed,
         });
     }
-    let region_count = h.region_count();
+    let volume_bytes = slot_volume_bytes(h, b);
+    let region_count = volume_bytes.div_ceil(h.region_bytes);
     let mut regions = RegionSet::new();
     let mut prev_end: Option<u64> = None;
     let mut total: u64 = 0;
@@ -403,7 +427,7 @@ pub fn decode_slot(h: &MapHeader, index: u8, b: &[u8], object: &str) -> Result<S
     if declared != total {
         return Err(invalid("region_total", declared, format!("{total} (the sum of the runs)")));
     }
-    Ok(SlotImage { generation: le64(b, 16), acked: Seq(le64(b, 24)), regions })
+    Ok(SlotImage { generation: le64(b, 16), acked: Seq(le64(b, 24)), regions, volume_bytes })
 }
 
 /// What [`IntentMap::open`] found.
@@ -521,7 +545,10 @@ impl State {
 struct Shared {
     io: Arc<dyn BlockIo>,
     name: String,
+    /// The header as written at creation (its `volume_bytes` is the first size).
     header: MapHeader,
+    /// The size covered now (grows with [`IntentMap::grow`]).
+    volume_bytes: AtomicU64,
     max_hot: u64,
     state: Mutex<State>,
     cond: Condvar,
@@ -575,9 +602,10 @@ impl Shared {
         // Until the write is known durable, either image may be what the disk holds.
         st.durable = st.durable.intersection(&set);
         let generation = st.generation + 1;
+        let volume_bytes = self.volume_bytes.load(Ordering::SeqCst);
         let image = encode_slot(
             &self.header,
-            &SlotImage { generation, acked: st.acked, regions: set.clone() },
+            &SlotImage { generation, acked: st.acked, regions: set.clone(), volume_bytes },
         );
         let offset = self.header.slot_offset((generation & 1) as u8);
         drop(st);
@@ -616,11 +644,32 @@ pub struct IntentMap {
 
 impl IntentMap {
     /// Opens the map in `io`, creating it when the file is empty (or its creation never
-    /// finished), for a volume of `volume_bytes`.
+    /// finished), for a volume of `volume_bytes` (the size the map covers, grown or not).
     pub fn open(
         io: Arc<dyn BlockIo>,
         volume_bytes: u64,
         cfg: IntentConfig,
+    ) -> Result<(IntentMap, IntentOpenReport)> {
+        Self::open_inner(io, volume_bytes, cfg, false)
+    }
+
+    /// As [`IntentMap::open`] for a volume that may have grown since the map last covered
+    /// it: a map covering less than `volume_bytes` opens at its own size (see
+    /// [`IntentMap::volume_bytes`]), and the caller grows it ([`IntentMap::grow`]) when it
+    /// tells the target. A map covering more (a volume that shrank) is refused.
+    pub fn open_grown(
+        io: Arc<dyn BlockIo>,
+        volume_bytes: u64,
+        cfg: IntentConfig,
+    ) -> Result<(IntentMap, IntentOpenReport)> {
+        Self::open_inner(io, volume_bytes, cfg, true)
+    }
+
+    fn open_inner(
+        io: Arc<dyn BlockIo>,
+        volume_bytes: u64,
+        cfg: IntentConfig,
+        allow_smaller: bool,
     ) -> Result<(IntentMap, IntentOpenReport)> {
         cfg.validate()?;
         if volume_bytes == 0 {
@@ -653,9 +702,6 @@ impl IntentMap {
             if header.region_bytes != cfg.region_bytes {
                 return Err(mismatch("region_bytes", header.region_bytes, cfg.region_bytes));
             }
-            if header.volume_bytes != volume_bytes {
-                return Err(mismatch("volume_bytes", header.volume_bytes, volume_bytes));
-            }
             if header.max_runs != cfg.max_runs {
                 return Err(mismatch(
                     "max_runs",
@@ -683,6 +729,16 @@ impl IntentMap {
                 }
             }
         };
+        let map_bytes = image.volume_bytes;
+        if map_bytes != volume_bytes && !(allow_smaller && map_bytes < volume_bytes) {
+            return Err(TapError::MapMismatch {
+                map: name,
+                field: "volume_bytes",
+                found: map_bytes,
+                expected: volume_bytes,
+            });
+        }
+        let volume_bytes = map_bytes;
         let dirty = image.regions.clone();
         let dirty_bytes = (dirty.region_count().saturating_mul(header.region_bytes)).min(
             // The last region may extend past the volume's end.
@@ -715,6 +771,7 @@ impl IntentMap {
             io,
             name,
             header,
+            volume_bytes: AtomicU64::new(volume_bytes),
             max_hot: u64::from(cfg.max_hot_regions),
             state: Mutex::new(state),
             cond: Condvar::new(),
@@ -727,9 +784,45 @@ impl IntentMap {
         &self.shared.name
     }
 
-    /// The geometry.
+    /// The geometry, with the size covered now (the header's as created, grown since).
     pub fn header(&self) -> MapHeader {
-        self.shared.header
+        MapHeader { volume_bytes: self.volume_bytes(), ..self.shared.header }
+    }
+
+    /// Bytes of the volume the map covers now.
+    pub fn volume_bytes(&self) -> u64 {
+        self.shared.volume_bytes.load(Ordering::SeqCst)
+    }
+
+    /// The volume grew to `new_bytes`: the map covers it from now on, and the regions of
+    /// the added range (from the region holding the old end) are out of sync, so that
+    /// whatever the grown range holds is resynced. Durable when it returns: one map write
+    /// with the new size (a crash before it leaves the old size and image, a crash after it
+    /// the new ones). A smaller size is refused ([`TapError::Shrink`]); the same size does
+    /// nothing.
+    pub fn grow(&self, new_bytes: u64) -> Result<Option<RegionRun>> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        sh.check(&st)?;
+        let old = sh.volume_bytes.load(Ordering::SeqCst);
+        if new_bytes < old {
+            return Err(TapError::Shrink {
+                object: format!("write-intent map {}", sh.name),
+                size: old,
+                new_size: new_bytes,
+            });
+        }
+        if new_bytes == old {
+            return Ok(None);
+        }
+        let rb = sh.header.region_bytes;
+        let run = RegionRun { first: old / rb, count: new_bytes.div_ceil(rb) - old / rb };
+        sh.volume_bytes.store(new_bytes, Ordering::SeqCst);
+        st.oos.insert_range(run.first, run.end());
+        // An image with the new size is written even if the regions were dirty already.
+        st.durable = RegionSet::new();
+        sh.commit(st)?;
+        Ok(Some(run))
     }
 
     /// Bytes per region.
@@ -740,7 +833,7 @@ impl IntentMap {
     /// The regions a byte range touches, or `None` for an empty range; an error when the
     /// range leaves the volume.
     pub fn regions_of(&self, offset: u64, len: u64) -> Result<Option<RegionRun>> {
-        let h = &self.shared.header;
+        let h = &self.header();
         let end = offset.checked_add(len);
         if end.is_none_or(|e| e > h.volume_bytes) {
             return Err(TapError::OutOfRange {
@@ -760,7 +853,7 @@ impl IntentMap {
 
     /// The byte range of a run of regions, clipped to the volume: `(offset, len)`.
     pub fn byte_range(&self, run: RegionRun) -> (u64, u64) {
-        let h = &self.shared.header;
+        let h = &self.header();
         let start = run.first.saturating_mul(h.region_bytes).min(h.volume_bytes);
         let end = run.end().saturating_mul(h.region_bytes).min(h.volume_bytes);
         (start, end - start)
@@ -967,7 +1060,7 @@ impl IntentMap {
                 .max_hot
                 .saturating_add(oos)
                 .saturating_mul(sh.header.region_bytes)
-                .min(sh.header.volume_bytes),
+                .min(sh.volume_bytes.load(Ordering::SeqCst)),
             generation: st.generation,
             slot_writes: st.slot_writes,
             marks_without_io: st.marks_without_io,
@@ -982,7 +1075,12 @@ fn create(io: &dyn BlockIo, name: &str, header: &MapHeader) -> Result<SlotImage>
     // created again on the next open.
     io.set_len(0).map_err(|e| err("truncate", e))?;
     io.set_len(header.file_len()).map_err(|e| err("truncate", e))?;
-    let image = SlotImage { generation: 0, acked: Seq::ZERO, regions: RegionSet::new() };
+    let image = SlotImage {
+        generation: 0,
+        acked: Seq::ZERO,
+        regions: RegionSet::new(),
+        volume_bytes: header.volume_bytes,
+    };
     io.write_at(&encode_slot(header, &image), header.slot_offset(0))
         .map_err(|e| err("write", e))?;
     io.sync().map_err(|e| err("fdatasync", e))?;
@@ -1110,7 +1208,9 @@ pub fn fuzz_intent_map(data: &[u8]) {
             continue;
         };
         if let Ok(img) = decode_slot(&h, index, slot, "fuzz slot") {
-            assert!(img.regions.runs().all(|r| r.end() <= h.region_count()), "runs in range");
+            let regions = img.volume_bytes.div_ceil(h.region_bytes);
+            assert!(img.volume_bytes >= h.volume_bytes, "a map only grows");
+            assert!(img.regions.runs().all(|r| r.end() <= regions), "runs in range");
             let again = decode_slot(&h, index, &encode_slot(&h, &img), "fuzz slot");
             assert_eq!(again.ok(), Some(img), "slot round trip");
         }
@@ -1121,7 +1221,7 @@ pub fn fuzz_intent_map(data: &[u8]) {
     }
     let cfg =
         IntentConfig { region_bytes: h.region_bytes, max_hot_regions: 8, max_runs: h.max_runs };
-    if let Ok((map, report)) = IntentMap::open(Arc::new(io), h.volume_bytes, cfg) {
+    if let Ok((map, report)) = IntentMap::open_grown(Arc::new(io), u64::MAX, cfg) {
         assert!(!report.created, "a valid header is never recreated");
         assert_eq!(map.dirty_regions(), report.dirty);
     }

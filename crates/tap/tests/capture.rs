@@ -85,6 +85,9 @@ fn summary(e: &Event) -> String {
         Event::Bookmark(b) => format!("bookmark {:?} {:?} group {}", b.name, b.kind, b.group),
         Event::ResyncBegin { id } => format!("resync begin {id}"),
         Event::ResyncEnd { id } => format!("resync end {id}"),
+        Event::Resize { volume, old_size, new_size } => {
+            format!("resize v{volume} {old_size} -> {new_size}")
+        }
     }
 }
 

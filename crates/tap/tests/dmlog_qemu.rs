@@ -150,7 +150,8 @@ fn qemu_sessions_replay_identical_at_every_session_end() {
             Event::Barrier
             | Event::Bookmark(_)
             | Event::ResyncBegin { .. }
-            | Event::ResyncEnd { .. } => {}
+            | Event::ResyncEnd { .. }
+            | Event::Resize { .. } => {}
         }
     }
     assert!(model == checkpoints.last().expect("sessions").1, "events differ from qemu's image");

@@ -164,7 +164,8 @@ fn replay(events: &[SpooledEvent], len: u64) -> Vec<u8> {
             Event::Barrier
             | Event::Bookmark(_)
             | Event::ResyncBegin { .. }
-            | Event::ResyncEnd { .. } => {}
+            | Event::ResyncEnd { .. }
+            | Event::Resize { .. } => {}
         }
     }
     img
@@ -256,6 +257,7 @@ fn shapes(events: &[Event]) -> Vec<String> {
             Event::Bookmark(b) => format!("M {}", b.name),
             Event::ResyncBegin { id } => format!("RB {id}"),
             Event::ResyncEnd { id } => format!("RE {id}"),
+            Event::Resize { new_size, .. } => format!("S {new_size}"),
         })
         .collect()
 }

@@ -133,3 +133,26 @@ fn write_intent_map_seeds() {
     put(&dir, "cleared", &crashed.read_file(MAP).expect("file"));
     put(&dir, "header-only", &after[..4096]);
 }
+
+#[test]
+#[ignore = "writes the fuzz seed corpora into the repository"]
+fn write_grown_intent_map_seeds() {
+    let dir = corpus("intent_map");
+    const MAP: &str = "intent.map";
+    let cfg = IntentConfig { region_bytes: 1 << 20, max_hot_regions: 8, max_runs: 16 };
+    let mem = MemDir::new();
+    let (map, _) =
+        IntentMap::open(mem.open(MAP, true).expect("file"), 64 << 20, cfg).expect("create");
+    map.mark(3 << 20, 4096).expect("mark").record(Seq(1));
+    let before = mem.read_file(MAP).expect("file");
+    // Grown by 40 MiB and a half region: the slot says the new size, the added regions
+    // are out of sync.
+    map.grow((104 << 20) + (512 << 10)).expect("grow");
+    let after = mem.read_file(MAP).expect("file");
+    put(&dir, "grown", &after);
+    // The growth's slot write torn: the older slot (the old size) is what remains.
+    let slot = map.header().slot_offset((map.status().generation & 1) as u8) as usize;
+    let mut torn = before;
+    torn[slot..slot + 50].copy_from_slice(&after[slot..slot + 50]);
+    put(&dir, "grown-torn", &torn);
+}

@@ -11,21 +11,26 @@
 //! they share with this module: `apply::admit_batch` (the receiver's order rule),
 //! `apply::check_volumes` (a resized volume is refused), `apply::replica_state`,
 //! `ship::check_resume` and `ship::check_ack` (the shipper's resume and ack rules) and
-//! `pair::decide` (which resync to run). A resync compares Merkle trees with the resync
+//! `pair::decide` (which resync to run), `pair::admit_grown` (when a grown range is
+//! resynced). A resync compares Merkle trees with the resync
 //! module's `MerkleTree` and `compare`, and copies through `Tap::resync_copy` between
 //! `ResyncBegin` and `ResyncEnd` markers, as the `Syncer` does.
 //!
 //! Faults: frames dropped, duplicated and reordered; partitions and disconnects; a crash of
 //! either side at any step (unsynced data lost, torn, or kept); a full spool (overflow to
 //! the intent map) and a full disk (ENOSPC) on either side; slow disks (simulated latency);
-//! a resized volume at restart, which must be refused by name.
+//! the source volume grown (while the source runs, or while it is down: followed as
+//! `protect` follows it, with part of the new range already holding data), a shrink asked
+//! for (refused by name, nothing changes), and a replica larger than the source at a
+//! target restart (refused at the `Hello`).
 //!
 //! Checked ([`SimReport::failures`]): every acknowledged event is still durable on the target
 //! after any crash (`acked_writes_lost`); acks only grow; every recovery point the target
 //! offers reads back, byte for byte (by hash), as the replay of the source's stream up to a
 //! point event (the oracle is [`model::StreamModel`]); after the faults stop and the system
 //! catches up, the replica equals the source device and the stream's replay, with no resync
-//! window left open. A failing run prints its seed and `cargo xtask sim --seed S`; the same
+//! window left open; every point keeps the size the source had there (points before a
+//! growth read at the old size). A failing run prints its seed and `cargo xtask sim --seed S`; the same
 //! seed gives the same trace hash.
 
 pub mod disk;
@@ -46,7 +51,7 @@ use tidemark_journal::{
 };
 use tidemark_sync::apply::{admit_batch, check_volumes, replica_state};
 use tidemark_sync::dedupe::{AppliedWindow, DedupeWindow, resolve_batch};
-use tidemark_sync::pair::{Job, decide, prepare_job, retry_of, windows_left_open};
+use tidemark_sync::pair::{Job, admit_grown, decide, prepare_job, retry_of, windows_left_open};
 use tidemark_sync::resync::{MemSource, MerkleTree, TreeOracle, compare, shape_for};
 use tidemark_sync::ship::{build_batch, check_ack, check_resume, replica_after_backlog};
 use tidemark_sync::syncer::TapSource;
@@ -126,8 +131,10 @@ pub struct FaultCounts {
     pub slow_disks: u64,
     /// Times the tap fell back to the intent map (spool full or failing).
     pub spool_overflows: u64,
-    /// Volumes resized at a restart (each refused, then restored).
+    /// Replicas grown at a target restart (each refused at the `Hello`, then restored).
     pub resizes: u64,
+    /// Growths of the source volume (disk resize), while it ran or while it was down.
+    pub grows: u64,
 }
 
 impl FaultCounts {
@@ -144,6 +151,7 @@ impl FaultCounts {
             + self.slow_disks
             + self.spool_overflows
             + self.resizes
+            + self.grows
     }
 }
 
@@ -295,6 +303,8 @@ struct Source {
     /// have poisoned the spool, which then refuses everything until reopened.
     spool_was_full: bool,
     in_overflow: bool,
+    /// Growths whose resize the target has not acknowledged yet (`pair::admit_grown`).
+    grown: Vec<(Seq, tidemark_tap::RegionRun)>,
 }
 
 /// The receiver's state of one connection.
@@ -455,6 +465,7 @@ impl World {
             self.inject_faults()?;
         }
         self.heal()?;
+        self.follow_growth(false)?;
         self.keepalive();
         match self.rng.below(100) {
             0..=21 => self.app_write()?,
@@ -503,6 +514,9 @@ impl World {
             self.journal_disk.set_full(true);
             self.report.faults.disks_full += 1;
             trace!(self, "fault journal disk full {}", self.journal_full_steps);
+        }
+        if self.rng.chance(3) && self.grow_device()? {
+            self.follow_growth(true)?;
         }
         if self.rng.chance(5) {
             let ms = if self.rng.chance(500) { 0 } else { self.rng.range(1, 50) };
@@ -600,45 +614,85 @@ impl World {
         if self.spool_full_steps > 0 {
             self.spool_disk.set_full(true);
         }
-        if self.rng.chance(200) {
-            self.resize_source()?;
-        }
-        self.start_source(false)
+        let grew = self.rng.chance(200) && self.grow_device()?;
+        self.start_source(false)?;
+        // The agent follows a device that grew while it was down (the map opened at its
+        // own, smaller size).
+        if grew { self.follow_growth(true) } else { Ok(()) }
     }
 
-    /// A device grown while the agent was down: the write-intent map must refuse it (the
-    /// operator then puts the old size back, as this does).
-    fn resize_source(&mut self) -> Step {
-        self.report.faults.resizes += 1;
+    /// Disk resize: the source device grows by a few blocks (not always whole regions),
+    /// part of the new range already holding data (a device grown over used space; it is
+    /// not a captured write, so only the resync of the new range can bring it over). The
+    /// whole volume stays at most twice its first size. False when it is that large.
+    fn grow_device(&mut self) -> Result<bool, Violation> {
         let device = self.src_disk.file("device", VOLUME_BYTES);
-        let grown = VOLUME_BYTES + REGION_BYTES;
-        device.set_len(grown).map_err(|e| violation(format!("resizing the device: {e}")))?;
-        let intent = self.src_disk.file("intent", 0);
-        let opened = IntentMap::open(intent, grown, intent_config());
-        match opened {
-            Err(TapError::MapMismatch { field: "volume_bytes", found, expected, .. })
-                if found == VOLUME_BYTES && expected == grown =>
-            {
-                trace!(self, "resized device refused by the intent map");
-            }
-            Err(e) => return Err(violation(format!("a resized device was refused wrongly: {e}"))),
-            Ok(_) => return Err(violation("a device grown by a region was accepted")),
+        let old = device.len().map_err(|e| violation(format!("size of the device: {e}")))?;
+        let add = self.rng.range(1, 2 * REGION_BYTES / 4096) * 4096;
+        if old + add > 2 * VOLUME_BYTES {
+            return Ok(false);
         }
-        // The target must refuse the resized volume as well.
-        let announced = [VolumeInfo { id: VolumeId(0), block_size: 4096, size: grown }];
-        match check_volumes(&announced, &[VOLUME_BYTES]) {
-            Err(r) if r.reason == RefuseReason::VOLUME_MISMATCH => {}
-            other => {
-                return Err(violation(format!("a resized volume got {other:?} from the target")));
+        self.report.faults.grows += 1;
+        device.set_len(old + add).map_err(|e| violation(format!("growing the device: {e}")))?;
+        if self.rng.chance(500) {
+            let len = self.rng.range(1, add.min(16 << 10) / 512) * 512;
+            let at = old + self.rng.below((add - len) / 512 + 1) * 512;
+            let data = self.app_data(len as usize);
+            device
+                .write_at(&data, at)
+                .map_err(|e| violation(format!("writing the grown range: {e}")))?;
+        }
+        // A resize of a device is durable when the tool that made it returns (LVM, or
+        // `truncate` and an fsync of an image file), and what the range held was there.
+        device.sync().map_err(|e| violation(format!("syncing the grown device: {e}")))?;
+        trace!(self, "fault grow device {old} -> {}", old + add);
+        Ok(true)
+    }
+
+    /// As `protect` does once a second: a device larger than the tap's volume is grown
+    /// into (`Tap::grow`). With `check_shrink`, a shrink is asked for first: it must be
+    /// refused by name and change nothing.
+    fn follow_growth(&mut self, check_shrink: bool) -> Step {
+        let Some(src) = self.source.as_mut() else { return Ok(()) };
+        if src.needs_restart {
+            return Ok(());
+        }
+        let tap = src.tap.clone();
+        let backing = tap.backing_len().map_err(|e| violation(format!("device size: {e}")))?;
+        let served = tap.device_len();
+        if check_shrink {
+            match tap.grow(served - 512) {
+                Err(TapError::Shrink { size, new_size, .. })
+                    if size == served && new_size == served - 512 && tap.device_len() == served => {
+                }
+                other => return Err(violation(format!("a shrink got {other:?} from the tap"))),
             }
         }
-        device.set_len(VOLUME_BYTES).map_err(|e| violation(format!("restoring the device: {e}")))
+        if backing <= served {
+            return Ok(());
+        }
+        match tap.grow(backing) {
+            Ok(seq) => {
+                trace!(self, "grew {served} -> {backing} at {seq:?}");
+                let src = self.source.as_mut().expect("checked");
+                src.grown.extend(tap.take_grown());
+                self.spool_commit()
+            }
+            // Not spooling (an overflow) or a full spool disk: tried again later, as the
+            // agent's next check does.
+            Err(e) => {
+                trace!(self, "growth not followed yet: {e}");
+                self.note_overflow();
+                Ok(())
+            }
+        }
     }
 
     fn start_source(&mut self, fresh: bool) -> Step {
         let device = self.src_disk.file("device", VOLUME_BYTES);
         let intent_io = self.src_disk.file("intent", 0);
-        let (intent, report) = IntentMap::open(intent_io, VOLUME_BYTES, intent_config())
+        let device_len = device.len().map_err(|e| violation(format!("size of the device: {e}")))?;
+        let (intent, report) = IntentMap::open_grown(intent_io, device_len, intent_config())
             .map_err(|e| violation(format!("opening the intent map: {e}")))?;
         let opened = Spool::open(self.spool_disk.dir(), self.spool_cfg.clone(), self.clock.clone());
         let (spool, _) = match opened {
@@ -699,6 +753,7 @@ impl World {
             needs_restart: false,
             spool_was_full: self.spool_full_steps > 0,
             in_overflow: false,
+            grown: Vec::new(),
         };
         if fresh {
             // A new protection opens its initial sync's window before anything is captured.
@@ -749,8 +804,9 @@ impl World {
     }
 
     fn app_range(&mut self) -> (u64, u64) {
+        let size = self.tap().map_or(VOLUME_BYTES, |t| t.device_len());
         let sectors = self.rng.range(1, 32);
-        let offset = self.rng.below(VOLUME_BYTES / 512 - sectors + 1) * 512;
+        let offset = self.rng.below(size / 512 - sectors + 1) * 512;
         (offset, sectors * 512)
     }
 
@@ -985,6 +1041,8 @@ impl World {
         if src.session.is_none() {
             return Ok(());
         }
+        let acked = src.tap.status().acked;
+        src.pending = admit_grown(&mut src.grown, acked, std::mem::take(&mut src.pending));
         let job = if let Some(job) = src.forced.take() {
             Some(job)
         } else if src.sessions != src.handled_session {
@@ -1059,7 +1117,7 @@ impl World {
                 }
                 let limit: Option<Vec<Range<u64>>> = match &run.job {
                     Job::Initial { .. } => {
-                        run.ranges = std::iter::once(0..VOLUME_BYTES).collect();
+                        run.ranges = std::iter::once(0..tap.device_len()).collect();
                         run.zeros = ZeroBlocks::Skip;
                         run.stage = Stage::Copy;
                         return Ok(());
@@ -1070,7 +1128,7 @@ impl World {
                             .runs()
                             .map(|r| {
                                 let (o, l) = tap.intent().byte_range(r);
-                                o..(o + l).min(VOLUME_BYTES)
+                                o..(o + l).min(tap.device_len())
                             })
                             .collect(),
                     ),
@@ -1081,11 +1139,24 @@ impl World {
                     self.job_failed("no connection for the hash requests".to_owned());
                     return Ok(());
                 };
-                let mut replica = vec![0u8; VOLUME_BYTES as usize];
+                // The volume grew after the window opened and the target has not applied
+                // the resize yet: the trees would not match in shape, and the real
+                // receiver refuses the hash requests past its size, so the job fails and
+                // runs again (the growth's own resync covers the new range).
+                let len = t.log.volume_len(VolumeId(0)).map_err(|e| violation(e.to_string()))?;
+                if len != tap.device_len() {
+                    let why = format!(
+                        "hash requests for a device of {} bytes, the replica has {len}",
+                        tap.device_len()
+                    );
+                    self.job_failed(why);
+                    return Ok(());
+                }
+                let mut replica = vec![0u8; len as usize];
                 t.log
                     .read_current(VolumeId(0), 0, &mut replica)
                     .map_err(|e| violation(format!("reading the replica: {e}")))?;
-                let shape = shape_for(VOLUME_BYTES);
+                let shape = shape_for(len);
                 let remote = MerkleTree::build(&MemSource::new(replica), shape, 1)
                     .map_err(|e| violation(format!("hashing the replica: {e}")))?;
                 let source = TapSource(tap.clone());
@@ -1209,9 +1280,10 @@ impl World {
     fn resize_target(&mut self) -> Step {
         self.report.faults.resizes += 1;
         let base = self.base_disk.file("base", VOLUME_BYTES);
-        let grown = VOLUME_BYTES + REGION_BYTES;
+        let size = base.len().map_err(|e| violation(format!("size of the replica: {e}")))?;
+        let grown = size + REGION_BYTES;
         base.set_len(grown).map_err(|e| violation(format!("resizing the replica: {e}")))?;
-        let announced = [VolumeInfo { id: VolumeId(0), block_size: 4096, size: VOLUME_BYTES }];
+        let announced = [VolumeInfo { id: VolumeId(0), block_size: 4096, size }];
         match check_volumes(&announced, &[grown]) {
             Err(r) if r.reason == RefuseReason::VOLUME_MISMATCH => {
                 trace!(self, "resized replica refused");
@@ -1220,7 +1292,7 @@ impl World {
                 return Err(violation(format!("a resized replica got {other:?} at the Hello")));
             }
         }
-        base.set_len(VOLUME_BYTES).map_err(|e| violation(format!("restoring the replica: {e}")))
+        base.set_len(size).map_err(|e| violation(format!("restoring the replica: {e}")))
     }
 
     fn start_target(&mut self) -> Step {
@@ -1476,7 +1548,9 @@ impl World {
             if self.verified.contains(&key) {
                 continue;
             }
-            let mut image = vec![0u8; VOLUME_BYTES as usize];
+            let len =
+                t.log.volume_len_at(VolumeId(0), p.seq).map_err(|e| violation(e.to_string()))?;
+            let mut image = vec![0u8; len as usize];
             t.log
                 .read_at(&p, VolumeId(0), 0, &mut image)
                 .map_err(|e| violation(format!("reading point {p:?}: {e}")))?;
@@ -1521,6 +1595,7 @@ impl World {
             self.link.tick();
             self.drop_dead_sessions();
             self.heal()?;
+            self.follow_growth(false)?;
             self.connect()?;
             self.controller()?;
             self.spool_commit()?;
@@ -1556,6 +1631,8 @@ impl World {
             && src.job.is_none()
             && src.forced.is_none()
             && src.pending.is_empty()
+            && src.grown.is_empty()
+            && src.tap.backing_len().is_ok_and(|b| b == src.tap.device_len())
             && src.sessions == src.handled_session
             && st.overflow.is_none()
             && st.acked == st.last_seq
@@ -1595,9 +1672,22 @@ impl World {
         self.verify_points(usize::MAX)?;
         let tap = self.tap().expect("quiescent implies a source");
         let t = self.target.as_ref().expect("quiescent implies a target");
-        let mut device = vec![0u8; VOLUME_BYTES as usize];
+        let backing = tap.backing_len().map_err(|e| violation(format!("device size: {e}")))?;
+        if backing != tap.device_len() {
+            return Err(violation(format!(
+                "the tap serves {} bytes of a device of {backing} after catch-up",
+                tap.device_len()
+            )));
+        }
+        let len = t.log.volume_len(VolumeId(0)).map_err(|e| violation(e.to_string()))?;
+        if len != backing {
+            return Err(violation(format!(
+                "after catch-up the replica holds {len} bytes, the device {backing}"
+            )));
+        }
+        let mut device = vec![0u8; backing as usize];
         tap.read(0, &mut device).map_err(|e| violation(format!("reading the device: {e}")))?;
-        let mut replica = vec![0u8; VOLUME_BYTES as usize];
+        let mut replica = vec![0u8; len as usize];
         t.log
             .read_current(VolumeId(0), 0, &mut replica)
             .map_err(|e| violation(format!("reading the replica: {e}")))?;

@@ -85,7 +85,7 @@ impl StreamModel {
 }
 
 /// Applies one event to a volume image.
-pub fn apply(image: &mut [u8], event: &Event) {
+pub fn apply(image: &mut Vec<u8>, event: &Event) {
     match event {
         Event::Write { offset, data, .. } => {
             let at = *offset as usize;
@@ -94,6 +94,12 @@ pub fn apply(image: &mut [u8], event: &Event) {
         Event::WriteZeroes { offset, len, .. } | Event::Discard { offset, len, .. } => {
             let at = *offset as usize;
             image[at..at + *len as usize].fill(0);
+        }
+        // A growth: the new range reads as zeros.
+        Event::Resize { new_size, .. } => {
+            if image.len() < *new_size as usize {
+                image.resize(*new_size as usize, 0);
+            }
         }
         Event::Barrier
         | Event::Bookmark(_)

@@ -81,6 +81,7 @@ const ENTRY_REF: u8 = 6;
 const ENTRY_DEDUPED: u8 = 7;
 const ENTRY_RESYNC_BEGIN: u8 = 8;
 const ENTRY_RESYNC_END: u8 = 9;
+const ENTRY_RESIZE: u8 = 10;
 /// Dedupe reference source codes.
 const REF_EARLIER: u8 = 1;
 const REF_HASH: u8 = 2;
@@ -637,6 +638,20 @@ fn check_volumes(volumes: &[VolumeInfo]) -> Result<()> {
     Ok(())
 }
 
+/// A resize entry grows a volume (or repeats its size): `new_size >= old_size`, and at
+/// least 1.
+fn check_resize(obj: Obj, old_size: u64, new_size: u64) -> Result<()> {
+    if new_size < old_size || new_size == 0 {
+        return Err(invalid(
+            obj,
+            "new_size",
+            new_size.to_string(),
+            format!("at least the old size {old_size} and at least 1 (volumes only grow)"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_range_end(obj: Obj, offset: u64, len: u64) -> Result<()> {
     if offset.checked_add(len).is_none() {
         return Err(invalid(
@@ -671,6 +686,9 @@ fn check_entry(obj: Obj, seq: u64, body: &EntryBody) -> Result<()> {
             check_range_end(obj, *offset, u64::from(*len))
         }
         EntryBody::Event(Event::Barrier) => Ok(()),
+        EntryBody::Event(Event::Resize { old_size, new_size, .. }) => {
+            check_resize(obj, *old_size, *new_size)
+        }
         EntryBody::Event(Event::ResyncBegin { id } | Event::ResyncEnd { id }) => {
             if *id == 0 {
                 return Err(invalid(obj, "resync_id", "0".to_owned(), "nonzero".to_owned()));
@@ -1142,6 +1160,11 @@ fn encode_entry(entry: &BatchEntry, out: &mut Vec<u8>) {
             entry_header(out, ENTRY_RESYNC_END, VolumeId(0), 0, t, 0);
             put_u64(out, *id);
         }
+        EntryBody::Event(Event::Resize { volume, old_size, new_size }) => {
+            entry_header(out, ENTRY_RESIZE, *volume, 0, t, 0);
+            put_u64(out, *old_size);
+            put_u64(out, *new_size);
+        }
         EntryBody::Event(Event::Bookmark(b)) => {
             entry_header(out, ENTRY_BOOKMARK, VolumeId(0), b.name.len() as u32, t, 0);
             put_u64(out, b.group);
@@ -1429,6 +1452,19 @@ fn decode_entry(r: &mut Reader<'_>, obj: Obj) -> Result<BatchEntry> {
             } else {
                 Event::ResyncEnd { id }
             })
+        }
+        ENTRY_RESIZE => {
+            if offset != 0 || len != 0 {
+                return Err(invalid(
+                    obj,
+                    "offset/length",
+                    format!("{offset}/{len}"),
+                    "0/0 on a resize entry".to_owned(),
+                ));
+            }
+            let (old_size, new_size) = (r.u64(obj)?, r.u64(obj)?);
+            check_resize(obj, old_size, new_size)?;
+            EntryBody::Event(Event::Resize { volume, old_size, new_size })
         }
         ENTRY_BOOKMARK => {
             no_range("bookmark")?;

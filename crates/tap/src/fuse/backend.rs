@@ -4,8 +4,10 @@
 //! virtual snapshot of a recovery point (`tidemark_sync::vsnap`) is another.
 //!
 //! Contract for implementations:
-//! - `size` never changes while served; every request the frontend passes lies inside
-//!   `[0, size)` (it checks before calling).
+//! - `size` only grows while served, and only a backend whose size grew is followed (the
+//!   tap, after [`Tap::grow`]; the frontend reads it per request and
+//!   `FuseLoopFrontend::refresh_size` tells the kernel); every request the frontend passes
+//!   lies inside `[0, size)` (it checks before calling).
 //! - A request returns only once it took effect: a read returns the data, a write, a zeroed
 //!   or discarded range is visible to every later read, a flush orders everything completed
 //!   before it. The frontend answers the kernel only after the call returned.
@@ -22,7 +24,7 @@ use crate::error::Result;
 
 /// A block device the FUSE + loop frontend can serve (see the module documentation).
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
-    /// Size in bytes, fixed while served.
+    /// Size in bytes; it never shrinks while served.
     fn size(&self) -> u64;
 
     /// Whether the backend takes no mutation.

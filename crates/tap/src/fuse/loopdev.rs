@@ -25,6 +25,9 @@ use crate::error::{Result, TapError};
 
 // `linux/loop.h`.
 const LOOP_CLR_FD: libc::Ioctl = 0x4C01;
+const LOOP_SET_CAPACITY: libc::Ioctl = 0x4C07;
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes.
+const BLKGETSIZE64: libc::Ioctl = 0x8008_1272;
 const LOOP_CONFIGURE: libc::Ioctl = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::Ioctl = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -244,6 +247,28 @@ impl LoopDevice {
     /// kernel shows it changes when its mount is detached.
     pub fn is_bound(&self) -> bool {
         Path::new(&format!("/sys/block/loop{}/loop/backing_file", self.number)).exists()
+    }
+
+    /// Makes the loop device take its backing file's size again (`LOOP_SET_CAPACITY`),
+    /// after the file grew; returns the device's size in bytes afterwards.
+    pub fn set_capacity(&self) -> Result<u64> {
+        let Some(device) = self.device.as_ref() else {
+            return Err(TapError::Config(format!("{} is detached", self.describe())));
+        };
+        // SAFETY: LOOP_SET_CAPACITY takes no argument and reads no memory of ours.
+        let rc = unsafe { libc::ioctl(device.as_raw_fd(), LOOP_SET_CAPACITY) };
+        if rc != 0 {
+            return Err(
+                ioctl_err("LOOP_SET_CAPACITY", self.describe())(io::Error::last_os_error()),
+            );
+        }
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, valid for the call.
+        let rc = unsafe { libc::ioctl(device.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+        if rc != 0 {
+            return Err(ioctl_err("BLKGETSIZE64", self.describe())(io::Error::last_os_error()));
+        }
+        Ok(size)
     }
 
     /// Unbinds the device: at once when this handle is its only opener, otherwise when the

@@ -275,6 +275,33 @@ impl FuseLoopFrontend {
         &self.mountpoint
     }
 
+    /// The backend grew ([`crate::Tap::grow`]): the kernel drops the volume file's cached
+    /// attributes (a FUSE inode notification), so the file shows the new size, and the
+    /// loop device takes it (`LOOP_SET_CAPACITY`). Returns the loop device's size
+    /// afterwards (the file's size without a loop device). Writes into the new range are
+    /// captured as soon as the tap serves the new size, whatever the kernel knows.
+    pub fn refresh_size(&self) -> Result<u64> {
+        if let Some(session) = self.session.as_ref() {
+            // Offset -1: the attributes only, the page cache of the old range stays.
+            session.notifier().inval_inode(volume::VOLUME, -1, 0).map_err(|source| {
+                TapError::Io {
+                    op: "FUSE inode notification",
+                    object: self.volume.display().to_string(),
+                    source,
+                }
+            })?;
+        }
+        // A stat makes the kernel ask again and take the new size into the inode, which is
+        // what the loop driver reads.
+        let file_len = std::fs::metadata(&self.volume).map(|m| m.len()).map_err(|source| {
+            TapError::Io { op: "stat", object: self.volume.display().to_string(), source }
+        })?;
+        match self.loop_device.as_ref() {
+            Some(l) => l.set_capacity(),
+            None => Ok(file_len),
+        }
+    }
+
     /// Requests served so far.
     pub fn counters(&self) -> FuseCounters {
         self.counters.snapshot()

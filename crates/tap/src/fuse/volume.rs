@@ -234,7 +234,6 @@ thread_local! {
 #[derive(Debug)]
 pub(crate) struct VolumeFs {
     backend: Arc<dyn BlockBackend>,
-    size: u64,
     read_only: bool,
     file_name: String,
     uid: u32,
@@ -252,11 +251,9 @@ impl VolumeFs {
         settings: KernelSettings,
         counters: Arc<Counters>,
     ) -> Self {
-        let size = backend.size();
         let read_only = backend.read_only();
         Self {
             backend,
-            size,
             read_only,
             file_name,
             uid: nix::unistd::geteuid().as_raw(),
@@ -268,11 +265,17 @@ impl VolumeFs {
         }
     }
 
+    /// The volume's size now: the backend's, read per request, so a grown volume
+    /// ([`crate::FuseLoopFrontend::refresh_size`]) is served at its new size.
+    fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, nlink, size) = match ino {
             ROOT => (FileType::Directory, 0o700, 2, 0),
             VOLUME => {
-                (FileType::RegularFile, if self.read_only { 0o400 } else { 0o600 }, 1, self.size)
+                (FileType::RegularFile, if self.read_only { 0o400 } else { 0o600 }, 1, self.size())
             }
             _ => return None,
         };
@@ -412,7 +415,7 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::EISDIR);
         }
         // Regular-file semantics at the end: a short read, then nothing.
-        let len = u64::from(size).min(self.size.saturating_sub(offset));
+        let len = u64::from(size).min(self.size().saturating_sub(offset));
         bump(&self.counters.reads, 1);
         bump(&self.counters.read_bytes, len);
         READ_BUF.with_borrow_mut(|buf| {
@@ -440,7 +443,7 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::EISDIR);
         }
         let len = data.len() as u64;
-        let Some(end) = offset.checked_add(len).filter(|&end| end <= self.size) else {
+        let Some(end) = offset.checked_add(len).filter(|&end| end <= self.size()) else {
             // A block device does not grow.
             return reply.error(self.refuse(Errno::ENOSPC));
         };
@@ -510,7 +513,7 @@ impl Filesystem for VolumeFs {
             return reply.error(Errno::EISDIR);
         }
         tracing::trace!(mode, offset, length, "FUSE frontend: fallocate");
-        let action = match FallocAction::decide(mode, offset, length, self.size) {
+        let action = match FallocAction::decide(mode, offset, length, self.size()) {
             Ok(action) => action,
             Err(errno) => {
                 tracing::debug!(mode, offset, length, "FUSE frontend: fallocate refused");
@@ -573,7 +576,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.size.div_ceil(u64::from(BLOCK));
+        let blocks = self.size().div_ceil(u64::from(BLOCK));
         reply.statfs(blocks, 0, 0, 2, 0, BLOCK, 255, BLOCK);
     }
 }
