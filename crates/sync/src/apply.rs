@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tidemark_journal::format::MAX_PAYLOAD;
-use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
+use tidemark_journal::{Event, JournalDamage, JournalError, RetentionLog, Seq, VolumeId};
 
 use crate::connection::{Connection, ConnectionError};
 use crate::dedupe::{self, AppliedWindow};
@@ -62,9 +62,10 @@ use crate::secure::{CloseCode, SecureChannel, SecureConfig, SecureError, SecureS
 use crate::ship::error_chain;
 use crate::watch::Watch;
 use crate::wire::{
-    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_OPEN_RESYNCS, MAX_TEXT,
-    Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind, ReplicaState,
-    SUPPORTED_VERSIONS, TreeShape, WireError,
+    Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, MAX_OPEN_RESYNCS,
+    MAX_REPAIR_IDS, MAX_REPAIR_RANGES, MAX_TEXT, Message, MessageType, PairId, Refuse,
+    RefuseReason, RepairRange, RepairRequest, ReplicaKind, ReplicaState, SUPPORTED_VERSIONS,
+    TreeShape, WireError,
 };
 
 /// What went wrong on the target side of replication.
@@ -308,6 +309,8 @@ pub struct ReceiverStatus {
     pub last_error: Option<String>,
     /// Set after a storage failure: no further session is accepted.
     pub failed: Option<String>,
+    /// `RepairRequest`s sent (the journal lost records; see [`Receiver::scrub`]).
+    pub repair_requests: u64,
 }
 
 type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
@@ -335,7 +338,11 @@ struct Inner {
     slots: Mutex<Slots>,
     slots_changed: Condvar,
     status: Watch<ReceiverStatus>,
+    /// How the live session sends a message (for `RepairRequest`s): its id and a sender.
+    repair_out: Mutex<Option<(u64, RepairSender)>>,
 }
+
+type RepairSender = Box<dyn Fn(&Message) -> Result<()> + Send + Sync>;
 
 /// The target side of one replication pair (see the module documentation). Cheap to
 /// clone: clones share the log and the sessions.
@@ -420,6 +427,7 @@ impl Receiver {
                 }),
                 slots_changed: Condvar::new(),
                 status: Watch::new(status),
+                repair_out: Mutex::new(None),
             }),
         })
     }
@@ -637,6 +645,40 @@ impl Receiver {
         lock(&self.inner.slots).active.as_ref().map(|a| a.0) != Some(id)
     }
 
+    /// Reads the retention log's sealed segments again ([`RetentionLog::scrub`]); damage
+    /// not known before is asked to be repaired at once on the live session (and again at
+    /// the start of every session until it is). Returns the new damage.
+    pub fn scrub(&self) -> Result<Vec<JournalDamage>> {
+        let found = lock(&self.inner.log)
+            .scrub()
+            .map_err(|source| ApplyError::Storage { op: "scrub".to_owned(), source })?;
+        if !found.is_empty() {
+            self.send_repairs();
+        }
+        Ok(found)
+    }
+
+    /// Asks the live session's source to repair the journal damage that needs it, if any.
+    fn send_repairs(&self) {
+        let needed = lock(&self.inner.log).repairs_needed();
+        let Some(request) = repair_request(&needed) else { return };
+        for d in &needed {
+            tracing::warn!(segment = %d.segment, offset = d.offset, lost_from = %d.lost_from,
+                ranges = %describe_damage_ranges(&d.ranges), repair_id = d.repair_id,
+                "journal damage: asking the source to resend the ranges it lost");
+        }
+        let sent = match &*lock(&self.inner.repair_out) {
+            Some((_, send)) => send(&Message::RepairRequest(request)),
+            None => return,
+        };
+        match sent {
+            Ok(()) => self.update(|s| s.repair_requests += 1),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "the repair request was not sent; the next session asks again")
+            }
+        }
+    }
+
     fn mark_failed(&self, e: &ApplyError) {
         let text = error_chain(e);
         lock(&self.inner.slots).failed.get_or_insert_with(|| text.clone());
@@ -683,7 +725,19 @@ impl Receiver {
                 .spawn(move || run_net_reader(rx_half, codec, &tx, &hash_tx, &out))
                 .map_err(|e| ApplyError::Thread { what: format!("spawning the reader: {e}") })?
         };
+        {
+            let out = out.clone();
+            let send: RepairSender = Box::new(move |m: &Message| lock(&out).send(m));
+            *lock(&self.inner.repair_out) = Some((id, send));
+        }
+        self.send_repairs();
         let result = self.apply_loop(id, &rx, &out, resume);
+        {
+            let mut current = lock(&self.inner.repair_out);
+            if current.as_ref().is_some_and(|(i, _)| *i == id) {
+                *current = None;
+            }
+        }
         cancel.store(true, Ordering::SeqCst);
         match &result {
             Ok(()) => {
@@ -1018,6 +1072,30 @@ pub fn check_volumes(announced: &[crate::wire::VolumeInfo], lens: &[u64]) -> Res
             theirs.join(" ")
         )),
     })
+}
+
+/// The `RepairRequest` for the journal damage `needed` ([`RetentionLog::repairs_needed`]):
+/// every repair id and range, the first [`MAX_REPAIR_IDS`] damages (the rest go in a later
+/// request, once these are repaired). `None` when nothing needs repair. Pure, for tests.
+pub fn repair_request(needed: &[JournalDamage]) -> Option<RepairRequest> {
+    let mut ids = Vec::new();
+    let mut ranges: Vec<RepairRange> = Vec::new();
+    for d in needed.iter().take(MAX_REPAIR_IDS) {
+        ids.push(d.repair_id);
+        for &(volume, offset, len) in &d.ranges {
+            let r = RepairRange { volume, offset, len };
+            if len > 0 && !ranges.contains(&r) && ranges.len() < MAX_REPAIR_RANGES {
+                ranges.push(r);
+            }
+        }
+    }
+    (!ids.is_empty() && !ranges.is_empty()).then_some(RepairRequest { ids, ranges })
+}
+
+fn describe_damage_ranges(ranges: &[(VolumeId, u64, u64)]) -> String {
+    let parts: Vec<String> =
+        ranges.iter().map(|(v, o, l)| format!("volume {v} bytes {o}+{l}")).collect();
+    parts.join(", ")
 }
 
 /// What the replica is, for `Resume`: blank when nothing was ever received or an initial

@@ -165,6 +165,14 @@ impl RetentionLog {
         tracing::error!(%segment, offset = d.offset, len = d.len, lost_from = %lost_from,
             ranges = %describe_ranges(&damage.ranges), repair_id = id,
             "{}", damage.describe());
+        // A record indexed before it was damaged (a scrub finds it) leaves the index, as it
+        // would on open: reads see the older versions instead of failing on it.
+        let (from, to) = (d.offset, d.offset + d.len);
+        self.index.retain(|e| {
+            let loc = e.loc();
+            loc.slot != slot || !(from..to).contains(&u64::from(loc.offset))
+        });
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.damage.push(damage.clone());
         Some(damage)
     }

@@ -487,6 +487,34 @@ impl ReplicaState {
     }
 }
 
+/// Most repair ids in a `RepairRequest`.
+pub const MAX_REPAIR_IDS: usize = 64;
+/// Most ranges in a `RepairRequest`.
+pub const MAX_REPAIR_RANGES: usize = 4096;
+
+/// A volume range a `RepairRequest` asks the source to resend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RepairRange {
+    /// The volume in the group.
+    pub volume: VolumeId,
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes (at least 1; `offset + len` fits a u64).
+    pub len: u64,
+}
+
+/// Target to source: the target's journal lost records (damage found on open or by a
+/// scrub); resend these ranges in a resync window opened with each of these ids, so that
+/// the target can offer recovery points again from the window's end.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepairRequest {
+    /// The repair ids (each nonzero, 1 to [`MAX_REPAIR_IDS`]): the source opens one
+    /// `ResyncBegin` per id and closes them all at the end of the repair.
+    pub ids: Vec<u64>,
+    /// The ranges to compare and resend (1 to [`MAX_REPAIR_RANGES`]).
+    pub ranges: Vec<RepairRange>,
+}
+
 /// A wire message: the body of one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -532,6 +560,8 @@ pub enum Message {
     HashRequest(HashRequest),
     /// The answer to a `HashRequest`.
     HashReply(HashReply),
+    /// Target to source: resend these ranges, the journal lost them.
+    RepairRequest(RepairRequest),
 }
 
 /// The type code of each message, as in the frame header.
@@ -560,11 +590,13 @@ pub enum MessageType {
     HashRequest = 10,
     /// [`Message::HashReply`].
     HashReply = 11,
+    /// [`Message::RepairRequest`].
+    RepairRequest = 14,
 }
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [MessageType; 11] = [
+    pub const ALL: [MessageType; 12] = [
         Self::Hello,
         Self::Welcome,
         Self::Refuse,
@@ -576,11 +608,12 @@ impl MessageType {
         Self::Pong,
         Self::HashRequest,
         Self::HashReply,
+        Self::RepairRequest,
     ];
 
     /// The type with this code.
     pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+        Self::ALL.iter().copied().find(|t| *t as u8 == code)
     }
 
     /// The message name as in the spec.
@@ -597,6 +630,7 @@ impl MessageType {
             Self::Pong => "Pong",
             Self::HashRequest => "HashRequest",
             Self::HashReply => "HashReply",
+            Self::RepairRequest => "RepairRequest",
         }
     }
 
@@ -627,6 +661,7 @@ impl Message {
             Self::Pong { .. } => MessageType::Pong,
             Self::HashRequest(_) => MessageType::HashRequest,
             Self::HashReply(_) => MessageType::HashReply,
+            Self::RepairRequest(_) => MessageType::RepairRequest,
         }
     }
 }
