@@ -142,6 +142,8 @@ struct Passes {
     damage: Vec<(String, u64, u64, String)>,
     count: u64,
     last: Option<(u64, Duration, Result<RetentionReport, String>)>,
+    /// Journal damage already announced: (segment, offset, repaired).
+    repairs_reported: Vec<(String, u64, bool)>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -224,6 +226,38 @@ fn release(mut receiver: Receiver) -> Option<RetentionLog> {
     }
 }
 
+/// One line per journal damage that needs a repair (naming the segment, offset and ranges)
+/// and one when the source's repair completed; `reported` remembers what was said.
+fn report_repairs(log: &RetentionLog, reported: &mut Vec<(String, u64, bool)>) {
+    for d in log.damage() {
+        let ranges: Vec<String> =
+            d.ranges.iter().map(|(v, o, l)| format!("volume {v} bytes {o}+{l}")).collect();
+        let done = d.repaired_at.is_some();
+        let key = (d.segment.clone(), d.offset, done);
+        if reported.contains(&key) {
+            continue;
+        }
+        reported.push(key);
+        match d.repaired_at {
+            None => println!(
+                "journal repair needed: segment {} offset {}: lost records from seq {} covering {}{}; points from there withheld until the source resends them (repair id {:#018x})",
+                d.segment,
+                d.offset,
+                d.lost_from,
+                ranges.join(", "),
+                if d.whole_volume { " (unknown ranges: the whole volume)" } else { "" },
+                d.repair_id
+            ),
+            Some(end) => println!(
+                "journal repaired: segment {} offset {}: the source resent {} (resync ending at seq {end})",
+                d.segment,
+                d.offset,
+                ranges.join(", ")
+            ),
+        }
+    }
+}
+
 fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
     let (image, size) = (&s.image, s.args.size);
     let base = if image.exists() {
@@ -258,6 +292,7 @@ fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
         .iter()
         .map(|(seg, d)| (seg.to_string(), d.offset, d.len, d.reason.clone()))
         .collect();
+    report_repairs(&log, &mut passes.repairs_reported);
     Ok(log)
 }
 
@@ -313,6 +348,7 @@ fn serve(
         if failed.is_none() {
             failed = receiver.status().failed;
         }
+        receiver.with_log(|log| report_repairs(log, &mut passes.repairs_reported));
         if last_file.elapsed() >= Duration::from_secs(1) || failed.is_some() {
             let state = if failed.is_some() { "reopening" } else { "serving" };
             let doc = document(&receiver, &addr.to_string(), started.elapsed(), state, s, passes);
@@ -419,6 +455,21 @@ fn document(
         "handshakes_evicted": s.handshakes_evicted,
         "last_error": s.last_error,
         "failed": s.failed,
+        "repair_requests": s.repair_requests,
+        // Damage above the base (found on open or by a scrub): what it lost, the points it
+        // withholds, and the source's repair.
+        "journal_repair": r.damage.iter().map(|d| json!({
+            "segment": d.segment,
+            "offset": d.offset,
+            "length": d.len,
+            "lost_from": d.lost_from.0,
+            "whole_volume": d.whole_volume,
+            "ranges": d.ranges.iter().map(|(v, o, l)| json!({
+                "volume": v.0, "offset": o, "length": l,
+            })).collect::<Vec<_>>(),
+            "repair_id": d.repair_id,
+            "repaired_at": d.repaired_at.map(|s| s.0),
+        })).collect::<Vec<_>>(),
         // What the journal's last opening found damaged and skipped.
         "journal_damage": passes.damage.iter().map(|(segment, offset, len, reason)| json!({
             "segment": segment, "offset": offset, "length": len, "reason": reason,
