@@ -837,13 +837,7 @@ impl SegmentLog {
 
     /// Every valid record of a sealed segment, in file order.
     pub fn records(&self, slot: u32) -> Result<Vec<(Loc, RecordHeader)>> {
-        let seg = self.segments.get(&slot).expect("live slot");
-        assert!(seg.writer.is_none(), "records() needs a sealed segment");
-        let mut bytes = vec![0u8; seg.len as usize];
-        seg.file
-            .read_at(&mut bytes, 0)
-            .map_err(|e| JournalError::io("read", seg.name.clone(), e))?;
-        let scan = format::scan_segment(&bytes, &seg.name)?;
+        let scan = self.scan_sealed(slot)?;
         Ok(scan
             .records
             .into_iter()

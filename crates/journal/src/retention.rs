@@ -1032,6 +1032,13 @@ impl RetentionLog {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
+        // A point resolved (or held) before damage was found under it reads no wrong bytes.
+        if let Some(d) = self.damage_under(at.seq, volume, offset, buf.len() as u64) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", at.seq),
+                reason: format!("the range depends on {}", d.describe()),
+            });
+        }
         self.read_range(at.seq, volume, offset, buf)
     }
 
@@ -1130,6 +1137,12 @@ impl RetentionLog {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MaterializeReport> {
         let vlen = self.volume_len(volume)?;
+        if let Some(d) = self.damage_under(at.seq, volume, 0, vlen) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", at.seq),
+                reason: format!("it depends on {}", d.describe()),
+            });
+        }
         let olen = out.len().map_err(|e| JournalError::io("stat", out.name(), e))?;
         if olen != vlen {
             out.set_len(vlen).map_err(|e| JournalError::io("resize", out.name(), e))?;

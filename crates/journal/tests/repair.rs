@@ -272,6 +272,8 @@ fn a_scrub_finds_damage_after_open_and_retention_keeps_the_damaged_segment() {
     let mut bytes = read(&name);
     flip(&mut bytes, off + RECORD_HEADER_LEN as u64 + 7);
     std::fs::write(tmp.path().join(&name), bytes).unwrap();
+    // A point resolved before the scrub (a vsnap's) and depending on the lost record.
+    let held = feed.log.resolve(&RecoveryPoint::Seq(Seq(lost_seq + 1))).unwrap();
     let found = feed.log.scrub().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].segment.as_str(), found[0].lost_from), (name.as_str(), Seq(lost_seq)));
@@ -279,6 +281,9 @@ fn a_scrub_finds_damage_after_open_and_retention_keeps_the_damaged_segment() {
     // The lost record left the index: the replica as it is reads (without it), as on open.
     let mut now = vec![0u8; VOL as usize];
     feed.log.read_current(VolumeId(0), 0, &mut now).expect("read past the lost record");
+    // The point resolved before reads no wrong bytes: its read is refused.
+    let err = feed.log.read_at(&held, VolumeId(0), 0, &mut now).unwrap_err().to_string();
+    assert!(err.contains("damage"), "{err}");
     assert!(feed.log.points().iter().all(|p| p.seq < Seq(lost_seq)));
     // Retention that would thin everything to one point per hour: the damaged segment is
     // neither rewritten nor dropped, and what stays offered reads back exactly.

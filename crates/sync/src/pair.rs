@@ -518,15 +518,20 @@ fn run_job(
     job: &Job,
     leftover: &[u64],
 ) -> (Result<ResyncReport, SyncerError>, Vec<u64>) {
-    let sink = inner.clone();
-    let syncer = Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
-        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))));
+    let syncer = reporting_syncer(inner);
     let result = run_syncer(inner, &syncer, job, leftover);
     let to_close = match job {
         Job::Initial { close } | Job::Full { close } => close.as_slice(),
         Job::Regions(_) => leftover,
     };
     (result, windows_left_open(to_close, &syncer.closed_windows(), &syncer.open_windows()))
+}
+
+/// A resync driver for the pair whose progress goes to the pair's status.
+fn reporting_syncer(inner: &Arc<Inner>) -> Syncer {
+    let sink = inner.clone();
+    Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
+        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))))
 }
 
 /// The windows open after a resync that was to close `to_close`, closed `closed` and left
@@ -590,9 +595,7 @@ fn run_repair(inner: &Arc<Inner>, request: &crate::wire::RepairRequest, leftover
         }
     }
     inner.stage(PairStage::Resync);
-    let sink = inner.clone();
-    let syncer = Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
-        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))));
+    let syncer = reporting_syncer(inner);
     tracing::warn!(ids = ?request.ids, bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
         "repairing the target's journal: resyncing the ranges it lost");
     let result = syncer.repair(&request.ids, &ranges, &open);
