@@ -91,6 +91,11 @@ pub struct Args {
     /// Seconds between two retention passes.
     #[arg(long, default_value_t = 10.0)]
     retention_every: f64,
+    /// Seconds between two scrubs of the journal (every sealed segment read again; damage
+    /// found is reported and the source asked to resend what it lost); 0: never (damage is
+    /// then found when the journal is opened).
+    #[arg(long, default_value_t = 0.0)]
+    scrub_every: f64,
     /// Failback: an existing volume image to use as the replica's base (linked as
     /// DIR/replica.img) instead of a blank one; the source runs `protect --failback`.
     #[arg(long)]
@@ -151,6 +156,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let secure = common::secure(&args.key, &args.peer)?;
     if args.size == 0 || args.size % u64::from(args.block_size) != 0 {
         bail!("volume size {} must be a positive multiple of {}", args.size, args.block_size);
+    }
+    if !(args.scrub_every >= 0.0 && args.scrub_every.is_finite()) {
+        bail!("--scrub-every {}: expected a number of seconds (0: never)", args.scrub_every);
     }
     if !(args.retention_every > 0.0 && args.retention_every.is_finite()) {
         bail!("--retention-every {}: expected a positive number of seconds", args.retention_every);
@@ -330,6 +338,7 @@ fn serve(
     let enforcing = s.cfg.policy != RetentionPolicy::default();
     let every = Duration::from_secs_f64(args.retention_every);
     let mut last_pass = Instant::now();
+    let mut last_scrub = Instant::now();
     let mut last_line = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
     let mut failed = None;
@@ -347,6 +356,12 @@ fn serve(
         }
         if failed.is_none() {
             failed = receiver.status().failed;
+        }
+        if args.scrub_every > 0.0 && last_scrub.elapsed().as_secs_f64() >= args.scrub_every {
+            last_scrub = Instant::now();
+            if let Err(e) = receiver.scrub() {
+                println!("scrub: {e}");
+            }
         }
         receiver.with_log(|log| report_repairs(log, &mut passes.repairs_reported));
         if last_file.elapsed() >= Duration::from_secs(1) || failed.is_some() {

@@ -598,7 +598,7 @@ fn full_target_filesystem_stalls_then_resumes() {
 fn a_corrupt_segment_is_reported_repaired_by_the_source_and_verified_identical() {
     require_root!("a_corrupt_segment_is_reported_repaired_by_the_source_and_verified_identical");
     let mut pair = Pair::new(&[(0, 12 << 20, 41), (32 << 20, 4 << 20, 42)]);
-    pair.rx_args = vec!["--segment-mib".into(), "2".into()];
+    pair.rx_args = vec!["--segment-mib".into(), "2".into(), "--scrub-every".into(), "0.5".into()];
     let mon = pair.monitor();
     let mut rx = pair.receive();
     let (mut px, _) = pair.protect(false);
@@ -616,16 +616,7 @@ fn a_corrupt_segment_is_reported_repaired_by_the_source_and_verified_identical()
     assert!(segs.len() >= 3, "expected several full segments in {}: {segs:?}", journal.display());
     let victim = segs[segs.len() / 2].clone();
     let name = victim.file_name().unwrap().to_string_lossy().into_owned();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&victim).unwrap();
-    let at = f.metadata().unwrap().len() / 2;
-    let mut b = [0u8; 64];
-    f.read_exact_at(&mut b, at).unwrap();
-    for x in &mut b {
-        *x ^= 0x5a;
-    }
-    f.write_all_at(&b, at).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    let at = flip_middle(&victim);
 
     // The receiver reopens: the damage is reported by segment and offset, with the volume
     // ranges the lost record covered, and the points after it are withheld.
@@ -675,6 +666,19 @@ fn a_corrupt_segment_is_reported_repaired_by_the_source_and_verified_identical()
     // `tidemark verify` (exit 0 only when identical) against the running pair.
     let out = tidemark(&["verify", "--state", &pair.state.display().to_string()]);
     assert!(out.contains("identical"), "verify: {out}");
+
+    // Bit rot under the running pair: another sealed segment damaged in place. The
+    // receiver's scrub (every 0.5 s) finds it and the connected source repairs it.
+    let live = segs[0].clone();
+    let live_name = live.file_name().unwrap().to_string_lossy().into_owned();
+    flip_middle(&live);
+    let need = rx.wait_line(&format!("journal repair needed: segment {live_name}"));
+    eprintln!("scrub found: {need}");
+    rx.wait_line(&format!("journal repaired: segment {live_name}"));
+    let st = wait_caught_up(&pair.state);
+    assert!(u(&st, "/repairs") >= 2, "the connected source ran no second repair: {st:#}");
+    let out = tidemark(&["verify", "--state", &pair.state.display().to_string()]);
+    assert!(out.contains("identical"), "verify after the live repair: {out}");
     px.terminate();
     rx.terminate();
     mon.finish();
@@ -682,9 +686,24 @@ fn a_corrupt_segment_is_reported_repaired_by_the_source_and_verified_identical()
     // (a lost acknowledged write) fails the test.
     pair.verify();
     figure("faults.damaged_bytes_reported", len);
-    figure("faults.damage_repaired", 1);
+    figure("faults.damage_repaired", 2);
     figure("faults.bytes_lost_to_damage", 0);
-    report_scenario(0, 1);
+    report_scenario(0, 2);
+}
+
+/// Flips 64 bytes halfway through `segment` in place (the same file, so a receiver that
+/// has it open reads the damage); returns where.
+fn flip_middle(segment: &Path) -> u64 {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(segment).unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 64];
+    f.read_exact_at(&mut b, at).unwrap();
+    for x in &mut b {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+    at
 }
 
 /// Bad peers next to the real source: connections that trickle or send nothing, an

@@ -340,6 +340,9 @@ struct Inner {
     status: Watch<ReceiverStatus>,
     /// How the live session sends a message (for `RepairRequest`s): its id and a sender.
     repair_out: Mutex<Option<(u64, RepairSender)>>,
+    /// Counts the `ResyncBegin`s applied: the hasher's cached tree serves only requests of
+    /// the generation it was built in.
+    resync_generation: std::sync::atomic::AtomicU64,
 }
 
 type RepairSender = Box<dyn Fn(&Message) -> Result<()> + Send + Sync>;
@@ -428,6 +431,7 @@ impl Receiver {
                 slots_changed: Condvar::new(),
                 status: Watch::new(status),
                 repair_out: Mutex::new(None),
+                resync_generation: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -925,6 +929,11 @@ impl Receiver {
                 self.mark_failed(&e);
                 return Err(e);
             }
+            if matches!(event, Event::ResyncBegin { .. }) {
+                // A new comparison starts once its window is in: trees built before it are
+                // stale for it (see `run_hasher`).
+                self.inner.resync_generation.fetch_add(1, Ordering::SeqCst);
+            }
             events += 1;
         }
         let received = log.last_seq();
@@ -1169,8 +1178,12 @@ fn run_hasher<S: Stream>(
     out: &Mutex<Outbound<S>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let mut cache: Option<(VolumeId, TreeShape, MerkleTree)> = None;
+    // The tree of the last whole-tree request, with the resync generation it was built in: a
+    // later comparison (a limited resync or a repair asks for leaves only, after its own
+    // `ResyncBegin`) must not be answered from it, the replica may have changed since.
+    let mut cache: Option<(VolumeId, TreeShape, MerkleTree, u64)> = None;
     for request in requests {
+        let generation = inner.resync_generation.load(Ordering::SeqCst);
         let (id, volume) = (request.id, request.volume);
         let Some(&len) = inner.volume_lens.get(usize::from(volume.0)) else {
             return Err(ApplyError::UnknownVolume {
@@ -1184,11 +1197,13 @@ fn run_hasher<S: Stream>(
         let reply = if request.level >= request.shape.root_level(len) {
             let tree = MerkleTree::build(&source, request.shape, 0).map_err(failed)?;
             let reply = tree.answer(volume, &request).map_err(failed)?;
-            cache = Some((volume, request.shape, tree));
+            cache = Some((volume, request.shape, tree, generation));
             reply
         } else {
             match &cache {
-                Some((v, shape, tree)) if *v == volume && *shape == request.shape => {
+                Some((v, shape, tree, g))
+                    if *v == volume && *shape == request.shape && *g == generation =>
+                {
                     tree.answer(volume, &request).map_err(failed)?
                 }
                 _ => HashReply {

@@ -164,6 +164,11 @@ fn a_segment_damaged_while_connected_is_repaired_by_the_source_and_the_replica_i
     rig.tap.flush().unwrap();
     rig.caught_up();
     assert_eq!(rig.latest().1, rig.device_bytes(), "identical before the damage");
+    // A verify first: the target builds (and caches) its whole tree in this session. The
+    // repair's leaf requests later must not be answered from that stale tree.
+    let syncer =
+        Syncer::new(rig.tap.clone(), rig.shipper().hash_client(), SyncerConfig::new(VolumeId(0)));
+    assert!(syncer.verify(None).unwrap().ranges.is_empty());
 
     // Bit rot in a sealed segment, under the running receiver.
     let (path, off, lost) = rig.victim();
@@ -194,10 +199,7 @@ fn a_segment_damaged_while_connected_is_repaired_by_the_source_and_the_replica_i
     assert!(latest >= report.end_seq);
     assert_eq!(bytes, rig.device_bytes(), "the repaired replica equals the device");
     // And the verify pass agrees: nothing differs.
-    let diff =
-        Syncer::new(rig.tap.clone(), rig.shipper().hash_client(), SyncerConfig::new(VolumeId(0)))
-            .verify(None)
-            .unwrap();
+    let diff = syncer.verify(None).unwrap();
     assert!(diff.ranges.is_empty(), "verify found {:?}", diff.ranges);
     // No second repair is asked for.
     assert!(rig.receiver.with_log(|log| log.repairs_needed()).is_empty());
