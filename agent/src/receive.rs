@@ -362,6 +362,8 @@ fn serve(
             if let Err(e) = receiver.scrub() {
                 println!("scrub: {e}");
             }
+        } else if let Err(e) = receiver.check_read_damage() {
+            println!("journal damage a read met: {e}");
         }
         receiver.with_log(|log| report_repairs(log, &mut passes.repairs_reported));
         if last_file.elapsed() >= Duration::from_secs(1) || failed.is_some() {

@@ -507,6 +507,9 @@ pub struct RetentionLog {
     /// Damaged stretches of live segments above the base, and their repairs (see
     /// [`JournalDamage`]).
     damage: Vec<JournalDamage>,
+    /// Records a read found damaged (an encrypted payload whose tag fails while its
+    /// checksum holds, bit rot since open), for [`RetentionLog::scrub`] to register.
+    read_damage: Mutex<Vec<Loc>>,
 }
 
 fn block_entries(h: &RecordHeader, loc: Loc, bs: u64, mut f: impl FnMut(Entry)) {
@@ -650,6 +653,7 @@ impl RetentionLog {
             cache: Mutex::new(None),
             holds: HoldSet::default(),
             damage: Vec::new(),
+            read_damage: Mutex::new(Vec::new()),
         };
         this.damage_on_open(&report);
         if m.pending_base > base_seq {
@@ -961,7 +965,18 @@ impl RetentionLog {
                 return Ok(r.clone());
             }
         }
-        let r = Arc::new(self.log.read(loc)?);
+        let r = match self.log.read(loc) {
+            Ok(r) => Arc::new(r),
+            Err(e @ JournalError::CorruptRecord { .. }) => {
+                // The read fails (no wrong bytes); the next scrub registers the damage.
+                let mut found = self.read_damage.lock().unwrap_or_else(|e| e.into_inner());
+                if !found.contains(&loc) {
+                    found.push(loc);
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         *cache = Some((loc, r.clone()));
         Ok(r)
     }

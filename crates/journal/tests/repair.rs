@@ -274,17 +274,38 @@ fn a_scrub_finds_damage_after_open_and_retention_keeps_the_damaged_segment() {
     std::fs::write(tmp.path().join(&name), bytes).unwrap();
     // A point resolved before the scrub (a vsnap's) and depending on the lost record.
     let held = feed.log.resolve(&RecoveryPoint::Seq(Seq(lost_seq + 1))).unwrap();
-    let found = feed.log.scrub().unwrap();
+    // A read that meets the damaged record fails (no wrong bytes) and leaves it for the
+    // next scrub, which registers it first.
+    let mut block = vec![0u8; 4096];
+    let (_, lost_at) = {
+        let scan = format::scan_segment(&read(&name), &name).unwrap();
+        let d = scan.defects[0].header.unwrap();
+        (d.seq, d.offset)
+    };
+    assert!(feed.log.read_as_of(Seq(lost_seq), VolumeId(0), lost_at, &mut block).is_err());
+    let found = feed.log.note_read_damage().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!((found[0].segment.as_str(), found[0].lost_from), (name.as_str(), Seq(lost_seq)));
     assert!(feed.log.scrub().unwrap().is_empty(), "known damage is not reported twice");
+    // Damage no read met: found by the scrub.
+    let other = names[1].clone();
+    assert_ne!(other, name);
+    let scan = format::scan_segment(&read(&other), &other).unwrap();
+    let w = scan.records.iter().find(|r| r.header.kind == RecordKind::Write).unwrap().clone();
+    let mut bytes = read(&other);
+    flip(&mut bytes, w.offset + RECORD_HEADER_LEN as u64 + 9);
+    std::fs::write(tmp.path().join(&other), bytes).unwrap();
+    let found = feed.log.scrub().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].segment.as_str(), found[0].lost_from), (other.as_str(), w.header.seq));
     // The lost record left the index: the replica as it is reads (without it), as on open.
     let mut now = vec![0u8; VOL as usize];
     feed.log.read_current(VolumeId(0), 0, &mut now).expect("read past the lost record");
     // The point resolved before reads no wrong bytes: its read is refused.
     let err = feed.log.read_at(&held, VolumeId(0), 0, &mut now).unwrap_err().to_string();
     assert!(err.contains("damage"), "{err}");
-    assert!(feed.log.points().iter().all(|p| p.seq < Seq(lost_seq)));
+    let first_lost = Seq(lost_seq.min(w.header.seq.0));
+    assert!(feed.log.points().iter().all(|p| p.seq < first_lost));
     // Retention that would thin everything to one point per hour: the damaged segment is
     // neither rewritten nor dropped, and what stays offered reads back exactly.
     feed.log
@@ -304,10 +325,11 @@ fn a_scrub_finds_damage_after_open_and_retention_keeps_the_damaged_segment() {
     assert_eq!(feed.log.scrub().unwrap().len(), 0);
     feed.check_points();
     drop(std::mem::replace(&mut feed.log, open_in(fs.clone(), &base, &clock)));
-    assert_eq!(feed.log.damage().len(), 1, "the damage is found again on open");
+    assert_eq!(feed.log.damage().len(), 2, "the damage is found again on open");
     feed.check_points();
-    let d = feed.log.damage()[0].clone();
-    feed.repair(&d);
+    for d in feed.log.damage().to_vec() {
+        feed.repair(&d);
+    }
     feed.push(Event::Barrier);
     feed.log.enforce().unwrap();
     feed.check_points();

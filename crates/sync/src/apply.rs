@@ -662,9 +662,29 @@ impl Receiver {
         Ok(found)
     }
 
-    /// Asks the live session's source to repair the journal damage that needs it, if any.
+    /// Registers the damaged records reads met since the last call
+    /// ([`RetentionLog::note_read_damage`]: a read that fails on one refuses, never returns
+    /// wrong bytes) and asks the live session's source to repair them. Cheap when none.
+    pub fn check_read_damage(&self) -> Result<Vec<JournalDamage>> {
+        let found = lock(&self.inner.log).note_read_damage().map_err(|source| {
+            ApplyError::Storage { op: "registering damage".to_owned(), source }
+        })?;
+        if !found.is_empty() {
+            self.send_repairs();
+        }
+        Ok(found)
+    }
+
+    /// Asks the live session's source to repair the journal damage that needs it, if any
+    /// (damage a read met included).
     fn send_repairs(&self) {
-        let needed = lock(&self.inner.log).repairs_needed();
+        let needed = {
+            let mut log = lock(&self.inner.log);
+            if let Err(e) = log.note_read_damage() {
+                tracing::warn!(error = %error_chain(&e), "registering damage a read met");
+            }
+            log.repairs_needed()
+        };
         let Some(request) = repair_request(&needed) else { return };
         for d in &needed {
             tracing::warn!(segment = %d.segment, offset = d.offset, lost_from = %d.lost_from,

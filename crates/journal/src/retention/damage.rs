@@ -299,11 +299,53 @@ impl RetentionLog {
             .collect()
     }
 
+    /// Registers the records reads found damaged since the last call (see
+    /// [`RetentionLog::scrub`], which calls it first); returns the new damage. Cheap when
+    /// there is none.
+    pub fn note_read_damage(&mut self) -> crate::Result<Vec<JournalDamage>> {
+        let locs = std::mem::take(&mut *self.read_damage.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut found = Vec::new();
+        for loc in locs {
+            if !self.log.segments().iter().any(|s| s.slot == loc.slot && !s.active) {
+                continue;
+            }
+            let name = self.log.segment_name(loc.slot);
+            let scan = self.log.scan_sealed(loc.slot)?;
+            let offset = u64::from(loc.offset);
+            // The scanner may see the damage itself (a checksum); else the record is valid
+            // to the scanner and only its payload failed (decryption): exactly it was lost.
+            let defect = scan
+                .defects
+                .iter()
+                .find(|d| d.offset <= offset && offset < d.offset + d.len)
+                .cloned()
+                .or_else(|| {
+                    scan.records.iter().find(|r| r.offset == offset).map(|r| Defect {
+                        offset,
+                        len: r.header.total_len(),
+                        reason:
+                            "the record failed to read (its payload does not decrypt or decode)"
+                                .to_owned(),
+                        header: Some(r.header),
+                        min_seq: r.header.seq,
+                        prev_kind: None,
+                    })
+                });
+            if let Some(new) = defect.and_then(|d| self.note_damage(loc.slot, &name, &d)) {
+                found.push(new);
+            }
+        }
+        if !found.is_empty() {
+            self.hide_damaged_points();
+        }
+        Ok(found)
+    }
+
     /// Reads every sealed segment again and registers damage not known yet (bit rot since
     /// the log was opened); returns the new damage. The points that depend on it are no
     /// longer offered.
     pub fn scrub(&mut self) -> crate::Result<Vec<JournalDamage>> {
-        let mut found = Vec::new();
+        let mut found = self.note_read_damage()?;
         for seg in self.log.segments() {
             if seg.active {
                 continue;
