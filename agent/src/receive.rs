@@ -238,8 +238,7 @@ fn release(mut receiver: Receiver) -> Option<RetentionLog> {
 /// and one when the source's repair completed; `reported` remembers what was said.
 fn report_repairs(log: &RetentionLog, reported: &mut Vec<(String, u64, bool)>) {
     for d in log.damage() {
-        let ranges: Vec<String> =
-            d.ranges.iter().map(|(v, o, l)| format!("volume {v} bytes {o}+{l}")).collect();
+        let ranges = d.describe_ranges();
         let done = d.repaired_at.is_some();
         let key = (d.segment.clone(), d.offset, done);
         if reported.contains(&key) {
@@ -252,15 +251,13 @@ fn report_repairs(log: &RetentionLog, reported: &mut Vec<(String, u64, bool)>) {
                 d.segment,
                 d.offset,
                 d.lost_from,
-                ranges.join(", "),
+                ranges,
                 if d.whole_volume { " (unknown ranges: the whole volume)" } else { "" },
                 d.repair_id
             ),
             Some(end) => println!(
                 "journal repaired: segment {} offset {}: the source resent {} (resync ending at seq {end})",
-                d.segment,
-                d.offset,
-                ranges.join(", ")
+                d.segment, d.offset, ranges
             ),
         }
     }

@@ -688,7 +688,7 @@ impl Receiver {
         let Some(request) = repair_request(&needed) else { return };
         for d in &needed {
             tracing::warn!(segment = %d.segment, offset = d.offset, lost_from = %d.lost_from,
-                ranges = %describe_damage_ranges(&d.ranges), repair_id = d.repair_id,
+                ranges = %d.describe_ranges(), repair_id = d.repair_id,
                 "journal damage: asking the source to resend the ranges it lost");
         }
         let sent = match &*lock(&self.inner.repair_out) {
@@ -1119,12 +1119,6 @@ pub fn repair_request(needed: &[JournalDamage]) -> Option<RepairRequest> {
         }
     }
     (!ids.is_empty() && !ranges.is_empty()).then_some(RepairRequest { ids, ranges })
-}
-
-fn describe_damage_ranges(ranges: &[(VolumeId, u64, u64)]) -> String {
-    let parts: Vec<String> =
-        ranges.iter().map(|(v, o, l)| format!("volume {v} bytes {o}+{l}")).collect();
-    parts.join(", ")
 }
 
 /// What the replica is, for `Resume`: blank when nothing was ever received or an initial

@@ -49,6 +49,11 @@ pub struct JournalDamage {
 }
 
 impl JournalDamage {
+    /// The ranges it lost, as `volume V bytes O+L, ...`.
+    pub fn describe_ranges(&self) -> String {
+        describe_ranges(&self.ranges)
+    }
+
     /// A sentence naming the damage and its state.
     pub fn describe(&self) -> String {
         let what = if self.whole_volume {
