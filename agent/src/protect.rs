@@ -475,6 +475,17 @@ fn document(
             "duration_s": common::secs(r.elapsed),
         })),
         "resyncs": ps.resyncs,
+        // Resyncs the target asked for because its journal lost records (`RepairRequest`).
+        "repairs": ps.repairs,
+        "repair_requests": s.repair_requests,
+        "last_repair": ps.last_repair.as_ref().map(|r| json!({
+            "id": r.id,
+            "compared_bytes": r.volume_bytes,
+            "differing_bytes": r.differing_bytes,
+            "data_bytes": r.data_bytes,
+            "end_seq": r.end_seq.0,
+            "duration_s": common::secs(r.elapsed),
+        })),
         "pending_resync_bytes": ps.pending_bytes,
         "last_error": ps.last_error,
         "shipper": {

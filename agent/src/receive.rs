@@ -91,6 +91,11 @@ pub struct Args {
     /// Seconds between two retention passes.
     #[arg(long, default_value_t = 10.0)]
     retention_every: f64,
+    /// Seconds between two scrubs of the journal (every sealed segment read again; damage
+    /// found is reported and the source asked to resend what it lost); 0: never (damage is
+    /// then found when the journal is opened).
+    #[arg(long, default_value_t = 0.0)]
+    scrub_every: f64,
     /// Failback: an existing volume image to use as the replica's base (linked as
     /// DIR/replica.img) instead of a blank one; the source runs `protect --failback`.
     #[arg(long)]
@@ -145,6 +150,8 @@ struct Passes {
     damage: Vec<(String, u64, u64, String)>,
     count: u64,
     last: Option<(u64, Duration, Result<RetentionReport, String>)>,
+    /// Journal damage already announced: (segment, offset, repaired).
+    repairs_reported: Vec<(String, u64, bool)>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -152,6 +159,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let secure = common::secure(&args.key, &args.peer)?;
     if args.size == 0 || args.size % u64::from(args.block_size) != 0 {
         bail!("volume size {} must be a positive multiple of {}", args.size, args.block_size);
+    }
+    if !(args.scrub_every >= 0.0 && args.scrub_every.is_finite()) {
+        bail!("--scrub-every {}: expected a number of seconds (0: never)", args.scrub_every);
     }
     if !(args.retention_every > 0.0 && args.retention_every.is_finite()) {
         bail!("--retention-every {}: expected a positive number of seconds", args.retention_every);
@@ -237,6 +247,35 @@ fn release(mut receiver: Receiver) -> Option<RetentionLog> {
     }
 }
 
+/// One line per journal damage that needs a repair (naming the segment, offset and ranges)
+/// and one when the source's repair completed; `reported` remembers what was said.
+fn report_repairs(log: &RetentionLog, reported: &mut Vec<(String, u64, bool)>) {
+    for d in log.damage() {
+        let ranges = d.describe_ranges();
+        let done = d.repaired_at.is_some();
+        let key = (d.segment.clone(), d.offset, done);
+        if reported.contains(&key) {
+            continue;
+        }
+        reported.push(key);
+        match d.repaired_at {
+            None => println!(
+                "journal repair needed: segment {} offset {}: lost records from seq {} covering {}{}; points from there withheld until the source resends them (repair id {:#018x})",
+                d.segment,
+                d.offset,
+                d.lost_from,
+                ranges,
+                if d.whole_volume { " (unknown ranges: the whole volume)" } else { "" },
+                d.repair_id
+            ),
+            Some(end) => println!(
+                "journal repaired: segment {} offset {}: the source resent {} (resync ending at seq {end})",
+                d.segment, d.offset, ranges
+            ),
+        }
+    }
+}
+
 fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
     let (image, size) = (&s.image, s.args.size);
     let base = if image.exists() {
@@ -276,6 +315,7 @@ fn open_log(s: &Setup, passes: &mut Passes) -> anyhow::Result<RetentionLog> {
         .iter()
         .map(|(seg, d)| (seg.to_string(), d.offset, d.len, d.reason.clone()))
         .collect();
+    report_repairs(&log, &mut passes.repairs_reported);
     Ok(log)
 }
 
@@ -315,6 +355,7 @@ fn serve(
     let enforcing = s.cfg.policy != RetentionPolicy::default();
     let every = Duration::from_secs_f64(args.retention_every);
     let mut last_pass = Instant::now();
+    let mut last_scrub = Instant::now();
     let mut last_line = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
     let mut failed = None;
@@ -333,6 +374,15 @@ fn serve(
         if failed.is_none() {
             failed = receiver.status().failed;
         }
+        if args.scrub_every > 0.0 && last_scrub.elapsed().as_secs_f64() >= args.scrub_every {
+            last_scrub = Instant::now();
+            if let Err(e) = receiver.scrub() {
+                println!("scrub: {e}");
+            }
+        } else if let Err(e) = receiver.check_read_damage() {
+            println!("journal damage a read met: {e}");
+        }
+        receiver.with_log(|log| report_repairs(log, &mut passes.repairs_reported));
         if last_file.elapsed() >= Duration::from_secs(1) || failed.is_some() {
             let state = if failed.is_some() { "reopening" } else { "serving" };
             let doc = document(&receiver, &addr.to_string(), started.elapsed(), state, s, passes);
@@ -441,6 +491,21 @@ fn document(
         "handshakes_evicted": s.handshakes_evicted,
         "last_error": s.last_error,
         "failed": s.failed,
+        "repair_requests": s.repair_requests,
+        // Damage above the base (found on open or by a scrub): what it lost, the points it
+        // withholds, and the source's repair.
+        "journal_repair": r.damage.iter().map(|d| json!({
+            "segment": d.segment,
+            "offset": d.offset,
+            "length": d.len,
+            "lost_from": d.lost_from.0,
+            "whole_volume": d.whole_volume,
+            "ranges": d.ranges.iter().map(|(v, o, l)| json!({
+                "volume": v.0, "offset": o, "length": l,
+            })).collect::<Vec<_>>(),
+            "repair_id": d.repair_id,
+            "repaired_at": d.repaired_at.map(|s| s.0),
+        })).collect::<Vec<_>>(),
         // What the journal's last opening found damaged and skipped.
         "journal_damage": passes.damage.iter().map(|(segment, offset, len, reason)| json!({
             "segment": segment, "offset": offset, "length": len, "reason": reason,

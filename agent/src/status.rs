@@ -150,10 +150,32 @@ fn summary(v: &Value) -> Vec<(String, String)> {
             row("VOLUME", num("/replica/volume_bytes").map(|b| bytes(b as u64)));
             row("JOURNAL", num("/retention/journal_bytes").map(|b| bytes(b as u64)));
             row("POINTS", get("/retention/points").map(plain));
+            row("REPAIR", journal_repair_summary(v));
         }
         _ => {}
     }
     rows
+}
+
+/// The journal damage of a receiver and its repairs, in one line (`None` when none).
+fn journal_repair_summary(v: &Value) -> Option<String> {
+    let all = v.get("journal_repair")?.as_array().filter(|a| !a.is_empty())?;
+    let pending = all.iter().filter(|d| d["repaired_at"].is_null()).count();
+    let first = &all[0];
+    let at = format!(
+        "{} offset {}",
+        first["segment"].as_str().unwrap_or("?"),
+        first["offset"].as_u64().unwrap_or(0)
+    );
+    Some(if pending == 0 {
+        format!("{} damaged stretch(es) repaired by the source (first at {at})", all.len())
+    } else {
+        format!(
+            "{pending} of {} damaged stretch(es) waiting for the source's resend (first at {at}); points from seq {} on withheld",
+            all.len(),
+            first["lost_from"].as_u64().unwrap_or(0)
+        )
+    })
 }
 
 fn plain(v: &Value) -> String {

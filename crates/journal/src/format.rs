@@ -638,6 +638,32 @@ pub struct Defect {
     pub len: u64,
     /// The first check that failed there.
     pub reason: String,
+    /// The damaged record's header when the header itself was valid (the payload checksum,
+    /// the sequence order or the payload failed): then exactly this one record was lost,
+    /// and its volume range is known. `None` when the stretch may have held any number of
+    /// records.
+    pub header: Option<RecordHeader>,
+    /// The sequence floor at the stretch: the `seq` of the valid record before it in the
+    /// segment, or the segment header's `first_seq` when there is none. No record lost
+    /// here had a smaller sequence number.
+    pub min_seq: Seq,
+    /// The kind of the valid record before the stretch in the segment (`None`: the stretch
+    /// starts the segment). A record after a non-data record at `min_seq` has a larger
+    /// sequence number (coalesced records precede the point they share a number with).
+    pub prev_kind: Option<RecordKind>,
+}
+
+impl Defect {
+    /// The smallest sequence number a record lost in this stretch can have: the damaged
+    /// record's own when its header is known, else the floor (one above it when the record
+    /// before was not a data record).
+    pub fn lost_from(&self) -> Seq {
+        match (&self.header, self.prev_kind) {
+            (Some(h), _) => h.seq,
+            (None, Some(k)) if !k.is_data() => Seq(self.min_seq.0.saturating_add(1)),
+            (None, _) => self.min_seq,
+        }
+    }
 }
 
 /// Everything [`scan_segment`] learned about one segment image.
@@ -735,15 +761,22 @@ pub fn scan_segment(b: &[u8], object: &str) -> Result<SegmentScan> {
             Err((header_ok, reason)) => {
                 // Resume at the next valid record, if any; a valid header lets us skip the
                 // damaged record exactly.
-                let skip_to = if header_ok {
-                    let h = RecordHeader::decode(&b[pos..], header.crc_seed())
-                        .expect("validated above");
-                    Some(pos + h.total_len() as usize)
-                } else {
-                    find_next_record(b, pos + 1, &header, min_seq)
+                let known = header_ok.then(|| {
+                    RecordHeader::decode(&b[pos..], header.crc_seed()).expect("validated above")
+                });
+                let skip_to = match &known {
+                    Some(h) => Some(pos + h.total_len() as usize),
+                    None => find_next_record(b, pos + 1, &header, min_seq),
                 };
                 let next = skip_to.unwrap_or(b.len());
-                defects.push(Defect { offset: pos as u64, len: (next - pos) as u64, reason });
+                defects.push(Defect {
+                    offset: pos as u64,
+                    len: (next - pos) as u64,
+                    reason,
+                    header: known,
+                    min_seq,
+                    prev_kind: records.last().map(|r: &ScannedRecord| r.header.kind),
+                });
                 pos = next;
             }
         }

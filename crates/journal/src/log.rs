@@ -406,6 +406,8 @@ impl SegmentLog {
                         "{}; {after} valid records after it were discarded so the sequence has no gap",
                         first.reason
                     ),
+                    header: None,
+                    ..first.clone()
                 });
             }
             seg.file.set_len(cut).map_err(|e| JournalError::io("truncate", name.clone(), e))?;
@@ -459,6 +461,9 @@ impl SegmentLog {
                                 offset: r.offset,
                                 len: r.header.total_len(),
                                 reason: e.to_string(),
+                                header: Some(r.header),
+                                min_seq: r.header.seq,
+                                prev_kind: None,
                             },
                         ));
                         continue;
@@ -477,6 +482,9 @@ impl SegmentLog {
                             "sequence number {} goes back from {}",
                             r.header.seq, *prev
                         ),
+                        header: Some(r.header),
+                        min_seq: r.header.seq,
+                        prev_kind: None,
                     },
                 ));
                 continue;
@@ -840,18 +848,24 @@ impl SegmentLog {
 
     /// Every valid record of a sealed segment, in file order.
     pub fn records(&self, slot: u32) -> Result<Vec<(Loc, RecordHeader)>> {
-        let seg = self.segments.get(&slot).expect("live slot");
-        assert!(seg.writer.is_none(), "records() needs a sealed segment");
-        let mut bytes = vec![0u8; seg.len as usize];
-        seg.file
-            .read_at(&mut bytes, 0)
-            .map_err(|e| JournalError::io("read", seg.name.clone(), e))?;
-        let scan = format::scan_segment(&bytes, &seg.name)?;
+        let scan = self.scan_sealed(slot)?;
         Ok(scan
             .records
             .into_iter()
             .map(|r| (Loc { slot, offset: r.offset as u32 }, r.header))
             .collect())
+    }
+
+    /// Scans a sealed segment again from its file (a scrub): its valid records and its
+    /// damaged stretches, as on open.
+    pub fn scan_sealed(&self, slot: u32) -> Result<format::SegmentScan> {
+        let seg = self.segments.get(&slot).expect("live slot");
+        assert!(seg.writer.is_none(), "scan_sealed() needs a sealed segment");
+        let mut bytes = vec![0u8; seg.len as usize];
+        seg.file
+            .read_at(&mut bytes, 0)
+            .map_err(|e| JournalError::io("read", seg.name.clone(), e))?;
+        format::scan_segment(&bytes, &seg.name)
     }
 
     /// Starts a segment for rewritten records (compaction); it joins the log only through

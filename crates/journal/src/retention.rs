@@ -53,6 +53,9 @@ use crate::io::{BlockIo, Dir};
 use crate::log::{Loc, LogOptions, OpenReport, RecordSpec, SegmentLog};
 use crate::types::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 
+mod damage;
+pub use damage::JournalDamage;
+
 /// A point in the history to read, expose or recover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryPoint {
@@ -294,6 +297,8 @@ pub struct RetentionStatus {
     /// At the last retention pass the space limit could not be met because of the open
     /// resync window.
     pub space_held_by_resync: bool,
+    /// Damaged stretches of the journal above the base and their repairs.
+    pub damage: Vec<JournalDamage>,
 }
 
 /// A stretch of the capture stream during which at least one resync window was open.
@@ -309,6 +314,8 @@ struct ResyncSpan {
     open_ids: Vec<(u64, Seq)>,
     /// Bookmarks taken inside the span (never offered): (seq, name).
     bookmarks: Vec<(Seq, String)>,
+    /// Every id opened in the span, in begin order (a repair names its damage by id).
+    ids: Vec<u64>,
 }
 
 impl ResyncSpan {
@@ -401,6 +408,7 @@ impl Windows {
         match (event, open) {
             (Event::ResyncBegin { id }, Some(sp)) => {
                 sp.open_ids.push((*id, seq));
+                sp.ids.push(*id);
                 None
             }
             (Event::ResyncBegin { id }, None) => {
@@ -411,6 +419,7 @@ impl Windows {
                     end: None,
                     open_ids: vec![(*id, seq)],
                     bookmarks: Vec::new(),
+                    ids: vec![*id],
                 });
                 None
             }
@@ -510,6 +519,12 @@ pub struct RetentionLog {
     segment_count: usize,
     cache: Mutex<Option<(Loc, CachedRecord)>>,
     holds: HoldSet,
+    /// Damaged stretches of live segments above the base, and their repairs (see
+    /// [`JournalDamage`]).
+    damage: Vec<JournalDamage>,
+    /// Records a read found damaged (an encrypted payload whose tag fails while its
+    /// checksum holds, bit rot since open), for [`RetentionLog::scrub`] to register.
+    read_damage: Mutex<Vec<Loc>>,
 }
 
 fn block_entries(h: &RecordHeader, loc: Loc, bs: u64, mut f: impl FnMut(Entry)) {
@@ -553,7 +568,7 @@ impl RetentionLog {
         let mut idx = Vec::new();
         let mut points = Vec::new();
         let mut windows = Windows::default();
-        let mut resync_defects: Vec<(Loc, u64, String)> = Vec::new();
+        let mut resync_defects: Vec<(Loc, RecordHeader, String)> = Vec::new();
         let mut last_time = Nanos(0);
         let mut mismatch: Option<JournalError> = None;
         let base_file_lens = volume_lens.clone();
@@ -621,9 +636,10 @@ impl RetentionLog {
                 (RecordKind::ResyncEnd, _, Some(id)) => Event::ResyncEnd { id },
                 _ => return,
             };
+            let header = *v.header;
             if let Err(e) = windows.check(seq, &event) {
                 // Only damage (a lost begin record) can produce this: report it, skip it.
-                resync_defects.push((v.loc, v.header.total_len(), e.to_string()));
+                resync_defects.push((v.loc, header, e.to_string()));
                 return;
             }
             if let Some(kind) = windows.apply(seq, time, &event) {
@@ -631,12 +647,20 @@ impl RetentionLog {
             }
         })?;
         let mut report = report;
-        for (loc, len, reason) in resync_defects {
+        for (loc, header, reason) in resync_defects {
             let segment = log.segment_name(loc.slot);
             tracing::error!(%segment, offset = loc.offset, "resync record skipped: {reason}");
-            report
-                .defects
-                .push((segment, format::Defect { offset: u64::from(loc.offset), len, reason }));
+            report.defects.push((
+                segment,
+                format::Defect {
+                    offset: u64::from(loc.offset),
+                    len: header.total_len(),
+                    reason,
+                    header: Some(header),
+                    min_seq: header.seq,
+                    prev_kind: None,
+                },
+            ));
         }
         if let Some(e) = mismatch {
             return Err(e);
@@ -675,7 +699,10 @@ impl RetentionLog {
             segment_count,
             cache: Mutex::new(None),
             holds: HoldSet::default(),
+            damage: Vec::new(),
+            read_damage: Mutex::new(Vec::new()),
         };
+        this.damage_on_open(&report);
         if m.pending_base > base_seq {
             // A base advance was interrupted: finish it (redo is idempotent).
             let target = this.points.iter().find(|p| p.seq == m.pending_base).cloned().unwrap_or(
@@ -794,7 +821,12 @@ impl RetentionLog {
             | Event::ResyncBegin { .. }
             | Event::ResyncEnd { .. } => {
                 if let Some(kind) = self.windows.apply(seq, time, event) {
-                    self.points.push(PointInfo { seq, time, kind });
+                    if matches!(kind, PointKind::ResyncEnd { .. }) {
+                        self.close_repairs(seq);
+                    }
+                    if self.hidden_by_damage(seq).is_none() {
+                        self.points.push(PointInfo { seq, time, kind });
+                    }
                 }
             }
             Event::Resize { volume, old_size, new_size } => {
@@ -865,6 +897,20 @@ impl RetentionLog {
     /// The newest consistent state: everything received, or, while a resync window is open,
     /// the state right before it.
     fn latest(&self) -> std::result::Result<PointInfo, String> {
+        if let Some(d) = self.unrepaired_damage() {
+            // Everything from the damaged stretch on depends on what it lost: the newest
+            // state before it (or before an open window further back).
+            let mut before = Seq(d.lost_from.0 - 1);
+            if let Some(open) = self.windows.open() {
+                before = before.min(Seq(open.begin_seq.0.saturating_sub(1)));
+            }
+            return self.newest_state_at_or_below(before).ok_or_else(|| {
+                format!(
+                    "no consistent state precedes the journal damage at {} offset {} (seq {} on)",
+                    d.segment, d.offset, d.lost_from
+                )
+            });
+        }
         let Some(open) = self.windows.open() else {
             return Ok(PointInfo {
                 seq: self.last_seq().max(self.base.seq),
@@ -926,6 +972,9 @@ impl RetentionLog {
                         "seq {s} is inside {}: the replica was inconsistent",
                         sp.describe()
                     )));
+                }
+                if let Some(d) = self.hidden_by_damage(*s) {
+                    return Err(unknown(format!("seq {s} depends on {}", d.describe())));
                 }
                 if *s <= self.log.manifest().thin_horizon {
                     return Err(unknown(format!(
@@ -1019,7 +1068,18 @@ impl RetentionLog {
                 return Ok(r.clone());
             }
         }
-        let r = Arc::new(self.log.read(loc)?);
+        let r = match self.log.read(loc) {
+            Ok(r) => Arc::new(r),
+            Err(e @ JournalError::CorruptRecord { .. }) => {
+                // The read fails (no wrong bytes); the next scrub registers the damage.
+                let mut found = self.read_damage.lock().unwrap_or_else(|e| e.into_inner());
+                if !found.contains(&loc) {
+                    found.push(loc);
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         *cache = Some((loc, r.clone()));
         Ok(r)
     }
@@ -1090,6 +1150,13 @@ impl RetentionLog {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<()> {
+        // A point resolved (or held) before damage was found under it reads no wrong bytes.
+        if let Some(d) = self.damage_under(at.seq, volume, offset, buf.len() as u64) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", at.seq),
+                reason: format!("the range depends on {}", d.describe()),
+            });
+        }
         self.read_range(at.seq, volume, offset, buf)
     }
 
@@ -1135,6 +1202,9 @@ impl RetentionLog {
         }
         if seq > self.last_seq() {
             return Err(unknown(format!("not received yet (newest is seq {})", self.last_seq())));
+        }
+        if let Some(d) = self.damage_under(seq, volume, offset, buf.len() as u64) {
+            return Err(unknown(format!("the range depends on {}", d.describe())));
         }
         self.read_range(seq, volume, offset, buf)
     }
@@ -1184,6 +1254,12 @@ impl RetentionLog {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MaterializeReport> {
         let vlen = self.volume_len_at(volume, at.seq)?;
+        if let Some(d) = self.damage_under(at.seq, volume, 0, vlen) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", at.seq),
+                reason: format!("it depends on {}", d.describe()),
+            });
+        }
         let olen = out.len().map_err(|e| JournalError::io("stat", out.name(), e))?;
         if olen != vlen {
             out.set_len(vlen).map_err(|e| JournalError::io("resize", out.name(), e))?;
@@ -1330,6 +1406,7 @@ impl RetentionLog {
             }),
             last_consistent: self.latest().ok(),
             space_held_by_resync: self.space_held_by_resync,
+            damage: self.damage.clone(),
         }
     }
 
@@ -1400,6 +1477,7 @@ impl RetentionLog {
         let held = self.held();
         let floor = held.first().copied();
         report.kept_for_holds = self.keep_for_holds(&held, &mut keep);
+        self.keep_for_damage(&mut keep);
         if let Some(first_kept) = keep.iter().position(|k| *k) {
             // Thin interior intervals before moving the base, so both see one index.
             let mut intervals = Vec::new();
@@ -1574,6 +1652,7 @@ impl RetentionLog {
             .segments()
             .iter()
             .filter(|s| !s.active && s.last_seq.is_none_or(|l| l <= target.seq))
+            .filter(|s| !self.damage.iter().any(|d| d.slot == s.slot && d.repaired_at.is_none()))
             .map(|s| s.slot)
             .collect();
         let (seq, time) = (target.seq, target.time);
@@ -1591,6 +1670,7 @@ impl RetentionLog {
         }
         self.resizes.retain(|r| r.0 > seq);
         self.windows.spans.retain(|sp| sp.end.is_none_or(|e| e > seq));
+        self.damage.retain(|d| !gone.contains(&d.slot) && d.repaired_at.is_none_or(|e| e > seq));
         self.base = PointInfo { kind: PointKind::Base, ..target };
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.segment_count = self.log.segment_count();
@@ -1668,6 +1748,7 @@ impl RetentionLog {
                                     dropped.contains(&h.seq)
                                         || self.windows.containing(h.seq).is_some()
                                         || self.windows.closes_at(h.seq).is_some()
+                                        || self.hidden_by_damage(h.seq).is_some()
                                 );
                             }
                         }

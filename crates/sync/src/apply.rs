@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tidemark_journal::format::MAX_PAYLOAD;
-use tidemark_journal::{Event, JournalError, RetentionLog, Seq, VolumeId};
+use tidemark_journal::{Event, JournalDamage, JournalError, RetentionLog, Seq, VolumeId};
 
 use crate::connection::{Connection, ConnectionError};
 use crate::dedupe::{self, AppliedWindow};
@@ -64,8 +64,9 @@ use crate::ship::error_chain;
 use crate::watch::Watch;
 use crate::wire::{
     Batch, Codec, EntryBody, ErrorCode, HashReply, HashRequest, Hello, LineageInfo,
-    MAX_OPEN_RESYNCS, MAX_TEXT, Message, MessageType, PairId, Refuse, RefuseReason, ReplicaKind,
-    ReplicaState, SUPPORTED_VERSIONS, TreeShape, WireError,
+    MAX_OPEN_RESYNCS, MAX_REPAIR_IDS, MAX_REPAIR_RANGES, MAX_TEXT, Message, MessageType, PairId,
+    Refuse, RefuseReason, RepairRange, RepairRequest, ReplicaKind, ReplicaState,
+    SUPPORTED_VERSIONS, TreeShape, WireError,
 };
 
 /// What went wrong on the target side of replication.
@@ -336,6 +337,8 @@ pub struct ReceiverStatus {
     pub last_error: Option<String>,
     /// Set after a storage failure: no further session is accepted.
     pub failed: Option<String>,
+    /// `RepairRequest`s sent (the journal lost records; see [`Receiver::scrub`]).
+    pub repair_requests: u64,
 }
 
 type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
@@ -364,7 +367,14 @@ struct Inner {
     slots: Mutex<Slots>,
     slots_changed: Condvar,
     status: Watch<ReceiverStatus>,
+    /// How the live session sends a message (for `RepairRequest`s): its id and a sender.
+    repair_out: Mutex<Option<(u64, RepairSender)>>,
+    /// Counts the `ResyncBegin`s applied: the hasher's cached tree serves only requests of
+    /// the generation it was built in.
+    resync_generation: std::sync::atomic::AtomicU64,
 }
+
+type RepairSender = Box<dyn Fn(&Message) -> Result<()> + Send + Sync>;
 
 /// The target side of one replication pair (see the module documentation). Cheap to
 /// clone: clones share the log and the sessions.
@@ -443,6 +453,8 @@ impl Receiver {
                 }),
                 slots_changed: Condvar::new(),
                 status: Watch::new(status),
+                repair_out: Mutex::new(None),
+                resync_generation: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -692,6 +704,60 @@ impl Receiver {
         lock(&self.inner.slots).active.as_ref().map(|a| a.0) != Some(id)
     }
 
+    /// Reads the retention log's sealed segments again ([`RetentionLog::scrub`]); damage
+    /// not known before is asked to be repaired at once on the live session (and again at
+    /// the start of every session until it is). Returns the new damage.
+    pub fn scrub(&self) -> Result<Vec<JournalDamage>> {
+        let found = lock(&self.inner.log)
+            .scrub()
+            .map_err(|source| ApplyError::Storage { op: "scrub".to_owned(), source })?;
+        if !found.is_empty() {
+            self.send_repairs();
+        }
+        Ok(found)
+    }
+
+    /// Registers the damaged records reads met since the last call
+    /// ([`RetentionLog::note_read_damage`]: a read that fails on one refuses, never returns
+    /// wrong bytes) and asks the live session's source to repair them. Cheap when none.
+    pub fn check_read_damage(&self) -> Result<Vec<JournalDamage>> {
+        let found = lock(&self.inner.log).note_read_damage().map_err(|source| {
+            ApplyError::Storage { op: "registering damage".to_owned(), source }
+        })?;
+        if !found.is_empty() {
+            self.send_repairs();
+        }
+        Ok(found)
+    }
+
+    /// Asks the live session's source to repair the journal damage that needs it, if any
+    /// (damage a read met included).
+    fn send_repairs(&self) {
+        let needed = {
+            let mut log = lock(&self.inner.log);
+            if let Err(e) = log.note_read_damage() {
+                tracing::warn!(error = %error_chain(&e), "registering damage a read met");
+            }
+            log.repairs_needed()
+        };
+        let Some(request) = repair_request(&needed) else { return };
+        for d in &needed {
+            tracing::warn!(segment = %d.segment, offset = d.offset, lost_from = %d.lost_from,
+                ranges = %d.describe_ranges(), repair_id = d.repair_id,
+                "journal damage: asking the source to resend the ranges it lost");
+        }
+        let sent = match &*lock(&self.inner.repair_out) {
+            Some((_, send)) => send(&Message::RepairRequest(request)),
+            None => return,
+        };
+        match sent {
+            Ok(()) => self.update(|s| s.repair_requests += 1),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "the repair request was not sent; the next session asks again")
+            }
+        }
+    }
+
     fn mark_failed(&self, e: &ApplyError) {
         let text = error_chain(e);
         lock(&self.inner.slots).failed.get_or_insert_with(|| text.clone());
@@ -738,7 +804,19 @@ impl Receiver {
                 .spawn(move || run_net_reader(rx_half, codec, &tx, &hash_tx, &out))
                 .map_err(|e| ApplyError::Thread { what: format!("spawning the reader: {e}") })?
         };
+        {
+            let out = out.clone();
+            let send: RepairSender = Box::new(move |m: &Message| lock(&out).send(m));
+            *lock(&self.inner.repair_out) = Some((id, send));
+        }
+        self.send_repairs();
         let result = self.apply_loop(id, &rx, &out, resume);
+        {
+            let mut current = lock(&self.inner.repair_out);
+            if current.as_ref().is_some_and(|(i, _)| *i == id) {
+                *current = None;
+            }
+        }
         cancel.store(true, Ordering::SeqCst);
         match &result {
             Ok(()) => {
@@ -948,6 +1026,11 @@ impl Receiver {
                 self.mark_failed(&e);
                 return Err(e);
             }
+            if matches!(event, Event::ResyncBegin { .. }) {
+                // A new comparison starts once its window is in: trees built before it are
+                // stale for it (see `run_hasher`).
+                self.inner.resync_generation.fetch_add(1, Ordering::SeqCst);
+            }
             events += 1;
         }
         let received = log.last_seq();
@@ -1112,6 +1195,24 @@ pub fn check_volumes(announced: &[crate::wire::VolumeInfo], lens: &[u64]) -> Res
     })
 }
 
+/// The `RepairRequest` for the journal damage `needed` ([`RetentionLog::repairs_needed`]):
+/// every repair id and range, the first [`MAX_REPAIR_IDS`] damages (the rest go in a later
+/// request, once these are repaired). `None` when nothing needs repair. Pure, for tests.
+pub fn repair_request(needed: &[JournalDamage]) -> Option<RepairRequest> {
+    let mut ids = Vec::new();
+    let mut ranges: Vec<RepairRange> = Vec::new();
+    for d in needed.iter().take(MAX_REPAIR_IDS) {
+        ids.push(d.repair_id);
+        for &(volume, offset, len) in &d.ranges {
+            let r = RepairRange { volume, offset, len };
+            if len > 0 && !ranges.contains(&r) && ranges.len() < MAX_REPAIR_RANGES {
+                ranges.push(r);
+            }
+        }
+    }
+    (!ids.is_empty() && !ranges.is_empty()).then_some(RepairRequest { ids, ranges })
+}
+
 /// What the replica is, for `Resume`: blank when nothing was ever received or an initial
 /// sync is under way (naming its open windows), inconsistent while another resync window
 /// is open (naming its open ids, the first [`MAX_OPEN_RESYNCS`]),
@@ -1183,8 +1284,12 @@ fn run_hasher<S: Stream>(
     out: &Mutex<Outbound<S>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let mut cache: Option<(VolumeId, TreeShape, MerkleTree)> = None;
+    // The tree of the last whole-tree request, with the resync generation it was built in: a
+    // later comparison (a limited resync or a repair asks for leaves only, after its own
+    // `ResyncBegin`) must not be answered from it, the replica may have changed since.
+    let mut cache: Option<(VolumeId, TreeShape, MerkleTree, u64)> = None;
     for request in requests {
+        let generation = inner.resync_generation.load(Ordering::SeqCst);
         let (id, volume) = (request.id, request.volume);
         let len = match lock(&inner.log).volume_len(volume) {
             Ok(len) => len,
@@ -1201,11 +1306,13 @@ fn run_hasher<S: Stream>(
         let reply = if request.level >= request.shape.root_level(len) {
             let tree = MerkleTree::build(&source, request.shape, 0).map_err(failed)?;
             let reply = tree.answer(volume, &request).map_err(failed)?;
-            cache = Some((volume, request.shape, tree));
+            cache = Some((volume, request.shape, tree, generation));
             reply
         } else {
             match &cache {
-                Some((v, shape, tree)) if *v == volume && *shape == request.shape => {
+                Some((v, shape, tree, g))
+                    if *v == volume && *shape == request.shape && *g == generation =>
+                {
                     tree.answer(volume, &request).map_err(failed)?
                 }
                 _ => HashReply {

@@ -90,6 +90,11 @@ pub struct PairStatus {
     pub pending_bytes: u64,
     /// A resync is due but every slot of the node's cap is taken.
     pub waiting_for_slot: bool,
+    /// Repairs of the target's journal completed (resyncs the target asked for with a
+    /// `RepairRequest`).
+    pub repairs: u64,
+    /// The last completed repair.
+    pub last_repair: Option<ResyncReport>,
 }
 
 /// How a [`SourcePair`] runs.
@@ -237,6 +242,8 @@ impl SourcePair {
                 last_error: None,
                 pending_bytes: 0,
                 waiting_for_slot: false,
+                repairs: 0,
+                last_repair: None,
             })),
             stopping: AtomicBool::new(false),
         });
@@ -306,6 +313,8 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
     let mut leftover: Vec<u64> = Vec::new();
     // Ranges a growth added, waiting for the target to acknowledge the resize.
     let mut grown: Vec<(tidemark_journal::Seq, tidemark_tap::RegionRun)> = Vec::new();
+    // `RepairRequest`s of the target already run (or given up with their session).
+    let mut handled_repairs = 0u64;
     while !inner.stopping.load(Ordering::SeqCst) {
         let st = inner.client.status();
         pending = take_grown(inner, &mut grown, st.acked, pending);
@@ -353,10 +362,19 @@ fn run(inner: &Arc<Inner>, mut opened: Option<u64>) {
         } else {
             None
         };
+        if job.is_none() && st.repair_requests != handled_repairs {
+            handled_repairs = st.repair_requests;
+            if let Some(request) = &st.repair_request {
+                run_repair(inner, request, &mut leftover);
+                continue;
+            }
+        }
         let Some(job) = job else {
             inner.stage(PairStage::DiffSync);
-            let seen = st.sessions;
-            wait(inner, tick, |s| s.sessions != seen || s.state != LinkState::Shipping);
+            let (seen, repairs) = (st.sessions, st.repair_requests);
+            wait(inner, tick, |s| {
+                s.sessions != seen || s.state != LinkState::Shipping || s.repair_requests != repairs
+            });
             continue;
         };
         // Wait for a slot under the node's cap on concurrent resyncs.
@@ -536,15 +554,20 @@ fn run_job(
     job: &Job,
     leftover: &[u64],
 ) -> (Result<ResyncReport, SyncerError>, Vec<u64>) {
-    let sink = inner.clone();
-    let syncer = Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
-        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))));
+    let syncer = reporting_syncer(inner);
     let result = run_syncer(inner, &syncer, job, leftover);
     let to_close = match job {
         Job::Initial { close } | Job::Full { close } => close.as_slice(),
         Job::Regions(_) => leftover,
     };
     (result, windows_left_open(to_close, &syncer.closed_windows(), &syncer.open_windows()))
+}
+
+/// A resync driver for the pair whose progress goes to the pair's status.
+fn reporting_syncer(inner: &Arc<Inner>) -> Syncer {
+    let sink = inner.clone();
+    Syncer::new(inner.tap.clone(), inner.client.clone(), inner.cfg.syncer.clone())
+        .progress(Arc::new(move |p: Progress| sink.update(|s| s.progress = Some(p))))
 }
 
 /// The windows open after a resync that was to close `to_close`, closed `closed` and left
@@ -580,6 +603,57 @@ fn run_syncer(
             inner.stage(PairStage::Resync);
             let ranges = byte_ranges(inner, regions);
             syncer.fast_resync(Some(&ranges), leftover)
+        }
+    }
+}
+
+/// Runs a repair the target asked for: the ranges of this pair's volume, in windows with
+/// the target's repair ids, closing what failed resyncs left open (`leftover`). A failed
+/// repair is not retried here: the target asks again on its next session (or, if the
+/// repair's window is open there, reports the replica inconsistent, and the whole-volume
+/// resync that follows closes it).
+fn run_repair(inner: &Arc<Inner>, request: &crate::wire::RepairRequest, leftover: &mut Vec<u64>) {
+    let volume = inner.cfg.syncer.volume;
+    let ranges: Vec<Range<u64>> = request
+        .ranges
+        .iter()
+        .filter(|r| r.volume == volume)
+        .map(|r| r.offset..r.offset.saturating_add(r.len))
+        .collect();
+    // Windows failed resyncs left open (an interrupted repair among them) are closed with
+    // it, not begun again. (The target never asks for a repair whose window it has open.)
+    let open = leftover.clone();
+    let mut _permit = None;
+    if let Some(slots) = &inner.cfg.slots {
+        while _permit.is_none() && !inner.stopping.load(Ordering::SeqCst) {
+            _permit = slots.acquire(Some(inner.cfg.tick));
+            inner.update(|s| s.waiting_for_slot = _permit.is_none());
+        }
+    }
+    inner.stage(PairStage::Resync);
+    let syncer = reporting_syncer(inner);
+    tracing::warn!(ids = ?request.ids, bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+        "repairing the target's journal: resyncing the ranges it lost");
+    let result = syncer.repair(&request.ids, &ranges, &open);
+    *leftover = windows_left_open(&open, &syncer.closed_windows(), &syncer.open_windows());
+    match result {
+        Ok(report) => {
+            tracing::info!(id = report.id, differing = report.differing_bytes, end = %report.end_seq,
+                "repair of the target's journal sent");
+            inner.update(|s| {
+                s.repairs += 1;
+                s.resyncs += 1;
+                s.last_repair = Some(report);
+                s.progress = None;
+            });
+        }
+        Err(e) => {
+            let text = error_chain(&e);
+            tracing::warn!(error = %text, "repair did not complete; the target asks again");
+            inner.update(|s| {
+                s.last_error = Some(text);
+                s.progress = None;
+            });
         }
     }
 }

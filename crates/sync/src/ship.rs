@@ -64,8 +64,8 @@ use crate::shape::TokenBucket;
 use crate::watch::Watch;
 use crate::wire::{
     Batch, BatchEntry, Codec, Compression, EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN,
-    HashReply, HashRequest, Hello, LineageInfo, Message, MessageType, RefuseReason, ReplicaKind,
-    ReplicaState, WireError,
+    HashReply, HashRequest, Hello, LineageInfo, Message, MessageType, RefuseReason, RepairRequest,
+    ReplicaKind, ReplicaState, WireError,
 };
 
 /// What went wrong on the source side of replication.
@@ -556,6 +556,10 @@ pub struct ShipperStatus {
     pub hash_request_bytes: u64,
     /// Frame bytes of `HashReply`s received (all connections): the target's share.
     pub hash_reply_bytes: u64,
+    /// `RepairRequest`s received (all connections): the target's journal lost records.
+    pub repair_requests: u64,
+    /// The last `RepairRequest` received, for the pair controller to run.
+    pub repair_request: Option<RepairRequest>,
 }
 
 /// A state transition or progress, as the shipper reports it to its observer.
@@ -868,6 +872,8 @@ impl Shipper {
                 hash_requests: 0,
                 hash_request_bytes: 0,
                 hash_reply_bytes: 0,
+                repair_requests: 0,
+                repair_request: None,
             }),
             policy: Mutex::new(policy),
             observer: self.observer,
@@ -1505,11 +1511,23 @@ fn run_ack_reader<S: Stream>(
         match codec.decode(Bytes::from(std::mem::take(&mut buf)))? {
             Message::Ack { upto } => on_ack(shared, link, upto)?,
             Message::HashReply(reply) => on_hash_reply(shared, reply, frame_len)?,
+            Message::RepairRequest(request) => on_repair_request(shared, request),
             Message::Pong { .. } | Message::Ping { .. } => {}
             Message::Error { code, message } => return Err(ShipError::PeerError { code, message }),
             other => return Err(ShipError::UnexpectedMessage { found: other.message_type() }),
         }
     }
+}
+
+/// The target lost journal records: the request waits in the status for the pair
+/// controller ([`crate::pair`]), which resyncs its ranges.
+fn on_repair_request(shared: &Shared, request: RepairRequest) {
+    tracing::warn!(ids = ?request.ids, ranges = request.ranges.len(),
+        "the target asks for a repair of its journal: resending the ranges it lost");
+    shared.update(|s| {
+        s.repair_requests += 1;
+        s.repair_request = Some(request);
+    });
 }
 
 fn on_hash_reply(shared: &Shared, reply: HashReply, frame_len: u64) -> Result<()> {

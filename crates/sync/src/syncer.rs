@@ -526,6 +526,57 @@ impl Syncer {
         Ok(report)
     }
 
+    /// A repair the target asked for (`RepairRequest`): a fast resync limited to `limit`
+    /// whose window opens with each of the target's repair `ids`, so the target knows which
+    /// of its journal damage the resync's end repairs. Ids in `also_close` are open on the
+    /// replica already (an interrupted repair): they are not begun again, only closed with
+    /// the rest at the end.
+    pub fn repair(
+        &self,
+        ids: &[u64],
+        limit: &[Range<u64>],
+        also_close: &[u64],
+    ) -> Result<ResyncReport, SyncerError> {
+        let started = Instant::now();
+        let mut fresh: Vec<u64> = Vec::new();
+        for id in ids {
+            if *id != 0 && !also_close.contains(id) && !fresh.contains(id) {
+                fresh.push(*id);
+            }
+        }
+        if fresh.is_empty() {
+            fresh.push(Self::new_id());
+        }
+        let id = fresh[0];
+        let len = self.tap.device_len();
+        let limit: Vec<Range<u64>> = limit
+            .iter()
+            .map(|r| r.start.min(len)..r.end.min(len))
+            .filter(|r| r.start < r.end)
+            .collect();
+        let volume_bytes = limit.iter().map(|r| r.end - r.start).sum();
+        let mut report = ResyncReport { id, volume_bytes, ..ResyncReport::default() };
+        let mut begin = Seq::ZERO;
+        for &w in &fresh {
+            begin = self.marker(w, Event::ResyncBegin { id: w }, "opening a repair window")?;
+        }
+        // As for a fast resync: compare once the target holds everything before the window.
+        self.wait_acked(id, begin)?;
+        if !limit.is_empty() {
+            let diff = self.compare_retrying(id, Some(&limit), &mut report.attempts)?;
+            report.differing_bytes = diff.differing_bytes();
+            report.compare = diff.stats;
+            self.copy(id, &diff.ranges, ZeroBlocks::Send, &mut report)?;
+        }
+        self.close_also(id, also_close)?;
+        for &w in &fresh[1..] {
+            self.marker(w, Event::ResyncEnd { id: w }, "closing a repair window")?;
+        }
+        report.end_seq = self.marker(id, Event::ResyncEnd { id }, "closing the repair")?;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
     fn close_also(&self, id: u64, also_close: &[u64]) -> Result<(), SyncerError> {
         for &old in also_close {
             if old != id {

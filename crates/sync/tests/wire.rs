@@ -10,8 +10,8 @@ use tidemark_sync::wire::{
     Batch, BatchEntry, BlockRef, Codec, Compression, ContentHash, DEDUPE_BLOCK, DedupedWrite,
     EntryBody, ErrorCode, FRAME_HEADER_LEN, Generation, HashReply, HashRequest, Hello, LineageInfo,
     Message, MessageType, NodeHash, NodeRange, PairId, RefSource, RefSpan, Refuse, RefuseReason,
-    ReplicaKind, ReplicaState, Role, SUPPORTED_VERSIONS, TreeShape, VersionRange, VolumeInfo,
-    Welcome, WireError,
+    RepairRange, RepairRequest, ReplicaKind, ReplicaState, Role, SUPPORTED_VERSIONS, TreeShape,
+    VersionRange, VolumeInfo, Welcome, WireError,
 };
 
 fn encode(message: &Message) -> Vec<u8> {
@@ -126,6 +126,13 @@ fn every_message() -> Vec<Message> {
         }),
         Message::SourceLineage(sample_lineage()),
         Message::TargetLineage(LineageInfo::default()),
+        Message::RepairRequest(RepairRequest {
+            ids: vec![0x1234_5678_9abc_def0],
+            ranges: vec![
+                RepairRange { volume: VolumeId(0), offset: 8192, len: 8192 },
+                RepairRange { volume: VolumeId(1), offset: 0, len: 1 << 30 },
+            ],
+        }),
     ]
 }
 
@@ -791,6 +798,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 level,
                 hashes: hashes.into_iter().map(NodeHash).collect(),
             })),
+        (
+            prop::collection::vec(1..u64::MAX, 1..8),
+            prop::collection::vec((any::<u16>(), 0..u64::MAX / 2, 1..u64::MAX / 2), 1..20)
+        )
+            .prop_map(|(ids, ranges)| Message::RepairRequest(RepairRequest {
+                ids,
+                ranges: ranges
+                    .into_iter()
+                    .map(|(v, offset, len)| RepairRange { volume: VolumeId(v), offset, len })
+                    .collect(),
+            })),
     ]
 }
 
@@ -854,4 +872,43 @@ fn the_wire_frame_fuzz_seeds_decode_and_round_trip() {
         }
     }
     assert!(plain >= 11, "a seed of every message type: {plain}");
+}
+
+#[test]
+fn a_repair_request_is_refused_when_its_ids_ranges_or_counts_are_wrong() {
+    let mut codec = Codec::default();
+    let good = RepairRequest {
+        ids: vec![7],
+        ranges: vec![RepairRange { volume: VolumeId(0), offset: 4096, len: 4096 }],
+    };
+    let bad = [
+        RepairRequest { ids: vec![], ..good.clone() },
+        RepairRequest { ids: vec![0], ..good.clone() },
+        RepairRequest { ranges: vec![], ..good.clone() },
+        RepairRequest {
+            ranges: vec![RepairRange { volume: VolumeId(0), offset: 1, len: 0 }],
+            ..good.clone()
+        },
+        RepairRequest {
+            ranges: vec![RepairRange { volume: VolumeId(0), offset: u64::MAX, len: 2 }],
+            ..good.clone()
+        },
+        RepairRequest { ids: vec![1; 65], ..good.clone() },
+    ];
+    for r in bad {
+        let mut out = Vec::new();
+        let err = codec.encode(&Message::RepairRequest(r.clone()), &mut out).unwrap_err();
+        assert!(err.to_string().contains("RepairRequest body"), "{r:?}: {err}");
+    }
+    let mut frame = Vec::new();
+    codec.encode(&Message::RepairRequest(good), &mut frame).unwrap();
+    // Type 14, body 8 + 8 + 24 bytes.
+    assert_eq!((frame[6], frame.len()), (14, FRAME_HEADER_LEN + 40));
+    // A count that does not fill the body, and nonzero reserved bytes, are refused.
+    let mut short = frame.clone();
+    short[12] = 2;
+    assert!(codec.decode_slice(&short).unwrap_err().to_string().contains("counts"));
+    let mut reserved = frame.clone();
+    reserved[FRAME_HEADER_LEN + 16 + 3] = 1;
+    assert!(codec.decode_slice(&reserved).is_err());
 }

@@ -21,8 +21,9 @@ use super::{
     Batch, BatchEntry, BlockRef, ContentHash, DEDUPE_BLOCK, DEFAULT_MAX_FRAME_LEN, DedupedWrite,
     EntryBody, ErrorCode, FLAG_COMPRESSED, FRAME_HEADER_LEN, FRAME_MAGIC, Generation, HASH_LEN,
     HashReply, HashRequest, Hello, LineageInfo, MAX_FRAME_LEN_CEILING, MAX_GENERATIONS,
-    MAX_NODE_NAME, MAX_OPEN_RESYNCS, MAX_TEXT, MIN_FRAME_LEN_FLOOR, Message, MessageType, NodeHash,
-    NodeRange, PROTOCOL_VERSION, PairId, REF_SPAN_LEN, RefSource, RefSpan, Refuse, RefuseReason,
+    MAX_NODE_NAME, MAX_OPEN_RESYNCS, MAX_REPAIR_IDS, MAX_REPAIR_RANGES, MAX_TEXT,
+    MIN_FRAME_LEN_FLOOR, Message, MessageType, NodeHash, NodeRange, PROTOCOL_VERSION, PairId,
+    REF_SPAN_LEN, RefSource, RefSpan, Refuse, RefuseReason, RepairRange, RepairRequest,
     ReplicaKind, ReplicaState, Role, SUPPORTED_VERSIONS, VersionRange, VolumeInfo, Welcome,
     WireError,
 };
@@ -291,7 +292,10 @@ impl Codec {
         let Some(message_type) = MessageType::from_code(bytes[6]) else {
             return Err(WireError::UnknownMessageType {
                 found: bytes[6],
-                expected: format!("1 to {}", MessageType::ALL.len()),
+                expected: format!(
+                    "one of {:?}",
+                    MessageType::ALL.iter().map(|t| *t as u8).collect::<Vec<_>>()
+                ),
             });
         };
         let flags = bytes[7];
@@ -948,6 +952,7 @@ fn encode_body(message: &Message, out: &mut Vec<u8>, max_frame_len: u32) -> Resu
         }
         Message::SourceLineage(l) => encode_lineage(MessageType::SourceLineage, l, out),
         Message::TargetLineage(l) => encode_lineage(MessageType::TargetLineage, l, out),
+        Message::RepairRequest(r) => encode_repair_request(r, out),
     }
 }
 
@@ -1067,6 +1072,92 @@ fn decode_lineage(ty: MessageType, r: &mut Reader<'_>) -> Result<LineageInfo> {
         source_wins: flags & LINEAGE_SOURCE_WINS != 0,
         full_resync: flags & LINEAGE_FULL_RESYNC != 0,
     })
+}
+
+/// Length of one range of a `RepairRequest`.
+pub const REPAIR_RANGE_LEN: usize = 24;
+
+fn check_repair_request(obj: Obj, r: &RepairRequest) -> Result<()> {
+    if r.ids.is_empty() || r.ids.len() > MAX_REPAIR_IDS {
+        return Err(invalid(
+            obj,
+            "id_count",
+            r.ids.len().to_string(),
+            format!("1 to {MAX_REPAIR_IDS}"),
+        ));
+    }
+    if r.ids.contains(&0) {
+        return Err(invalid(obj, "id", "0".to_owned(), "nonzero".to_owned()));
+    }
+    if r.ranges.is_empty() || r.ranges.len() > MAX_REPAIR_RANGES {
+        return Err(invalid(
+            obj,
+            "range_count",
+            r.ranges.len().to_string(),
+            format!("1 to {MAX_REPAIR_RANGES}"),
+        ));
+    }
+    for range in &r.ranges {
+        if range.len == 0 || range.offset.checked_add(range.len).is_none() {
+            return Err(invalid(
+                obj,
+                "range",
+                format!("{}+{}", range.offset, range.len),
+                "at least 1 byte, offset + len within a u64".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn encode_repair_request(r: &RepairRequest, out: &mut Vec<u8>) -> Result<()> {
+    check_repair_request(Obj::Body(MessageType::RepairRequest), r)?;
+    put_u32(out, r.ids.len() as u32);
+    put_u32(out, r.ranges.len() as u32);
+    for id in &r.ids {
+        put_u64(out, *id);
+    }
+    for range in &r.ranges {
+        put_u16(out, range.volume.0);
+        put_zeros(out, 6);
+        put_u64(out, range.offset);
+        put_u64(out, range.len);
+    }
+    Ok(())
+}
+
+fn decode_repair_request(r: &mut Reader<'_>) -> Result<RepairRequest> {
+    let obj = Obj::Body(MessageType::RepairRequest);
+    let id_count = r.u32(obj)? as usize;
+    let range_count = r.u32(obj)? as usize;
+    let need =
+        id_count.saturating_mul(8).saturating_add(range_count.saturating_mul(REPAIR_RANGE_LEN));
+    if id_count > MAX_REPAIR_IDS || range_count > MAX_REPAIR_RANGES || need != r.remaining() {
+        return Err(invalid(
+            obj,
+            "counts",
+            format!("{id_count} ids, {range_count} ranges"),
+            format!(
+                "at most {MAX_REPAIR_IDS} ids and {MAX_REPAIR_RANGES} ranges, filling the {} bytes present",
+                r.remaining()
+            ),
+        ));
+    }
+    let mut ids = Vec::with_capacity(id_count);
+    for _ in 0..id_count {
+        ids.push(r.u64(obj)?);
+    }
+    let mut ranges = Vec::with_capacity(range_count);
+    for _ in 0..range_count {
+        let volume = VolumeId(r.u16(obj)?);
+        r.reserved(6, obj)?;
+        let offset = r.u64(obj)?;
+        let len = r.u64(obj)?;
+        ranges.push(RepairRange { volume, offset, len });
+    }
+    let request = RepairRequest { ids, ranges };
+    check_repair_request(obj, &request)?;
+    Ok(request)
 }
 
 fn check_welcome_version(obj: Obj, version: u16) -> Result<()> {
@@ -1323,6 +1414,7 @@ fn decode_body(ty: MessageType, body: &Bytes, max_frame_len: u32) -> Result<Mess
         }
         MessageType::SourceLineage => Message::SourceLineage(decode_lineage(ty, &mut r)?),
         MessageType::TargetLineage => Message::TargetLineage(decode_lineage(ty, &mut r)?),
+        MessageType::RepairRequest => Message::RepairRequest(decode_repair_request(&mut r)?),
     };
     r.finish(obj)?;
     Ok(message)

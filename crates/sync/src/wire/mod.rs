@@ -542,6 +542,34 @@ impl LineageInfo {
     }
 }
 
+/// Most repair ids in a `RepairRequest`.
+pub const MAX_REPAIR_IDS: usize = 64;
+/// Most ranges in a `RepairRequest`.
+pub const MAX_REPAIR_RANGES: usize = 4096;
+
+/// A volume range a `RepairRequest` asks the source to resend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RepairRange {
+    /// The volume in the group.
+    pub volume: VolumeId,
+    /// Byte offset.
+    pub offset: u64,
+    /// Bytes (at least 1; `offset + len` fits a u64).
+    pub len: u64,
+}
+
+/// Target to source: the target's journal lost records (damage found on open or by a
+/// scrub); resend these ranges in a resync window opened with each of these ids, so that
+/// the target can offer recovery points again from the window's end.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepairRequest {
+    /// The repair ids (each nonzero, 1 to [`MAX_REPAIR_IDS`]): the source opens one
+    /// `ResyncBegin` per id and closes them all at the end of the repair.
+    pub ids: Vec<u64>,
+    /// The ranges to compare and resend (1 to [`MAX_REPAIR_RANGES`]).
+    pub ranges: Vec<RepairRange>,
+}
+
 /// A wire message: the body of one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -591,6 +619,8 @@ pub enum Message {
     SourceLineage(LineageInfo),
     /// Target to source, right after `Welcome`: the target's lineage.
     TargetLineage(LineageInfo),
+    /// Target to source: resend these ranges, the journal lost them.
+    RepairRequest(RepairRequest),
 }
 
 /// The type code of each message, as in the frame header.
@@ -623,11 +653,13 @@ pub enum MessageType {
     SourceLineage = 12,
     /// [`Message::TargetLineage`].
     TargetLineage = 13,
+    /// [`Message::RepairRequest`].
+    RepairRequest = 14,
 }
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [MessageType; 13] = [
+    pub const ALL: [MessageType; 14] = [
         Self::Hello,
         Self::Welcome,
         Self::Refuse,
@@ -641,11 +673,12 @@ impl MessageType {
         Self::HashReply,
         Self::SourceLineage,
         Self::TargetLineage,
+        Self::RepairRequest,
     ];
 
     /// The type with this code.
     pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+        Self::ALL.iter().copied().find(|t| *t as u8 == code)
     }
 
     /// The message name as in the spec.
@@ -664,6 +697,7 @@ impl MessageType {
             Self::HashReply => "HashReply",
             Self::SourceLineage => "SourceLineage",
             Self::TargetLineage => "TargetLineage",
+            Self::RepairRequest => "RepairRequest",
         }
     }
 
@@ -696,6 +730,7 @@ impl Message {
             Self::HashReply(_) => MessageType::HashReply,
             Self::SourceLineage(_) => MessageType::SourceLineage,
             Self::TargetLineage(_) => MessageType::TargetLineage,
+            Self::RepairRequest(_) => MessageType::RepairRequest,
         }
     }
 }
