@@ -331,6 +331,9 @@ struct Slots {
 struct Inner {
     cfg: ReceiverConfig,
     log: Mutex<RetentionLog>,
+    /// What the appliers changed in the replica since a hasher's tree was built (lock
+    /// order: `log`, then this).
+    changes: Mutex<Option<Changes>>,
     volume_lens: Vec<u64>,
     slots: Mutex<Slots>,
     slots_changed: Condvar,
@@ -410,6 +413,7 @@ impl Receiver {
             inner: Arc::new(Inner {
                 cfg,
                 log: Mutex::new(log),
+                changes: Mutex::new(None),
                 volume_lens,
                 slots: Mutex::new(Slots {
                     next_id: 1,
@@ -669,7 +673,7 @@ impl Receiver {
             thread::Builder::new()
                 .name("tidemark-recv-hash".to_owned())
                 .spawn(move || {
-                    if let Err(e) = run_hasher(&inner, &hash_rx, &out, &cancel) {
+                    if let Err(e) = run_hasher(&inner, id, &hash_rx, &out, &cancel) {
                         // The applier ends the session with it (and tells the source).
                         let _ = tx.send(Inbound::Failed(e));
                     }
@@ -872,6 +876,11 @@ impl Receiver {
                 return Err(e);
             }
             events += 1;
+        }
+        if let Some(changes) = lock(&self.inner.changes).as_mut() {
+            for ((seq, _), event) in fresh().zip(&resolved) {
+                changes.record(seq, event);
+            }
         }
         let received = log.last_seq();
         drop(log);
@@ -1081,17 +1090,123 @@ impl BlockSource for ReplicaSource<'_> {
     }
 }
 
-/// Answers the session's hash requests in order, on a thread of its own. A request for the
-/// root level (the start of a comparison) hashes the whole replica and keeps the tree for
-/// the requests that follow; a request for a lower level without such a tree (a comparison
-/// limited to dirty regions) hashes just the nodes asked.
+/// Most changed ranges a [`Changes`] keeps before it gives up (the hasher then drops its
+/// tree and hashes what each request asks from the replica).
+const MAX_TRACKED_CHANGES: usize = 1 << 16;
+
+/// The ranges of one volume the appliers changed since a hasher's tree was built, and the
+/// last sequence number they account for: the tree plus these ranges hashed again is the
+/// tree of the replica as it is, provided the log holds nothing newer than `seen`.
+struct Changes {
+    /// The session whose hasher keeps the tree.
+    session: u64,
+    volume: VolumeId,
+    /// The log's last sequence number once every change up to it was recorded here.
+    seen: Seq,
+    /// Changed byte ranges, in arrival order (not coalesced).
+    ranges: Vec<std::ops::Range<u64>>,
+    /// More than [`MAX_TRACKED_CHANGES`] ranges: the tree can no longer be brought up to
+    /// date.
+    overflowed: bool,
+}
+
+impl Changes {
+    /// Notes event `seq`, just appended.
+    fn record(&mut self, seq: Seq, event: &Event) {
+        self.seen = seq;
+        let Some((volume, offset, len)) = event.range() else { return };
+        if volume != self.volume || len == 0 || self.overflowed {
+            return;
+        }
+        let r = offset..offset.saturating_add(len);
+        if let Some(last) = self.ranges.last_mut().filter(|l| l.end == r.start) {
+            last.end = r.end;
+        } else if self.ranges.len() >= MAX_TRACKED_CHANGES {
+            self.overflowed = true;
+            self.ranges = Vec::new();
+        } else {
+            self.ranges.push(r);
+        }
+    }
+}
+
+/// The tree a hasher keeps between the requests of a comparison.
+struct CachedTree {
+    volume: VolumeId,
+    shape: TreeShape,
+    tree: MerkleTree,
+}
+
+/// Starts recording the changes to `volume` for `session`'s hasher, from the log's state
+/// now (a tree built after this call and brought up to date with the changes is current).
+fn track_changes(inner: &Inner, session: u64, volume: VolumeId) {
+    let log = lock(&inner.log);
+    *lock(&inner.changes) = Some(Changes {
+        session,
+        volume,
+        seen: log.last_seq(),
+        ranges: Vec::new(),
+        overflowed: false,
+    });
+}
+
+/// The ranges of `volume` changed since `session`'s hasher started tracking (and resets
+/// them), or `None` when its tree cannot be brought up to date: tracking stopped, belongs
+/// to another session or volume, overflowed, or the log holds events it did not record.
+fn take_changes(
+    inner: &Inner,
+    session: u64,
+    volume: VolumeId,
+) -> Option<Vec<std::ops::Range<u64>>> {
+    let log = lock(&inner.log);
+    let mut guard = lock(&inner.changes);
+    let changes = guard.as_mut()?;
+    let valid = changes.session == session
+        && changes.volume == volume
+        && !changes.overflowed
+        && changes.seen == log.last_seq();
+    if !valid {
+        return None;
+    }
+    Some(std::mem::take(&mut changes.ranges))
+}
+
+/// Stops `session`'s change tracking, if it is the one tracking.
+fn untrack_changes(inner: &Inner, session: u64) {
+    let mut guard = lock(&inner.changes);
+    if guard.as_ref().is_some_and(|c| c.session == session) {
+        *guard = None;
+    }
+}
+
+/// Answers the session's hash requests in order, on a thread of its own, always from the
+/// replica as it is when the request is answered. A request for the root level (the start
+/// of a comparison) hashes the whole replica and keeps the tree for the requests that
+/// follow; the appliers record every range they change meanwhile ([`Changes`]), and before
+/// the tree answers again those ranges are hashed again. When the changes cannot be
+/// accounted for (too many, or appended by someone else), the tree is dropped and each
+/// request hashes the nodes it asks from the replica, as does a request for a lower level
+/// without a tree (a comparison limited to dirty regions).
 fn run_hasher<S: Stream>(
     inner: &Inner,
+    session: u64,
     requests: &mpsc::Receiver<HashRequest>,
     out: &Mutex<Outbound<S>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let mut cache: Option<(VolumeId, TreeShape, MerkleTree)> = None;
+    let result = answer_requests(inner, session, requests, out, cancel);
+    untrack_changes(inner, session);
+    result
+}
+
+fn answer_requests<S: Stream>(
+    inner: &Inner,
+    session: u64,
+    requests: &mpsc::Receiver<HashRequest>,
+    out: &Mutex<Outbound<S>>,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let mut cache: Option<CachedTree> = None;
     for request in requests {
         let (id, volume) = (request.id, request.volume);
         let Some(&len) = inner.volume_lens.get(usize::from(volume.0)) else {
@@ -1103,23 +1218,38 @@ fn run_hasher<S: Stream>(
         };
         let source = ReplicaSource { inner, volume, len, cancel };
         let failed = |source| ApplyError::Hashing { id, source };
-        let reply = if request.level >= request.shape.root_level(len) {
+        if request.level >= request.shape.root_level(len) {
+            // A new comparison: start tracking before hashing, so that what is applied
+            // while the tree is built is hashed again below.
+            track_changes(inner, session, volume);
             let tree = MerkleTree::build(&source, request.shape, 0).map_err(failed)?;
-            let reply = tree.answer(volume, &request).map_err(failed)?;
-            cache = Some((volume, request.shape, tree));
-            reply
-        } else {
-            match &cache {
-                Some((v, shape, tree)) if *v == volume && *shape == request.shape => {
-                    tree.answer(volume, &request).map_err(failed)?
+            cache = Some(CachedTree { volume, shape: request.shape, tree });
+        }
+        let current = match cache.as_mut() {
+            Some(c) if c.volume == volume && c.shape == request.shape => {
+                match take_changes(inner, session, volume) {
+                    Some(changed) => {
+                        c.tree.rehash(&source, &changed, 0).map_err(failed)?;
+                        true
+                    }
+                    None => false,
                 }
-                _ => HashReply {
+            }
+            _ => false,
+        };
+        let reply = match cache.as_ref() {
+            Some(c) if current => c.tree.answer(volume, &request).map_err(failed)?,
+            _ => {
+                if cache.take().is_some() {
+                    untrack_changes(inner, session);
+                }
+                HashReply {
                     id,
                     volume,
                     level: request.level,
                     hashes: hash_nodes(&source, request.shape, request.level, &request.ranges, 0)
                         .map_err(failed)?,
-                },
+                }
             }
         };
         lock(out).send(&Message::HashReply(reply))?;

@@ -143,6 +143,62 @@ impl MerkleTree {
         Self { shape, volume_len, levels }
     }
 
+    /// Hashes again the leaves overlapping `ranges` (byte ranges of the volume) from
+    /// `source`, and the nodes above them, so that the tree is again that of `source` when
+    /// only those ranges changed since it was built. `source` must have the tree's length.
+    pub fn rehash(
+        &mut self,
+        source: &dyn BlockSource,
+        ranges: &[Range<u64>],
+        threads: usize,
+    ) -> Result<(), ResyncError> {
+        let size = self.volume_len;
+        let leaf = self.shape.leaf_size();
+        let n0 = self.levels[0].len() as u64;
+        let mut leaves: Vec<Range<u64>> = ranges
+            .iter()
+            .map(|r| r.start.min(size)..r.end.min(size))
+            .filter(|r| !r.is_empty())
+            .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
+            .collect();
+        leaves.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in leaves {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        for r in &merged {
+            let hashes = hash_leaves(source, self.shape, r.clone(), threads, &|_| {})?;
+            self.levels[0][r.start as usize..r.end as usize].copy_from_slice(&hashes);
+        }
+        // The parents of the changed nodes, level by level.
+        let fanout = 1u64 << self.shape.fanout_log2();
+        let mut changed = merged;
+        for level in 1..self.levels.len() {
+            let mut parents: Vec<Range<u64>> = Vec::new();
+            for r in &changed {
+                let p = r.start / fanout..(r.end - 1) / fanout + 1;
+                match parents.last_mut() {
+                    Some(last) if p.start <= last.end => last.end = last.end.max(p.end),
+                    _ => parents.push(p),
+                }
+            }
+            let (below, above) = self.levels.split_at_mut(level);
+            let (children, nodes) = (&below[level - 1], &mut above[0]);
+            for p in &parents {
+                for j in p.clone() {
+                    let kids = (j * fanout) as usize
+                        ..((j + 1) * fanout).min(children.len() as u64) as usize;
+                    nodes[j as usize] = node_hash(&children[kids]);
+                }
+            }
+            changed = parents;
+        }
+        Ok(())
+    }
+
     /// The tree's shape.
     pub fn shape(&self) -> TreeShape {
         self.shape
@@ -461,6 +517,25 @@ mod tests {
     use super::*;
     use crate::resync::MemSource;
     use crate::wire::merkle::tree_levels;
+
+    #[test]
+    fn rehashing_changed_ranges_gives_the_tree_of_the_new_bytes() {
+        let mut data: Vec<u8> =
+            (0..(300u32 << 12) + 99).map(|i| (i.wrapping_mul(2246822519u32) >> 24) as u8).collect();
+        for shape in [TreeShape::new(12, 1).unwrap(), TreeShape::new(12, 4).unwrap()] {
+            let mut tree = MerkleTree::build(&MemSource::new(data.clone()), shape, 2).unwrap();
+            let changed = [5000..5001, 40960..49153, (299 << 12) + 1..(300 << 12) + 99];
+            for r in &changed {
+                for b in &mut data[r.start as usize..r.end as usize] {
+                    *b = !*b;
+                }
+            }
+            let source = MemSource::new(data.clone());
+            assert_ne!(tree, MerkleTree::build(&source, shape, 2).unwrap());
+            tree.rehash(&source, &changed, 2).unwrap();
+            assert_eq!(tree.levels(), &tree_levels(shape, &data)[..]);
+        }
+    }
 
     #[test]
     fn small_fold_batches_give_the_same_hashes() {
