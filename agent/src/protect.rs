@@ -461,6 +461,7 @@ fn document(
             "batches": s.batches,
             "compression": format!("{:?}", s.compression),
             "last_error": s.last_error,
+            "last_session_end": s.last_session_end,
         },
         "tap": {
             "writes": t.writes,

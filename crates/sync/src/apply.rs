@@ -191,6 +191,10 @@ pub enum ApplyError {
     /// A newer connection from the pair replaced this one.
     #[error("the connection was replaced by a newer connection from the same pair")]
     Replaced,
+    /// The receiver is shutting down ([`Receiver::shutdown`]): what was received before is
+    /// durable and acknowledged; the source is sent `Error` code 7 and retries later.
+    #[error("the target is shutting down")]
+    ShuttingDown,
     /// A pipeline thread could not be started or panicked.
     #[error("receiver thread: {what}")]
     Thread {
@@ -212,6 +216,7 @@ impl ApplyError {
             Self::UnknownReference { .. } => ErrorCode::UNKNOWN_REFERENCE,
             Self::Storage { .. } => ErrorCode::STORAGE,
             Self::Thread { .. } => ErrorCode::INTERNAL,
+            Self::ShuttingDown => ErrorCode::SHUTDOWN,
             _ => return None,
         })
     }
@@ -312,6 +317,10 @@ pub struct ReceiverStatus {
 
 type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
 
+/// How long [`Receiver::shutdown`] waits for the live session to take its stop request
+/// (and, after that and the linger, to end) before it cuts the connection.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Connections a [`Listener`] serves at once (handshakes included). One pair needs one,
 /// plus one replacing it after a network failure. When full, a new connection cuts the
 /// oldest one still in its handshake, so peers that never finish theirs cannot keep the
@@ -322,6 +331,9 @@ struct Slots {
     next_id: u64,
     /// The newest admitted connection and how to shut its stream down.
     active: Option<(u64, Kill)>,
+    /// The applying session's inbound queue, through which [`Receiver::shutdown`] asks it
+    /// to stop.
+    stopper: Option<(u64, SyncSender<Inbound>)>,
     /// The connection whose applier owns the log.
     applying: Option<u64>,
     failed: Option<String>,
@@ -374,6 +386,8 @@ enum Inbound {
     /// The source closed the channel normally.
     Closed,
     Failed(ApplyError),
+    /// The receiver is shutting down: commit, acknowledge, tell the source, stop.
+    Stop,
 }
 
 impl Receiver {
@@ -418,6 +432,7 @@ impl Receiver {
                 slots: Mutex::new(Slots {
                     next_id: 1,
                     active: None,
+                    stopper: None,
                     applying: None,
                     failed: None,
                     shutting_down: false,
@@ -462,14 +477,53 @@ impl Receiver {
     }
 
     /// Ends the live session and refuses new ones; returns once no applier runs.
+    ///
+    /// The live session stops cleanly: its applier appends the batches it had already
+    /// decoded, makes them durable and acknowledges them, sends the source `Error` code 7
+    /// (shutting down) and closes the channel with close code 3, then lingers as after any
+    /// error (at most [`ReceiverConfig::linger`]). A session that does not stop within
+    /// [`SHUTDOWN_GRACE`] plus the linger (a source that stopped reading) is cut.
+    /// Connections still in their handshake are refused `Refuse` reason 6 (unavailable).
     pub fn shutdown(&self) {
-        let mut s = lock(&self.inner.slots);
-        s.shutting_down = true;
-        if let Some((_, kill)) = &s.active {
-            kill(Shutdown::Both);
+        let (stopper, kill) = {
+            let mut s = lock(&self.inner.slots);
+            s.shutting_down = true;
+            (s.stopper.clone(), s.active.as_ref().map(|(_, k)| k.clone()))
+        };
+        let asked = stopper.is_some_and(|(_, tx)| {
+            // The queue may be full while the applier works through it: retry until it
+            // takes the request, it ended, or the grace period is over.
+            let until = Instant::now() + SHUTDOWN_GRACE;
+            loop {
+                match tx.try_send(Inbound::Stop) {
+                    Ok(()) => return true,
+                    Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                    Err(mpsc::TrySendError::Full(_)) if Instant::now() < until => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(mpsc::TrySendError::Full(_)) => return false,
+                }
+            }
+        });
+        if !asked {
+            if let Some(kill) = &kill {
+                kill(Shutdown::Both);
+            }
         }
+        let until = Instant::now() + SHUTDOWN_GRACE + self.inner.cfg.linger;
+        let mut s = lock(&self.inner.slots);
+        let mut cut = !asked;
         while s.applying.is_some() {
-            s = self.inner.slots_changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() && !cut {
+                // The session did not stop in time (a source that stopped reading): cut it.
+                if let Some((_, kill)) = &s.active {
+                    kill(Shutdown::Both);
+                }
+                cut = true;
+            }
+            let wait = if cut { Duration::from_millis(100) } else { left };
+            s = self.inner.slots_changed.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -598,6 +652,9 @@ impl Receiver {
             self.update(|st| st.replaced += 1);
         }
         loop {
+            if s.shutting_down {
+                return Err(unavailable("the target is shutting down"));
+            }
             if s.active.as_ref().map(|a| a.0) != Some(id) {
                 return Err(Refuse {
                     reason: RefuseReason::BUSY,
@@ -618,6 +675,9 @@ impl Receiver {
         let mut s = lock(&self.inner.slots);
         if s.applying == Some(id) {
             s.applying = None;
+        }
+        if s.stopper.as_ref().is_some_and(|(i, _)| *i == id) {
+            s.stopper = None;
         }
         let idle = match &s.active {
             Some((active, _)) if *active == id => {
@@ -665,6 +725,14 @@ impl Receiver {
             buf: Vec::new(),
         }));
         let (tx, rx) = mpsc::sync_channel::<Inbound>(cfg.queue_depth);
+        {
+            let mut s = lock(&self.inner.slots);
+            if s.shutting_down {
+                // The shutdown began before this session could be asked: it stops at once.
+                let _ = tx.try_send(Inbound::Stop);
+            }
+            s.stopper = Some((id, tx.clone()));
+        }
         let (hash_tx, hash_rx) = mpsc::sync_channel::<HashRequest>(HASH_QUEUE);
         let cancel = Arc::new(AtomicBool::new(false));
         let hasher = {
@@ -699,16 +767,20 @@ impl Receiver {
                     // still sends until it hangs up or `linger` passes, so that the
                     // `Error` reaches it rather than a reset.
                     let message = truncate(error_chain(e));
+                    let close = match e {
+                        ApplyError::ShuttingDown => CloseCode::SHUTTING_DOWN,
+                        _ => CloseCode::PROTOCOL_VIOLATION,
+                    };
                     let mut o = lock(&out);
                     let _ = o.send(&Message::Error { code, message: message.clone() });
-                    let _ = o.tx.close_with(CloseCode::PROTOCOL_VIOLATION, &message);
+                    let _ = o.tx.close_with(close, &message);
                     drop(o);
                     kill(Shutdown::Write);
                     let until = Instant::now() + cfg.linger;
                     loop {
                         let left = until.saturating_duration_since(Instant::now());
                         match rx.recv_timeout(left) {
-                            Ok(Inbound::Batch(_)) => {}
+                            Ok(Inbound::Batch(_) | Inbound::Stop) => {}
                             Ok(_)
                             | Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                                 break;
@@ -780,6 +852,14 @@ impl Receiver {
                     return Ok(());
                 }
                 Inbound::Failed(e) => return Err(e),
+                Inbound::Stop => {
+                    // Everything appended is made durable and acknowledged before the
+                    // source hears that the target stops.
+                    if pending_since.is_some() {
+                        self.commit(out, &mut acked)?;
+                    }
+                    return Err(ApplyError::ShuttingDown);
+                }
             }
         }
     }
@@ -1300,11 +1380,18 @@ impl Listener {
         self.addr
     }
 
-    /// Stops accepting and waits for the accept thread and every session thread (call
-    /// [`Receiver::shutdown`] first, or this waits for the sources to hang up).
+    /// Stops accepting, cuts the connections still in their handshake (a peer that never
+    /// finishes one would otherwise hold this up until the handshake timeout), and waits
+    /// for the accept thread and every session thread (call [`Receiver::shutdown`] first,
+    /// or this waits for the authenticated sources to hang up).
     pub fn stop(mut self) {
         self.stop_inner();
         let sessions = std::mem::take(&mut *lock(&self.sessions));
+        for c in &sessions {
+            if !c.authenticated.load(Ordering::SeqCst) {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
         for c in sessions {
             let _ = c.thread.join();
         }

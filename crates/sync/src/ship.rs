@@ -532,6 +532,10 @@ pub struct ShipperStatus {
     pub dedupe_window_bytes: u64,
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
+    /// Why the last session that opened ended (kept across failed connection attempts,
+    /// which overwrite [`ShipperStatus::last_error`]): for example the target's `Error`
+    /// code 7 when it shut down.
+    pub last_session_end: Option<String>,
     /// The replica's state as the target reported it when the current (or last) session
     /// opened, with the resync markers of the backlog applied ([`replica_after_backlog`]):
     /// what the replica will be once the events not yet acknowledged reach it. `None`
@@ -848,6 +852,7 @@ impl Shipper {
                 dedupe_resends: 0,
                 dedupe_window_bytes: self.cfg.dedupe_window_bytes,
                 last_error: None,
+                last_session_end: None,
                 replica: None,
                 hash_requests: 0,
                 hash_request_bytes: 0,
@@ -971,9 +976,16 @@ fn supervise<S: Stream + Send + 'static, C: Connect<S>>(shared: &Arc<Shared>, mu
         });
         let mut shipped = false;
         let outcome = run_connection(shared, &mut connector, &mut shipped);
+        let ended = match &outcome {
+            Ok(()) => "closed normally".to_owned(),
+            Err(e) => error_chain(e),
+        };
         shared.update(|s| {
             s.peer = None;
             s.in_flight_bytes = 0;
+            if shipped {
+                s.last_session_end = Some(ended);
+            }
         });
         if shipped {
             attempt = 0;
