@@ -378,6 +378,31 @@ fn kill_9_loops_during_initial_sync_and_its_rerun() {
     let mon = pair.monitor();
     let mut rx = pair.receive();
     let (mut px, _) = pair.protect(false);
+    // `tidemark status --json` carries the running sync's progress, with a rate and an ETA.
+    let until = Instant::now() + PATIENCE;
+    let progress = loop {
+        let doc: Value = serde_json::from_str(&tidemark(&[
+            "status",
+            "--state",
+            &pair.state.display().to_string(),
+            "--json",
+        ]))
+        .expect("status --json is JSON");
+        let p = &doc["progress"];
+        if p["rate_bps"].as_f64().is_some_and(|r| r > 0.0) && p["eta_s"].is_number() {
+            break p.clone();
+        }
+        assert!(Instant::now() < until, "no progress with a rate in {doc:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(u(&progress, "/done") <= u(&progress, "/total"), "{progress:#}");
+    let rate = progress["rate_bps"].as_f64().unwrap();
+    let eta = progress["eta_s"].as_f64().unwrap();
+    let left = (u(&progress, "/total") - u(&progress, "/done")) as f64;
+    assert!(
+        (eta - left / rate).abs() <= 0.1 + left / rate * 0.01,
+        "ETA {eta} s for {left} bytes at {rate} B/s"
+    );
     let mut kills = 0;
     let syncing = |v: &Value| v["stage"] == "initial sync" || v["stage"] == "resync";
     // The receiver killed twice while step I runs, each time after its journal grew, and
