@@ -33,7 +33,7 @@
 //! 3. **Validation before apply**: every new entry of a batch is checked (volume range, size,
 //!    kind) and its dedupe references resolved ([`crate::dedupe`]) before the first is
 //!    appended, so a refused batch changes nothing. A reference is resolved only from the
-//!    write it names, within this connection's window, or refused (`Error` code 5).
+//!    write it names, within the dedupe window (kept across connections, `DedupeHeld`), or refused (`Error` code 5).
 //! 4. **Barriers**: events keep their source order and barriers and bookmarks are appended
 //!    as records in that order, so every recovery point the retention log offers is a
 //!    prefix of the source's stream ending at a barrier or bookmark.
@@ -346,6 +346,9 @@ struct Inner {
     /// What the appliers changed in the replica since a hasher's tree was built (lock
     /// order: `log`, then this).
     changes: Mutex<Option<Changes>>,
+    /// The dedupe window of the writes received (across connections: see
+    /// [`crate::dedupe`]); locked by the applier for its session.
+    window: Mutex<AppliedWindow>,
     volume_lens: Vec<u64>,
     slots: Mutex<Slots>,
     slots_changed: Condvar,
@@ -423,11 +426,13 @@ impl Receiver {
             acked: log.durable_seq(),
             ..Default::default()
         };
+        let window = Mutex::new(AppliedWindow::new(cfg.dedupe_window_bytes));
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 log: Mutex::new(log),
                 changes: Mutex::new(None),
+                window,
                 volume_lens,
                 slots: Mutex::new(Slots {
                     next_id: 1,
@@ -717,6 +722,10 @@ impl Receiver {
         resume: Seq,
     ) -> Result<()> {
         let cfg = &self.inner.cfg;
+        // What the window holds: every write from its oldest up to the resume point.
+        let held = lock(&self.inner.window).oldest().unwrap_or(resume.next());
+        let mut conn = conn;
+        conn.send(&Message::DedupeHeld { from: held })?;
         let (channel, codec) = conn.into_parts();
         let (rx_half, tx_half) = channel.split()?;
         let out = Arc::new(Mutex::new(Outbound {
@@ -757,6 +766,13 @@ impl Receiver {
         };
         let result = self.apply_loop(id, &rx, &out, resume);
         cancel.store(true, Ordering::SeqCst);
+        if result
+            .as_ref()
+            .is_err_and(|e| e.wire_code().is_some() && !matches!(e, ApplyError::ShuttingDown))
+        {
+            // A refused batch may have left writes in the window that were never appended.
+            lock(&self.inner.window).clear();
+        }
         match &result {
             Ok(()) => {
                 let _ = lock(&out).tx.close();
@@ -812,7 +828,7 @@ impl Receiver {
     ) -> Result<()> {
         let cfg = &self.inner.cfg;
         let mut acked = resume;
-        let mut window = AppliedWindow::new(cfg.dedupe_window_bytes);
+        let mut window = lock(&self.inner.window);
         let mut pending_bytes = 0u64;
         let mut pending_since: Option<Instant> = None;
         let gone = || ApplyError::Thread { what: "the reader ended without a word".to_owned() };

@@ -228,6 +228,15 @@ impl<S: Stream> Connection<S> {
         }
     }
 
+    /// The source's step after [`Connection::open_session`]: the target's `DedupeHeld`,
+    /// the oldest write its dedupe window holds.
+    pub fn recv_dedupe_held(&mut self) -> Result<Seq> {
+        match self.recv()? {
+            Some(Message::DedupeHeld { from }) => Ok(from),
+            other => Err(self.unexpected(other, "DedupeHeld")),
+        }
+    }
+
     /// The target's opening: waits for a `Hello`, negotiates the version, asks `decide`
     /// whether to accept (it returns the last sequence number durable here, or the
     /// refusal), and answers `Welcome` + `Resume` or `Refuse`. Returns the `Hello` and the

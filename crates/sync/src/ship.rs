@@ -631,6 +631,9 @@ struct Shared {
     refs_off_through: AtomicU64,
     /// The dedupe window in force.
     dedupe_budget: AtomicU64,
+    /// The dedupe window, kept across connections and cut at each to what the target
+    /// says it holds (`DedupeHeld`).
+    window: Mutex<DedupeWindow>,
     calls: Mutex<HashCalls>,
     calls_changed: Condvar,
 }
@@ -720,6 +723,7 @@ impl Link {
             // keeps.
             let halved = shared.dedupe_budget.load(Ordering::SeqCst) / 2;
             shared.dedupe_budget.store(halved, Ordering::SeqCst);
+            *lock(&shared.window) = DedupeWindow::new(halved);
             shared.update(|s| {
                 s.dedupe_resends += 1;
                 s.dedupe_window_bytes = halved;
@@ -865,6 +869,7 @@ impl Shipper {
             calls_changed: Condvar::new(),
             refs_off_through: AtomicU64::new(0),
             dedupe_budget: AtomicU64::new(self.cfg.dedupe_window_bytes),
+            window: Mutex::new(DedupeWindow::new(self.cfg.dedupe_window_bytes)),
             cfg: self.cfg,
         });
         let s = shared.clone();
@@ -1051,6 +1056,11 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
     let mut conn = Connection::new(channel, Codec::new(cfg.max_frame_len)?)?;
     let session = conn.open_session(&cfg.hello)?;
     let resume = session.last_acked;
+    // The writes both windows still hold: from the target's oldest to the resume point
+    // (later ones may never have arrived). References to them stay valid on this
+    // connection.
+    let held = conn.recv_dedupe_held()?;
+    lock(&shared.window).keep_range(held, resume);
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
     let markers = match reconcile(shared, resume) {
         Ok(markers) => markers,
@@ -1277,8 +1287,6 @@ fn run_encoder(
     let cfg = &shared.cfg;
     let mut after = resume;
     let mut last_stats: Option<BatchStats> = None;
-    // Per connection: the target's window starts empty too.
-    let mut window = DedupeWindow::new(shared.dedupe_budget.load(Ordering::SeqCst));
     loop {
         if shared.stopping() || link.is_dead() {
             return Ok(());
@@ -1297,8 +1305,13 @@ fn run_encoder(
             continue;
         }
         let refs_off_through = Seq(shared.refs_off_through.load(Ordering::SeqCst));
-        let (batch, deduped) =
-            build_batch(after, events, cfg.zero_detect, &mut window, refs_off_through)?;
+        let (batch, deduped) = build_batch(
+            after,
+            events,
+            cfg.zero_detect,
+            &mut lock(&shared.window),
+            refs_off_through,
+        )?;
         let last_seq = batch.last_seq();
         let backlogged = spool_last > last_seq;
         let compression = lock(&shared.policy).next(last_stats.as_ref());

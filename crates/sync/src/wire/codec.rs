@@ -281,7 +281,14 @@ impl Codec {
         let Some(message_type) = MessageType::from_code(bytes[6]) else {
             return Err(WireError::UnknownMessageType {
                 found: bytes[6],
-                expected: format!("1 to {}", MessageType::ALL.len()),
+                expected: format!(
+                    "one of {}",
+                    MessageType::ALL
+                        .iter()
+                        .map(|t| (*t as u8).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             });
         };
         let flags = bytes[7];
@@ -862,7 +869,7 @@ fn encode_body(message: &Message, out: &mut Vec<u8>, max_frame_len: u32) -> Resu
             }
             Ok(())
         }
-        Message::Ack { upto: v } => {
+        Message::Ack { upto: v } | Message::DedupeHeld { from: v } => {
             put_u64(out, v.0);
             Ok(())
         }
@@ -1103,6 +1110,7 @@ fn decode_body(ty: MessageType, body: &Bytes, max_frame_len: u32) -> Result<Mess
             Message::Resume { last_acked, replica }
         }
         MessageType::Ack => Message::Ack { upto: Seq(r.u64(obj)?) },
+        MessageType::DedupeHeld => Message::DedupeHeld { from: Seq(r.u64(obj)?) },
         MessageType::Ping => Message::Ping { nonce: r.u64(obj)? },
         MessageType::Pong => Message::Pong { nonce: r.u64(obj)? },
         MessageType::Error => {

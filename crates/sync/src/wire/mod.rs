@@ -532,6 +532,13 @@ pub enum Message {
     HashRequest(HashRequest),
     /// The answer to a `HashRequest`.
     HashReply(HashReply),
+    /// Target to source, right after `Resume`: its dedupe window holds every write from
+    /// seq `from` up to the resume point (`from` above the resume point: none), so the
+    /// source may keep referencing those across the reconnection (section 5.9).
+    DedupeHeld {
+        /// The oldest write the target's window holds.
+        from: Seq,
+    },
 }
 
 /// The type code of each message, as in the frame header.
@@ -560,11 +567,13 @@ pub enum MessageType {
     HashRequest = 10,
     /// [`Message::HashReply`].
     HashReply = 11,
+    /// [`Message::DedupeHeld`].
+    DedupeHeld = 15,
 }
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [MessageType; 11] = [
+    pub const ALL: [MessageType; 12] = [
         Self::Hello,
         Self::Welcome,
         Self::Refuse,
@@ -576,11 +585,12 @@ impl MessageType {
         Self::Pong,
         Self::HashRequest,
         Self::HashReply,
+        Self::DedupeHeld,
     ];
 
     /// The type with this code.
     pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+        Self::ALL.iter().find(|t| **t as u8 == code).copied()
     }
 
     /// The message name as in the spec.
@@ -597,6 +607,7 @@ impl MessageType {
             Self::Pong => "Pong",
             Self::HashRequest => "HashRequest",
             Self::HashReply => "HashReply",
+            Self::DedupeHeld => "DedupeHeld",
         }
     }
 
@@ -627,6 +638,7 @@ impl Message {
             Self::Pong { .. } => MessageType::Pong,
             Self::HashRequest(_) => MessageType::HashRequest,
             Self::HashReply(_) => MessageType::HashReply,
+            Self::DedupeHeld { .. } => MessageType::DedupeHeld,
         }
     }
 }
