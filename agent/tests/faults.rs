@@ -381,6 +381,11 @@ fn kill_9_loops_during_initial_sync_and_its_rerun() {
     // `tidemark status --json` carries the running sync's progress, with a rate and an ETA.
     let until = Instant::now() + PATIENCE;
     let progress = loop {
+        if !pair.state.join("status.json").exists() {
+            assert!(Instant::now() < until, "protect wrote no status.json");
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         let doc: Value = serde_json::from_str(&tidemark(&[
             "status",
             "--state",
