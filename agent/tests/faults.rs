@@ -241,6 +241,24 @@ impl Pair {
         (px, Some(dev))
     }
 
+    /// `receive`, then `protect` through the FUSE frontend, a monitor, and the cleanup of
+    /// the frontend; returns once the initial sync is done and the pair in diff sync, with
+    /// the protected device.
+    fn start_through_fuse(&self) -> (Cleanup, Monitor, Proc, Proc, String) {
+        let mut cleanup = Cleanup::default();
+        cleanup.root = self.root.clone();
+        let mon = self.monitor();
+        let rx = self.receive();
+        let (px, dev) = self.protect(true);
+        let dev = dev.unwrap();
+        cleanup.loops.push(dev.clone());
+        cleanup.mounts.push(self.root.join("fuse"));
+        wait_status(&self.state, "the initial sync", |v| {
+            v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+        });
+        (cleanup, mon, rx, px, dev)
+    }
+
     fn monitor(&self) -> Monitor {
         Monitor::start(self.rx_dir.clone(), self.state.clone())
     }
@@ -455,17 +473,7 @@ fn kill_9_loops_during_initial_sync_and_its_rerun() {
 fn kill_9_loops_during_diff_sync_through_fuse() {
     require_root!("kill_9_loops_during_diff_sync_through_fuse");
     let pair = Pair::new(&[(4 << 20, 2 << 20, 11)]);
-    let mut cleanup = Cleanup::default();
-    cleanup.root = pair.root.clone();
-    let mon = pair.monitor();
-    let mut rx = pair.receive();
-    let (mut px, dev) = pair.protect(true);
-    let dev = dev.unwrap();
-    cleanup.loops.push(dev.clone());
-    cleanup.mounts.push(pair.root.join("fuse"));
-    wait_status(&pair.state, "the initial sync", |v| {
-        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
-    });
+    let (mut cleanup, mon, mut rx, mut px, dev) = pair.start_through_fuse();
     let mut kills = 0;
     let writer = Writer::start(&dev, 5000);
     // The receiver killed three times under a running workload: the writer never notices.
@@ -816,17 +824,7 @@ fn bad_peers_do_not_block_the_real_source() {
 fn sigterm_stops_a_streaming_receiver_promptly_and_a_restart_resumes() {
     require_root!("sigterm_stops_a_streaming_receiver_promptly_and_a_restart_resumes");
     let pair = Pair::new(&[(4 << 20, 1 << 20, 31)]);
-    let mut cleanup = Cleanup::default();
-    cleanup.root = pair.root.clone();
-    let mon = pair.monitor();
-    let mut rx = pair.receive();
-    let (mut px, dev) = pair.protect(true);
-    let dev = dev.unwrap();
-    cleanup.loops.push(dev.clone());
-    cleanup.mounts.push(pair.root.join("fuse"));
-    wait_status(&pair.state, "the initial sync", |v| {
-        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
-    });
+    let (mut cleanup, mon, mut rx, mut px, dev) = pair.start_through_fuse();
     let writer = Writer::start(&dev, 12000);
     // Streaming: the receiver, connected, acknowledges more and more of the workload.
     let pid = rx.pid();

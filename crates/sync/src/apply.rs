@@ -1290,18 +1290,14 @@ fn run_hasher<S: Stream>(
     out: &Mutex<Outbound<S>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    let result = answer_requests(inner, session, requests, out, cancel);
-    untrack_changes(inner, session);
-    result
-}
-
-fn answer_requests<S: Stream>(
-    inner: &Inner,
-    session: u64,
-    requests: &mpsc::Receiver<HashRequest>,
-    out: &Mutex<Outbound<S>>,
-    cancel: &AtomicBool,
-) -> Result<()> {
+    /// Stops the session's change tracking however the hasher ends.
+    struct Untrack<'a>(&'a Inner, u64);
+    impl Drop for Untrack<'_> {
+        fn drop(&mut self) {
+            untrack_changes(self.0, self.1);
+        }
+    }
+    let _untrack = Untrack(inner, session);
     let mut cache: Option<CachedTree> = None;
     for request in requests {
         let (id, volume) = (request.id, request.volume);

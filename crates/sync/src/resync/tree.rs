@@ -115,15 +115,7 @@ impl MerkleTree {
         let count = usize::try_from(n0)
             .map_err(|_| ResyncError::TooLarge { what: "leaf count", value: n0 })?;
         let mut leaves = vec![NodeHash::ABSENT; count];
-        let leaf = shape.leaf_size();
-        let mut wanted: Vec<Range<u64>> = ranges
-            .iter()
-            .map(|r| r.start.min(volume_len)..r.end.min(volume_len))
-            .filter(|r| !r.is_empty())
-            .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
-            .collect();
-        wanted.sort_by_key(|r| r.start);
-        for r in wanted {
+        for r in leaf_ranges(shape, volume_len, ranges) {
             let hashes = hash_leaves(source, shape, r.clone(), threads, progress)?;
             for (i, h) in hashes.into_iter().enumerate() {
                 leaves[r.start as usize + i] = h;
@@ -152,18 +144,8 @@ impl MerkleTree {
         ranges: &[Range<u64>],
         threads: usize,
     ) -> Result<(), ResyncError> {
-        let size = self.volume_len;
-        let leaf = self.shape.leaf_size();
-        let n0 = self.levels[0].len() as u64;
-        let mut leaves: Vec<Range<u64>> = ranges
-            .iter()
-            .map(|r| r.start.min(size)..r.end.min(size))
-            .filter(|r| !r.is_empty())
-            .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
-            .collect();
-        leaves.sort_by_key(|r| r.start);
         let mut merged: Vec<Range<u64>> = Vec::new();
-        for r in leaves {
+        for r in leaf_ranges(self.shape, self.volume_len, ranges) {
             match merged.last_mut() {
                 Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
                 _ => merged.push(r),
@@ -295,6 +277,20 @@ impl MerkleTree {
             hashes: self.hashes(request.level, &request.ranges),
         })
     }
+}
+
+/// The leaves overlapping byte ranges `ranges` of a volume of `volume_len` bytes, clamped
+/// to the volume, sorted by start (not coalesced).
+fn leaf_ranges(shape: TreeShape, volume_len: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (leaf, n0) = (shape.leaf_size(), shape.nodes_at(volume_len, 0));
+    let mut leaves: Vec<Range<u64>> = ranges
+        .iter()
+        .map(|r| r.start.min(volume_len)..r.end.min(volume_len))
+        .filter(|r| !r.is_empty())
+        .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
+        .collect();
+    leaves.sort_by_key(|r| r.start);
+    leaves
 }
 
 /// The hash of a full zero leaf of `shape` (computed once per leaf size).
