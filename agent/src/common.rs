@@ -92,6 +92,25 @@ pub fn secs(d: std::time::Duration) -> f64 {
     (d.as_millis() as f64) / 1000.0
 }
 
+/// A progress bar for a long operation over `total` bytes, with rate and ETA, on stderr
+/// when stderr is a terminal (`None` otherwise: logs and pipes get no escape sequences).
+pub fn byte_bar(label: &str, total: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    Some(bar)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,6 +60,15 @@ enum Command {
     Protect(protect::Args),
     /// Be the target of a pair: keep the replica and its CDP retention log, serve the
     /// paired source.
+    ///
+    /// Runs until SIGINT or SIGTERM. Then it stops promptly: the control socket closes
+    /// (virtual snapshots torn down), the live session appends and acknowledges what it had
+    /// already received, the source is told `Error` code 7 (shutting down) and retries
+    /// later, connections still in their handshake are cut, and the retention log is
+    /// synced; status.json then says `"state": "stopped"` with `durable` equal to
+    /// `received`. Exit status: 0 after such a stop; 1 when it could not start (bad
+    /// options, keys, directory, port) or a step of the stop failed (the message says
+    /// which).
     Receive(receive::Args),
     /// Show the status.json of a `protect` state directory or a `receive` directory.
     Status(status::Args),

@@ -37,7 +37,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let point = log.resolve(&RecoveryPoint::Latest).context("resolve the latest point")?;
     let out =
         FileIo::create(&args.out, 0).with_context(|| format!("create {}", args.out.display()))?;
-    let report = log.materialize(&point, VolumeId(0), &out, &mut |_, _| {})?;
+    let bar = crate::common::byte_bar("materialize", log.volume_len(VolumeId(0))?);
+    let report = log.materialize(&point, VolumeId(0), &out, &mut |done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     println!(
         "materialized seq {} to {}: {} bytes, {} blocks from the journal, blake3 {}",
         point.seq,

@@ -159,9 +159,18 @@ fn fold(dir: &Path, seq: u64, block_size: u32) -> anyhow::Result<()> {
         .with_context(|| format!("the point of the promotion in {}", dir.display()))?;
     let image = dir.join("replica.img");
     let out = FileIo::open(&image).with_context(|| format!("open {}", image.display()))?;
+    let bar = common::byte_bar("fold", log.volume_len(VolumeId(0))?);
     let report = log
-        .materialize(&info, VolumeId(0), &out, &mut |_, _| {})
+        .materialize(&info, VolumeId(0), &out, &mut |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        })
         .with_context(|| format!("fold the journal into {}", image.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     tidemark_journal::BlockIo::sync(&out).with_context(|| format!("sync {}", image.display()))?;
     println!(
         "folded seq {seq}: {} blocks from the journal, blake3 {}",

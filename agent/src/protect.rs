@@ -33,7 +33,7 @@ use tidemark_sync::pair::{PairStatus, SourcePair, SourcePairConfig};
 use tidemark_sync::resync::{BlockSource, Ext4InUse, FileSource};
 use tidemark_sync::shape::{Rate, TokenBucket};
 use tidemark_sync::ship::{Shipper, ShipperConfig, ShipperEvent, ShipperHandle, TcpConnect};
-use tidemark_sync::syncer::{Phase, SyncerConfig};
+use tidemark_sync::syncer::{Phase, Progress, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
 use tidemark_tap::{FuseLoopConfig, FuseLoopFrontend, IntentConfig, IntentMap, Tap, TapConfig};
 
@@ -276,6 +276,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last_file = Instant::now() - Duration::from_secs(2);
     let mut ctx = DocContext {
+        clock: std::sync::Mutex::default(),
         fresh,
         state: args.state.clone(),
         leaf_bytes: tidemark_sync::resync::shape_for(vol_len).leaf_size(),
@@ -383,6 +384,8 @@ fn group_commit(
 }
 
 struct DocContext {
+    /// Rate and ETA of the running resync phase, for `progress` in status.json.
+    clock: std::sync::Mutex<PhaseClock>,
     fresh: bool,
     state: PathBuf,
     /// Leaf size of the volume's Merkle tree.
@@ -391,6 +394,36 @@ struct DocContext {
     device: Option<PathBuf>,
     dirty_at_open: u64,
     grow: crate::grow::Follower,
+}
+
+/// Where the running resync phase was when first seen, to give its average rate and the
+/// ETA at that rate.
+#[derive(Default)]
+struct PhaseClock {
+    /// The phase, when it was first seen, and the bytes done then.
+    start: Option<(Phase, Instant, u64)>,
+}
+
+impl PhaseClock {
+    /// The rate (bytes per second since the phase was first seen) and the seconds left at
+    /// that rate, once at least half a second of progress was seen.
+    fn sample(&mut self, p: Option<Progress>, now: Instant) -> (Option<f64>, Option<f64>) {
+        let Some(p) = p else {
+            self.start = None;
+            return (None, None);
+        };
+        let (phase, at, done0) = match self.start {
+            Some((phase, at, done0)) if phase == p.phase && p.done >= done0 => (phase, at, done0),
+            _ => (p.phase, now, p.done),
+        };
+        self.start = Some((phase, at, done0));
+        let secs = now.duration_since(at).as_secs_f64();
+        if secs < 0.5 || p.done <= done0 {
+            return (None, None);
+        }
+        let rate = (p.done - done0) as f64 / secs;
+        (Some(rate), Some(p.total.saturating_sub(p.done) as f64 / rate))
+    }
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -442,6 +475,16 @@ fn document(
 ) -> serde_json::Value {
     let s = shipper.status();
     let t = tap.status();
+    let (rate, eta) =
+        ctx.clock.lock().unwrap_or_else(|e| e.into_inner()).sample(ps.progress, Instant::now());
+    let progress = ps.progress.map(|p| {
+        json!({
+            "phase": phase_name(p.phase), "done": p.done, "total": p.total,
+            // Bytes per second since the phase began (as seen here), and the seconds left at
+            // that rate; null during its first half second.
+            "rate_bps": rate.map(f64::round), "eta_s": eta.map(|e| (e * 10.0).round() / 10.0),
+        })
+    });
     json!({
         "role": "protect",
         "state": state,
@@ -455,9 +498,7 @@ fn document(
         "lineage": crate::lineage::status_json(&ctx.state),
         "pair": figures.json(),
         "stage": ps.stage.name(),
-        "progress": ps.progress.map(|p| json!({
-            "phase": phase_name(p.phase), "done": p.done, "total": p.total,
-        })),
+        "progress": progress,
         "last_resync": ps.last_resync.as_ref().map(|r| json!({
             "id": r.id,
             // What the library reports: the device's length for a fast resync (its local
@@ -503,6 +544,7 @@ fn document(
             // What the lineages decided at the last opening (docs/failover.md).
             "lineage_verdict": s.lineage.as_ref().map(|v| v.name()),
             "last_error": s.last_error,
+            "last_session_end": s.last_session_end,
         },
         "tap": {
             "writes": t.writes,

@@ -17,9 +17,13 @@
 //! acknowledged is lost, since acknowledgements follow the journal's sync.
 //!
 //! Invariant: on a signal the control socket stops first (every virtual snapshot is torn
-//! down and its hold released), then the listener, then the live session ends, and the
-//! retention log is synced before the process exits, so everything acknowledged is on
-//! disk (it already was: acknowledgements follow the journal's sync).
+//! down and its hold released), then the live session ends cleanly (`Receiver::shutdown`:
+//! what it had received is appended, synced and acknowledged, the source gets `Error` code
+//! 7, shutting down, and reconnects later), then the listener (connections still in their
+//! handshake are cut), and the retention log is synced before the process exits (exit
+//! status 0), so everything acknowledged is on disk (it already was: acknowledgements
+//! follow the journal's sync). The whole stop takes at most a few seconds
+//! (`SHUTDOWN_GRACE` plus the session's linger when a source stops reading).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -418,8 +422,10 @@ fn serve(
     if failed.is_some() {
         return Ok((receiver, failed));
     }
-    receiver.with_log(|log| log.sync()).context("sync the retention log")?;
-    let doc = document(&receiver, &addr.to_string(), started.elapsed(), "stopped", s, passes);
+    let durable = receiver.with_log(|log| log.sync()).context("sync the retention log")?;
+    let mut doc = document(&receiver, &addr.to_string(), started.elapsed(), "stopped", s, passes);
+    // What the last sync made durable (the session's own commits may be older).
+    doc["durable"] = json!(durable.0);
     status::write(&args.dir, &doc)?;
     println!("{}", line(&receiver.status(), &receiver));
     Ok((receiver, None))

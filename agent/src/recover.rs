@@ -15,7 +15,7 @@
 //! size) or a block device at least that large (written from offset 0, the rest untouched).
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,6 @@ use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tidemark_journal::VolumeId;
 
@@ -315,21 +314,6 @@ fn mount(device: &Path, at: &Path, mode: Mode) -> anyhow::Result<()> {
     }
 }
 
-fn bar(total: u64) -> Option<ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "materialize [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    Some(bar)
-}
-
 fn materialize_offline(
     dir: &Path,
     block_size: u32,
@@ -402,7 +386,7 @@ fn copy_out(
     let dst = open_out(out, len)?;
     let mut buf = vec![0u8; 4 << 20];
     let mut hasher = blake3::Hasher::new();
-    let bar = bar(len);
+    let bar = common::byte_bar("materialize", len);
     let mut pos = 0u64;
     while pos < len {
         let n = ((len - pos) as usize).min(buf.len());

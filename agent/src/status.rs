@@ -111,6 +111,20 @@ fn summary(v: &Value) -> Vec<(String, String)> {
                 )
             });
             row("LAST BOOKMARK", mark.or(Some("-".to_owned())));
+            let progress = get("/progress").map(|p| {
+                let n = |k: &str| p.get(k).and_then(Value::as_f64);
+                let mut text = format!(
+                    "{} {} / {}",
+                    p.get("phase").map(plain).unwrap_or_default(),
+                    bytes(n("done").unwrap_or(0.0) as u64),
+                    bytes(n("total").unwrap_or(0.0) as u64)
+                );
+                if let (Some(rate), Some(eta)) = (n("rate_bps"), n("eta_s")) {
+                    text += &format!(" at {}/s, ETA {eta:.0} s", bytes(rate as u64));
+                }
+                text
+            });
+            row("RESYNC", progress);
             row(
                 "INTENT DIRTY",
                 get("/pair/intent_dirty_regions").map(|r| format!("{} regions", plain(r))),

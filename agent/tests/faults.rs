@@ -243,6 +243,24 @@ impl Pair {
         (px, Some(dev))
     }
 
+    /// `receive`, then `protect` through the FUSE frontend, a monitor, and the cleanup of
+    /// the frontend; returns once the initial sync is done and the pair in diff sync, with
+    /// the protected device.
+    fn start_through_fuse(&self) -> (Cleanup, Monitor, Proc, Proc, String) {
+        let mut cleanup = Cleanup::default();
+        cleanup.root = self.root.clone();
+        let mon = self.monitor();
+        let rx = self.receive();
+        let (px, dev) = self.protect(true);
+        let dev = dev.unwrap();
+        cleanup.loops.push(dev.clone());
+        cleanup.mounts.push(self.root.join("fuse"));
+        wait_status(&self.state, "the initial sync", |v| {
+            v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
+        });
+        (cleanup, mon, rx, px, dev)
+    }
+
     fn monitor(&self) -> Monitor {
         Monitor::start(self.rx_dir.clone(), self.state.clone())
     }
@@ -380,6 +398,36 @@ fn kill_9_loops_during_initial_sync_and_its_rerun() {
     let mon = pair.monitor();
     let mut rx = pair.receive();
     let (mut px, _) = pair.protect(false);
+    // `tidemark status --json` carries the running sync's progress, with a rate and an ETA.
+    let until = Instant::now() + PATIENCE;
+    let progress = loop {
+        if !pair.state.join("status.json").exists() {
+            assert!(Instant::now() < until, "protect wrote no status.json");
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let doc: Value = serde_json::from_str(&tidemark(&[
+            "status",
+            "--state",
+            &pair.state.display().to_string(),
+            "--json",
+        ]))
+        .expect("status --json is JSON");
+        let p = &doc["progress"];
+        if p["rate_bps"].as_f64().is_some_and(|r| r > 0.0) && p["eta_s"].is_number() {
+            break p.clone();
+        }
+        assert!(Instant::now() < until, "no progress with a rate in {doc:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(u(&progress, "/done") <= u(&progress, "/total"), "{progress:#}");
+    let rate = progress["rate_bps"].as_f64().unwrap();
+    let eta = progress["eta_s"].as_f64().unwrap();
+    let left = (u(&progress, "/total") - u(&progress, "/done")) as f64;
+    assert!(
+        (eta - left / rate).abs() <= 0.1 + left / rate * 0.01,
+        "ETA {eta} s for {left} bytes at {rate} B/s"
+    );
     let mut kills = 0;
     let syncing = |v: &Value| v["stage"] == "initial sync" || v["stage"] == "resync";
     // The receiver killed twice while step I runs, each time after its journal grew, and
@@ -427,17 +475,7 @@ fn kill_9_loops_during_initial_sync_and_its_rerun() {
 fn kill_9_loops_during_diff_sync_through_fuse() {
     require_root!("kill_9_loops_during_diff_sync_through_fuse");
     let pair = Pair::new(&[(4 << 20, 2 << 20, 11)]);
-    let mut cleanup = Cleanup::default();
-    cleanup.root = pair.root.clone();
-    let mon = pair.monitor();
-    let mut rx = pair.receive();
-    let (mut px, dev) = pair.protect(true);
-    let dev = dev.unwrap();
-    cleanup.loops.push(dev.clone());
-    cleanup.mounts.push(pair.root.join("fuse"));
-    wait_status(&pair.state, "the initial sync", |v| {
-        v["stage"] == "diff sync" && u(v, "/resyncs") >= 1
-    });
+    let (mut cleanup, mon, mut rx, mut px, dev) = pair.start_through_fuse();
     let mut kills = 0;
     let writer = Writer::start(&dev, 5000);
     // The receiver killed three times under a running workload: the writer never notices.
@@ -827,4 +865,59 @@ fn bad_peers_do_not_block_the_real_source() {
     // 20 slow-loris, 4 silent, 2 oversized, 1 wrong key.
     report_scenario(0, 27);
     figure("bad_inputs_tried", 27);
+}
+
+/// SIGTERM to `receive` while the source streams a workload to it (and a stray peer sits
+/// in its handshake): it stops within 5 s with exit status 0, its status says stopped with everything received durable,
+/// the source hears the documented "shutting down" error (not a cut stream), and a restarted
+/// receiver resumes with nothing lost: the replica ends equal to the source.
+#[test]
+fn sigterm_stops_a_streaming_receiver_promptly_and_a_restart_resumes() {
+    require_root!("sigterm_stops_a_streaming_receiver_promptly_and_a_restart_resumes");
+    let pair = Pair::new(&[(4 << 20, 1 << 20, 31)]);
+    let (mut cleanup, mon, mut rx, mut px, dev) = pair.start_through_fuse();
+    let writer = Writer::start(&dev, 12000);
+    // Streaming: the receiver, connected, acknowledges more and more of the workload.
+    let pid = rx.pid();
+    let first = wait_rx(&pair.rx_dir, "a connected receiver acknowledging", Some(pid), |v| {
+        v["connected"] == true && u(v, "/acked") > 0
+    });
+    let acked_before = u(&first, "/acked");
+    wait_rx(&pair.rx_dir, "the pair streaming", Some(pid), |v| {
+        v["connected"] == true && u(v, "/acked") >= acked_before + 20
+    });
+    writer.wait_more(10);
+    // A peer that connected and never starts its handshake (it held the stop up until the
+    // 10 s handshake timeout before receive cut such connections).
+    let _stuck = TcpStream::connect(pair.addr()).unwrap();
+    let (status, took) = rx.terminate_within(Duration::from_secs(5));
+    eprintln!("receive stopped {took:?} after SIGTERM with {status}");
+    assert!(status.success(), "receive exited with {status} after SIGTERM");
+    let stopped = read_status(&pair.rx_dir).expect("receive's status.json");
+    assert_eq!(stopped["state"], "stopped", "{stopped:#}");
+    assert_eq!(stopped["pid"], pid);
+    assert_eq!(u(&stopped, "/durable"), u(&stopped, "/received"), "the log synced: {stopped:#}");
+    assert!(u(&stopped, "/acked") <= u(&stopped, "/durable"));
+    // The source was told, and goes on capturing while the target is away.
+    wait_status(&pair.state, "the source hearing the target shut down", |v| {
+        v.pointer("/shipper/last_session_end")
+            .and_then(Value::as_str)
+            .is_some_and(|e| e.contains("shutting down"))
+    });
+    writer.wait_more(20);
+    rx = pair.receive();
+    let pid = rx.pid();
+    wait_rx(&pair.rx_dir, "the restarted receiver resuming", Some(pid), |v| {
+        v["connected"] == true && u(v, "/received") > u(&stopped, "/received")
+    });
+    writer.wait_more(20);
+    let written = writer.stop();
+    wait_caught_up(&pair.state);
+    px.terminate();
+    cleanup.loops.clear();
+    rx.terminate();
+    mon.finish();
+    eprintln!("sigterm: {written} writes of 64 KiB, receive stopped in {took:?}");
+    pair.verify();
+    report_scenario(0, 1);
 }

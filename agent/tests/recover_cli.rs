@@ -3,6 +3,7 @@
 //! checked against the bytes written, and the error messages for unknown points and bad
 //! point syntax. No root needed.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -158,4 +159,88 @@ fn unknown_points_and_bad_syntax_are_explained() {
     // Neither --expose nor --materialize.
     let (ok, _, e) = tidemark(&["recover", "--dir", &d, "--point", "latest"]);
     assert!(!ok && e.contains("--expose"), "{e}");
+}
+
+/// Runs `tidemark ARGS` under a pseudo-terminal of 120 x 40 (python3's pty module); returns
+/// whether it succeeded and everything it wrote to the terminal, or `None` without python3.
+fn tidemark_on_a_terminal(args: &[&str]) -> Option<(bool, String)> {
+    const DRIVER: &str = r#"
+import fcntl, os, pty, struct, sys, termios
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+out = b""
+while True:
+    try:
+        chunk = os.read(fd, 65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    out += chunk
+_, status = os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+sys.exit(0 if os.waitstatus_to_exitcode(status) == 0 else 3)
+"#;
+    let out = Command::new("python3").arg("-c").arg(DRIVER).arg(BIN).args(args).output().ok()?;
+    Some((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// A drawn bar frame: `LABEL [bar] DONE/TOTAL RATE/s ETA N` with numbers in each field.
+fn has_bar_with_rate_and_eta(screen: &str, label: &str) -> bool {
+    screen.split(['\r', '\n']).any(|frame| {
+        let Some(rest) = frame.split_once(&format!("{label} [")).map(|(_, r)| r) else {
+            return false;
+        };
+        let Some((_, after)) = rest.split_once("] ") else { return false };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // e.g. ["128.00", "MiB/256.00", "MiB", "1.21", "GiB/s", "ETA", "0s"]
+        let number = |s: &str| s.parse::<f64>().is_ok();
+        let rate = fields.iter().position(|f| f.ends_with("B/s"));
+        let eta = fields.iter().position(|f| *f == "ETA");
+        match (rate, eta) {
+            (Some(r), Some(e)) if r >= 1 && e == r + 1 && e + 1 < fields.len() => {
+                number(fields[r - 1])
+                    && fields[e + 1]
+                        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                        .parse::<u64>()
+                        .is_ok()
+            }
+            _ => false,
+        }
+    })
+}
+
+#[test]
+fn materialize_draws_a_progress_bar_with_rate_and_eta_on_a_terminal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("rx");
+    std::fs::create_dir_all(&dir).unwrap();
+    receive_dir(&dir);
+    // A volume large enough for the bar to be redrawn while it runs (sparse: cheap here).
+    let big = 256u64 << 20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("replica.img"))
+        .unwrap()
+        .set_len(big)
+        .unwrap();
+    let out = tmp.path().join("latest.img");
+    let args = ["materialize", "--dir", dir.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    // Without a terminal: no bar, no escape sequences.
+    let (ok, stdout, stderr) = tidemark(&args);
+    assert!(ok, "materialize failed: {stdout}{stderr}");
+    assert!(!stderr.contains("materialize ["), "a bar drawn into a pipe: {stderr:?}");
+    std::fs::remove_file(&out).unwrap();
+    let Some((ok, screen)) = tidemark_on_a_terminal(&args) else {
+        let _ = writeln!(std::io::stderr(), "SKIP materialize bar: python3 not found");
+        return;
+    };
+    assert!(ok, "materialize on a terminal failed: {screen}");
+    assert!(
+        has_bar_with_rate_and_eta(&screen, "materialize"),
+        "no bar with a rate and an ETA on the terminal: {screen:?}"
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), big);
 }

@@ -118,6 +118,26 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, then waits at most `deadline` for the process to exit (SIGKILL and a
+    /// failure past it); returns its exit status and how long it took.
+    pub fn terminate_within(&mut self, deadline: Duration) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let start = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return (st, start.elapsed());
+            }
+            if start.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {deadline:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the process to exit on its own.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();

@@ -33,7 +33,7 @@
 //! 3. **Validation before apply**: every new entry of a batch is checked (volume range, size,
 //!    kind) and its dedupe references resolved ([`crate::dedupe`]) before the first is
 //!    appended, so a refused batch changes nothing. A reference is resolved only from the
-//!    write it names, within this connection's window, or refused (`Error` code 5).
+//!    write it names, within the dedupe window (kept across connections, `DedupeHeld`), or refused (`Error` code 5).
 //! 4. **Barriers**: events keep their source order and barriers and bookmarks are appended
 //!    as records in that order, so every recovery point the retention log offers is a
 //!    prefix of the source's stream ending at a barrier or bookmark.
@@ -208,6 +208,10 @@ pub enum ApplyError {
     /// A newer connection from the pair replaced this one.
     #[error("the connection was replaced by a newer connection from the same pair")]
     Replaced,
+    /// The receiver is shutting down ([`Receiver::shutdown`]): what was received before is
+    /// durable and acknowledged; the source is sent `Error` code 7 and retries later.
+    #[error("the target is shutting down")]
+    ShuttingDown,
     /// A pipeline thread could not be started or panicked.
     #[error("receiver thread: {what}")]
     Thread {
@@ -231,6 +235,7 @@ impl ApplyError {
             Self::UnknownReference { .. } => ErrorCode::UNKNOWN_REFERENCE,
             Self::Storage { .. } => ErrorCode::STORAGE,
             Self::Thread { .. } => ErrorCode::INTERNAL,
+            Self::ShuttingDown => ErrorCode::SHUTDOWN,
             _ => return None,
         })
     }
@@ -343,6 +348,10 @@ pub struct ReceiverStatus {
 
 type Kill = Arc<dyn Fn(Shutdown) + Send + Sync>;
 
+/// How long [`Receiver::shutdown`] waits for the live session to take its stop request
+/// (and, after that and the linger, to end) before it cuts the connection.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Connections a [`Listener`] serves at once (handshakes included). One pair needs one,
 /// plus one replacing it after a network failure. When full, a new connection cuts the
 /// oldest one still in its handshake, so peers that never finish theirs cannot keep the
@@ -353,6 +362,9 @@ struct Slots {
     next_id: u64,
     /// The newest admitted connection and how to shut its stream down.
     active: Option<(u64, Kill)>,
+    /// The applying session's inbound queue, through which [`Receiver::shutdown`] asks it
+    /// to stop.
+    stopper: Option<(u64, SyncSender<Inbound>)>,
     /// The connection whose applier owns the log.
     applying: Option<u64>,
     failed: Option<String>,
@@ -364,6 +376,12 @@ struct Inner {
     log: Mutex<RetentionLog>,
     /// Volumes in the group (their sizes, which grow, are the log's).
     volume_count: usize,
+    /// What the appliers changed in the replica since a hasher's tree was built (lock
+    /// order: `log`, then this).
+    changes: Mutex<Option<Changes>>,
+    /// The dedupe window of the writes received (across connections: see
+    /// [`crate::dedupe`]); locked by the applier for its session.
+    window: Mutex<AppliedWindow>,
     slots: Mutex<Slots>,
     slots_changed: Condvar,
     status: Watch<ReceiverStatus>,
@@ -410,6 +428,8 @@ enum Inbound {
     /// The source closed the channel normally.
     Closed,
     Failed(ApplyError),
+    /// The receiver is shutting down: commit, acknowledge, tell the source, stop.
+    Stop,
 }
 
 impl Receiver {
@@ -439,14 +459,18 @@ impl Receiver {
             acked: log.durable_seq(),
             ..Default::default()
         };
+        let window = Mutex::new(AppliedWindow::new(cfg.dedupe_window_bytes));
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
                 log: Mutex::new(log),
                 volume_count,
+                changes: Mutex::new(None),
+                window,
                 slots: Mutex::new(Slots {
                     next_id: 1,
                     active: None,
+                    stopper: None,
                     applying: None,
                     failed: None,
                     shutting_down: false,
@@ -493,14 +517,53 @@ impl Receiver {
     }
 
     /// Ends the live session and refuses new ones; returns once no applier runs.
+    ///
+    /// The live session stops cleanly: its applier appends the batches it had already
+    /// decoded, makes them durable and acknowledges them, sends the source `Error` code 7
+    /// (shutting down) and closes the channel with close code 3, then lingers as after any
+    /// error (at most [`ReceiverConfig::linger`]). A session that does not stop within
+    /// [`SHUTDOWN_GRACE`] plus the linger (a source that stopped reading) is cut.
+    /// Connections still in their handshake are refused `Refuse` reason 6 (unavailable).
     pub fn shutdown(&self) {
-        let mut s = lock(&self.inner.slots);
-        s.shutting_down = true;
-        if let Some((_, kill)) = &s.active {
-            kill(Shutdown::Both);
+        let (stopper, kill) = {
+            let mut s = lock(&self.inner.slots);
+            s.shutting_down = true;
+            (s.stopper.clone(), s.active.as_ref().map(|(_, k)| k.clone()))
+        };
+        let asked = stopper.is_some_and(|(_, tx)| {
+            // The queue may be full while the applier works through it: retry until it
+            // takes the request, it ended, or the grace period is over.
+            let until = Instant::now() + SHUTDOWN_GRACE;
+            loop {
+                match tx.try_send(Inbound::Stop) {
+                    Ok(()) => return true,
+                    Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                    Err(mpsc::TrySendError::Full(_)) if Instant::now() < until => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(mpsc::TrySendError::Full(_)) => return false,
+                }
+            }
+        });
+        if !asked {
+            if let Some(kill) = &kill {
+                kill(Shutdown::Both);
+            }
         }
+        let until = Instant::now() + SHUTDOWN_GRACE + self.inner.cfg.linger;
+        let mut s = lock(&self.inner.slots);
+        let mut cut = !asked;
         while s.applying.is_some() {
-            s = self.inner.slots_changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() && !cut {
+                // The session did not stop in time (a source that stopped reading): cut it.
+                if let Some((_, kill)) = &s.active {
+                    kill(Shutdown::Both);
+                }
+                cut = true;
+            }
+            let wait = if cut { Duration::from_millis(100) } else { left };
+            s = self.inner.slots_changed.wait_timeout(s, wait).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -661,6 +724,9 @@ impl Receiver {
             self.update(|st| st.replaced += 1);
         }
         loop {
+            if s.shutting_down {
+                return Err(unavailable("the target is shutting down"));
+            }
             if s.active.as_ref().map(|a| a.0) != Some(id) {
                 return Err(Refuse {
                     reason: RefuseReason::BUSY,
@@ -681,6 +747,9 @@ impl Receiver {
         let mut s = lock(&self.inner.slots);
         if s.applying == Some(id) {
             s.applying = None;
+        }
+        if s.stopper.as_ref().is_some_and(|(i, _)| *i == id) {
+            s.stopper = None;
         }
         let idle = match &s.active {
             Some((active, _)) if *active == id => {
@@ -774,6 +843,10 @@ impl Receiver {
         resume: Seq,
     ) -> Result<()> {
         let cfg = &self.inner.cfg;
+        // What the window holds: every write from its oldest up to the resume point.
+        let held = lock(&self.inner.window).oldest().unwrap_or(resume.next());
+        let mut conn = conn;
+        conn.send(&Message::DedupeHeld { from: held })?;
         let (channel, codec) = conn.into_parts();
         let (rx_half, tx_half) = channel.split()?;
         let out = Arc::new(Mutex::new(Outbound {
@@ -782,6 +855,14 @@ impl Receiver {
             buf: Vec::new(),
         }));
         let (tx, rx) = mpsc::sync_channel::<Inbound>(cfg.queue_depth);
+        {
+            let mut s = lock(&self.inner.slots);
+            if s.shutting_down {
+                // The shutdown began before this session could be asked: it stops at once.
+                let _ = tx.try_send(Inbound::Stop);
+            }
+            s.stopper = Some((id, tx.clone()));
+        }
         let (hash_tx, hash_rx) = mpsc::sync_channel::<HashRequest>(HASH_QUEUE);
         let cancel = Arc::new(AtomicBool::new(false));
         let hasher = {
@@ -790,7 +871,7 @@ impl Receiver {
             thread::Builder::new()
                 .name("tidemark-recv-hash".to_owned())
                 .spawn(move || {
-                    if let Err(e) = run_hasher(&inner, &hash_rx, &out, &cancel) {
+                    if let Err(e) = run_hasher(&inner, id, &hash_rx, &out, &cancel) {
                         // The applier ends the session with it (and tells the source).
                         let _ = tx.send(Inbound::Failed(e));
                     }
@@ -818,6 +899,13 @@ impl Receiver {
             }
         }
         cancel.store(true, Ordering::SeqCst);
+        if result
+            .as_ref()
+            .is_err_and(|e| e.wire_code().is_some() && !matches!(e, ApplyError::ShuttingDown))
+        {
+            // A refused batch may have left writes in the window that were never appended.
+            lock(&self.inner.window).clear();
+        }
         match &result {
             Ok(()) => {
                 let _ = lock(&out).tx.close();
@@ -828,16 +916,20 @@ impl Receiver {
                     // still sends until it hangs up or `linger` passes, so that the
                     // `Error` reaches it rather than a reset.
                     let message = truncate(error_chain(e));
+                    let close = match e {
+                        ApplyError::ShuttingDown => CloseCode::SHUTTING_DOWN,
+                        _ => CloseCode::PROTOCOL_VIOLATION,
+                    };
                     let mut o = lock(&out);
                     let _ = o.send(&Message::Error { code, message: message.clone() });
-                    let _ = o.tx.close_with(CloseCode::PROTOCOL_VIOLATION, &message);
+                    let _ = o.tx.close_with(close, &message);
                     drop(o);
                     kill(Shutdown::Write);
                     let until = Instant::now() + cfg.linger;
                     loop {
                         let left = until.saturating_duration_since(Instant::now());
                         match rx.recv_timeout(left) {
-                            Ok(Inbound::Batch(_)) => {}
+                            Ok(Inbound::Batch(_) | Inbound::Stop) => {}
                             Ok(_)
                             | Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                                 break;
@@ -869,7 +961,7 @@ impl Receiver {
     ) -> Result<()> {
         let cfg = &self.inner.cfg;
         let mut acked = resume;
-        let mut window = AppliedWindow::new(cfg.dedupe_window_bytes);
+        let mut window = lock(&self.inner.window);
         let mut pending_bytes = 0u64;
         let mut pending_since: Option<Instant> = None;
         let gone = || ApplyError::Thread { what: "the reader ended without a word".to_owned() };
@@ -909,6 +1001,14 @@ impl Receiver {
                     return Ok(());
                 }
                 Inbound::Failed(e) => return Err(e),
+                Inbound::Stop => {
+                    // Everything appended is made durable and acknowledged before the
+                    // source hears that the target stops.
+                    if pending_since.is_some() {
+                        self.commit(out, &mut acked)?;
+                    }
+                    return Err(ApplyError::ShuttingDown);
+                }
             }
         }
     }
@@ -1032,6 +1132,11 @@ impl Receiver {
                 self.inner.resync_generation.fetch_add(1, Ordering::SeqCst);
             }
             events += 1;
+        }
+        if let Some(changes) = lock(&self.inner.changes).as_mut() {
+            for ((seq, _), event) in fresh().zip(&resolved) {
+                changes.record(seq, event);
+            }
         }
         let received = log.last_seq();
         drop(log);
@@ -1274,20 +1379,121 @@ impl BlockSource for ReplicaSource<'_> {
     }
 }
 
-/// Answers the session's hash requests in order, on a thread of its own. A request for the
-/// root level (the start of a comparison) hashes the whole replica and keeps the tree for
-/// the requests that follow; a request for a lower level without such a tree (a comparison
-/// limited to dirty regions) hashes just the nodes asked.
+/// Most changed ranges a [`Changes`] keeps before it gives up (the hasher then drops its
+/// tree and hashes what each request asks from the replica).
+const MAX_TRACKED_CHANGES: usize = 1 << 16;
+
+/// The ranges of one volume the appliers changed since a hasher's tree was built, and the
+/// last sequence number they account for: the tree plus these ranges hashed again is the
+/// tree of the replica as it is, provided the log holds nothing newer than `seen`.
+struct Changes {
+    /// The session whose hasher keeps the tree.
+    session: u64,
+    volume: VolumeId,
+    /// The log's last sequence number once every change up to it was recorded here.
+    seen: Seq,
+    /// Changed byte ranges, in arrival order (not coalesced).
+    ranges: Vec<std::ops::Range<u64>>,
+    /// More than [`MAX_TRACKED_CHANGES`] ranges: the tree can no longer be brought up to
+    /// date.
+    overflowed: bool,
+}
+
+impl Changes {
+    /// Notes event `seq`, just appended.
+    fn record(&mut self, seq: Seq, event: &Event) {
+        self.seen = seq;
+        let Some((volume, offset, len)) = event.range() else { return };
+        if volume != self.volume || len == 0 || self.overflowed {
+            return;
+        }
+        let r = offset..offset.saturating_add(len);
+        if let Some(last) = self.ranges.last_mut().filter(|l| l.end == r.start) {
+            last.end = r.end;
+        } else if self.ranges.len() >= MAX_TRACKED_CHANGES {
+            self.overflowed = true;
+            self.ranges = Vec::new();
+        } else {
+            self.ranges.push(r);
+        }
+    }
+}
+
+/// The tree a hasher keeps between the requests of a comparison.
+struct CachedTree {
+    volume: VolumeId,
+    shape: TreeShape,
+    tree: MerkleTree,
+    /// `Inner::resync_generation` when it was built.
+    generation: u64,
+}
+
+/// Starts recording the changes to `volume` for `session`'s hasher, from the log's state
+/// now (a tree built after this call and brought up to date with the changes is current).
+fn track_changes(inner: &Inner, session: u64, volume: VolumeId) {
+    let log = lock(&inner.log);
+    *lock(&inner.changes) = Some(Changes {
+        session,
+        volume,
+        seen: log.last_seq(),
+        ranges: Vec::new(),
+        overflowed: false,
+    });
+}
+
+/// The ranges of `volume` changed since `session`'s hasher started tracking (and resets
+/// them), or `None` when its tree cannot be brought up to date: tracking stopped, belongs
+/// to another session or volume, overflowed, or the log holds events it did not record.
+fn take_changes(
+    inner: &Inner,
+    session: u64,
+    volume: VolumeId,
+) -> Option<Vec<std::ops::Range<u64>>> {
+    let log = lock(&inner.log);
+    let mut guard = lock(&inner.changes);
+    let changes = guard.as_mut()?;
+    let valid = changes.session == session
+        && changes.volume == volume
+        && !changes.overflowed
+        && changes.seen == log.last_seq();
+    if !valid {
+        return None;
+    }
+    Some(std::mem::take(&mut changes.ranges))
+}
+
+/// Stops `session`'s change tracking, if it is the one tracking.
+fn untrack_changes(inner: &Inner, session: u64) {
+    let mut guard = lock(&inner.changes);
+    if guard.as_ref().is_some_and(|c| c.session == session) {
+        *guard = None;
+    }
+}
+
+/// Answers the session's hash requests in order, on a thread of its own, always from the
+/// replica as it is when the request is answered. A request for the root level (the start
+/// of a comparison) hashes the whole replica and keeps the tree for the requests that
+/// follow; the appliers record every range they change meanwhile ([`Changes`]), and before
+/// the tree answers again those ranges are hashed again. When the changes cannot be
+/// accounted for (too many, or appended by someone else), the tree is dropped and each
+/// request hashes the nodes it asks from the replica, as does a request for a lower level
+/// without a tree (a comparison limited to dirty regions).
 fn run_hasher<S: Stream>(
     inner: &Inner,
+    session: u64,
     requests: &mpsc::Receiver<HashRequest>,
     out: &Mutex<Outbound<S>>,
     cancel: &AtomicBool,
 ) -> Result<()> {
-    // The tree of the last whole-tree request, with the resync generation it was built in: a
-    // later comparison (a limited resync or a repair asks for leaves only, after its own
-    // `ResyncBegin`) must not be answered from it, the replica may have changed since.
-    let mut cache: Option<(VolumeId, TreeShape, MerkleTree, u64)> = None;
+    /// Stops the session's change tracking however the hasher ends.
+    struct Untrack<'a>(&'a Inner, u64);
+    impl Drop for Untrack<'_> {
+        fn drop(&mut self) {
+            untrack_changes(self.0, self.1);
+        }
+    }
+    let _untrack = Untrack(inner, session);
+    let mut cache: Option<CachedTree> = None;
     for request in requests {
         let generation = inner.resync_generation.load(Ordering::SeqCst);
         let (id, volume) = (request.id, request.volume);
@@ -1303,25 +1509,42 @@ fn run_hasher<S: Stream>(
         };
         let source = ReplicaSource { inner, volume, len, cancel };
         let failed = |source| ApplyError::Hashing { id, source };
-        let reply = if request.level >= request.shape.root_level(len) {
+        if request.level >= request.shape.root_level(len) {
+            // A new comparison: start tracking before hashing, so that what is applied
+            // while the tree is built is hashed again below.
+            track_changes(inner, session, volume);
             let tree = MerkleTree::build(&source, request.shape, 0).map_err(failed)?;
-            let reply = tree.answer(volume, &request).map_err(failed)?;
-            cache = Some((volume, request.shape, tree, generation));
-            reply
-        } else {
-            match &cache {
-                Some((v, shape, tree, g))
-                    if *v == volume && *shape == request.shape && *g == generation =>
-                {
-                    tree.answer(volume, &request).map_err(failed)?
+            cache = Some(CachedTree { volume, shape: request.shape, tree, generation });
+        }
+        // A tree serves only the comparison it was built for: a later one (a limited resync
+        // or a repair asks for leaves only, after its own `ResyncBegin`) hashes afresh.
+        let current = match cache.as_mut() {
+            Some(c)
+                if c.volume == volume && c.shape == request.shape && c.generation == generation =>
+            {
+                match take_changes(inner, session, volume) {
+                    Some(changed) => {
+                        c.tree.rehash(&source, &changed, 0).map_err(failed)?;
+                        true
+                    }
+                    None => false,
                 }
-                _ => HashReply {
+            }
+            _ => false,
+        };
+        let reply = match cache.as_ref() {
+            Some(c) if current => c.tree.answer(volume, &request).map_err(failed)?,
+            _ => {
+                if cache.take().is_some() {
+                    untrack_changes(inner, session);
+                }
+                HashReply {
                     id,
                     volume,
                     level: request.level,
                     hashes: hash_nodes(&source, request.shape, request.level, &request.ranges, 0)
                         .map_err(failed)?,
-                },
+                }
             }
         };
         lock(out).send(&Message::HashReply(reply))?;
@@ -1372,11 +1595,18 @@ impl Listener {
         self.addr
     }
 
-    /// Stops accepting and waits for the accept thread and every session thread (call
-    /// [`Receiver::shutdown`] first, or this waits for the sources to hang up).
+    /// Stops accepting, cuts the connections still in their handshake (a peer that never
+    /// finishes one would otherwise hold this up until the handshake timeout), and waits
+    /// for the accept thread and every session thread (call [`Receiver::shutdown`] first,
+    /// or this waits for the authenticated sources to hang up).
     pub fn stop(mut self) {
         self.stop_inner();
         let sessions = std::mem::take(&mut *lock(&self.sessions));
+        for c in &sessions {
+            if !c.authenticated.load(Ordering::SeqCst) {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+        }
         for c in sessions {
             let _ = c.thread.join();
         }

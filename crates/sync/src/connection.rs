@@ -259,6 +259,15 @@ impl<S: Stream> Connection<S> {
         }
     }
 
+    /// The source's step after [`Connection::open_session`]: the target's `DedupeHeld`,
+    /// the oldest write its dedupe window holds.
+    pub fn recv_dedupe_held(&mut self) -> Result<Seq> {
+        match self.recv()? {
+            Some(Message::DedupeHeld { from }) => Ok(from),
+            other => Err(self.unexpected(other, "DedupeHeld")),
+        }
+    }
+
     /// The target's opening: waits for a `Hello`, negotiates the version, asks `admit`
     /// whether to accept it (it returns this target's lineage, or the refusal), answers
     /// `Welcome` and its lineage, waits for the source's lineage, asks `resume` (given the

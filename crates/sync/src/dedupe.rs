@@ -1,5 +1,5 @@
 //! Dedupe on the replication stream: a block whose content the target already holds, in
-//! the recent window of this connection, is sent as a reference instead of bytes.
+//! the recent window of the pair's writes, is sent as a reference instead of bytes.
 //!
 //! Both sides keep a window of the writes of the current connection, bounded by the same
 //! byte budget and evicted by the same rule, so that with equal budgets the target holds
@@ -20,8 +20,14 @@
 //!    each insertion the oldest writes leave until the window's bytes (the sum of the
 //!    writes' lengths) are within the budget. So the target's window, with a budget at
 //!    least the source's, holds every write the source's window names.
-//! 2. **Per connection.** Both windows start empty on every connection: a reference only
-//!    names a write shipped on the same connection, earlier in the stream.
+//! 2. **Across connections.** The windows outlive a connection: at each new one the
+//!    target tells, in `DedupeHeld`, the oldest write its window holds (it holds every
+//!    write received from there to the resume point), and the source keeps of its window
+//!    only the writes from there through the resume point ([`DedupeWindow::keep_range`]:
+//!    later ones may never have arrived). The source's window is then part of the
+//!    target's, and stays so as both take the same writes under the same budget. The
+//!    target forgets its window after a connection on which it refused a batch, the
+//!    source after an unresolved reference; both start empty with their process.
 //! 3. **Never wrong bytes.** A reference the target cannot resolve (the write left its
 //!    window, or the retention log no longer holds that point) fails the batch with
 //!    [`Unresolved`] before anything of it is appended; the source then resends the
@@ -222,6 +228,44 @@ impl DedupeWindow {
         (body, stats)
     }
 
+    /// Keeps only the writes from `from` through `through` (both included): after a
+    /// reconnection, the target holds the writes from `from` (its `DedupeHeld`) up to the
+    /// resume point `through`; writes shipped after it may never have arrived, and older
+    /// ones left the target's window. A hash whose newest shipment goes is forgotten even
+    /// if an older one stays (fewer references, never a wrong one).
+    pub fn keep_range(&mut self, from: Seq, through: Seq) {
+        let (blocks, counts, map) = (&mut self.blocks, &mut self.block_counts, &mut self.map);
+        let mut forget = |(h, seq, at): ([u8; 32], Seq, u32)| {
+            if map.get(&h) == Some(&(seq, at)) {
+                map.remove(&h);
+            }
+        };
+        while let Some(&(seq, len)) = self.fifo.writes.back() {
+            if seq <= through {
+                break;
+            }
+            self.fifo.writes.pop_back();
+            self.fifo.held -= len;
+            let n = counts.pop_back().unwrap_or(0);
+            for _ in 0..n {
+                if let Some(b) = blocks.pop_back() {
+                    forget(b);
+                }
+            }
+        }
+        while let Some(&(seq, len)) = self.fifo.writes.front() {
+            if seq >= from {
+                break;
+            }
+            self.fifo.writes.pop_front();
+            self.fifo.held -= len;
+            let n = counts.pop_front().unwrap_or(0);
+            for b in blocks.drain(..n) {
+                forget(b);
+            }
+        }
+    }
+
     fn record(&mut self, seq: Seq, len: u64, hashes: &[[u8; 32]]) {
         for (i, h) in hashes.iter().enumerate() {
             let at = (i * BLOCK) as u32;
@@ -274,6 +318,17 @@ impl AppliedWindow {
     /// The range of write `seq`, if the window holds it.
     pub fn get(&self, seq: Seq) -> Option<(VolumeId, u64, u32)> {
         self.map.get(&seq).copied()
+    }
+
+    /// The oldest write held, if any: the window holds every write received from it on.
+    pub fn oldest(&self) -> Option<Seq> {
+        self.fifo.writes.front().map(|&(seq, _)| seq)
+    }
+
+    /// Forgets every write.
+    pub fn clear(&mut self) {
+        self.fifo.clear();
+        self.map.clear();
     }
 }
 
@@ -365,10 +420,7 @@ fn read_ref(
     let len = buf.len() as u32;
     let fail = |why: String| Unresolved { entry, seq: from, at, len, why };
     let Some((volume, offset, wlen)) = window.get(from) else {
-        return Err(fail(format!(
-            "not in this connection's dedupe window ({} bytes)",
-            window.budget()
-        )));
+        return Err(fail(format!("not in the target's dedupe window ({} bytes)", window.budget())));
     };
     if u64::from(at) + u64::from(len) > u64::from(wlen) {
         return Err(fail(format!("beyond the end of that write ({wlen} bytes)")));
@@ -393,6 +445,32 @@ mod tests {
 
     fn write(blocks: &[u8]) -> Bytes {
         Bytes::from(blocks.iter().flat_map(|&b| block(b)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn keep_range_leaves_only_the_writes_the_target_holds() {
+        let mut w = DedupeWindow::new(1 << 20);
+        let v = VolumeId(0);
+        for seq in 1..=5u8 {
+            w.encode_write(Seq(u64::from(seq)), v, 0, write(&[seq]), true);
+        }
+        w.keep_range(Seq(2), Seq(4));
+        assert_eq!(w.held_bytes(), 3 * BLOCK as u64);
+        for (fill, held) in [(1u8, false), (2, true), (3, true), (4, true), (5, false)] {
+            let mut probe = w.clone();
+            let (body, _) = probe.encode_write(Seq(9), v, 0, write(&[fill]), true);
+            match body {
+                EntryBody::Ref(r) => {
+                    assert!(held, "block {fill} referenced after it left");
+                    assert_eq!(r.source, RefSource::Earlier { seq: Seq(u64::from(fill)), at: 0 });
+                }
+                _ => assert!(!held, "block {fill} not referenced though held"),
+            }
+        }
+        // The writes kept still leave in order under the budget.
+        w.keep_range(Seq(0), Seq(3));
+        assert_eq!(w.held_bytes(), 2 * BLOCK as u64);
+        assert_eq!(w.distinct_blocks(), 2);
     }
 
     #[test]

@@ -540,6 +540,10 @@ pub struct ShipperStatus {
     pub dedupe_window_bytes: u64,
     /// The last error (the reason for the last disconnection, or for the failure).
     pub last_error: Option<String>,
+    /// Why the last session that opened ended (kept across failed connection attempts,
+    /// which overwrite [`ShipperStatus::last_error`]): for example the target's `Error`
+    /// code 7 when it shut down.
+    pub last_session_end: Option<String>,
     /// The replica's state as the target reported it when the current (or last) session
     /// opened, with the resync markers of the backlog applied ([`replica_after_backlog`]):
     /// what the replica will be once the events not yet acknowledged reach it. `None`
@@ -643,6 +647,9 @@ struct Shared {
     refs_off_through: AtomicU64,
     /// The dedupe window in force.
     dedupe_budget: AtomicU64,
+    /// The dedupe window, kept across connections and cut at each to what the target
+    /// says it holds (`DedupeHeld`).
+    window: Mutex<DedupeWindow>,
     calls: Mutex<HashCalls>,
     calls_changed: Condvar,
     /// The volumes the next `Hello` announces (`cfg.hello`'s until a volume grew).
@@ -734,6 +741,7 @@ impl Link {
             // keeps.
             let halved = shared.dedupe_budget.load(Ordering::SeqCst) / 2;
             shared.dedupe_budget.store(halved, Ordering::SeqCst);
+            *lock(&shared.window) = DedupeWindow::new(halved);
             shared.update(|s| {
                 s.dedupe_resends += 1;
                 s.dedupe_window_bytes = halved;
@@ -867,6 +875,7 @@ impl Shipper {
                 dedupe_resends: 0,
                 dedupe_window_bytes: self.cfg.dedupe_window_bytes,
                 last_error: None,
+                last_session_end: None,
                 replica: None,
                 lineage: None,
                 hash_requests: 0,
@@ -882,6 +891,7 @@ impl Shipper {
             calls_changed: Condvar::new(),
             refs_off_through: AtomicU64::new(0),
             dedupe_budget: AtomicU64::new(self.cfg.dedupe_window_bytes),
+            window: Mutex::new(DedupeWindow::new(self.cfg.dedupe_window_bytes)),
             cfg: self.cfg,
         });
         let s = shared.clone();
@@ -999,9 +1009,16 @@ fn supervise<S: Stream + Send + 'static, C: Connect<S>>(shared: &Arc<Shared>, mu
         });
         let mut shipped = false;
         let outcome = run_connection(shared, &mut connector, &mut shipped);
+        let ended = match &outcome {
+            Ok(()) => "closed normally".to_owned(),
+            Err(e) => error_chain(e),
+        };
         shared.update(|s| {
             s.peer = None;
             s.in_flight_bytes = 0;
+            if shipped {
+                s.last_session_end = Some(ended);
+            }
         });
         if shipped {
             attempt = 0;
@@ -1073,6 +1090,11 @@ fn run_connection<S: Stream + Send + 'static, C: Connect<S>>(
         tracing::warn!(%why, "lineage: the target takes this source's history; whole-volume resync");
     }
     let resume = session.last_acked;
+    // The writes both windows still hold: from the target's oldest to the resume point
+    // (later ones may never have arrived). References to them stay valid on this
+    // connection.
+    let held = conn.recv_dedupe_held()?;
+    lock(&shared.window).keep_range(held, resume);
     let (tx, rx) = mpsc::sync_channel::<Outgoing>(cfg.queue_depth);
     let markers = match reconcile(shared, resume) {
         Ok(markers) => markers,
@@ -1300,8 +1322,6 @@ fn run_encoder(
     let cfg = &shared.cfg;
     let mut after = resume;
     let mut last_stats: Option<BatchStats> = None;
-    // Per connection: the target's window starts empty too.
-    let mut window = DedupeWindow::new(shared.dedupe_budget.load(Ordering::SeqCst));
     loop {
         if shared.stopping() || link.is_dead() {
             return Ok(());
@@ -1320,8 +1340,13 @@ fn run_encoder(
             continue;
         }
         let refs_off_through = Seq(shared.refs_off_through.load(Ordering::SeqCst));
-        let (batch, deduped) =
-            build_batch(after, events, cfg.zero_detect, &mut window, refs_off_through)?;
+        let (batch, deduped) = build_batch(
+            after,
+            events,
+            cfg.zero_detect,
+            &mut lock(&shared.window),
+            refs_off_through,
+        )?;
         let last_seq = batch.last_seq();
         let backlogged = spool_last > last_seq;
         let compression = lock(&shared.policy).next(last_stats.as_ref());

@@ -34,6 +34,9 @@ fn connect(target: &Target, cs: &SecureConfig) -> (Connection<PipeEnd>, Server) 
 fn open(target: &Target, cs: &SecureConfig) -> (Connection<PipeEnd>, Session, Server) {
     let (mut conn, server) = connect(target, cs);
     let session = conn.open_session(&hello(), &lineage()).unwrap();
+    // The receiver's dedupe window holds writes up to the resume point at most.
+    let held = conn.recv_dedupe_held().unwrap();
+    assert!(held.0 >= 1 && held <= session.last_acked.next(), "DedupeHeld from {held}");
     (conn, session, server)
 }
 

@@ -176,6 +176,74 @@ fn repeated_blocks_replicate_exactly_while_the_wire_carries_less_than_the_data()
     assert_eq!(r.data_bytes, data_bytes, "the target applied every byte");
 }
 
+/// Content shipped again goes as a reference, within one session and after a reconnection
+/// (both windows outlive the connection: the target says which writes it still holds, the
+/// source keeps those): on the wire a few dozen bytes instead of 64 KiB.
+#[test]
+fn content_shipped_again_after_a_reconnect_or_within_a_session_goes_as_a_reference() {
+    const VOLUME: u64 = 8 << 20;
+    const LEN: usize = 64 << 10;
+    let (cs, ct) = paired();
+    let receiver = target(ct, VOLUME, 64 << 20);
+    let mut source = Source::new(VOLUME);
+    let mut rng = Rng::new(17);
+    let content: Vec<u8> = (0..LEN / BLOCK).flat_map(|_| random_block(&mut rng)).collect();
+    let net = PipeNet::new(receiver.clone());
+    let cfg = config(cs, VOLUME, 64 << 20, Compression::Off);
+    let handle = Shipper::new(source.spool.clone(), cfg).start(net.connector()).unwrap();
+    let ship = |source: &mut Source, offset: u64| {
+        let (before, rx_before) = (handle.status(), receiver.status());
+        source.write(offset, content.clone());
+        source.sync();
+        handle.notify();
+        let after = wait_caught_up(&handle, source.last_seq());
+        let rx_after = receiver.status();
+        (
+            after.blocks_deduped - before.blocks_deduped,
+            after.wire_bytes - before.wire_bytes,
+            rx_after.deduped_bytes - rx_before.deduped_bytes,
+        )
+    };
+    let (deduped, wire, _) = ship(&mut source, 0);
+    assert_eq!(deduped, 0, "the first shipment is data");
+    assert!(wire >= LEN as u64, "{wire} bytes on the wire for {LEN} new bytes");
+    // Again in the same session.
+    let (deduped, wire, received) = ship(&mut source, 1 << 20);
+    assert_eq!(
+        deduped,
+        (LEN / BLOCK) as u64,
+        "every block a reference within the session: {:?} {:?}",
+        handle.status(),
+        receiver.status()
+    );
+    assert!(wire < 1024, "{wire} bytes on the wire for a repeat within the session");
+    assert_eq!(received, LEN as u64, "the target resolved it by reference");
+    // Again after the connection was lost and a new one opened.
+    for n in 2..4 {
+        let sessions = handle.status().sessions;
+        assert!(receiver.disconnect(), "a session to cut");
+        handle
+            .wait_for(PATIENCE, |s| {
+                s.sessions > sessions && s.state == tidemark_sync::LinkState::Shipping
+            })
+            .unwrap_or_else(|| panic!("no session after {sessions}: {:?}", handle.status()));
+        let (deduped, wire, received) = ship(&mut source, n << 20);
+        assert_eq!(
+            deduped,
+            (LEN / BLOCK) as u64,
+            "a reference after reconnection {n}: {:?} {:?}",
+            handle.status(),
+            receiver.status()
+        );
+        assert!(wire < 1024, "{wire} bytes on the wire for a repeat after reconnection {n}");
+        assert_eq!(received, LEN as u64);
+    }
+    assert_eq!(handle.status().dedupe_resends, 0, "no reference was refused");
+    check_replica(&receiver, &source);
+    handle.stop();
+    net.join_servers();
+}
+
 #[test]
 fn a_target_window_smaller_than_the_source_s_is_recovered_by_resending_as_data() {
     const VOLUME: u64 = 8 << 20;

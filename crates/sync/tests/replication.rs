@@ -432,3 +432,37 @@ fn backoff_grows_to_its_cap_and_bad_configurations_are_refused() {
         );
     }
 }
+
+#[test]
+fn a_receiver_shutting_down_acknowledges_what_it_received_and_tells_the_source() {
+    let (cs, ct) = paired();
+    let target = Target::new(ct);
+    let listener = target.receiver.listen(TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let mut source = Source::new(6);
+    let connector = TcpConnect { addr, timeout: Duration::from_secs(5) };
+    let handle = Shipper::new(source.spool.clone(), ship_config(cs)).start(connector).unwrap();
+    let bell = handle.doorbell();
+    source.run(400, &|| bell.ring());
+    target.receiver.wait_for(PATIENCE, |s| s.connected && s.received.0 >= 100).expect("streaming");
+    // A peer that never finishes its handshake must not hold the stop up (it would until
+    // the 10 s handshake timeout).
+    let _stuck = TcpStream::connect(addr).unwrap();
+    let started = std::time::Instant::now();
+    target.receiver.shutdown();
+    listener.stop();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(6), "the receiver took {took:?} to stop");
+    let r = target.receiver.status();
+    assert!(!r.connected);
+    assert_eq!(r.durable, r.received, "everything received was made durable: {r:?}");
+    assert_eq!(r.acked, r.durable, "and acknowledged: {r:?}");
+    let s = handle
+        .wait_for(PATIENCE, |s| {
+            s.last_session_end.as_deref().is_some_and(|e| e.contains("shutting down"))
+        })
+        .unwrap_or_else(|| panic!("the source was not told: {:?}", handle.status()));
+    assert_eq!(s.acked, r.acked, "the source heard the last acknowledgement");
+    println!("the source's session ended with: {}", s.last_session_end.unwrap());
+    handle.stop();
+}

@@ -576,3 +576,40 @@ fn a_resync_waits_for_a_slot_under_the_node_cap_changed_at_run_time() {
     assert_eq!(slots.in_use(), 0, "the permit was given back");
     pair.stop();
 }
+
+/// The target answers every comparison from its replica as it is now: a tree it hashed for
+/// an earlier comparison of the session must not answer for blocks changed since. Here a
+/// block is written (shipped and applied) after a whole-volume comparison built the target's
+/// tree, then rewritten on the device behind the tap's back to its value at that time; a
+/// resync limited to that block must still find it different and copy it.
+#[test]
+fn a_later_comparison_sees_blocks_the_target_changed_since_the_last_one() {
+    let size = 8 << 20;
+    let mut rng = Rng::new(43);
+    let image = random_image(&mut rng, size);
+    let device = volume_from(&image);
+    let rig = Rig::new(device.clone(), volume_from(&image), Compression::Off);
+    rig.caught_up();
+    let syncer = rig.syncer();
+    // A whole comparison: the target hashes its whole replica.
+    assert!(syncer.verify(None).unwrap().is_empty());
+    let block = 37 * BLOCK;
+    let old = image[block as usize..(block + BLOCK) as usize].to_vec();
+    let new = data(&mut rng, BLOCK as usize);
+    assert_ne!(old, new);
+    rig.tap.write(block, Bytes::from(new)).unwrap();
+    rig.tap.flush().unwrap();
+    rig.caught_up();
+    // Back to the old value on the device only (a write lost to a crash, a failback).
+    device.write_at(&old, block).unwrap();
+    let rewritten = block..block + BLOCK;
+    let limit = std::slice::from_ref(&rewritten);
+    let found = syncer.verify(Some(limit)).unwrap();
+    assert_eq!(found.ranges, limit, "verify of the rewritten block");
+    let report = syncer.fast_resync(Some(limit), &[]).unwrap();
+    rig.caught_up();
+    assert_eq!(report.differing_bytes, BLOCK, "the rewritten block was found different");
+    assert!(rig.replica_current() == rig.device_bytes(), "replica differs after the resync");
+    // And a whole comparison afterwards agrees.
+    assert!(syncer.verify(None).unwrap().is_empty());
+}

@@ -133,6 +133,7 @@ fn every_message() -> Vec<Message> {
                 RepairRange { volume: VolumeId(1), offset: 0, len: 1 << 30 },
             ],
         }),
+        Message::DedupeHeld { from: Seq(31) },
     ]
 }
 
@@ -201,6 +202,26 @@ fn every_message_type_round_trips_plain_and_compressed() {
             assert_eq!(&codec.decode_slice(&frame).unwrap(), m, "{compression:?}");
         }
     }
+}
+
+#[test]
+fn dedupe_held_frame_has_the_documented_layout_and_a_wrong_length_is_refused() {
+    let frame = encode(&Message::DedupeHeld { from: Seq(0x0102_0304_0506_0708) });
+    assert_eq!(
+        frame,
+        [
+            b'T', b'D', b'M', b'W', // magic
+            1, 0,  // version 1
+            15, // type DedupeHeld
+            0,  // flags
+            8, 0, 0, 0, // body length
+            8, 7, 6, 5, 4, 3, 2, 1, // from, little-endian
+        ]
+    );
+    let mut long = frame.clone();
+    long[8] = 9;
+    long.push(0);
+    assert!(Codec::default().decode_slice(&long).is_err(), "a 9-byte body decoded");
 }
 
 #[test]
@@ -764,6 +785,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(c, message)| Message::Error { code: ErrorCode(c), message }),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+        any::<u64>().prop_map(|s| Message::DedupeHeld { from: Seq(s) }),
         arb_hash_request().prop_map(Message::HashRequest),
         (
             prop::collection::vec((1..u64::MAX, any::<u64>()), 0..6),
@@ -871,7 +893,7 @@ fn the_wire_frame_fuzz_seeds_decode_and_round_trip() {
             plain += 1;
         }
     }
-    assert!(plain >= 11, "a seed of every message type: {plain}");
+    assert!(plain >= 12, "a seed of every message type: {plain}");
 }
 
 #[test]

@@ -115,15 +115,7 @@ impl MerkleTree {
         let count = usize::try_from(n0)
             .map_err(|_| ResyncError::TooLarge { what: "leaf count", value: n0 })?;
         let mut leaves = vec![NodeHash::ABSENT; count];
-        let leaf = shape.leaf_size();
-        let mut wanted: Vec<Range<u64>> = ranges
-            .iter()
-            .map(|r| r.start.min(volume_len)..r.end.min(volume_len))
-            .filter(|r| !r.is_empty())
-            .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
-            .collect();
-        wanted.sort_by_key(|r| r.start);
-        for r in wanted {
+        for r in leaf_ranges(shape, volume_len, ranges) {
             let hashes = hash_leaves(source, shape, r.clone(), threads, progress)?;
             for (i, h) in hashes.into_iter().enumerate() {
                 leaves[r.start as usize + i] = h;
@@ -141,6 +133,52 @@ impl MerkleTree {
             levels.push(next);
         }
         Self { shape, volume_len, levels }
+    }
+
+    /// Hashes again the leaves overlapping `ranges` (byte ranges of the volume) from
+    /// `source`, and the nodes above them, so that the tree is again that of `source` when
+    /// only those ranges changed since it was built. `source` must have the tree's length.
+    pub fn rehash(
+        &mut self,
+        source: &dyn BlockSource,
+        ranges: &[Range<u64>],
+        threads: usize,
+    ) -> Result<(), ResyncError> {
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in leaf_ranges(self.shape, self.volume_len, ranges) {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        for r in &merged {
+            let hashes = hash_leaves(source, self.shape, r.clone(), threads, &|_| {})?;
+            self.levels[0][r.start as usize..r.end as usize].copy_from_slice(&hashes);
+        }
+        // The parents of the changed nodes, level by level.
+        let fanout = 1u64 << self.shape.fanout_log2();
+        let mut changed = merged;
+        for level in 1..self.levels.len() {
+            let mut parents: Vec<Range<u64>> = Vec::new();
+            for r in &changed {
+                let p = r.start / fanout..(r.end - 1) / fanout + 1;
+                match parents.last_mut() {
+                    Some(last) if p.start <= last.end => last.end = last.end.max(p.end),
+                    _ => parents.push(p),
+                }
+            }
+            let (below, above) = self.levels.split_at_mut(level);
+            let (children, nodes) = (&below[level - 1], &mut above[0]);
+            for p in &parents {
+                for j in p.clone() {
+                    let kids = (j * fanout) as usize
+                        ..((j + 1) * fanout).min(children.len() as u64) as usize;
+                    nodes[j as usize] = node_hash(&children[kids]);
+                }
+            }
+            changed = parents;
+        }
+        Ok(())
     }
 
     /// The tree's shape.
@@ -239,6 +277,20 @@ impl MerkleTree {
             hashes: self.hashes(request.level, &request.ranges),
         })
     }
+}
+
+/// The leaves overlapping byte ranges `ranges` of a volume of `volume_len` bytes, clamped
+/// to the volume, sorted by start (not coalesced).
+fn leaf_ranges(shape: TreeShape, volume_len: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (leaf, n0) = (shape.leaf_size(), shape.nodes_at(volume_len, 0));
+    let mut leaves: Vec<Range<u64>> = ranges
+        .iter()
+        .map(|r| r.start.min(volume_len)..r.end.min(volume_len))
+        .filter(|r| !r.is_empty())
+        .map(|r| r.start / leaf..r.end.div_ceil(leaf).min(n0))
+        .collect();
+    leaves.sort_by_key(|r| r.start);
+    leaves
 }
 
 /// The hash of a full zero leaf of `shape` (computed once per leaf size).
@@ -461,6 +513,25 @@ mod tests {
     use super::*;
     use crate::resync::MemSource;
     use crate::wire::merkle::tree_levels;
+
+    #[test]
+    fn rehashing_changed_ranges_gives_the_tree_of_the_new_bytes() {
+        let mut data: Vec<u8> =
+            (0..(300u32 << 12) + 99).map(|i| (i.wrapping_mul(2246822519u32) >> 24) as u8).collect();
+        for shape in [TreeShape::new(12, 1).unwrap(), TreeShape::new(12, 4).unwrap()] {
+            let mut tree = MerkleTree::build(&MemSource::new(data.clone()), shape, 2).unwrap();
+            let changed = [5000..5001, 40960..49153, (299 << 12) + 1..(300 << 12) + 99];
+            for r in &changed {
+                for b in &mut data[r.start as usize..r.end as usize] {
+                    *b = !*b;
+                }
+            }
+            let source = MemSource::new(data.clone());
+            assert_ne!(tree, MerkleTree::build(&source, shape, 2).unwrap());
+            tree.rehash(&source, &changed, 2).unwrap();
+            assert_eq!(tree.levels(), &tree_levels(shape, &data)[..]);
+        }
+    }
 
     #[test]
     fn small_fold_batches_give_the_same_hashes() {

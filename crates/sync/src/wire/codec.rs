@@ -893,7 +893,7 @@ fn encode_body(message: &Message, out: &mut Vec<u8>, max_frame_len: u32) -> Resu
             }
             Ok(())
         }
-        Message::Ack { upto: v } => {
+        Message::Ack { upto: v } | Message::DedupeHeld { from: v } => {
             put_u64(out, v.0);
             Ok(())
         }
@@ -1346,6 +1346,7 @@ fn decode_body(ty: MessageType, body: &Bytes, max_frame_len: u32) -> Result<Mess
             Message::Resume { last_acked, replica }
         }
         MessageType::Ack => Message::Ack { upto: Seq(r.u64(obj)?) },
+        MessageType::DedupeHeld => Message::DedupeHeld { from: Seq(r.u64(obj)?) },
         MessageType::Ping => Message::Ping { nonce: r.u64(obj)? },
         MessageType::Pong => Message::Pong { nonce: r.u64(obj)? },
         MessageType::Error => {

@@ -621,6 +621,13 @@ pub enum Message {
     TargetLineage(LineageInfo),
     /// Target to source: resend these ranges, the journal lost them.
     RepairRequest(RepairRequest),
+    /// Target to source, right after `Resume`: its dedupe window holds every write from
+    /// seq `from` up to the resume point (`from` above the resume point: none), so the
+    /// source may keep referencing those across the reconnection (section 5.11).
+    DedupeHeld {
+        /// The oldest write the target's window holds.
+        from: Seq,
+    },
 }
 
 /// The type code of each message, as in the frame header.
@@ -655,11 +662,13 @@ pub enum MessageType {
     TargetLineage = 13,
     /// [`Message::RepairRequest`].
     RepairRequest = 14,
+    /// [`Message::DedupeHeld`].
+    DedupeHeld = 15,
 }
 
 impl MessageType {
     /// Every type, in code order.
-    pub const ALL: [MessageType; 14] = [
+    pub const ALL: [MessageType; 15] = [
         Self::Hello,
         Self::Welcome,
         Self::Refuse,
@@ -674,6 +683,7 @@ impl MessageType {
         Self::SourceLineage,
         Self::TargetLineage,
         Self::RepairRequest,
+        Self::DedupeHeld,
     ];
 
     /// The type with this code.
@@ -698,6 +708,7 @@ impl MessageType {
             Self::SourceLineage => "SourceLineage",
             Self::TargetLineage => "TargetLineage",
             Self::RepairRequest => "RepairRequest",
+            Self::DedupeHeld => "DedupeHeld",
         }
     }
 
@@ -731,6 +742,7 @@ impl Message {
             Self::SourceLineage(_) => MessageType::SourceLineage,
             Self::TargetLineage(_) => MessageType::TargetLineage,
             Self::RepairRequest(_) => MessageType::RepairRequest,
+            Self::DedupeHeld { .. } => MessageType::DedupeHeld,
         }
     }
 }
