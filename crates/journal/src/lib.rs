@@ -26,7 +26,7 @@ pub use crypto::JournalKey;
 pub use error::{JournalError, Result};
 pub use io::{BlockIo, CrashMode, Dir, FileIo, FsDir, MemDir, MemVolume};
 pub use retention::{
-    Keep, MaterializeReport, PointHold, PointInfo, PointKind, ReadPlan, RecoveryPoint,
+    Keep, MaterializeReport, PointHold, PointInfo, PointKind, ReadAhead, ReadPlan, RecoveryPoint,
     ResyncWindowInfo, RetentionConfig, RetentionLog, RetentionPolicy, RetentionReport,
     RetentionStatus, Tier,
 };

@@ -610,6 +610,11 @@ impl SegmentLog {
         }
     }
 
+    /// The file of the segment in `slot`, while it is live.
+    pub fn segment_file(&self, slot: u32) -> Option<Arc<dyn BlockIo>> {
+        self.segments.get(&slot).map(|s| s.file.clone())
+    }
+
     /// Bytes of all live segments.
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.len).sum()

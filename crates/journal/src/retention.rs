@@ -990,21 +990,30 @@ impl RetentionLog {
         }
     }
 
-    /// Hints that a read of `len` bytes at `offset` of `volume` as of the held point `hold`
-    /// will come soon: the base range and the journal records of the blocks changed in it
-    /// start reading in the background. Cheap (index lookups and `POSIX_FADV_WILLNEED`), and
-    /// safe to call under a lock that readers share.
-    pub fn will_need_at(&self, hold: &PointHold, volume: VolumeId, offset: u64, len: u64) {
-        let Some(base) = self.volumes.get(usize::from(volume.0)) else { return };
+    /// The read-ahead for a read of `len` bytes at `offset` of `volume` as of the held point
+    /// `hold` that will come soon: the base range and the journal records of the blocks
+    /// changed in it. Cheap (index lookups); the caller issues it ([`ReadAhead::issue`]) after
+    /// letting go of the log's lock, since asking the kernel to read ahead can wait for the
+    /// device's queue.
+    pub fn read_ahead_at(
+        &self,
+        hold: &PointHold,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> ReadAhead {
+        let Some(base) = self.volumes.get(usize::from(volume.0)) else {
+            return ReadAhead::default();
+        };
         if len == 0 || self.check_range(volume, offset, len).is_err() {
-            return;
+            return ReadAhead::default();
         }
         let keys = self.index.keys_in_range(
             BlockKey::new(volume, offset / self.bs),
             BlockKey::new(volume, (offset + len - 1) / self.bs),
             hold.point.seq,
         );
-        self.hint_chunk(base.as_ref(), &keys, &mut 0, hold.point.seq, offset, len);
+        self.hint_chunk(base, &keys, &mut 0, hold.point.seq, offset, len)
     }
 
     /// Reads `buf.len()` bytes at `offset` of `volume` as they were right after event `seq`
@@ -1204,19 +1213,20 @@ impl RetentionLog {
                 // parallel while this one is patched and written, instead of one synchronous
                 // read at a time.
                 let mut hinted_ki = 0usize;
-                self.hint_chunk(base.as_ref(), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen));
+                self.hint_chunk(base, &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen)).issue();
                 let mut run = Vec::new();
                 while pos < vlen {
                     let target = (pos + CHUNK).min(vlen);
                     if target < vlen {
                         self.hint_chunk(
-                            base.as_ref(),
+                            base,
                             &keys,
                             &mut hinted_ki,
                             at.seq,
                             target,
                             CHUNK.min(vlen - target),
-                        );
+                        )
+                        .issue();
                     }
                     let mut cur = pos;
                     while ki < keys.len() && keys[ki].block() * self.bs < target {
@@ -1274,19 +1284,25 @@ impl RetentionLog {
         })
     }
 
-    /// The read-ahead of [`Self::materialize`] and [`Self::will_need_at`] over `[pos, pos + len)`: the base range, and for the
+    /// The read-ahead of [`Self::materialize`] and [`Self::read_ahead_at`] over `[pos, pos + len)`: the base range, and for the
     /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
     /// of one record hinted once, with its length estimated from the blocks it covers).
     fn hint_chunk(
         &self,
-        base: &dyn BlockIo,
+        base: &Arc<dyn BlockIo>,
         keys: &[BlockKey],
         ki: &mut usize,
         at: Seq,
         pos: u64,
         len: u64,
-    ) {
-        let _ = base.will_need(pos, len);
+    ) -> ReadAhead {
+        let mut ahead = ReadAhead { ranges: vec![(base.clone(), pos, len)] };
+        let mut record = |l: Loc, blocks: u64| {
+            if let Some(file) = self.log.segment_file(l.slot) {
+                let len = format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs;
+                ahead.ranges.push((file, u64::from(l.offset), len));
+            }
+        };
         let mut run: Option<(Loc, u64)> = None;
         while *ki < keys.len() && keys[*ki].block() * self.bs < pos + len {
             if let Some(e) = self.index.lookup_le(keys[*ki], at) {
@@ -1295,10 +1311,7 @@ impl RetentionLog {
                     Some((l, blocks)) if *l == loc => *blocks += 1,
                     _ => {
                         if let Some((l, blocks)) = run.take() {
-                            self.log.will_need(
-                                l,
-                                format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs,
-                            );
+                            record(l, blocks);
                         }
                         run = Some((loc, 1));
                     }
@@ -1307,8 +1320,9 @@ impl RetentionLog {
             *ki += 1;
         }
         if let Some((l, blocks)) = run {
-            self.log.will_need(l, format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs);
+            record(l, blocks);
         }
+        ahead
     }
 
     /// The window as it stands.
@@ -1759,6 +1773,22 @@ impl RecordCache {
 
     fn clear(&self) {
         self.lock().clear();
+    }
+}
+
+/// Ranges of files to read ahead (`POSIX_FADV_WILLNEED`), from
+/// [`RetentionLog::read_ahead_at`]: a hint, issued without the log.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    ranges: Vec<(Arc<dyn BlockIo>, u64, u64)>,
+}
+
+impl ReadAhead {
+    /// Asks the kernel to start reading the ranges; failures are ignored (a hint only).
+    pub fn issue(&self) {
+        for (file, offset, len) in &self.ranges {
+            let _ = file.will_need(*offset, *len);
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 //!
 //! Invariants:
 //! - A vsnap never writes to the retention log, its base image (the replica) or the journal:
-//!   its only access to the log is `plan_read`, `will_need_at` and `hold`.
+//!   its only access to the log is `plan_read`, `read_ahead_at` and `hold`.
 //! - While a vsnap lives, its point reads back the same bytes whatever retention does: it
 //!   holds the point ([`RetentionLog::hold`]), so no retention pass folds or thins history it
 //!   needs; the hold is released when the vsnap is dropped.
@@ -33,9 +33,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tidemark_journal::{JournalError, PointHold, PointInfo, RecoveryPoint, RetentionLog, VolumeId};
+use tidemark_journal::{
+    JournalError, PointHold, PointInfo, ReadAhead, RecoveryPoint, RetentionLog, VolumeId,
+};
 use tidemark_tap::{BlockBackend, TapError};
 
 use crate::apply::Receiver;
@@ -221,10 +224,14 @@ pub struct Vsnap {
     read_end: AtomicU64,
     /// How far the base has been hinted ahead of a sequential reader.
     hinted_to: AtomicU64,
+    /// To the read-ahead thread, which issues the hints so that no request waits for the
+    /// device queue they may fill (`None` if the thread could not be started).
+    ahead: Option<SyncSender<ReadAhead>>,
 }
 
 /// How far ahead of a sequential reader the base image and the journal records of the
-/// blocks changed there are hinted ([`RetentionLog::will_need_at`], `POSIX_FADV_WILLNEED`):
+/// blocks changed there are hinted ([`RetentionLog::read_ahead_at`], `POSIX_FADV_WILLNEED`,
+/// issued on a thread of the vsnap's own):
 /// without it a cold sequential read waits for the disk once per request (and once more per
 /// journal record, a random read) instead of overlapping with the copy-out.
 pub const READ_AHEAD: u64 = 16 << 20;
@@ -280,7 +287,23 @@ impl Vsnap {
             writes: AtomicU64::new(0),
             read_end: AtomicU64::new(u64::MAX),
             hinted_to: AtomicU64::new(0),
+            ahead: read_ahead_thread(),
         })
+    }
+
+    /// Hands `ahead` to the read-ahead thread, or issues it here when the thread is missing
+    /// or busy (so that no hinted range is skipped).
+    fn read_ahead(&self, ahead: ReadAhead) {
+        match &self.ahead {
+            Some(tx) => {
+                if let Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) =
+                    tx.try_send(ahead)
+                {
+                    a.issue();
+                }
+            }
+            None => ahead.issue(),
+        }
     }
 
     /// The point served.
@@ -324,14 +347,16 @@ impl Vsnap {
         });
         // Only the index lookups run under the log's lock; the disk reads run after it is
         // let go, so concurrent requests and the receiver's appends do not wait for them.
-        with_log(&*self.log, |l| {
-            if let Some((from, len)) = hint.filter(|&(_, len)| len > 0) {
-                l.will_need_at(&self.hold, self.volume, from, len);
-            }
-            l.plan_read(&self.hold, self.volume, offset, buf.len() as u64)
-        })
-        .and_then(|plan| plan.read(buf))
-        .map_err(|source| VsnapError::Journal {
+        let (plan, ahead) = with_log(&*self.log, |l| {
+            let ahead = hint
+                .filter(|&(_, len)| len > 0)
+                .map(|(from, len)| l.read_ahead_at(&self.hold, self.volume, from, len));
+            (l.plan_read(&self.hold, self.volume, offset, buf.len() as u64), ahead)
+        });
+        if let Some(ahead) = ahead {
+            self.read_ahead(ahead);
+        }
+        plan.and_then(|plan| plan.read(buf)).map_err(|source| VsnapError::Journal {
             what: format!(
                 "read {} bytes at {offset} of volume {} as of seq {}",
                 buf.len(),
@@ -423,6 +448,23 @@ impl Drop for Vsnap {
             overlay_blocks = self.overlay_blocks(),
             "virtual snapshot removed (overlay thrown away, point released)"
         );
+    }
+}
+
+/// Starts a vsnap's read-ahead thread; it ends when the vsnap (the sender) is dropped.
+fn read_ahead_thread() -> Option<SyncSender<ReadAhead>> {
+    let (tx, rx) = sync_channel::<ReadAhead>(4);
+    let started = std::thread::Builder::new().name("vsnap-ahead".into()).spawn(move || {
+        for ahead in rx {
+            ahead.issue();
+        }
+    });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no vsnap read-ahead thread: hints are issued inline");
+            None
+        }
     }
 }
 
