@@ -923,6 +923,21 @@ impl RetentionLog {
         (vlen - key.block() * self.bs).min(self.bs) as usize
     }
 
+    /// Sets `stack` to the index entries that make block `key` as of `at`: the newest at or
+    /// below it first, down to the newest one that covers the whole block (else to the
+    /// oldest, over the base).
+    fn layers(&self, key: BlockKey, at: Seq, stack: &mut Vec<Entry>) {
+        stack.clear();
+        let mut s = at;
+        while let Some(e) = self.index.lookup_le(key, s) {
+            stack.push(e);
+            if e.full() || e.seq.0 == 0 {
+                break;
+            }
+            s = Seq(e.seq.0 - 1);
+        }
+    }
+
     /// The content of one block as of `at` (the newest version at or below it).
     fn block_view(&self, key: BlockKey, at: Seq, out: &mut [u8]) -> Result<bool> {
         self.block_over(key, at, out, false)
@@ -938,14 +953,7 @@ impl RetentionLog {
         base_loaded: bool,
     ) -> Result<bool> {
         let mut stack: Vec<Entry> = Vec::new();
-        let mut s = at;
-        while let Some(e) = self.index.lookup_le(key, s) {
-            stack.push(e);
-            if e.full() || e.seq.0 == 0 {
-                break;
-            }
-            s = Seq(e.seq.0 - 1);
-        }
+        self.layers(key, at, &mut stack);
         let from_base = !base_loaded && stack.last().is_none_or(|e| !e.full());
         if from_base {
             let v = &self.volumes[usize::from(key.volume().0)];
@@ -1096,15 +1104,7 @@ impl RetentionLog {
         let mut numbers: HashMap<Loc, u32> = HashMap::new();
         let mut stack: Vec<Entry> = Vec::new();
         for k in keys {
-            stack.clear();
-            let mut s = at;
-            while let Some(e) = self.index.lookup_le(k, s) {
-                stack.push(e);
-                if e.full() || e.seq.0 == 0 {
-                    break;
-                }
-                s = Seq(e.seq.0 - 1);
-            }
+            self.layers(k, at, &mut stack);
             if stack.is_empty() {
                 continue;
             }
