@@ -111,7 +111,7 @@ impl Registry {
         );
         let mut cfg = FuseLoopConfig::new(dir.join("mnt"));
         cfg.file_name = "snapshot".into();
-        cfg.threads = 2;
+        cfg.threads = 4;
         let frontend = FuseLoopFrontend::start_backend(vsnap.clone(), cfg)
             .with_context(|| format!("serve virtual snapshot {name}"))?;
         let device =

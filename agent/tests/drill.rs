@@ -1,7 +1,8 @@
 //! A disaster-recovery drill while replication runs: `protect` and `receive` as two
-//! processes (FUSE + loop frontend, ext4), a point of a clean filesystem chosen with
-//! `tidemark points`, then, while a workload keeps writing on the source, `tidemark recover
-//! --expose rw` of that point is fscked, mounted, written to, unmounted, fscked again and
+//! processes (FUSE + loop frontend, ext4), a filesystem bookmark (`tidemark bookmark
+//! --freeze`: FIFREEZE, bookmark, FITHAW) taken while a workload writes on the mounted
+//! source, then, while the workload goes on, `tidemark recover --expose rw` of that
+//! bookmark is fscked, mounted, written to, unmounted, fscked again and
 //! thrown away; a read-only snapshot is mounted with `--mountpoint` and refuses writes.
 //! Afterwards the point reads back exactly as before (same BLAKE3), the target acknowledged
 //! more during the drill, and the replica equals the source. Needs root, /dev/fuse, loop
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -138,7 +140,7 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     let state = root.join("state");
     wait_status(&state, "the initial sync", |v| v["stage"] == "diff sync" && u(v, "/resyncs") >= 1);
 
-    // A clean ext4 with known files, replicated.
+    // An ext4 with known files, mounted on the source.
     run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", "-b", "4096", &dev]);
     let src_mnt = root.join("src-mnt");
     std::fs::create_dir_all(&src_mnt).unwrap();
@@ -149,27 +151,8 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
         std::fs::write(src_mnt.join(format!("file{i}")), pattern(10 + i, 300_000)).unwrap();
     }
     run("sync", &[]);
-    run("umount", &[&src_m]);
-    cleanup.mounts.pop();
-    wait_caught_up(&state);
-
-    // The point: the newest flush point, after the unmount.
-    let points: Value = serde_json::from_str(&run(BIN, &["points", "--dir", &rx_dir, "--json"]))
-        .expect("points --json");
-    let seq = points["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|p| p["kind"] == "barrier" || p["kind"] == "bookmark")
-        .map(|p| u(p, "/seq"))
-        .unwrap_or_else(|| panic!("no flush point: {points:#}"));
-    let point = format!("seq:{seq}");
-    let before = materialize(&rx_dir, &point, &root.join("before.img"));
 
     // The workload: files written and fsynced on the source until told to stop.
-    run("mount", &[&dev, &src_m]);
-    cleanup.mounts.push(src_mnt.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let rounds = Arc::new(AtomicU64::new(0));
     let writer = {
@@ -185,6 +168,32 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
             }
         })
     };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rounds.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the workload made no progress");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The point: a filesystem bookmark taken while the workload writes (FIFREEZE, bookmark,
+    // FITHAW), so the ext4 at it is consistent though it was mounted and busy.
+    let state_s = state.display().to_string();
+    let mark = run(
+        BIN,
+        &["bookmark", "drill-point", "--state", &state_s, "--freeze", &src_m, "--wait", "--json"],
+    );
+    let mark: Value = serde_json::from_str(&mark).expect("bookmark --json");
+    assert_eq!(mark["kind"], "filesystem", "{mark:#}");
+    let seq = u(&mark, "/seq");
+    let points: Value = serde_json::from_str(&run(BIN, &["points", "--dir", &rx_dir, "--json"]))
+        .expect("points --json");
+    assert!(
+        points["points"].as_array().unwrap().iter().any(|p| p["kind"] == "bookmark"
+            && p["bookmark"] == "drill-point"
+            && u(p, "/seq") == seq),
+        "the bookmark is not a point of the target: {points:#}"
+    );
+    let point = "bookmark:drill-point".to_owned();
+    let before = materialize(&rx_dir, &point, &root.join("before.img"));
     let acked_at_start =
         u(&wait_status(&root.join("rx"), "an ack", |v| v["acked"].is_u64()), "/acked");
 
@@ -283,7 +292,7 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an unknown bookmark was exposed");
     assert!(
-        err.contains("\"nope\": no retained bookmark") && err.contains("no bookmark is retained"),
+        err.contains("\"nope\": no retained bookmark") && err.contains("bookmark:drill-point"),
         "{err}"
     );
     let out = Command::new(BIN)

@@ -131,7 +131,7 @@ fn expose(replica: &Replica, mnt: &Path) -> Result<Exposed> {
     )?);
     let mut cfg = FuseLoopConfig::new(mnt);
     cfg.file_name = "snapshot".into();
-    cfg.threads = 2;
+    cfg.threads = 4;
     let frontend = FuseLoopFrontend::start_backend(vsnap, cfg).context("serve the vsnap")?;
     Ok(Exposed { frontend })
 }

@@ -47,6 +47,50 @@ pub struct Loc {
     pub offset: u32,
 }
 
+/// A record to read without the log (from [`SegmentLog::record_source`]).
+#[derive(Debug, Clone)]
+pub enum RecordSource {
+    /// Already read: the header and the plaintext payload.
+    Loaded(Arc<(RecordHeader, Vec<u8>)>),
+    /// At `offset` of a segment file.
+    File {
+        /// The segment.
+        segment: Arc<DetachedSegment>,
+        /// Byte offset of the record header in it.
+        offset: u64,
+    },
+}
+
+impl RecordSource {
+    /// Reads the record: header checked, payload checksum verified and decrypted, as
+    /// [`SegmentLog::read`] does.
+    pub fn read(&self) -> Result<Arc<(RecordHeader, Vec<u8>)>> {
+        match self {
+            RecordSource::Loaded(r) => Ok(r.clone()),
+            RecordSource::File { segment: s, offset } => {
+                let r = read_record(&s.name, s.seed, s.cipher.as_ref(), *offset, |buf, at| {
+                    file_read(s.file.as_ref(), &s.name, buf, at)
+                })?;
+                Ok(Arc::new(r))
+            }
+        }
+    }
+}
+
+/// What reading a segment's records needs, held apart from the log.
+pub struct DetachedSegment {
+    file: Arc<dyn BlockIo>,
+    name: String,
+    seed: u32,
+    cipher: Option<SegmentCipher>,
+}
+
+impl std::fmt::Debug for DetachedSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DetachedSegment").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
 /// Settings for opening or creating a log.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -585,6 +629,11 @@ impl SegmentLog {
         }
     }
 
+    /// The file of the segment in `slot`, while it is live.
+    pub fn segment_file(&self, slot: u32) -> Option<Arc<dyn BlockIo>> {
+        self.segments.get(&slot).map(|s| s.file.clone())
+    }
+
     /// Bytes of all live segments.
     pub fn bytes(&self) -> u64 {
         self.segments.values().map(|s| s.len).sum()
@@ -822,28 +871,43 @@ impl SegmentLog {
 
     /// Reads one record: header checked, payload checksum verified and decrypted.
     pub fn read(&self, loc: Loc) -> Result<(RecordHeader, Vec<u8>)> {
-        let seg = self.segments.get(&loc.slot).ok_or_else(|| JournalError::CorruptRecord {
+        let seg = self.live(loc)?;
+        let off = u64::from(loc.offset);
+        read_record(&seg.name, seg.seed, seg.cipher.as_ref(), off, |buf, at| {
+            read_bytes(seg, buf, at)
+        })
+    }
+
+    fn live(&self, loc: Loc) -> Result<&Segment> {
+        self.segments.get(&loc.slot).ok_or_else(|| JournalError::CorruptRecord {
             segment: format!("slot {}", loc.slot),
             offset: u64::from(loc.offset),
             reason: "segment no longer live".to_owned(),
-        })?;
-        let off = u64::from(loc.offset);
-        let mut hb = [0u8; RECORD_HEADER_LEN];
-        read_bytes(seg, &mut hb, off)?;
-        let h =
-            RecordHeader::decode(&hb, seg.seed).map_err(|d| corrupt(seg, off, d.to_string()))?;
-        let mut payload = vec![0u8; h.payload_len as usize];
-        read_bytes(seg, &mut payload, off + RECORD_HEADER_LEN as u64)?;
-        let got = crc32c::crc32c(&payload);
-        if got != h.payload_crc {
-            return Err(corrupt(
-                seg,
-                off,
-                format!("payload checksum: stored {:#010x}, computed {got:#010x}", h.payload_crc),
-            ));
+        })
+    }
+
+    /// What reading the record at `loc` needs, so that it can be read later without the
+    /// log: a record still in the active segment's write buffer is read now (a memory
+    /// copy); any other is on its segment's file, whose bytes below the written length are
+    /// never changed again (segments are append-only, a rewritten one is a new file, and a
+    /// removed one stays readable through the handle kept here).
+    pub fn record_source(&self, loc: Loc) -> Result<RecordSource> {
+        let seg = self.live(loc)?;
+        let in_buffer = seg.writer.as_ref().is_some_and(|w| u64::from(loc.offset) >= w.flushed);
+        if in_buffer {
+            // The buffer is written out whole, so a record is either all in it or all in
+            // the file.
+            return Ok(RecordSource::Loaded(Arc::new(self.read(loc)?)));
         }
-        let plain = decode_payload(seg, off, &h, &payload)?;
-        Ok((h, plain))
+        Ok(RecordSource::File {
+            segment: Arc::new(DetachedSegment {
+                file: seg.file.clone(),
+                name: seg.name.clone(),
+                seed: seg.seed,
+                cipher: seg.cipher.clone(),
+            }),
+            offset: u64::from(loc.offset),
+        })
     }
 
     /// Every valid record of a sealed segment, in file order.
@@ -996,13 +1060,60 @@ fn read_bytes(seg: &Segment, buf: &mut [u8], off: u64) -> Result<()> {
             return Ok(());
         }
     }
-    seg.file.read_at(buf, off).map_err(|e| {
+    file_read(seg.file.as_ref(), &seg.name, buf, off)
+}
+
+fn file_read(file: &dyn BlockIo, name: &str, buf: &mut [u8], off: u64) -> Result<()> {
+    file.read_at(buf, off).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            corrupt(seg, off, "record runs past the end of the segment".into())
+            JournalError::CorruptRecord {
+                segment: name.to_owned(),
+                offset: off,
+                reason: "record runs past the end of the segment".into(),
+            }
         } else {
-            JournalError::io("read", seg.name.clone(), e)
+            JournalError::io("read", name.to_owned(), e)
         }
     })
+}
+
+/// Reads and checks the record at `off` of a segment named `name`, its bytes got with
+/// `read`.
+fn read_record(
+    name: &str,
+    seed: u32,
+    cipher: Option<&SegmentCipher>,
+    off: u64,
+    read: impl Fn(&mut [u8], u64) -> Result<()>,
+) -> Result<(RecordHeader, Vec<u8>)> {
+    let corrupt = |reason: String| JournalError::CorruptRecord {
+        segment: name.to_owned(),
+        offset: off,
+        reason,
+    };
+    let mut hb = [0u8; RECORD_HEADER_LEN];
+    read(&mut hb, off)?;
+    let h = RecordHeader::decode(&hb, seed).map_err(|d| corrupt(d.to_string()))?;
+    let mut payload = vec![0u8; h.payload_len as usize];
+    read(&mut payload, off + RECORD_HEADER_LEN as u64)?;
+    let got = crc32c::crc32c(&payload);
+    if got != h.payload_crc {
+        return Err(corrupt(format!(
+            "payload checksum: stored {:#010x}, computed {got:#010x}",
+            h.payload_crc
+        )));
+    }
+    if !h.encrypted {
+        return Ok((h, payload));
+    }
+    let Some(c) = cipher else {
+        return Err(corrupt("encrypted record in a journal opened without a key".into()));
+    };
+    let aad = h.encode(seed);
+    let plain = c
+        .open(off, &aad[..40], &payload)
+        .ok_or_else(|| JournalError::Decrypt { segment: name.to_owned(), offset: off })?;
+    Ok((h, plain))
 }
 
 fn corrupt(seg: &Segment, offset: u64, reason: String) -> JournalError {

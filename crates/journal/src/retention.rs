@@ -40,7 +40,7 @@
 //!   across `H` (the retained points on both sides of `H` are kept). Holds live in memory
 //!   only: they are for virtual snapshots of the running process, not across a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ use crate::error::{JournalError, Result};
 use crate::format::{self, MAX_PAYLOAD, RecordHeader, RecordKind, Role};
 use crate::index::{BlockIndex, BlockKey, Entry};
 use crate::io::{BlockIo, Dir};
-use crate::log::{Loc, LogOptions, OpenReport, RecordSpec, SegmentLog};
+use crate::log::{Loc, LogOptions, OpenReport, RecordSource, RecordSpec, SegmentLog};
 use crate::types::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 
 mod damage;
@@ -517,14 +517,14 @@ pub struct RetentionLog {
     thinned_for_space: bool,
     space_note: Option<String>,
     segment_count: usize,
-    cache: Mutex<Option<(Loc, CachedRecord)>>,
+    cache: Arc<RecordCache>,
     holds: HoldSet,
     /// Damaged stretches of live segments above the base, and their repairs (see
     /// [`JournalDamage`]).
     damage: Vec<JournalDamage>,
     /// Records a read found damaged (an encrypted payload whose tag fails while its
     /// checksum holds, bit rot since open), for [`RetentionLog::scrub`] to register.
-    read_damage: Mutex<Vec<Loc>>,
+    read_damage: Arc<Mutex<Vec<Loc>>>,
 }
 
 fn block_entries(h: &RecordHeader, loc: Loc, bs: u64, mut f: impl FnMut(Entry)) {
@@ -697,10 +697,10 @@ impl RetentionLog {
             thinned_for_space: false,
             space_note: None,
             segment_count,
-            cache: Mutex::new(None),
+            cache: Arc::default(),
             holds: HoldSet::default(),
             damage: Vec::new(),
-            read_damage: Mutex::new(Vec::new()),
+            read_damage: Arc::default(),
         };
         this.damage_on_open(&report);
         if m.pending_base > base_seq {
@@ -1062,11 +1062,8 @@ impl RetentionLog {
     }
 
     fn record(&self, loc: Loc) -> Result<CachedRecord> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((l, r)) = cache.as_ref() {
-            if *l == loc {
-                return Ok(r.clone());
-            }
+        if let Some(r) = self.cache.get(loc) {
+            return Ok(r);
         }
         let r = match self.log.read(loc) {
             Ok(r) => Arc::new(r),
@@ -1080,7 +1077,7 @@ impl RetentionLog {
             }
             Err(e) => return Err(e),
         };
-        *cache = Some((loc, r.clone()));
+        self.cache.put(loc, r.clone());
         Ok(r)
     }
 
@@ -1089,6 +1086,21 @@ impl RetentionLog {
     fn block_len(&self, key: BlockKey) -> usize {
         let vlen = self.volume_len(key.volume()).unwrap_or(0);
         vlen.saturating_sub(key.block() * self.bs).min(self.bs) as usize
+    }
+
+    /// Sets `stack` to the index entries that make block `key` as of `at`: the newest at or
+    /// below it first, down to the newest one that covers the whole block (else to the
+    /// oldest, over the base).
+    fn layers(&self, key: BlockKey, at: Seq, stack: &mut Vec<Entry>) {
+        stack.clear();
+        let mut s = at;
+        while let Some(e) = self.index.lookup_le(key, s) {
+            stack.push(e);
+            if e.full() || e.seq.0 == 0 {
+                break;
+            }
+            s = Seq(e.seq.0 - 1);
+        }
     }
 
     /// The content of one block as of `at` (the newest version at or below it).
@@ -1106,14 +1118,7 @@ impl RetentionLog {
         base_loaded: bool,
     ) -> Result<bool> {
         let mut stack: Vec<Entry> = Vec::new();
-        let mut s = at;
-        while let Some(e) = self.index.lookup_le(key, s) {
-            stack.push(e);
-            if e.full() || e.seq.0 == 0 {
-                break;
-            }
-            s = Seq(e.seq.0 - 1);
-        }
+        self.layers(key, at, &mut stack);
         let from_base = !base_loaded && stack.last().is_none_or(|e| !e.full());
         if from_base {
             self.read_base(key.volume(), out, key.block() * self.bs)?;
@@ -1122,21 +1127,7 @@ impl RetentionLog {
         let bend = bstart + out.len() as u64;
         for e in stack.iter().rev() {
             let rec = self.record(e.loc())?;
-            let (h, payload) = (&rec.0, &rec.1);
-            let rstart = h.offset;
-            let rend = h.offset + u64::from(h.length);
-            let s = rstart.max(bstart);
-            let t = rend.min(bend);
-            if s >= t {
-                continue;
-            }
-            let dst = &mut out[(s - bstart) as usize..(t - bstart) as usize];
-            match h.kind {
-                RecordKind::Write => {
-                    dst.copy_from_slice(&payload[(s - rstart) as usize..(t - rstart) as usize])
-                }
-                _ => dst.fill(0),
-            }
+            overlay(&rec.0, &rec.1, bstart, bend, out);
         }
         Ok(!stack.is_empty())
     }
@@ -1177,6 +1168,32 @@ impl RetentionLog {
         }
     }
 
+    /// The read-ahead for a read of `len` bytes at `offset` of `volume` as of the held point
+    /// `hold` that will come soon: the base range and the journal records of the blocks
+    /// changed in it. Cheap (index lookups); the caller issues it ([`ReadAhead::issue`]) after
+    /// letting go of the log's lock, since asking the kernel to read ahead can wait for the
+    /// device's queue.
+    pub fn read_ahead_at(
+        &self,
+        hold: &PointHold,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> ReadAhead {
+        let Some(base) = self.volumes.get(usize::from(volume.0)) else {
+            return ReadAhead::default();
+        };
+        if len == 0 || self.check_range(volume, offset, len).is_err() {
+            return ReadAhead::default();
+        }
+        let keys = self.index.keys_in_range(
+            BlockKey::new(volume, offset / self.bs),
+            BlockKey::new(volume, (offset + len - 1) / self.bs),
+            hold.point.seq,
+        );
+        self.hint_chunk(base, &keys, &mut 0, hold.point.seq, offset, len)
+    }
+
     /// Reads `buf.len()` bytes at `offset` of `volume` as they were right after event `seq`
     /// was applied, whether or not that is a recovery point (inside a resync window it is a
     /// state the source never had). For reading back the data of a retained write (the
@@ -1212,36 +1229,87 @@ impl RetentionLog {
     /// The state at `at` of a byte range: one base read for the whole range, then the blocks
     /// the journal changed at or below `at` laid over it.
     fn read_range(&self, at: Seq, volume: VolumeId, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range_at(volume, at, offset, buf.len() as u64)?;
-        if buf.is_empty() {
-            return Ok(());
+        self.plan_range(at, volume, offset, buf.len() as u64)?.read(buf)
+    }
+
+    /// Plans a read of `len` bytes at `offset` of `volume` as of the held point `hold`, to be
+    /// carried out with [`ReadPlan::read`] once the caller has let go of the log (its lock):
+    /// the index lookups are done here, the disk reads (the base range and the journal
+    /// records) there, so that readers do not wait for each other's disk reads and appends
+    /// go on meanwhile. Exact whatever the log does in between, because the point is held
+    /// (see [`ReadPlan`]). `hold` must be one of this log's holds.
+    pub fn plan_read(
+        &self,
+        hold: &PointHold,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadPlan> {
+        if !Arc::ptr_eq(&hold.holds, &self.holds) {
+            return Err(JournalError::Config(format!(
+                "the hold of seq {} belongs to another retention log",
+                hold.point.seq
+            )));
         }
-        self.read_base(volume, buf, offset)?;
-        let end = offset + buf.len() as u64;
+        if let Some(d) = self.damage_under(hold.point.seq, volume, offset, len) {
+            return Err(JournalError::UnknownPoint {
+                point: format!("seq {}", hold.point.seq),
+                reason: format!("the range depends on {}", d.describe()),
+            });
+        }
+        self.plan_range(hold.point.seq, volume, offset, len)
+    }
+
+    fn plan_range(&self, at: Seq, volume: VolumeId, offset: u64, len: u64) -> Result<ReadPlan> {
+        self.check_range_at(volume, at, offset, len)?;
+        let mut plan = ReadPlan {
+            base: self.volumes[usize::from(volume.0)].clone(),
+            base_len: self.base_file_lens[usize::from(volume.0)],
+            offset,
+            len: len as usize,
+            blocks: Vec::new(),
+            layers: Vec::new(),
+            records: Vec::new(),
+            cache: self.cache.clone(),
+            read_damage: self.read_damage.clone(),
+        };
+        if len == 0 {
+            return Ok(plan);
+        }
+        let end = offset + len;
         let keys = self.index.keys_in_range(
             BlockKey::new(volume, offset / self.bs),
             BlockKey::new(volume, (end - 1) / self.bs),
             at,
         );
-        let mut block = Vec::new();
+        let mut numbers: HashMap<Loc, u32> = HashMap::new();
+        let mut stack: Vec<Entry> = Vec::new();
         for k in keys {
-            let bstart = k.block() * self.bs;
-            let blen = self.block_len(k);
-            let bend = bstart + blen as u64;
-            if bstart >= offset && bend <= end {
-                // Whole block inside the buffer, which already holds its base content.
-                let dst = &mut buf[(bstart - offset) as usize..(bend - offset) as usize];
-                self.block_over(k, at, dst, true)?;
-            } else {
-                block.resize(blen, 0);
-                self.block_over(k, at, &mut block, false)?;
-                let s = bstart.max(offset);
-                let t = bend.min(end);
-                buf[(s - offset) as usize..(t - offset) as usize]
-                    .copy_from_slice(&block[(s - bstart) as usize..(t - bstart) as usize]);
+            self.layers(k, at, &mut stack);
+            if stack.is_empty() {
+                continue;
             }
+            let first = plan.layers.len();
+            for e in stack.iter().rev() {
+                let n = match numbers.get(&e.loc()) {
+                    Some(&n) => n,
+                    None => {
+                        let n = plan.records.len() as u32;
+                        plan.records.push((e.loc(), self.log.record_source(e.loc())?));
+                        numbers.insert(e.loc(), n);
+                        n
+                    }
+                };
+                plan.layers.push(n);
+            }
+            plan.blocks.push(PlannedBlock {
+                start: k.block() * self.bs,
+                len: self.block_len(k),
+                needs_base: stack.last().is_some_and(|e| !e.full()),
+                layers: first..plan.layers.len(),
+            });
         }
-        Ok(())
+        Ok(plan)
     }
 
     /// Writes the whole of `volume` as of `at` to `out` (a file is sized to fit), syncs it,
@@ -1271,68 +1339,140 @@ impl RetentionLog {
             .filter(|k| k.volume() == volume)
             .collect();
         let base = &self.volumes[usize::from(volume.0)];
-        const CHUNK: u64 = 4 << 20;
-        // The image's BLAKE3 is computed on a second thread, a chunk behind the copy, so the
-        // hash (a CPU cost about that of reading the image) overlaps the reads and writes.
-        // Three buffers circulate: one being filled, one being hashed, one spare.
-        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
-        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
-        for _ in 0..3 {
-            free_tx.send(vec![0u8; CHUNK as usize]).expect("the channel has room for three");
-        }
+        // The copy goes chunk by chunk. In each, the ranges the journal did not change at or
+        // below `at` are copied from the base inside the kernel (`copy_range`, as `cp` does;
+        // through a buffer where the pair cannot), and each run of changed blocks is built in
+        // memory (base where needed, then the journal's records) and written. A second
+        // thread computes the image's BLAKE3 a chunk or two behind, reading back what was
+        // written (from the page cache), so the hash overlaps the copy.
+        const CHUNK: u64 = 8 << 20;
+        let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<(u64, u64)>(2);
         std::thread::scope(|scope| {
-            let hasher = scope.spawn(move || {
+            let hasher = scope.spawn(move || -> Result<[u8; 32]> {
                 let mut hasher = blake3::Hasher::new();
-                for (buf, n) in hash_rx {
-                    hasher.update(&buf[..n]);
-                    // The copy may have stopped (an error): then nobody takes buffers back.
-                    let _ = free_tx.send(buf);
+                let mut buf = vec![0u8; 1 << 20];
+                for (pos, len) in hash_rx {
+                    let mut p = pos;
+                    while p < pos + len {
+                        let n = (pos + len - p).min(buf.len() as u64) as usize;
+                        out.read_at(&mut buf[..n], p)
+                            .map_err(|e| JournalError::io("read back", out.name(), e))?;
+                        hasher.update(&buf[..n]);
+                        p += n as u64;
+                    }
                 }
-                *hasher.finalize().as_bytes()
+                Ok(*hasher.finalize().as_bytes())
             });
             let copied = (|| -> Result<u64> {
                 let mut ki = 0usize;
                 let mut journal_blocks = 0u64;
                 let mut pos = 0u64;
+                let mut kernel_copy = true;
+                let mut buf = Vec::new();
+                let mut zeros: Vec<u8> = Vec::new();
+                // Copies the base's [from, to) to the image; past the base file's end (a
+                // volume that grew after the base was written) the image gets zeros.
+                let base_len = self.base_file_lens[usize::from(volume.0)];
+                let mut copy_base = |from: u64, to_wanted: u64| -> Result<()> {
+                    let to = to_wanted.min(base_len.max(from));
+                    let mut z = to;
+                    while z < to_wanted {
+                        let n = (to_wanted - z).min(CHUNK) as usize;
+                        zeros.resize(n, 0);
+                        out.write_at(&zeros[..n], z)
+                            .map_err(|e| JournalError::io("write", out.name(), e))?;
+                        z += n as u64;
+                    }
+                    let mut done = 0;
+                    if kernel_copy {
+                        done = crate::io::copy_range(base.as_ref(), from, out, from, to - from)
+                            .map_err(|e| {
+                                JournalError::io(
+                                    "copy_file_range",
+                                    format!("{} to {}", base.name(), out.name()),
+                                    e,
+                                )
+                            })?;
+                        kernel_copy = done == to - from;
+                    }
+                    let mut p = from + done;
+                    while p < to {
+                        let n = (to - p).min(CHUNK) as usize;
+                        buf.resize(n, 0);
+                        base.read_at(&mut buf, p)
+                            .map_err(|e| JournalError::io("read", base.name(), e))?;
+                        out.write_at(&buf, p)
+                            .map_err(|e| JournalError::io("write", out.name(), e))?;
+                        p += n as u64;
+                    }
+                    Ok(())
+                };
                 // Read-ahead: the chunk after the one being copied is hinted (its base range
                 // and the journal records of its blocks), so a cold copy reads them in
                 // parallel while this one is patched and written, instead of one synchronous
                 // read at a time.
                 let mut hinted_ki = 0usize;
-                self.hint_chunk(base.as_ref(), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen));
+                self.hint_chunk(base, &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen)).issue();
+                let mut run = Vec::new();
                 while pos < vlen {
-                    let n = CHUNK.min(vlen - pos) as usize;
-                    let next = pos + n as u64;
-                    if next < vlen {
+                    let target = (pos + CHUNK).min(vlen);
+                    if target < vlen {
                         self.hint_chunk(
-                            base.as_ref(),
+                            base,
                             &keys,
                             &mut hinted_ki,
                             at.seq,
-                            next,
-                            CHUNK.min(vlen - next),
-                        );
+                            target,
+                            CHUNK.min(vlen - target),
+                        )
+                        .issue();
                     }
-                    let mut buf = free_rx.recv().expect("the hasher hands every buffer back");
-                    let chunk = &mut buf[..n];
-                    self.read_base(volume, chunk, pos)?;
-                    while ki < keys.len() && keys[ki].block() * self.bs < pos + n as u64 {
-                        let k = keys[ki];
-                        let s = (k.block() * self.bs - pos) as usize;
-                        let blen = self.block_len(k).min(n - s);
-                        if self.block_over(k, at.seq, &mut chunk[s..s + blen], true)? {
-                            journal_blocks += 1;
+                    let mut cur = pos;
+                    while ki < keys.len() && keys[ki].block() * self.bs < target {
+                        // A run of consecutive changed blocks, keys[ki..kj].
+                        let mut kj = ki + 1;
+                        while kj < keys.len()
+                            && keys[kj].block() == keys[kj - 1].block() + 1
+                            && keys[kj].block() * self.bs < target
+                        {
+                            kj += 1;
                         }
-                        ki += 1;
+                        let start = keys[ki].block() * self.bs;
+                        let last = keys[kj - 1];
+                        // Block lengths are at the volume's current size; a point before a
+                        // growth ends at its own size (`target` is at most `vlen`).
+                        let end =
+                            (last.block() * self.bs + self.block_len(last) as u64).min(target);
+                        if start > cur {
+                            copy_base(cur, start)?;
+                        }
+                        run.clear();
+                        run.resize((end - start) as usize, 0);
+                        for &k in &keys[ki..kj] {
+                            let s = (k.block() * self.bs - start) as usize;
+                            let blen = self.block_len(k).min(run.len() - s);
+                            if self.block_over(k, at.seq, &mut run[s..s + blen], false)? {
+                                journal_blocks += 1;
+                            }
+                        }
+                        out.write_at(&run, start)
+                            .map_err(|e| JournalError::io("write", out.name(), e))?;
+                        cur = end;
+                        ki = kj;
                     }
-                    out.write_at(chunk, pos)
-                        .map_err(|e| JournalError::io("write", out.name(), e))?;
+                    if cur < target {
+                        copy_base(cur, target)?;
+                        cur = target;
+                    }
                     // Let the disk work while the next chunk is read, instead of all of it in
                     // the final fdatasync.
-                    out.start_writeback(pos, n as u64)
+                    out.start_writeback(pos, cur - pos)
                         .map_err(|e| JournalError::io("sync_file_range", out.name(), e))?;
-                    to_hash.send((buf, n)).expect("the hasher runs until the copy ends");
-                    pos += n as u64;
+                    if to_hash.send((pos, cur - pos)).is_err() {
+                        // The hasher stopped on an error: its join reports it.
+                        break;
+                    }
+                    pos = cur;
                     progress(pos, vlen);
                 }
                 drop(to_hash);
@@ -1341,23 +1481,30 @@ impl RetentionLog {
             })();
             // On an error the sender is dropped with the closure, so the hasher ends too.
             let hash = hasher.join().expect("the hasher does not panic");
-            copied.map(|journal_blocks| MaterializeReport { bytes: vlen, journal_blocks, hash })
+            let journal_blocks = copied?;
+            Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: hash? })
         })
     }
 
-    /// [`Self::materialize`]'s read-ahead of `[pos, pos + len)`: the base range, and for the
+    /// The read-ahead of [`Self::materialize`] and [`Self::read_ahead_at`] over `[pos, pos + len)`: the base range, and for the
     /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
     /// of one record hinted once, with its length estimated from the blocks it covers).
     fn hint_chunk(
         &self,
-        base: &dyn BlockIo,
+        base: &Arc<dyn BlockIo>,
         keys: &[BlockKey],
         ki: &mut usize,
         at: Seq,
         pos: u64,
         len: u64,
-    ) {
-        let _ = base.will_need(pos, len);
+    ) -> ReadAhead {
+        let mut ahead = ReadAhead { ranges: vec![(base.clone(), pos, len)] };
+        let mut record = |l: Loc, blocks: u64| {
+            if let Some(file) = self.log.segment_file(l.slot) {
+                let len = format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs;
+                ahead.ranges.push((file, u64::from(l.offset), len));
+            }
+        };
         let mut run: Option<(Loc, u64)> = None;
         while *ki < keys.len() && keys[*ki].block() * self.bs < pos + len {
             if let Some(e) = self.index.lookup_le(keys[*ki], at) {
@@ -1366,10 +1513,7 @@ impl RetentionLog {
                     Some((l, blocks)) if *l == loc => *blocks += 1,
                     _ => {
                         if let Some((l, blocks)) = run.take() {
-                            self.log.will_need(
-                                l,
-                                format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs,
-                            );
+                            record(l, blocks);
                         }
                         run = Some((loc, 1));
                     }
@@ -1378,8 +1522,9 @@ impl RetentionLog {
             *ki += 1;
         }
         if let Some((l, blocks)) = run {
-            self.log.will_need(l, format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs);
+            record(l, blocks);
         }
+        ahead
     }
 
     /// The window as it stands.
@@ -1672,7 +1817,7 @@ impl RetentionLog {
         self.windows.spans.retain(|sp| sp.end.is_none_or(|e| e > seq));
         self.damage.retain(|d| !gone.contains(&d.slot) && d.repaired_at.is_none_or(|e| e > seq));
         self.base = PointInfo { kind: PointKind::Base, ..target };
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.cache.clear();
         self.segment_count = self.log.segment_count();
         Ok(())
     }
@@ -1770,7 +1915,7 @@ impl RetentionLog {
                 let index = &mut self.index;
                 block_entries(&h, loc, self.bs, |e| index.insert(e));
             }
-            *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.cache.clear();
         }
         self.points.retain(|p| !dropped.contains(&p.seq));
         // Spans inside coalesced intervals: gone with their closing point, or kept without
@@ -1824,6 +1969,229 @@ impl RetentionLog {
             out.pending.push((start, z, data, at, time));
         }
         Ok(())
+    }
+}
+
+/// Journal records read lately, shared by the log and its read plans (a few, so that the
+/// blocks of one record, read one request after another, cost one record read).
+/// Keyed by location: segment slots are never reused in a process, so an entry never
+/// stands for another record.
+#[derive(Debug, Default)]
+struct RecordCache {
+    entries: Mutex<Vec<(Loc, CachedRecord)>>,
+}
+
+impl RecordCache {
+    const ENTRIES: usize = 8;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Loc, CachedRecord)>> {
+        // Every update is a whole push or remove: nothing half-done to see after a panic.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, loc: Loc) -> Option<CachedRecord> {
+        self.lock().iter().rev().find(|(l, _)| *l == loc).map(|(_, r)| r.clone())
+    }
+
+    fn put(&self, loc: Loc, record: CachedRecord) {
+        let mut entries = self.lock();
+        if entries.iter().any(|(l, _)| *l == loc) {
+            return;
+        }
+        if entries.len() >= Self::ENTRIES {
+            entries.remove(0);
+        }
+        entries.push((loc, record));
+    }
+
+    fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Ranges of files to read ahead (`POSIX_FADV_WILLNEED`), from
+/// [`RetentionLog::read_ahead_at`]: a hint, issued without the log.
+#[derive(Debug, Default)]
+pub struct ReadAhead {
+    ranges: Vec<(Arc<dyn BlockIo>, u64, u64)>,
+}
+
+impl ReadAhead {
+    /// Asks the kernel to start reading the ranges; failures are ignored (a hint only).
+    pub fn issue(&self) {
+        for (file, offset, len) in &self.ranges {
+            let _ = file.will_need(*offset, *len);
+        }
+    }
+}
+
+/// A point-in-time read of one byte range, planned under the log's lock
+/// ([`RetentionLog::plan_read`]) and carried out after it is let go ([`ReadPlan::read`]).
+///
+/// The plan names the base image and, for each block the journal changed in the range, the
+/// records to lay over it (oldest first, down to the newest whole-block one, else over the
+/// base). Why it still reads the held point exactly when the log changes in between:
+/// - records are never changed in place: a segment is append-only, a record still in the
+///   write buffer was copied into the plan, and a segment rewritten or removed by a
+///   retention pass stays readable through the handle the plan keeps;
+/// - the base only moves to a point at or below the held one (the hold), by writing into it
+///   the versions of blocks changed at or below that point. Such a block is in the plan
+///   with every record of it up to the held point, and laying those over the base again
+///   gives the same bytes whether the base was read before, during or after the move (each
+///   byte is either covered by a record of the plan, whose newest is applied last, or was
+///   not written by the move).
+#[derive(Debug)]
+pub struct ReadPlan {
+    base: Arc<dyn BlockIo>,
+    /// The base file's length: a volume that grew reads zeros past it.
+    base_len: u64,
+    offset: u64,
+    len: usize,
+    blocks: Vec<PlannedBlock>,
+    /// Record numbers (into `records`) of each block, oldest first.
+    layers: Vec<u32>,
+    records: Vec<(Loc, RecordSource)>,
+    cache: Arc<RecordCache>,
+    /// Where a record found damaged is noted for [`RetentionLog::note_read_damage`].
+    read_damage: Arc<Mutex<Vec<Loc>>>,
+}
+
+/// One block of a [`ReadPlan`] that the journal changed.
+#[derive(Debug)]
+struct PlannedBlock {
+    start: u64,
+    len: usize,
+    /// The oldest record does not cover the whole block: the rest is the base's.
+    needs_base: bool,
+    layers: std::ops::Range<usize>,
+}
+
+impl ReadPlan {
+    /// Bytes the plan reads.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it reads nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks of the range the journal changed (each read from the journal).
+    pub fn journal_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Reads the planned range into `buf` (which must be [`ReadPlan::len`] long).
+    pub fn read(&self, buf: &mut [u8]) -> Result<()> {
+        if buf.len() != self.len {
+            return Err(JournalError::Config(format!(
+                "a read plan of {} bytes at {} was given a buffer of {}",
+                self.len,
+                self.offset,
+                buf.len()
+            )));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.read_base(buf, self.offset)?;
+        let end = self.offset + self.len as u64;
+        let mut loaded: Vec<Option<CachedRecord>> = vec![None; self.records.len()];
+        let mut block = Vec::new();
+        for b in &self.blocks {
+            let bend = b.start + b.len as u64;
+            if b.start >= self.offset && bend <= end {
+                // Whole block inside the buffer, which already holds its base content.
+                let dst = &mut buf[(b.start - self.offset) as usize..(bend - self.offset) as usize];
+                self.lay(b, dst, &mut loaded)?;
+            } else {
+                block.resize(b.len, 0);
+                if b.needs_base {
+                    self.read_base(&mut block, b.start)?;
+                }
+                self.lay(b, &mut block, &mut loaded)?;
+                let s = b.start.max(self.offset);
+                let t = bend.min(end);
+                buf[(s - self.offset) as usize..(t - self.offset) as usize]
+                    .copy_from_slice(&block[(s - b.start) as usize..(t - b.start) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the base at `offset` into `buf`, zeros past the base file's end.
+    fn read_base(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let have = self.base_len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if have > 0 {
+            self.base
+                .read_at(&mut buf[..have], offset)
+                .map_err(|e| JournalError::io("read", self.base.name(), e))?;
+        }
+        buf[have..].fill(0);
+        Ok(())
+    }
+
+    /// Lays the records of block `b` over `out` (the block's bytes), oldest first.
+    fn lay(
+        &self,
+        b: &PlannedBlock,
+        out: &mut [u8],
+        loaded: &mut [Option<CachedRecord>],
+    ) -> Result<()> {
+        let bend = b.start + out.len() as u64;
+        for &n in &self.layers[b.layers.clone()] {
+            let n = n as usize;
+            let rec = match &loaded[n] {
+                Some(r) => r.clone(),
+                None => {
+                    let (loc, source) = &self.records[n];
+                    let r = match self.cache.get(*loc) {
+                        Some(r) => r,
+                        None => {
+                            let r = match source.read() {
+                                Ok(r) => r,
+                                Err(e @ JournalError::CorruptRecord { .. }) => {
+                                    // No wrong bytes; the next scrub registers the damage.
+                                    let mut found =
+                                        self.read_damage.lock().unwrap_or_else(|e| e.into_inner());
+                                    if !found.contains(loc) {
+                                        found.push(*loc);
+                                    }
+                                    return Err(e);
+                                }
+                                Err(e) => return Err(e),
+                            };
+                            self.cache.put(*loc, r.clone());
+                            r
+                        }
+                    };
+                    loaded[n] = Some(r.clone());
+                    r
+                }
+            };
+            overlay(&rec.0, &rec.1, b.start, bend, out);
+        }
+        Ok(())
+    }
+}
+
+/// Copies what record `h` (with `payload`) holds of `[bstart, bend)` into `out` (those
+/// bytes): its data for a write, zeros for a discard or write-zeroes.
+fn overlay(h: &RecordHeader, payload: &[u8], bstart: u64, bend: u64, out: &mut [u8]) {
+    let rstart = h.offset;
+    let rend = h.offset + u64::from(h.length);
+    let s = rstart.max(bstart);
+    let t = rend.min(bend);
+    if s >= t {
+        return;
+    }
+    let dst = &mut out[(s - bstart) as usize..(t - bstart) as usize];
+    match h.kind {
+        RecordKind::Write => {
+            dst.copy_from_slice(&payload[(s - rstart) as usize..(t - rstart) as usize])
+        }
+        _ => dst.fill(0),
     }
 }
 

@@ -3,11 +3,14 @@
 //! while replication goes on.
 //!
 //! A [`Vsnap`] is a [`BlockBackend`] (served by the FUSE + loop frontend,
-//! `tidemark_tap::FuseLoopFrontend::start_backend`). Reads are
-//! [`RetentionLog::read_at`] of its point: one base read per range plus one journal read per
-//! block the journal changed, through a shared handle to the log ([`LogAccess`]: the running
-//! [`Receiver`] or a log opened offline), taken for each request only, so appends and
-//! acknowledgements go on between requests.
+//! `tidemark_tap::FuseLoopFrontend::start_backend`). A read is planned under the lock of a
+//! shared handle to the log ([`LogAccess`]: the running [`Receiver`] or a log opened
+//! offline) with [`RetentionLog::plan_read`] of its held point (index lookups only), and the
+//! plan is carried out after the lock is let go ([`tidemark_journal::ReadPlan::read`]: one
+//! base read per range plus one journal read per record the range needs). So concurrent
+//! requests (the frontend's threads) read the disk in parallel, and appends and
+//! acknowledgements go on while they do; the point still reads exactly (the plan's
+//! documentation says why).
 //!
 //! - **Read-only**: every mutation is refused ([`TapError::ReadOnly`], `EROFS` at the
 //!   frontend).
@@ -17,7 +20,7 @@
 //!
 //! Invariants:
 //! - A vsnap never writes to the retention log, its base image (the replica) or the journal:
-//!   its only access to the log is `read_at` and `hold`.
+//!   its only access to the log is `plan_read`, `read_ahead_at` and `hold`.
 //! - While a vsnap lives, its point reads back the same bytes whatever retention does: it
 //!   holds the point ([`RetentionLog::hold`]), so no retention pass folds or thins history it
 //!   needs; the hold is released when the vsnap is dropped.
@@ -30,9 +33,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tidemark_journal::{JournalError, PointHold, PointInfo, RecoveryPoint, RetentionLog, VolumeId};
+use tidemark_journal::{
+    JournalError, PointHold, PointInfo, ReadAhead, RecoveryPoint, RetentionLog, VolumeId,
+};
 use tidemark_tap::{BlockBackend, TapError};
 
 use crate::apply::Receiver;
@@ -218,12 +224,17 @@ pub struct Vsnap {
     read_end: AtomicU64,
     /// How far the base has been hinted ahead of a sequential reader.
     hinted_to: AtomicU64,
+    /// To the read-ahead thread, which issues the hints so that no request waits for the
+    /// device queue they may fill (`None` if the thread could not be started).
+    ahead: Option<SyncSender<ReadAhead>>,
 }
 
-/// How far ahead of a sequential reader the base image is hinted (`POSIX_FADV_WILLNEED`):
-/// reads through the log take its lock one at a time, so without it a cold sequential read
-/// waits for the disk once per request instead of overlapping with the copy-out.
-pub const READ_AHEAD: u64 = 8 << 20;
+/// How far ahead of a sequential reader the base image and the journal records of the
+/// blocks changed there are hinted ([`RetentionLog::read_ahead_at`], `POSIX_FADV_WILLNEED`,
+/// issued on a thread of the vsnap's own):
+/// without it a cold sequential read waits for the disk once per request (and once more per
+/// journal record, a random read) instead of overlapping with the copy-out.
+pub const READ_AHEAD: u64 = 16 << 20;
 
 impl fmt::Debug for Vsnap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -277,7 +288,23 @@ impl Vsnap {
             writes: AtomicU64::new(0),
             read_end: AtomicU64::new(u64::MAX),
             hinted_to: AtomicU64::new(0),
+            ahead: read_ahead_thread(),
         })
+    }
+
+    /// Hands `ahead` to the read-ahead thread, or issues it here when the thread is missing
+    /// or busy (so that no hinted range is skipped).
+    fn read_ahead(&self, ahead: ReadAhead) {
+        match &self.ahead {
+            Some(tx) => {
+                if let Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) =
+                    tx.try_send(ahead)
+                {
+                    a.issue();
+                }
+            }
+            None => ahead.issue(),
+        }
     }
 
     /// The point served.
@@ -319,13 +346,18 @@ impl Vsnap {
             self.hinted_to.store(to, Ordering::Relaxed);
             (from, to - from.min(to))
         });
-        with_log(&*self.log, |l| {
-            if let Some((from, len)) = hint.filter(|&(_, len)| len > 0) {
-                l.will_need_current(self.volume, from, len);
-            }
-            l.read_at(point, self.volume, offset, buf)
-        })
-        .map_err(|source| VsnapError::Journal {
+        // Only the index lookups run under the log's lock; the disk reads run after it is
+        // let go, so concurrent requests and the receiver's appends do not wait for them.
+        let (plan, ahead) = with_log(&*self.log, |l| {
+            let ahead = hint
+                .filter(|&(_, len)| len > 0)
+                .map(|(from, len)| l.read_ahead_at(&self.hold, self.volume, from, len));
+            (l.plan_read(&self.hold, self.volume, offset, buf.len() as u64), ahead)
+        });
+        if let Some(ahead) = ahead {
+            self.read_ahead(ahead);
+        }
+        plan.and_then(|plan| plan.read(buf)).map_err(|source| VsnapError::Journal {
             what: format!(
                 "read {} bytes at {offset} of volume {} as of seq {}",
                 buf.len(),
@@ -417,6 +449,23 @@ impl Drop for Vsnap {
             overlay_blocks = self.overlay_blocks(),
             "virtual snapshot removed (overlay thrown away, point released)"
         );
+    }
+}
+
+/// Starts a vsnap's read-ahead thread; it ends when the vsnap (the sender) is dropped.
+fn read_ahead_thread() -> Option<SyncSender<ReadAhead>> {
+    let (tx, rx) = sync_channel::<ReadAhead>(4);
+    let started = std::thread::Builder::new().name("vsnap-ahead".into()).spawn(move || {
+        for ahead in rx {
+            ahead.issue();
+        }
+    });
+    match started {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no vsnap read-ahead thread: hints are issued inline");
+            None
+        }
     }
 }
 
@@ -622,6 +671,82 @@ mod tests {
         assert_eq!(read_all(&v), at_bookmark);
         drop(v);
         assert!(with_log(&*log, |l| l.held()).is_empty(), "the vsnap's hold outlived it");
+    }
+
+    #[test]
+    fn concurrent_readers_read_the_point_while_appends_and_retention_go_on() {
+        use std::sync::atomic::AtomicBool;
+        let (log, clock, at_bookmark) = log_with_bookmark();
+        let point = RecoveryPoint::Bookmark("drill".into());
+        let v = Arc::new(
+            Vsnap::open(log.clone(), &point, VolumeId(0), VsnapMode::ReadOnly, "conc")
+                .expect("open"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let (appended, advanced) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        std::thread::scope(|scope| {
+            // The receiver's side: every block overwritten again and again, and retention
+            // passes that move the base up to the held point and delete segments.
+            let writer = scope.spawn(|| {
+                let mut round = 0u8;
+                while !stop.load(Ordering::SeqCst) {
+                    round = round.wrapping_add(1);
+                    with_log(&*log, |l| {
+                        for b in 0..VOL / 4096 {
+                            clock.advance(Duration::from_secs(1));
+                            let e = Event::Write {
+                                volume: VolumeId(0),
+                                offset: b * 4096 + 7,
+                                data: vec![round; 4000].into(),
+                            };
+                            l.append(l.last_seq().next(), clock.now(), &e).expect("append");
+                        }
+                        l.append(l.last_seq().next(), clock.now(), &Event::Barrier)
+                            .expect("barrier");
+                        let r = l.enforce().expect("enforce");
+                        if r.base_advanced_to.is_some() {
+                            advanced.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                    appended.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let readers: Vec<_> = (0..4)
+                .map(|t| {
+                    let (v, want) = (v.clone(), &at_bookmark);
+                    let (appended, advanced) = (&appended, &advanced);
+                    scope.spawn(move || {
+                        let mut reads = 0;
+                        // Until the writer has gone round a few times and the base moved.
+                        while reads < 3
+                            || appended.load(Ordering::SeqCst) < 20
+                            || advanced.load(Ordering::SeqCst) == 0
+                        {
+                            let piece = 4096 * (t + 1) as u64 + 512 * t as u64;
+                            let mut at = 0;
+                            while at < VOL {
+                                let n = (VOL - at).min(piece) as usize;
+                                let mut got = vec![0u8; n];
+                                v.read(at, &mut got).expect("read");
+                                assert!(
+                                    got[..] == want[at as usize..at as usize + n],
+                                    "reader {t} read other bytes at {at}+{n} than the point holds"
+                                );
+                                at += n as u64;
+                            }
+                            reads += 1;
+                        }
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.join().expect("reader");
+            }
+            stop.store(true, Ordering::SeqCst);
+            writer.join().expect("writer");
+        });
+        assert!(advanced.load(Ordering::SeqCst) > 0, "the base never moved under the readers");
+        assert_eq!(with_log(&*log, |l| l.held()), vec![v.point().seq]);
     }
 
     #[test]

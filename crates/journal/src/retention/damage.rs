@@ -177,7 +177,7 @@ impl RetentionLog {
             let loc = e.loc();
             loc.slot != slot || !(from..to).contains(&u64::from(loc.offset))
         });
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.cache.clear();
         self.damage.push(damage.clone());
         Some(damage)
     }
