@@ -1,10 +1,12 @@
 //! `tidemark recover`: a recovery point of a `receive` directory, exposed as a virtual
-//! snapshot (a loop device, read-only or read-write over a throw-away overlay) until
+//! snapshot (a block device, read-only or read-write over a throw-away overlay) until
 //! SIGINT/SIGTERM, or materialized into a file with a verified BLAKE3 hash.
 //!
 //! With a receiver running on the directory (its control socket answers) everything goes
 //! through it, so replication and retention go on; otherwise the retention log is opened
-//! here. Output lines for scripts: `point: ...`, `device: /dev/loopN`, `mounted: M`,
+//! here. The snapshot's block device is a ublk device or a loop device over FUSE
+//! (`--frontend`, `auto` by default: ublk where usable). Output lines for scripts:
+//! `point: ...`, `frontend: ublk|fuse`, `device: /dev/ublkbN|/dev/loopN`, `mounted: M`,
 //! `removed: ...`, `blake3: HEX`, `verified: ...`.
 //!
 //! Invariant of `--materialize`: the hash printed is that of the image as written, computed
@@ -31,7 +33,7 @@ use serde_json::{Value, json};
 use tidemark_journal::VolumeId;
 
 use crate::control::{self, Client};
-use crate::vsnaps::{Mode, Registry};
+use crate::vsnaps::{Frontend, Mode, Registry};
 use crate::{common, points, signals};
 
 #[derive(Debug, clap::Args)]
@@ -43,7 +45,7 @@ pub struct Args {
     /// `tidemark points`).
     #[arg(long)]
     point: String,
-    /// Expose the point as a virtual snapshot (a loop device) until Ctrl-C / SIGTERM:
+    /// Expose the point as a virtual snapshot (a block device) until Ctrl-C / SIGTERM:
     /// read-only, or read-write with writes going to an overlay thrown away at the end.
     #[arg(
         long,
@@ -62,6 +64,12 @@ pub struct Args {
     /// volume's size), then verify it.
     #[arg(long)]
     materialize: Option<PathBuf>,
+    /// With --expose: the block device frontend. auto: a ublk device (/dev/ublkbN) when
+    /// /dev/ublk-control opens and the device starts, else a loop device over FUSE; ublk:
+    /// fail where ublk_drv is not usable; fuse: FUSE + loop. The choice is printed
+    /// (`frontend: ...`).
+    #[arg(long, value_enum, default_value_t = Frontend::Auto, requires = "expose")]
+    frontend: Frontend,
     /// The receiver's control socket (default: DIR/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -85,12 +93,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     signals::install()?;
     let mut session = match client {
         Some(mut client) => {
-            let v = client
-                .request(json!({"op": "expose", "point": args.point, "mode": mode.as_str()}))?;
+            let v = client.request(json!({
+                "op": "expose",
+                "point": args.point,
+                "mode": mode.as_str(),
+                "frontend": args.frontend.as_str(),
+            }))?;
             let id = v["id"].as_u64().context("expose answer without an id")?;
             let device =
                 PathBuf::from(v["device"].as_str().context("expose answer without a device")?);
             print_point(&v["point"]);
+            println!("frontend: {}", v["frontend"].as_str().unwrap_or("fuse"));
             Session::Remote { client, id, device }
         }
         None => {
@@ -98,8 +111,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let access = Arc::new(Mutex::new(log));
             let prefix = format!("offline-{}-", std::process::id());
             let mut registry = Registry::new(access, &args.dir.join("vsnaps"), &prefix);
-            let info = registry.expose(&point, mode)?;
+            let info = registry.expose_on(&point, mode, args.frontend)?;
             print_point(&points::point_json(&info.point));
+            println!("frontend: {}", info.frontend.as_str());
             Session::Local { registry, id: info.id, device: info.device }
         }
     };

@@ -17,7 +17,9 @@
 //! queue depth > 1, kill -9 + user recovery, dm-log-writes) and `ublk_replication` (ext4
 //! written through a ublk device, replicated to a retention log in the same process, every
 //! bookmark materialized and fsck-checked; then kill -9 of a source agent process, user
-//! recovery and the resync of its dirty regions over loopback TCP) report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
+//! recovery and the resync of its dirty regions over loopback TCP) and `vsnap_ublk` (a
+//! recovery point's virtual snapshot served over ublk, read-only and as a read-write drill)
+//! report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
 //! `TIDEMARK_REQUIRE_NETNS=1`, so a missing namespace or qdisc fails instead of skipping,
 //! and its `test <name> ... ok` lines are read as they are. The lab passes only when every
 //! suite ran, exited 0, reported a summary matching its per-test lines, and every test
@@ -111,6 +113,14 @@ const SUITES: &[Suite] = &[
         command: "/bin/ublk-replication-lab --lab",
         format: Format::Lab,
     },
+    Suite {
+        name: "vsnap_ublk",
+        package: "tidemark-sync",
+        test: "vsnap_ublk_lab",
+        guest_path: "bin/vsnap-ublk-lab",
+        command: "/bin/vsnap-ublk-lab --lab",
+        format: Format::Lab,
+    },
 ];
 
 /// The guest's disks: name and size in MiB. vda sits behind the ublk device of tests 1-3,
@@ -118,7 +128,7 @@ const SUITES: &[Suite] = &[
 const DISKS: &[(&str, u64)] = &[("vda", 64), ("vdb", 32), ("vdc", 64), ("vdd", 32)];
 
 /// Overall limit on the guest's run, unless `TIDEMARK_LAB_TIMEOUT` (seconds) says otherwise.
-/// (The three suites take about two minutes of guest time on an idle machine.)
+/// (The four suites take about two minutes of guest time on an idle machine.)
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const TIMEOUT_ENV: &str = "TIDEMARK_LAB_TIMEOUT";
 
@@ -977,6 +987,12 @@ mod tests {
             "TIDEMARK-LAB: PASS repl_bookmark_round-1_fsck_clean_files_match (4.2s)",
             "TIDEMARK-LAB: PASS 2 tests",
             "TIDEMARK-LAB: end ublk_replication 0",
+            "TIDEMARK-LAB: begin vsnap_ublk",
+            "TIDEMARK-LAB: PASS vsnap_ublk_setup (2.0s)",
+            "TIDEMARK-LAB: PASS vsnap_ublk_read_only_reads_the_point_and_mounts (3.1s)",
+            "TIDEMARK-LAB: info read-only vsnap: /dev/ublkb0: 40 reads",
+            "TIDEMARK-LAB: PASS 2 tests",
+            "TIDEMARK-LAB: end vsnap_ublk 0",
         ]);
         for line in lines {
             c.feed(line);
@@ -999,7 +1015,7 @@ mod tests {
         );
         assert_eq!(
             c.verdict(),
-            Ok("PASS 6 tests (ublk_lab 2, netem 2, ublk_replication 2)".to_owned())
+            Ok("PASS 8 tests (ublk_lab 2, netem 2, ublk_replication 2, vsnap_ublk 2)".to_owned())
         );
         let netem = &c.suites[1].2.tests;
         assert_eq!(
@@ -1070,6 +1086,7 @@ mod tests {
             "netem: no summary line",
             "netem: never ended",
             "ublk_replication: never ended",
+            "vsnap_ublk: never ended",
         ] {
             assert!(why.contains(part), "`{part}` missing from: {why}");
         }
@@ -1116,7 +1133,10 @@ mod tests {
         assert!(begin < run && run < end);
         assert!(script.find("end ublk_lab").unwrap() < begin);
         let replication = script.find("/bin/ublk-replication-lab --lab").unwrap();
-        assert!(end < replication && replication < script.find("end ublk_replication $?").unwrap());
+        let replication_end = script.find("end ublk_replication $?").unwrap();
+        assert!(end < replication && replication < replication_end);
+        let vsnap = script.find("/bin/vsnap-ublk-lab --lab").unwrap();
+        assert!(replication_end < vsnap && vsnap < script.find("end vsnap_ublk $?").unwrap());
         assert!(script.trim_end().ends_with("poweroff -f"));
     }
 
