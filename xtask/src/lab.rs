@@ -7,8 +7,9 @@
 //! `xz-utils`, `e2fsprogs`, `dmsetup`, `iproute2`) when missing; fetch the newest
 //! `linux-image-6.12.*-cloud-amd64-unsigned` with `apt-get download` and unpack it with
 //! `dpkg -x` under `target/lab/kernel/` (kept, so later runs reuse it); build the guest
-//! test binaries ([`SUITES`], release); assemble an initramfs with busybox, the decompressed
-//! modules in dependency order, the test binaries (debug info stripped when `objcopy` is
+//! test binaries ([`SUITES`], release) and the `tidemark` binary (`vsnap_ublk` runs
+//! `tidemark recover` in the guest); assemble an initramfs with busybox, the decompressed
+//! modules in dependency order, those binaries (debug info stripped when `objcopy` is
 //! there), `mkfs.ext4`/`e2fsck`/`debugfs`/`dmsetup`/`ip`/`tc` and every shared library `ldd` names
 //! for them; boot; stream the console.
 //!
@@ -150,6 +151,9 @@ pub fn lab(root: &Path) -> Result<String> {
         println!("lab: guest suite {} from {}", suite.name, bin.display());
         test_bins.push(bin);
     }
+    let agent = build_agent_binary(root)?;
+    println!("lab: guest /{AGENT_GUEST_PATH} from {}", agent.display());
+    test_bins.push(agent);
     let initrd = initramfs(&lab_dir, &kernel, &test_bins)?;
     let disks = disks(&lab_dir)?;
     let timeout = timeout()?;
@@ -365,6 +369,36 @@ fn build_test_binary(root: &Path, suite: &Suite) -> Result<PathBuf> {
         .with_context(|| format!("cargo reported no executable for the {} test", suite.test))
 }
 
+/// Where the `tidemark` binary sits in the initramfs (the `vsnap_ublk` suite runs
+/// `tidemark recover` with it).
+const AGENT_GUEST_PATH: &str = "bin/tidemark";
+
+/// Builds the `tidemark` binary (release) and returns its path, from cargo's JSON messages.
+fn build_agent_binary(root: &Path) -> Result<PathBuf> {
+    let mut command = Command::new(crate::cargo_bin());
+    command.current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "tidemark",
+        "--bin",
+        "tidemark",
+        "--message-format=json",
+    ]);
+    println!("$ {}", crate::show_command(&command));
+    let out = command.stderr(Stdio::inherit()).output().context("could not run cargo build")?;
+    ensure!(out.status.success(), "building the tidemark binary failed with {}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"tidemark\"")
+        })
+        .find_map(|l| json_string_field(l, "executable"))
+        .map(PathBuf::from)
+        .context("cargo reported no executable for the tidemark binary")
+}
+
 /// The value of `"field":"..."` in one line of JSON (enough for cargo's paths, which have
 /// no escaped characters on these machines).
 fn json_string_field(line: &str, field: &str) -> Option<String> {
@@ -378,7 +412,8 @@ fn json_string_field(line: &str, field: &str) -> Option<String> {
 // Initramfs
 // ---------------------------------------------------------------------------------------
 
-/// Builds `target/lab/initrd.gz`; `test_bins` are the executables of [`SUITES`], in order.
+/// Builds `target/lab/initrd.gz`; `test_bins` are the executables of [`SUITES`], in order,
+/// then the `tidemark` binary (put at [`AGENT_GUEST_PATH`]).
 fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bins: &[PathBuf]) -> Result<PathBuf> {
     let stage = lab_dir.join("initramfs");
     let _ = fs::remove_dir_all(&stage);
@@ -406,8 +441,10 @@ fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bins: &[PathBuf]) -> Result<P
 
     let mut libs = BTreeSet::new();
     let strip = command_exists("objcopy");
-    for (suite, bin) in SUITES.iter().zip(test_bins) {
-        let target = stage.join(suite.guest_path);
+    let guest_paths = SUITES.iter().map(|s| s.guest_path).chain([AGENT_GUEST_PATH]);
+    ensure!(test_bins.len() == SUITES.len() + 1, "one binary per suite, then tidemark");
+    for (guest_path, bin) in guest_paths.zip(test_bins) {
+        let target = stage.join(guest_path);
         if strip {
             copy_stripped(bin, &target)?;
         } else {

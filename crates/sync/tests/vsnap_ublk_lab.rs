@@ -18,12 +18,19 @@
 //!   vsnap dropped, the overlay file is gone and the base image, the journal's files, the
 //!   point's bytes and the current image are all unchanged.
 //!
+//! - `tidemark recover --frontend auto` (the agent binary, `/bin/tidemark` in the guest) on
+//!   the same directory, laid out as `receive` leaves it (`replica.img`, `journal/`): it
+//!   chooses ublk (`frontend: ublk`, a `/dev/ublkb<N>` device) whose bytes are the point's,
+//!   and SIGTERM removes it.
+//!
 //! - `vsnap_ublk_lab --lab`: the guest run; prints `TIDEMARK-LAB: PASS <test>` /
 //!   `TIDEMARK-LAB: FAIL <test>: <why>` per test, then `TIDEMARK-LAB: PASS <n> tests` or
 //!   `TIDEMARK-LAB: FAIL <k> of <n> tests`. A missing `/dev/ublk-control` is a failure.
 //! - no argument (as `cargo test` runs it): without `/dev/ublk-control` it says loudly that
 //!   it skipped; on a host with `ublk_drv`, root and e2fsprogs it runs the same tests in a
 //!   temporary directory.
+
+mod lab_common;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -37,12 +44,12 @@ use tidemark_journal::{
     BlockIo, Bookmark, BookmarkKind, Clock, Event, FileIo, FsDir, MemVolume, RecoveryPoint,
     RetentionConfig, RetentionLog, Seq, SystemClock, VolumeId,
 };
+use tidemark_sync::ship::error_chain as chain;
 use tidemark_sync::vsnap::{OverlayStore, Vsnap, VsnapMode, with_log};
 use tidemark_tap::{BlockBackend, UblkConfig, UblkServer, ublk};
 
-type TestResult<T = ()> = Result<T, String>;
+use lab_common::{PREFIX, Tally, TestResult, e, ensure, path_str, pattern, run};
 
-const PREFIX: &str = "TIDEMARK-LAB:";
 /// The volume's size.
 const VOLUME: u64 = 32 << 20;
 const BLOCK: u64 = 4096;
@@ -50,62 +57,6 @@ const BLOCK: u64 = 4096;
 const FILE: &str = "payload.bin";
 const FILE_LEN: usize = 300 << 10;
 const BOOKMARK: &str = "lab";
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
-
-fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |err| format!("{what}: {err}")
-}
-
-/// An error with its whole chain of sources.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Runs a command; fails with its output unless it exits 0. Returns its standard output.
-fn run(program: &str, args: &[&str]) -> TestResult<String> {
-    let out = Command::new(program).args(args).output().map_err(e(&format!("start {program}")))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "`{program} {}` exited with {}: {}{}",
-        args.join(" "),
-        out.status,
-        stdout.trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(stdout)
-}
-
-fn path_str(path: &Path) -> TestResult<&str> {
-    path.to_str().ok_or_else(|| format!("{} is not UTF-8", path.display()))
-}
-
-/// A reproducible byte pattern (xorshift), different for each seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// BLAKE3 of the first `len` bytes of the file or device at `path`.
 fn hash_path(path: &Path, len: u64) -> TestResult<blake3::Hash> {
@@ -150,7 +101,7 @@ struct Rig {
 
 impl Rig {
     fn base_path(&self) -> PathBuf {
-        self.work.join("base.img")
+        self.work.join("replica.img")
     }
 
     fn current_hash(&self) -> TestResult<blake3::Hash> {
@@ -196,7 +147,8 @@ impl Rig {
 fn setup(work: &Path) -> TestResult<Rig> {
     fs::create_dir_all(work.join("journal")).map_err(e("mkdir work"))?;
     let image = work.join("fs.img");
-    let base_path = work.join("base.img");
+    // The layout of a `tidemark receive` directory, for the `tidemark recover` test.
+    let base_path = work.join("replica.img");
     File::create(&image)
         .and_then(|f| f.set_len(VOLUME))
         .map_err(e(&format!("create {}", image.display())))?;
@@ -398,53 +350,81 @@ fn test_read_write(rig: &Rig) -> TestResult<String> {
     Ok(format!("{info}; overlay of {blocks} blocks thrown away; replica and journal unchanged"))
 }
 
-#[derive(Default)]
-struct Tally {
-    passed: u32,
-    total: u32,
-}
+/// `tidemark recover --expose ro --frontend auto` on the rig's directory: ublk is chosen
+/// and serves the point; SIGTERM removes it.
+fn test_recover_cli(rig: &Rig, tidemark: &Path) -> TestResult<String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
 
-impl Tally {
-    /// Runs `f`, catching panics, and reports it; returns its value when it passed.
-    fn report<T>(&mut self, name: &str, f: impl FnOnce() -> TestResult<T>) -> Option<T> {
-        let start = Instant::now();
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "panic".into());
-                Err(format!("panicked: {text}"))
-            });
-        let secs = start.elapsed().as_secs_f64();
-        self.total += 1;
-        match outcome {
-            Ok(value) => {
-                self.passed += 1;
-                println!("{PREFIX} PASS {name} ({secs:.1}s)");
-                Some(value)
-            }
-            Err(err) => {
-                println!("{PREFIX} FAIL {name} ({secs:.1}s): {err}");
-                None
+    let mut child = Command::new(tidemark)
+        .args([
+            "recover",
+            "--dir",
+            path_str(&rig.work)?,
+            "--point",
+            &format!("bookmark:{BOOKMARK}"),
+        ])
+        .args(["--expose", "ro", "--frontend", "auto"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(e(&format!("start {}", tidemark.display())))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, lines) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
             }
         }
-    }
-
-    fn finish(self) -> ExitCode {
-        if self.passed == self.total {
-            println!("{PREFIX} PASS {} tests", self.total);
-            ExitCode::SUCCESS
-        } else {
-            println!("{PREFIX} FAIL {} of {} tests", self.total - self.passed, self.total);
-            ExitCode::FAILURE
+    });
+    let patience = std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let checked = (|| -> TestResult<String> {
+        let deadline = Instant::now() + patience;
+        while !seen.iter().any(|l: &String| l.starts_with("ready:")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => return Err(format!("recover printed no ready line: {seen:?}")),
+            }
         }
-    }
+        let field =
+            |key: &str| seen.iter().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_owned());
+        let frontend = field("frontend:").ok_or_else(|| format!("no frontend line: {seen:?}"))?;
+        ensure!(frontend == "ublk", "auto chose {frontend} with ublk_drv loaded");
+        let dev = field("device:").ok_or_else(|| format!("no device line: {seen:?}"))?;
+        ensure!(dev.starts_with("/dev/ublkb"), "the ublk frontend gave device {dev}");
+        let read = hash_path(Path::new(&dev), VOLUME)?;
+        ensure!(read == rig.point_hash, "{dev} reads with blake3 {read}, not the point's");
+        Ok(dev)
+    })();
+    let pid = libc::pid_t::try_from(child.id()).map_err(e("pid"))?;
+    // SAFETY: kill has no memory effects; the pid is our child's, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + patience;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(e("wait for recover"))? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("recover did not stop after SIGTERM".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = reader.join();
+    seen.extend(lines.try_iter());
+    let dev = checked?;
+    ensure!(status.success(), "recover exited with {status} after SIGTERM: {seen:?}");
+    ensure!(seen.iter().any(|l| l.starts_with("removed:")), "no removed line: {seen:?}");
+    ensure!(!Path::new(&dev).exists(), "{dev} outlived recover");
+    Ok(format!("recover served {dev} over ublk and removed it"))
 }
 
 /// Every test, in `work`; a test whose setup failed is reported failed.
-fn run_all(work: &Path) -> ExitCode {
+fn run_all(work: &Path, tidemark: Option<&Path>) -> ExitCode {
     let mut tally = Tally::default();
     let rig = tally.report("vsnap_ublk_setup", || {
         ublk::probe(Path::new(ublk::sys::CONTROL_PATH)).map_err(|err| chain(&err))?;
@@ -465,6 +445,17 @@ fn run_all(work: &Path) -> ExitCode {
     if let Some(info) = rw {
         println!("{PREFIX} info drill vsnap: {info}");
     }
+    // Last: `recover` opens the journal itself (the tests above compare its files).
+    let cli = tally.report("vsnap_ublk_recover_cli_auto_picks_ublk", || match (&rig, tidemark) {
+        (Some(rig), Some(bin)) => test_recover_cli(rig, bin),
+        (None, _) => Err("needs vsnap_ublk_setup".into()),
+        (_, None) => {
+            Err("no tidemark binary (/bin/tidemark in the guest, TIDEMARK_BIN on a host)".into())
+        }
+    });
+    if let Some(info) = cli {
+        println!("{PREFIX} info {info}");
+    }
     tally.finish()
 }
 
@@ -472,7 +463,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--lab") {
         let work = PathBuf::from("/tmp/vsnap-ublk-lab");
         let _ = fs::remove_dir_all(&work);
-        return run_all(&work);
+        return run_all(&work, Some(Path::new("/bin/tidemark")));
     }
     if let Err(err) = ublk::probe(Path::new(ublk::sys::CONTROL_PATH)) {
         let rule = "!".repeat(78);
@@ -484,7 +475,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match tempfile::tempdir() {
-        Ok(dir) => run_all(dir.path()),
+        Ok(dir) => {
+            let bin = std::env::var_os("TIDEMARK_BIN").map(PathBuf::from);
+            run_all(dir.path(), bin.as_deref())
+        }
         Err(err) => {
             eprintln!("vsnap_ublk_lab: tempdir: {err}");
             ExitCode::FAILURE
