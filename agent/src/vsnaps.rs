@@ -7,8 +7,9 @@
 //! receiver runs (on a log it opened itself).
 //!
 //! Invariant: removing a vsnap tears its frontend down (ublk device deleted, or loop device
-//! detached and FUSE unmounted) before the vsnap is dropped, and dropping it releases its hold on the point
-//! and deletes its overlay; nothing of it reaches the replica or the journal.
+//! detached and FUSE unmounted) before the vsnap is dropped, and dropping it releases its
+//! hold on the point and deletes its overlay; nothing of it reaches the replica or the
+//! journal.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
