@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use tidemark_sync::apply::Receiver;
 
 use crate::points;
-use crate::vsnaps::{Mode, Registry};
+use crate::vsnaps::{Frontend, Mode, Registry};
 
 /// The protocol version this build speaks.
 pub const VERSION: u64 = 1;
@@ -515,11 +515,13 @@ fn expose(req: &Value, shared: &ReceiverService, owned: &mut Vec<u64>) -> anyhow
         .context("expose needs a \"point\" (latest, seq:N, time:T, bookmark:NAME)")?;
     let point = points::parse_point(spec)?;
     let mode = Mode::parse(req["mode"].as_str().unwrap_or("ro"))?;
-    let info = shared.registry().expose(&point, mode)?;
+    let frontend = Frontend::parse(req["frontend"].as_str().unwrap_or("auto"))?;
+    let info = shared.registry().expose_on(&point, mode, frontend)?;
     owned.push(info.id);
     Ok(json!({
         "id": info.id,
         "device": info.device.display().to_string(),
+        "frontend": info.frontend.as_str(),
         "mode": mode.as_str(),
         "len": info.len,
         "point": points::point_json(&info.point),

@@ -1,10 +1,12 @@
 //! `tidemark recover`: a recovery point of a `receive` directory, exposed as a virtual
-//! snapshot (a loop device, read-only or read-write over a throw-away overlay) until
+//! snapshot (a block device, read-only or read-write over a throw-away overlay) until
 //! SIGINT/SIGTERM, or materialized into a file with a verified BLAKE3 hash.
 //!
 //! With a receiver running on the directory (its control socket answers) everything goes
 //! through it, so replication and retention go on; otherwise the retention log is opened
-//! here. Output lines for scripts: `point: ...`, `device: /dev/loopN`, `mounted: M`,
+//! here. The snapshot's block device is a ublk device or a loop device over FUSE
+//! (`--frontend`, `auto` by default: ublk where usable). Output lines for scripts:
+//! `point: ...`, `frontend: ublk|fuse`, `device: /dev/ublkbN|/dev/loopN`, `mounted: M`,
 //! `removed: ...`, `blake3: HEX`, `verified: ...`.
 //!
 //! Invariant of `--materialize`: the hash printed is that of the image as written, computed
@@ -32,7 +34,7 @@ use tidemark_journal::VolumeId;
 use crate::control::{self, Client};
 use crate::group;
 use crate::source_control::{group_hex, parse_group_id};
-use crate::vsnaps::{Mode, Registry};
+use crate::vsnaps::{Frontend, Mode, Registry};
 use crate::{common, points, signals};
 
 #[derive(Debug, clap::Args)]
@@ -56,7 +58,7 @@ pub struct Args {
     /// `tidemark points`).
     #[arg(long)]
     point: String,
-    /// Expose the point as a virtual snapshot (a loop device) until Ctrl-C / SIGTERM:
+    /// Expose the point as a virtual snapshot (a block device) until Ctrl-C / SIGTERM:
     /// read-only, or read-write with writes going to an overlay thrown away at the end.
     #[arg(
         long,
@@ -75,6 +77,12 @@ pub struct Args {
     /// volume's size), then verify it. For a group: once per member, in the members' order.
     #[arg(long)]
     materialize: Vec<PathBuf>,
+    /// With --expose: the block device frontend. auto: a ublk device (/dev/ublkbN) when
+    /// /dev/ublk-control opens and the device starts, else a loop device over FUSE; ublk:
+    /// fail where ublk_drv is not usable; fuse: FUSE + loop. The choice is printed
+    /// (`frontend: ...`).
+    #[arg(long, value_enum, default_value_t = Frontend::Auto, requires = "expose")]
+    frontend: Frontend,
     /// The receiver's control socket (default: DIR/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -106,7 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mode = args.expose.context("--expose or --materialize is required")?;
     signals::install()?;
-    let mut session = open_session(client, dir, &args.point, &point, mode, args.block_size)?;
+    let mut session =
+        open_session(client, dir, &args.point, &point, mode, args.frontend, args.block_size)?;
     let device = session.device().to_path_buf();
     println!("device: {}", device.display());
     let mounted = match &args.mountpoint {
@@ -155,16 +164,22 @@ fn open_session(
     spec: &str,
     point: &tidemark_journal::RecoveryPoint,
     mode: Mode,
+    frontend: Frontend,
     block_size: u32,
 ) -> anyhow::Result<Session> {
     Ok(match client {
         Some(mut client) => {
-            let v =
-                client.request(json!({"op": "expose", "point": spec, "mode": mode.as_str()}))?;
+            let v = client.request(json!({
+                "op": "expose",
+                "point": spec,
+                "mode": mode.as_str(),
+                "frontend": frontend.as_str(),
+            }))?;
             let id = v["id"].as_u64().context("expose answer without an id")?;
             let device =
                 PathBuf::from(v["device"].as_str().context("expose answer without a device")?);
             print_point(&v["point"]);
+            println!("frontend: {}", v["frontend"].as_str().unwrap_or("fuse"));
             Session::Remote { client, id, device }
         }
         None => {
@@ -172,8 +187,9 @@ fn open_session(
             let access = Arc::new(Mutex::new(log));
             let prefix = format!("offline-{}-", std::process::id());
             let mut registry = Registry::new(access, &dir.join("vsnaps"), &prefix);
-            let info = registry.expose(point, mode)?;
+            let info = registry.expose_on(point, mode, frontend)?;
             print_point(&points::point_json(&info.point));
+            println!("frontend: {}", info.frontend.as_str());
             Session::Local { registry, id: info.id, device: info.device }
         }
     })
@@ -228,8 +244,16 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
         for (m, spec) in members.iter().zip(&specs) {
             println!("member: {}", m.name);
             let point = points::parse_point(spec)?;
-            let s = open_session(connect(m)?, &m.dir, spec, &point, mode, args.block_size)
-                .with_context(|| format!("member {}", m.name))?;
+            let s = open_session(
+                connect(m)?,
+                &m.dir,
+                spec,
+                &point,
+                mode,
+                args.frontend,
+                args.block_size,
+            )
+            .with_context(|| format!("member {}", m.name))?;
             println!("device: {}", s.device().display());
             sessions.push(s);
         }

@@ -204,6 +204,12 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     );
     let snap = drill.wait_line("device:");
     drill.wait_line("ready:");
+    // --frontend auto: FUSE + loop on a kernel without ublk_drv.
+    let chosen = drill.wait_line("frontend:");
+    if !Path::new("/dev/ublk-control").exists() {
+        assert_eq!(chosen, "fuse", "auto chose {chosen} with no /dev/ublk-control");
+        assert!(snap.starts_with("/dev/loop"), "{snap}");
+    }
     let fsck = |what: &str| {
         let out = Command::new("e2fsck").args(["-fn", &snap]).output().unwrap();
         assert!(
@@ -237,6 +243,8 @@ fn dr_drill_on_a_read_write_snapshot_while_replication_runs() {
     assert_eq!(status["ok"], true, "{status:#}");
     assert_eq!(status["vsnaps"].as_array().map(Vec::len), Some(1), "{status:#}");
     assert!(u(&status["vsnaps"][0], "/overlay_blocks") > 0, "{status:#}");
+    assert_eq!(status["vsnaps"][0]["frontend"], json!(chosen), "{status:#}");
+    assert_eq!(status["vsnaps"][0]["device"], json!(snap), "{status:#}");
     assert_eq!(status["held"], json!([seq]), "{status:#}");
     // Replication went on during the drill, with the point held.
     wait_status(&root.join("rx"), "acks during the drill", |v| {

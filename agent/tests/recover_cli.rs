@@ -244,3 +244,51 @@ fn materialize_draws_a_progress_bar_with_rate_and_eta_on_a_terminal() {
     );
     assert_eq!(std::fs::metadata(&out).unwrap().len(), big);
 }
+
+#[test]
+fn the_ublk_frontend_is_refused_naming_the_control_device_where_ublk_is_missing() {
+    if Path::new("/dev/ublk-control").exists() {
+        eprintln!(
+            "\n!!! SKIPPED the_ublk_frontend_is_refused...: /dev/ublk-control exists here \
+             (the ublk frontend itself is tested by the vsnap_ublk suite of cargo xtask lab)\n"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("rx");
+    std::fs::create_dir_all(&dir).unwrap();
+    receive_dir(&dir);
+    let d = dir.display().to_string();
+    let (ok, stdout, e) = tidemark(&[
+        "recover",
+        "--dir",
+        &d,
+        "--point",
+        "bookmark:nightly",
+        "--expose",
+        "ro",
+        "--frontend",
+        "ublk",
+    ]);
+    assert!(!ok, "--frontend ublk was served without ublk_drv: {stdout}");
+    assert!(e.contains("/dev/ublk-control") && e.contains("ublk_drv"), "{e}");
+    assert!(!stdout.contains("device:"), "{stdout}");
+    // Nothing of the refused snapshot is left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.join("vsnaps"))
+        .map(|r| r.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in vsnaps/: {left:?}");
+    // A frontend name that does not exist.
+    let (ok, _, e) = tidemark(&[
+        "recover",
+        "--dir",
+        &d,
+        "--point",
+        "latest",
+        "--expose",
+        "ro",
+        "--frontend",
+        "nbd",
+    ]);
+    assert!(!ok && e.contains("nbd") && e.contains("ublk"), "{e}");
+}

@@ -7,8 +7,9 @@
 //! `xz-utils`, `e2fsprogs`, `dmsetup`, `iproute2`) when missing; fetch the newest
 //! `linux-image-6.12.*-cloud-amd64-unsigned` with `apt-get download` and unpack it with
 //! `dpkg -x` under `target/lab/kernel/` (kept, so later runs reuse it); build the guest
-//! test binaries ([`SUITES`], release); assemble an initramfs with busybox, the decompressed
-//! modules in dependency order, the test binaries (debug info stripped when `objcopy` is
+//! test binaries ([`SUITES`], release) and the `tidemark` binary (`vsnap_ublk` runs
+//! `tidemark recover` in the guest); assemble an initramfs with busybox, the decompressed
+//! modules in dependency order, those binaries (debug info stripped when `objcopy` is
 //! there), `mkfs.ext4`/`e2fsck`/`debugfs`/`dmsetup`/`ip`/`tc` and every shared library `ldd` names
 //! for them; boot; stream the console.
 //!
@@ -17,7 +18,9 @@
 //! queue depth > 1, kill -9 + user recovery, dm-log-writes) and `ublk_replication` (ext4
 //! written through a ublk device, replicated to a retention log in the same process, every
 //! bookmark materialized and fsck-checked; then kill -9 of a source agent process, user
-//! recovery and the resync of its dirty regions over loopback TCP) report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
+//! recovery and the resync of its dirty regions over loopback TCP) and `vsnap_ublk` (a
+//! recovery point's virtual snapshot served over ublk, read-only and as a read-write drill)
+//! report in `TIDEMARK-LAB: PASS|FAIL` lines of their own; `netem` is a libtest binary run with
 //! `TIDEMARK_REQUIRE_NETNS=1`, so a missing namespace or qdisc fails instead of skipping,
 //! and its `test <name> ... ok` lines are read as they are. The lab passes only when every
 //! suite ran, exited 0, reported a summary matching its per-test lines, and every test
@@ -111,6 +114,14 @@ const SUITES: &[Suite] = &[
         command: "/bin/ublk-replication-lab --lab",
         format: Format::Lab,
     },
+    Suite {
+        name: "vsnap_ublk",
+        package: "tidemark-sync",
+        test: "vsnap_ublk_lab",
+        guest_path: "bin/vsnap-ublk-lab",
+        command: "/bin/vsnap-ublk-lab --lab",
+        format: Format::Lab,
+    },
 ];
 
 /// The guest's disks: name and size in MiB. vda sits behind the ublk device of tests 1-3,
@@ -118,7 +129,7 @@ const SUITES: &[Suite] = &[
 const DISKS: &[(&str, u64)] = &[("vda", 64), ("vdb", 32), ("vdc", 64), ("vdd", 32)];
 
 /// Overall limit on the guest's run, unless `TIDEMARK_LAB_TIMEOUT` (seconds) says otherwise.
-/// (The three suites take about two minutes of guest time on an idle machine.)
+/// (The four suites take about two minutes of guest time on an idle machine.)
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const TIMEOUT_ENV: &str = "TIDEMARK_LAB_TIMEOUT";
 
@@ -140,6 +151,9 @@ pub fn lab(root: &Path) -> Result<String> {
         println!("lab: guest suite {} from {}", suite.name, bin.display());
         test_bins.push(bin);
     }
+    let agent = build_agent_binary(root)?;
+    println!("lab: guest /{AGENT_GUEST_PATH} from {}", agent.display());
+    test_bins.push(agent);
     let initrd = initramfs(&lab_dir, &kernel, &test_bins)?;
     let disks = disks(&lab_dir)?;
     let timeout = timeout()?;
@@ -355,6 +369,36 @@ fn build_test_binary(root: &Path, suite: &Suite) -> Result<PathBuf> {
         .with_context(|| format!("cargo reported no executable for the {} test", suite.test))
 }
 
+/// Where the `tidemark` binary sits in the initramfs (the `vsnap_ublk` suite runs
+/// `tidemark recover` with it).
+const AGENT_GUEST_PATH: &str = "bin/tidemark";
+
+/// Builds the `tidemark` binary (release) and returns its path, from cargo's JSON messages.
+fn build_agent_binary(root: &Path) -> Result<PathBuf> {
+    let mut command = Command::new(crate::cargo_bin());
+    command.current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "tidemark",
+        "--bin",
+        "tidemark",
+        "--message-format=json",
+    ]);
+    println!("$ {}", crate::show_command(&command));
+    let out = command.stderr(Stdio::inherit()).output().context("could not run cargo build")?;
+    ensure!(out.status.success(), "building the tidemark binary failed with {}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"tidemark\"")
+        })
+        .find_map(|l| json_string_field(l, "executable"))
+        .map(PathBuf::from)
+        .context("cargo reported no executable for the tidemark binary")
+}
+
 /// The value of `"field":"..."` in one line of JSON (enough for cargo's paths, which have
 /// no escaped characters on these machines).
 fn json_string_field(line: &str, field: &str) -> Option<String> {
@@ -368,7 +412,8 @@ fn json_string_field(line: &str, field: &str) -> Option<String> {
 // Initramfs
 // ---------------------------------------------------------------------------------------
 
-/// Builds `target/lab/initrd.gz`; `test_bins` are the executables of [`SUITES`], in order.
+/// Builds `target/lab/initrd.gz`; `test_bins` are the executables of [`SUITES`], in order,
+/// then the `tidemark` binary (put at [`AGENT_GUEST_PATH`]).
 fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bins: &[PathBuf]) -> Result<PathBuf> {
     let stage = lab_dir.join("initramfs");
     let _ = fs::remove_dir_all(&stage);
@@ -396,8 +441,10 @@ fn initramfs(lab_dir: &Path, kernel: &Kernel, test_bins: &[PathBuf]) -> Result<P
 
     let mut libs = BTreeSet::new();
     let strip = command_exists("objcopy");
-    for (suite, bin) in SUITES.iter().zip(test_bins) {
-        let target = stage.join(suite.guest_path);
+    let guest_paths = SUITES.iter().map(|s| s.guest_path).chain([AGENT_GUEST_PATH]);
+    ensure!(test_bins.len() == SUITES.len() + 1, "one binary per suite, then tidemark");
+    for (guest_path, bin) in guest_paths.zip(test_bins) {
+        let target = stage.join(guest_path);
         if strip {
             copy_stripped(bin, &target)?;
         } else {
@@ -977,6 +1024,12 @@ mod tests {
             "TIDEMARK-LAB: PASS repl_bookmark_round-1_fsck_clean_files_match (4.2s)",
             "TIDEMARK-LAB: PASS 2 tests",
             "TIDEMARK-LAB: end ublk_replication 0",
+            "TIDEMARK-LAB: begin vsnap_ublk",
+            "TIDEMARK-LAB: PASS vsnap_ublk_setup (2.0s)",
+            "TIDEMARK-LAB: PASS vsnap_ublk_read_only_reads_the_point_and_mounts (3.1s)",
+            "TIDEMARK-LAB: info read-only vsnap: /dev/ublkb0: 40 reads",
+            "TIDEMARK-LAB: PASS 2 tests",
+            "TIDEMARK-LAB: end vsnap_ublk 0",
         ]);
         for line in lines {
             c.feed(line);
@@ -999,7 +1052,7 @@ mod tests {
         );
         assert_eq!(
             c.verdict(),
-            Ok("PASS 6 tests (ublk_lab 2, netem 2, ublk_replication 2)".to_owned())
+            Ok("PASS 8 tests (ublk_lab 2, netem 2, ublk_replication 2, vsnap_ublk 2)".to_owned())
         );
         let netem = &c.suites[1].2.tests;
         assert_eq!(
@@ -1070,6 +1123,7 @@ mod tests {
             "netem: no summary line",
             "netem: never ended",
             "ublk_replication: never ended",
+            "vsnap_ublk: never ended",
         ] {
             assert!(why.contains(part), "`{part}` missing from: {why}");
         }
@@ -1116,7 +1170,10 @@ mod tests {
         assert!(begin < run && run < end);
         assert!(script.find("end ublk_lab").unwrap() < begin);
         let replication = script.find("/bin/ublk-replication-lab --lab").unwrap();
-        assert!(end < replication && replication < script.find("end ublk_replication $?").unwrap());
+        let replication_end = script.find("end ublk_replication $?").unwrap();
+        assert!(end < replication && replication < replication_end);
+        let vsnap = script.find("/bin/vsnap-ublk-lab --lab").unwrap();
+        assert!(replication_end < vsnap && vsnap < script.find("end vsnap_ublk $?").unwrap());
         assert!(script.trim_end().ends_with("poweroff -f"));
     }
 

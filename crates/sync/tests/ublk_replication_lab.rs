@@ -35,6 +35,7 @@
 //!   in a temporary directory.
 
 mod common;
+mod lab_common;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -49,6 +50,7 @@ use std::time::{Duration, Instant};
 use std::{env, thread};
 
 use common::paired;
+use lab_common::{PREFIX, Tally, TestResult, e, ensure, path_str, pattern, run};
 use tidemark_journal::{
     BlockIo, Bookmark, BookmarkKind, FileIo, FsDir, RecoveryPoint, RetentionConfig, RetentionLog,
     Seq, Spool, SpoolConfig, SystemClock, VolumeId,
@@ -63,9 +65,6 @@ use tidemark_sync::syncer::SyncerConfig;
 use tidemark_sync::wire::{Hello, PairId, Role, SUPPORTED_VERSIONS, VolumeInfo};
 use tidemark_tap::{IntentConfig, IntentMap, Tap, TapConfig, UblkConfig, UblkServer, ublk};
 
-type TestResult<T = ()> = Result<T, String>;
-
-const PREFIX: &str = "TIDEMARK-LAB:";
 /// The protected volume's size.
 const VOLUME: u64 = 128 << 20;
 const BLOCK: u64 = 4096;
@@ -76,14 +75,6 @@ const ROUNDS: u64 = 4;
 const DATA_DIR: &str = "data";
 /// How long any wait may take before the test fails (TCG is slow; never a delay).
 const PATIENCE: Duration = Duration::from_secs(240);
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -97,42 +88,6 @@ fn main() -> ExitCode {
 // ------------------------------------------------------------------------------------------
 // Shared pieces
 // ------------------------------------------------------------------------------------------
-
-fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |err| format!("{what}: {err}")
-}
-
-/// Runs a command; fails with its output unless it exits 0. Returns its standard output.
-fn run(program: &str, args: &[&str]) -> TestResult<String> {
-    let out = Command::new(program).args(args).output().map_err(e(&format!("start {program}")))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "`{program} {}` exited with {}: {}{}",
-        args.join(" "),
-        out.status,
-        stdout.trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(stdout)
-}
-
-fn path_str(path: &Path) -> TestResult<&str> {
-    path.to_str().ok_or_else(|| format!("{} is not UTF-8", path.display()))
-}
-
-/// A reproducible byte pattern (xorshift), different for each seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// BLAKE3 of `len` bytes of `io` from offset 0, read in 4 MiB pieces.
 fn hash_volume(io: &dyn BlockIo, len: u64) -> TestResult<blake3::Hash> {
@@ -1075,53 +1030,6 @@ fn test_kill9_recovery(work: &Path) -> TestResult<String> {
 // ------------------------------------------------------------------------------------------
 // Drivers
 // ------------------------------------------------------------------------------------------
-
-/// Counts outcomes and prints a PASS or FAIL line for each.
-#[derive(Default)]
-struct Tally {
-    passed: u32,
-    total: u32,
-}
-
-impl Tally {
-    /// Runs `f`, catching panics, and reports it; returns its value when it passed.
-    fn report<T>(&mut self, name: &str, f: impl FnOnce() -> TestResult<T>) -> Option<T> {
-        let start = Instant::now();
-        let outcome =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "panic".into());
-                Err(format!("panicked: {text}"))
-            });
-        let secs = start.elapsed().as_secs_f64();
-        self.total += 1;
-        match outcome {
-            Ok(value) => {
-                self.passed += 1;
-                println!("{PREFIX} PASS {name} ({secs:.1}s)");
-                Some(value)
-            }
-            Err(err) => {
-                println!("{PREFIX} FAIL {name} ({secs:.1}s): {err}");
-                None
-            }
-        }
-    }
-
-    /// The summary line; success when everything passed.
-    fn finish(self) -> ExitCode {
-        if self.passed == self.total {
-            println!("{PREFIX} PASS {} tests", self.total);
-            ExitCode::SUCCESS
-        } else {
-            println!("{PREFIX} FAIL {} of {} tests", self.total - self.passed, self.total);
-            ExitCode::FAILURE
-        }
-    }
-}
 
 /// Every test, in `work`. A test whose prerequisite failed is reported failed, so the
 /// count stays the same.

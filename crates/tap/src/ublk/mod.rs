@@ -52,6 +52,7 @@ use tidemark_journal::BlockIo;
 
 use crate::capture::Tap;
 use crate::error::{Result, TapError};
+use crate::fuse::BlockBackend;
 
 mod ctrl;
 mod os;
@@ -59,7 +60,7 @@ mod queue;
 pub mod sys;
 
 use ctrl::{Control, dev_label};
-use queue::{Counters, QueueContext};
+use queue::{Counters, Engine, QueueContext};
 
 /// How long to wait for the driver's char device node to appear after ADD_DEV (devtmpfs
 /// creates it at once; udev may take a moment).
@@ -217,12 +218,37 @@ impl UblkServer {
         config.validate()?;
         let device_len =
             device.len().map_err(|e| TapError::io("length query", device.name(), e))?;
-        backing_fd(&device)?;
+        let fd = backing_fd(&device)?;
+        let engine = Engine::Capture { tap, _device: device.clone(), fd };
+        Self::create(config, engine, &device.name(), device_len, false)
+    }
+
+    /// Creates a ublk device of `backend`'s size served by `backend` (any [`BlockBackend`]
+    /// other than the tap: a virtual snapshot of a recovery point, for one) and starts it, on
+    /// the same queue machinery as [`UblkServer::start`]: each request is one synchronous
+    /// backend call on its queue's ring thread, then its commit. Nothing is captured. A
+    /// read-only backend gets a read-only disk (`UBLK_ATTR_READ_ONLY`: the block layer
+    /// refuses writes before they reach the server, which would refuse them with `EROFS`
+    /// too). The device is created without user recovery whatever `config` says: it lives
+    /// only as long as this server.
+    pub fn start_backend(config: UblkConfig, backend: Arc<dyn BlockBackend>) -> Result<Self> {
+        let config = UblkConfig { user_recovery: false, ..config };
+        config.validate()?;
+        let (len, read_only) = (backend.size(), backend.read_only());
+        Self::create(config, Engine::Backend(backend), "backend", len, read_only)
+    }
+
+    fn create(
+        config: UblkConfig,
+        engine: Engine,
+        name: &str,
+        device_len: u64,
+        read_only: bool,
+    ) -> Result<Self> {
         let block = 1u64 << config.logical_block_shift;
         if device_len == 0 || device_len % block != 0 {
             return Err(TapError::Config(format!(
-                "protected device {} holds {device_len} bytes, not a positive multiple of the {block}-byte block",
-                device.name()
+                "device {name} holds {device_len} bytes, not a positive multiple of the {block}-byte block"
             )));
         }
         let mut control = Control::open(&config.control_path)?;
@@ -240,12 +266,17 @@ impl UblkServer {
             dev_id,
             queues = info.nr_hw_queues,
             depth = info.queue_depth,
+            read_only,
             "ublk device added"
         );
         let mut server = Self::new(dev_id, info, control);
         let started = (|| {
-            server.lock_control().set_params(dev_id, params(&config, &info, device_len))?;
-            server.spawn_queues(&tap, &device)?;
+            let mut p = params(&config, &info, device_len);
+            if read_only {
+                p.basic.attrs |= sys::ATTR_READ_ONLY;
+            }
+            server.lock_control().set_params(dev_id, p)?;
+            server.spawn_queues(&engine, device_len)?;
             server.lock_control().start_dev(dev_id, std::process::id())
         })();
         if let Err(e) = started {
@@ -269,7 +300,10 @@ impl UblkServer {
         device: Arc<dyn BlockIo>,
     ) -> Result<Self> {
         config.validate()?;
-        backing_fd(&device)?;
+        let fd = backing_fd(&device)?;
+        let device_len =
+            device.len().map_err(|e| TapError::io("length query", device.name(), e))?;
+        let engine = Engine::Capture { tap, _device: device, fd };
         let mut control = Control::open(&config.control_path)?;
         let info = control.dev_info(dev_id)?;
         if info.flags & sys::F_USER_RECOVERY == 0 {
@@ -281,7 +315,7 @@ impl UblkServer {
         control.start_user_recovery(dev_id)?;
         let mut server = Self::new(dev_id, info, control);
         let recovered = (|| {
-            server.spawn_queues(&tap, &device)?;
+            server.spawn_queues(&engine, device_len)?;
             server.lock_control().end_user_recovery(dev_id, std::process::id())
         })();
         if let Err(e) = recovered {
@@ -317,10 +351,7 @@ impl UblkServer {
 
     /// Opens the char device and starts one thread per queue; returns once every queue has
     /// submitted a fetch for each of its tags.
-    fn spawn_queues(&mut self, tap: &Arc<Tap>, device: &Arc<dyn BlockIo>) -> Result<()> {
-        let fd = backing_fd(device)?;
-        let device_len =
-            device.len().map_err(|e| TapError::io("length query", device.name(), e))?;
+    fn spawn_queues(&mut self, engine: &Engine, device_len: u64) -> Result<()> {
         let char_path = self.char_path();
         let char_dev = Arc::new(open_node(&char_path)?);
         self.char_dev = Some(char_dev.clone());
@@ -330,9 +361,7 @@ impl UblkServer {
                 dev_id: self.dev_id,
                 q_id,
                 depth: self.info.queue_depth,
-                tap: tap.clone(),
-                _device: device.clone(),
-                fd,
+                engine: engine.clone(),
                 device_len,
                 counters: self.counters.clone(),
                 stop: self.stop.clone(),

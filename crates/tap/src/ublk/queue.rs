@@ -59,6 +59,7 @@ use super::os::{self, Completion, QueueRing, falloc};
 use super::sys;
 use crate::capture::{Captured, Mutation, PendingMutation, Tap};
 use crate::error::TapError;
+use crate::fuse::BlockBackend;
 
 /// How often an idle queue thread looks at the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -102,23 +103,55 @@ impl Counters {
     }
 }
 
+/// What serves a device's requests.
+#[derive(Debug, Clone)]
+pub(super) enum Engine {
+    /// The protected device behind a tap: every mutation captured, the I/O passed through to
+    /// the device's descriptor with io_uring ops on the queue's ring (the module
+    /// documentation).
+    Capture {
+        tap: Arc<Tap>,
+        /// The protected device, held so that `fd` stays open as long as the queue's ring.
+        _device: Arc<dyn BlockIo>,
+        /// Its descriptor, the target of the ring's backing ops.
+        fd: RawFd,
+    },
+    /// Any other [`BlockBackend`] (a virtual snapshot, for one): each request is served by a
+    /// synchronous backend call on the ring thread, then committed. Nothing is captured.
+    Backend(Arc<dyn BlockBackend>),
+}
+
 /// What a queue thread works with.
 #[derive(Debug, Clone)]
 pub(super) struct QueueContext {
     pub(super) dev_id: u32,
     pub(super) q_id: u16,
     pub(super) depth: u16,
-    pub(super) tap: Arc<Tap>,
-    /// The protected device, held so that `fd` stays open as long as the queue's ring.
-    pub(super) _device: Arc<dyn BlockIo>,
-    /// Its descriptor, the target of the ring's backing ops.
-    pub(super) fd: RawFd,
+    pub(super) engine: Engine,
     pub(super) device_len: u64,
     pub(super) counters: Arc<Counters>,
     pub(super) stop: Arc<AtomicBool>,
 }
 
 impl QueueContext {
+    /// The tap of a capture queue. Only the capture paths call it; a backend queue never
+    /// has a request on them (it serves each one inside [`Queue::start`]).
+    fn tap(&self) -> &Arc<Tap> {
+        match &self.engine {
+            Engine::Capture { tap, .. } => tap,
+            Engine::Backend(_) => unreachable!("a capture step on a backend queue"),
+        }
+    }
+
+    /// The protected device's descriptor (-1 for a backend queue, which issues no
+    /// backing op).
+    fn fd(&self) -> RawFd {
+        match &self.engine {
+            Engine::Capture { fd, .. } => *fd,
+            Engine::Backend(_) => -1,
+        }
+    }
+
     fn gauge(&self) -> &QueueGauge {
         &self.counters.queues[usize::from(self.q_id)]
     }
@@ -185,11 +218,16 @@ pub(super) fn run(
     };
     let (to_helper, helper_rx) = mpsc::channel::<Done>();
     let (helper_tx, from_helper) = mpsc::channel::<Done>();
-    let helper = {
-        let (tap, wake, dev, q) = (ctx.tap.clone(), wake.clone(), ctx.dev_id, ctx.q_id);
-        thread::Builder::new()
-            .name(format!("ublk{dev}q{q}s"))
-            .spawn(move || spool_helper(&tap, &helper_rx, &helper_tx, &wake, dev, q))
+    // A backend queue captures nothing, so it has nothing to wait for: no helper.
+    let helper = match &ctx.engine {
+        Engine::Capture { tap, .. } => {
+            let (tap, wake, dev, q) = (tap.clone(), wake.clone(), ctx.dev_id, ctx.q_id);
+            thread::Builder::new()
+                .name(format!("ublk{dev}q{q}s"))
+                .spawn(move || spool_helper(&tap, &helper_rx, &helper_tx, &wake, dev, q))
+                .map(Some)
+        }
+        Engine::Backend(_) => Ok(None),
     };
     let helper = match helper {
         Ok(handle) => handle,
@@ -211,7 +249,9 @@ pub(super) fn run(
     let served = queue.serve(&wake, &from_helper);
     // The helper ends once its channel is closed and its current wait is over.
     drop(queue);
-    join_helper(&ctx, helper);
+    if let Some(helper) = helper {
+        join_helper(&ctx, helper);
+    }
     served
 }
 
@@ -324,37 +364,52 @@ impl Queue<'_> {
         gauge.max_busy.fetch_max(busy, Ordering::AcqRel);
         let started = self.decode_and_begin(tag);
         match started {
-            Ok(()) => Ok(()),
+            Ok(None) => Ok(()),
+            Ok(Some(result)) => self.commit(tag, result),
             Err((errno, what)) => self.fail_request(tag, errno, &what),
         }
     }
 
-    fn decode_and_begin(&mut self, tag: u16) -> Outcome<()> {
+    /// Checks the request on `tag` and starts it; `Some(result)` when it was served at once
+    /// (a backend queue) and is to be committed with `result`.
+    fn decode_and_begin(&mut self, tag: u16) -> Outcome<Option<i32>> {
         let desc = self.ring.desc(tag);
         let offset = desc.start_sector << 9;
         let len = u64::from(desc.nr_sectors) << 9;
-        let (c, tap) = (&self.ctx.counters, &self.ctx.tap);
         let in_range = offset.checked_add(len).is_some_and(|end| end <= self.ctx.device_len);
         let ring_err = |e: io::Error| (libc::EIO, format!("submitting the backing op: {e}"));
         match desc.op() {
             sys::IO_OP_READ | sys::IO_OP_WRITE if len > self.ring.buffer_len() as u64 => {
-                Err((libc::EINVAL, format!("request of {len} bytes exceeds the tag buffer")))
+                return Err((
+                    libc::EINVAL,
+                    format!("request of {len} bytes exceeds the tag buffer"),
+                ));
             }
             // A FLUSH's sector fields mean nothing (the block layer leaves them unset).
-            op if !in_range && op != sys::IO_OP_FLUSH && op <= sys::IO_OP_WRITE_ZEROES => Err((
-                libc::EINVAL,
-                format!(
-                    "{len} bytes at byte {offset} reach past the device's {} bytes",
-                    self.ctx.device_len
-                ),
-            )),
+            op if !in_range && op != sys::IO_OP_FLUSH && op <= sys::IO_OP_WRITE_ZEROES => {
+                return Err((
+                    libc::EINVAL,
+                    format!(
+                        "{len} bytes at byte {offset} reach past the device's {} bytes",
+                        self.ctx.device_len
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        if let Engine::Backend(backend) = &self.ctx.engine {
+            let backend = backend.clone();
+            return self.serve_backend(&*backend, tag, desc.op(), offset, len).map(Some);
+        }
+        let (c, tap) = (&self.ctx.counters, self.ctx.tap());
+        match desc.op() {
             sys::IO_OP_READ => {
                 c.reads.fetch_add(1, Ordering::Relaxed);
                 c.bytes_read.fetch_add(len, Ordering::Relaxed);
                 let len = len as usize;
-                self.ring.read_backing(tag, self.ctx.fd, offset, 0, len).map_err(ring_err)?;
+                self.ring.read_backing(tag, self.ctx.fd(), offset, 0, len).map_err(ring_err)?;
                 self.slots[usize::from(tag)] = Slot::Read { offset, len, done: 0 };
-                Ok(())
+                Ok(None)
             }
             sys::IO_OP_WRITE => {
                 c.writes.fetch_add(1, Ordering::Relaxed);
@@ -366,14 +421,14 @@ impl Queue<'_> {
                 let pending =
                     tap.begin_mutation(Mutation::Write { fua }, offset, len).map_err(tap_errno)?;
                 self.park(tag, pending);
-                Ok(())
+                Ok(None)
             }
             sys::IO_OP_FLUSH => {
                 c.flushes.fetch_add(1, Ordering::Relaxed);
                 let captured = tap.begin_flush();
-                self.ring.fsync_backing(tag, self.ctx.fd).map_err(ring_err)?;
+                self.ring.fsync_backing(tag, self.ctx.fd()).map_err(ring_err)?;
                 self.slots[usize::from(tag)] = Slot::Flush { captured };
-                Ok(())
+                Ok(None)
             }
             op @ (sys::IO_OP_DISCARD | sys::IO_OP_WRITE_ZEROES) => {
                 let kind = if op == sys::IO_OP_DISCARD {
@@ -385,10 +440,56 @@ impl Queue<'_> {
                 };
                 let pending = tap.begin_mutation(kind, offset, len).map_err(tap_errno)?;
                 self.park(tag, pending);
-                Ok(())
+                Ok(None)
             }
             op => Err((libc::EOPNOTSUPP, format!("operation {op} not supported"))),
         }
+    }
+
+    /// Serves `op` on `tag` with a backend call, synchronously; returns the result to
+    /// commit (bytes read or written, 0 for the others).
+    fn serve_backend(
+        &mut self,
+        backend: &dyn BlockBackend,
+        tag: u16,
+        op: u8,
+        offset: u64,
+        len: u64,
+    ) -> Outcome<i32> {
+        let c = &self.ctx.counters;
+        let ulen = len as usize;
+        let done = match op {
+            sys::IO_OP_READ => {
+                c.reads.fetch_add(1, Ordering::Relaxed);
+                c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                backend.read(offset, self.ring.buffer(tag, ulen)).map(|()| len as i32)
+            }
+            sys::IO_OP_WRITE => {
+                c.writes.fetch_add(1, Ordering::Relaxed);
+                c.bytes_written.fetch_add(len, Ordering::Relaxed);
+                if self.ring.desc(tag).op_flags & sys::IO_F_FUA != 0 {
+                    c.fua_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                backend.write(offset, self.ring.buffer(tag, ulen)).map(|()| len as i32)
+            }
+            sys::IO_OP_FLUSH => {
+                c.flushes.fetch_add(1, Ordering::Relaxed);
+                backend.flush().map(|()| 0)
+            }
+            sys::IO_OP_DISCARD => {
+                c.discards.fetch_add(1, Ordering::Relaxed);
+                backend.discard(offset, len).map(|()| 0)
+            }
+            sys::IO_OP_WRITE_ZEROES => {
+                c.write_zeroes.fetch_add(1, Ordering::Relaxed);
+                backend.write_zeroes(offset, len).map(|()| 0)
+            }
+            op => return Err((libc::EOPNOTSUPP, format!("operation {op} not supported"))),
+        };
+        done.map_err(|e| {
+            let (errno, what) = tap_errno(e);
+            (errno, format!("backend op {op} of {len} bytes at byte {offset}: {what}"))
+        })
     }
 
     /// Holds a begun mutation until [`Queue::issue_parked`] issues it.
@@ -407,7 +508,7 @@ impl Queue<'_> {
                 self.parked.remove(i);
                 continue;
             };
-            if !self.ctx.tap.may_issue(pending) {
+            if !self.ctx.tap().may_issue(pending) {
                 i += 1;
                 continue;
             }
@@ -421,7 +522,7 @@ impl Queue<'_> {
 
     /// Submits (or resubmits, for the rest) the backing op of the mutation on `tag`.
     fn submit_mutation(&mut self, tag: u16) -> io::Result<()> {
-        let fd = self.ctx.fd;
+        let fd = self.ctx.fd();
         let Slot::Mutate { pending, issued, done, punch } = &mut self.slots[usize::from(tag)]
         else {
             return Err(io::Error::other("no mutation on the tag"));
@@ -456,7 +557,7 @@ impl Queue<'_> {
                     self.slots[usize::from(tag)] = Slot::Read { offset, len, done };
                     if let Err(e) = self.ring.read_backing(
                         tag,
-                        self.ctx.fd,
+                        self.ctx.fd(),
                         offset + done as u64,
                         done,
                         len - done,
@@ -487,7 +588,7 @@ impl Queue<'_> {
                     return self.abandon(tag, errno, &backing_failed(&what, res));
                 }
                 let finished = if zeroing {
-                    self.ctx.tap.finish_range(pending)
+                    self.ctx.tap().finish_range(pending)
                 } else {
                     let done = done + res as u64;
                     if done < len {
@@ -499,7 +600,7 @@ impl Queue<'_> {
                         };
                     }
                     let data = Bytes::copy_from_slice(self.ring.buffer(tag, len as usize));
-                    self.ctx.tap.finish_write(pending, data)
+                    self.ctx.tap().finish_write(pending, data)
                 };
                 // Its ticket is released: mutations parked behind it may go now.
                 self.issue_parked()?;
@@ -540,7 +641,7 @@ impl Queue<'_> {
 
     /// A request's tap step finished: commit now, or after the spool helper's wait.
     fn complete(&mut self, tag: u16, captured: Captured, result: i32) -> Result<(), TapError> {
-        if !self.ctx.tap.needs_durable(captured) {
+        if !self.ctx.tap().needs_durable(captured) {
             return self.commit(tag, result);
         }
         self.slots[usize::from(tag)] = Slot::Durable;
@@ -589,8 +690,27 @@ fn tap_errno(e: TapError) -> (i32, String) {
     }
     let errno = match &e {
         TapError::OutOfRange { .. } => libc::EINVAL,
+        TapError::ReadOnly { .. } => libc::EROFS,
         TapError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         _ => libc::EIO,
     };
     (errno, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_mutation_of_a_read_only_backend_completes_with_erofs() {
+        let err = TapError::ReadOnly {
+            object: "vsnap lab".into(),
+            op: "write of 4096 bytes at 0".into(),
+        };
+        let (errno, text) = tap_errno(err);
+        assert_eq!(errno, libc::EROFS);
+        assert!(text.contains("vsnap lab"), "{text}");
+        let (errno, _) = tap_errno(TapError::Config("x".into()));
+        assert_eq!(errno, libc::EIO);
+    }
 }

@@ -116,6 +116,8 @@ pub const IO_F_NOUNMAP: u32 = 1 << 15;
 
 // ---- parameters ----------------------------------------------------------------------------
 
+/// `UBLK_ATTR_READ_ONLY`: the disk is read-only (the block layer refuses writes).
+pub const ATTR_READ_ONLY: u32 = 1 << 0;
 /// `UBLK_ATTR_VOLATILE_CACHE`: the device has a write cache, so FLUSH requests are sent.
 pub const ATTR_VOLATILE_CACHE: u32 = 1 << 2;
 /// `UBLK_ATTR_FUA`: the device honours FUA, so writes may carry it.
