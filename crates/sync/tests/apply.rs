@@ -244,6 +244,7 @@ fn a_split_brain_is_refused_with_nothing_applied_until_the_source_is_chosen() {
     promoted.source_wins = true;
     let (mut conn, server) = connect(&target, &cs);
     let session = conn.open_session(&hello(), &promoted).unwrap();
+    conn.recv_dedupe_held().unwrap();
     assert!(matches!(session.verdict, Verdict::Resync { .. }), "{:?}", session.verdict);
     assert_eq!(LineageFile::load(&path).unwrap().unwrap().generations, promoted.generations);
     conn.close().unwrap();
