@@ -1475,24 +1475,36 @@ fn run_writer<S: Stream>(
                 if cancelled() {
                     break;
                 }
-                tx_half.send(&out.frame)?;
+                // Counted before the send: the target may acknowledge the frame before
+                // `send` returns here, and whoever sees the ack must see its bytes counted
+                // too. A send that fails takes them back (the frame goes again later).
                 let len = out.frame.len() as u64;
-                shared.update(|s| {
-                    s.wire_bytes += len;
+                let count = |s: &mut ShipperStatus, sign: i64| {
+                    let add = |v: &mut u64, d: u64| {
+                        *v = if sign > 0 { *v + d } else { v.saturating_sub(d) };
+                    };
+                    add(&mut s.wire_bytes, len);
                     match out.last_seq {
-                        Some(last_seq) => {
-                            s.raw_bytes += out.raw_bytes;
-                            s.blocks_deduped += out.deduped.blocks_deduped;
-                            s.dedupe_bytes_saved += out.deduped.bytes_saved;
-                            s.batches += 1;
-                            s.last_sent = last_seq;
+                        Some(_) => {
+                            add(&mut s.raw_bytes, out.raw_bytes);
+                            add(&mut s.blocks_deduped, out.deduped.blocks_deduped);
+                            add(&mut s.dedupe_bytes_saved, out.deduped.bytes_saved);
+                            add(&mut s.batches, 1);
                         }
                         None => {
-                            s.hash_requests += 1;
-                            s.hash_request_bytes += len;
+                            add(&mut s.hash_requests, 1);
+                            add(&mut s.hash_request_bytes, len);
                         }
                     }
-                });
+                };
+                shared.update(|s| count(s, 1));
+                if let Err(e) = tx_half.send(&out.frame) {
+                    shared.update(|s| count(s, -1));
+                    return Err(e.into());
+                }
+                if let Some(last_seq) = out.last_seq {
+                    shared.update(|s| s.last_sent = last_seq);
+                }
             }
             Err(RecvTimeoutError::Timeout) => {
                 if cancelled() {
