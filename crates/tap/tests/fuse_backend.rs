@@ -8,7 +8,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -157,5 +157,111 @@ fn a_read_only_backend_is_exposed_read_only() {
     assert!(w.is_err(), "a write to the read-only device succeeded");
     assert_eq!(backend.mutations.load(Ordering::SeqCst), 0);
     assert_eq!(*backend.data.lock().unwrap(), before);
+    frontend.shutdown().expect("teardown");
+}
+
+/// A large read-only volume whose every read is one copy from a 1 MiB block in memory:
+/// what the frontend alone costs, without any disk behind it.
+#[derive(Debug)]
+struct PatternBackend {
+    len: u64,
+    block: Vec<u8>,
+    requests: Mutex<Vec<u64>>,
+}
+
+impl BlockBackend for PatternBackend {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), TapError> {
+        self.requests.lock().unwrap().push(buf.len() as u64);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = ((offset + done as u64) % self.block.len() as u64) as usize;
+            let n = (self.block.len() - at).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&self.block[at..at + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write(&self, _: u64, _: &[u8]) -> Result<(), TapError> {
+        unreachable!("read-only")
+    }
+
+    fn flush(&self) -> Result<(), TapError> {
+        Ok(())
+    }
+
+    fn discard(&self, _: u64, _: u64) -> Result<(), TapError> {
+        unreachable!("read-only")
+    }
+
+    fn write_zeroes(&self, _: u64, _: u64) -> Result<(), TapError> {
+        unreachable!("read-only")
+    }
+}
+
+/// The frontend's read ceiling: sequential 1 MiB O_DIRECT reads of a read-only backend's
+/// loop device, one at a time, as the recover benchmark reads a vsnap; prints MB/s and the
+/// FUSE requests' sizes (`FUSE_THREADS=N` sets the serving threads, 4 by default). Run with
+/// `cargo test --release -p tidemark-tap --test fuse_backend -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: prints the frontend's sequential O_DIRECT read throughput"]
+fn throughput_sequential_direct_reads_of_a_read_only_backend() {
+    if !privileged("throughput_sequential_direct_reads_of_a_read_only_backend") {
+        return;
+    }
+    const LEN: u64 = 2 << 30;
+    const READ: usize = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let block = (0..READ).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let backend = Arc::new(PatternBackend { len: LEN, block, requests: Mutex::new(Vec::new()) });
+    let mut cfg = FuseLoopConfig::new(tmp.path().join("m"));
+    if let Some(t) = std::env::var("FUSE_THREADS").ok().and_then(|t| t.parse().ok()) {
+        cfg.threads = t;
+    }
+    let frontend = FuseLoopFrontend::start_backend(backend.clone(), cfg).expect("start");
+    let dev = frontend.device_path().expect("loop device").to_path_buf();
+    let name = dev.file_name().unwrap().to_str().unwrap().to_owned();
+    let sysfs = |f: &str| fs::read_to_string(format!("/sys/block/{name}/{f}")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .expect("open O_DIRECT");
+    let mut raw = vec![0u8; READ + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[off..off + READ];
+    let start = std::time::Instant::now();
+    let mut pos = 0;
+    while pos < LEN {
+        f.read_exact_at(buf, pos).unwrap();
+        pos += READ as u64;
+    }
+    let took = start.elapsed();
+    assert_eq!(buf[..4096], backend.block[..4096], "the last read's bytes differ");
+    let requests = backend.requests.lock().unwrap().clone();
+    let largest = requests.iter().max().copied().unwrap_or(0);
+    println!(
+        "{}: loop dio={} max_sectors_kb={} max_segments={}; {} MiB in {:.3} s: {:.0} MB/s; \
+         {} FUSE reads, mean {} KiB, largest {} KiB",
+        dev.display(),
+        sysfs("loop/dio").trim(),
+        sysfs("queue/max_sectors_kb").trim(),
+        sysfs("queue/max_segments").trim(),
+        LEN >> 20,
+        took.as_secs_f64(),
+        LEN as f64 / took.as_secs_f64() / 1e6,
+        requests.len(),
+        (LEN / requests.len().max(1) as u64) >> 10,
+        largest >> 10,
+    );
+    drop(f);
     frontend.shutdown().expect("teardown");
 }
