@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use tidemark_journal::format::{self, RECORD_HEADER_LEN, RecordKind};
 use tidemark_journal::{
-    BlockIo, Clock, CrashMode, Dir, Event, FsDir, JournalDamage, ManualClock, MemDir, MemVolume,
-    Nanos, PointKind, RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy, Seq, VolumeId,
+    BlockIo, CrashMode, Dir, Event, FsDir, JournalDamage, ManualClock, MemDir, MemVolume, Nanos,
+    PointKind, RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy, Seq, VolumeId,
 };
+
+mod common;
+use common::Feed;
 
 const VOL: u64 = 256 << 10;
 const BLOCKS: u64 = VOL / 4096;
@@ -30,39 +33,7 @@ fn open_in(dir: Arc<dyn Dir>, base: &Arc<MemVolume>, clock: &Arc<ManualClock>) -
         .0
 }
 
-/// A log fed with writes and barriers, and the byte model of every state.
-struct Feed {
-    log: RetentionLog,
-    clock: Arc<ManualClock>,
-    seq: u64,
-    cur: Vec<u8>,
-    states: Vec<Vec<u8>>,
-}
-
 impl Feed {
-    fn new(log: RetentionLog, clock: Arc<ManualClock>) -> Self {
-        Self { log, clock, seq: 0, cur: vec![0; VOL as usize], states: vec![vec![0; VOL as usize]] }
-    }
-
-    fn push(&mut self, e: Event) -> Seq {
-        self.seq += 1;
-        self.clock.advance(Duration::from_secs(1));
-        self.log.append(Seq(self.seq), self.clock.now(), &e).expect("append");
-        if let Event::Write { offset, data, .. } = &e {
-            self.cur[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-        }
-        self.states.push(self.cur.clone());
-        Seq(self.seq)
-    }
-
-    fn write(&mut self, block: u64, fill: u8) -> Seq {
-        self.push(Event::Write {
-            volume: VolumeId(0),
-            offset: block * 4096,
-            data: vec![fill; 4096].into(),
-        })
-    }
-
     /// Writes 8 KiB records and barriers until the log has at least `segments` segments.
     fn fill(&mut self, segments: usize) {
         let mut i = 0u64;

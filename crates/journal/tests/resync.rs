@@ -12,6 +12,9 @@ use tidemark_journal::{
     RetentionPolicy, Seq, Spool, SpoolConfig, VolumeId,
 };
 
+mod common;
+use common::Feed;
+
 const VOL: u64 = 256 << 10;
 
 fn clock() -> Arc<ManualClock> {
@@ -35,39 +38,7 @@ fn open(
     .0
 }
 
-/// A stream being fed to a log and to a byte model at once.
-struct Feed {
-    log: RetentionLog,
-    clock: Arc<ManualClock>,
-    seq: u64,
-    cur: Vec<u8>,
-    states: Vec<Vec<u8>>,
-}
-
 impl Feed {
-    fn new(log: RetentionLog, clock: Arc<ManualClock>) -> Self {
-        Self { log, clock, seq: 0, cur: vec![0; VOL as usize], states: vec![vec![0; VOL as usize]] }
-    }
-
-    fn push(&mut self, e: Event) -> Seq {
-        self.seq += 1;
-        self.clock.advance(Duration::from_secs(1));
-        self.log.append(Seq(self.seq), self.clock.now(), &e).expect("append");
-        if let Event::Write { offset, data, .. } = &e {
-            self.cur[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-        }
-        self.states.push(self.cur.clone());
-        Seq(self.seq)
-    }
-
-    fn write(&mut self, block: u64, fill: u8) -> Seq {
-        self.push(Event::Write {
-            volume: VolumeId(0),
-            offset: block * 4096,
-            data: vec![fill; 4096].into(),
-        })
-    }
-
     fn bookmark(&mut self, name: &str) -> Seq {
         self.push(Event::Bookmark(Bookmark::new(name, BookmarkKind::User, 0).expect("name")))
     }
