@@ -9,13 +9,11 @@
 //! of UTC). Outside every window the base rate applies. Example:
 //! `08:00-18:00=10,18:00-08:00=unlimited@+01:00`.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tidemark_sync::shape::{BucketStatus, Rate, Schedule, TimeOfDay, TokenBucket, Window};
 
-use crate::verify::connect;
+use crate::verify::ProtectSocket;
 
 /// Bytes in a MiB.
 const MIB: f64 = (1u64 << 20) as f64;
@@ -142,12 +140,8 @@ pub fn apply(
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The state directory of the running `tidemark protect`.
-    #[arg(long)]
-    state: PathBuf,
-    /// Its control socket (default: STATE/control.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
+    #[command(flatten)]
+    protect: ProtectSocket,
     /// The new base rate: MiB per second, `0` to pause, or `unlimited`.
     #[arg(long, value_parser = parse_rate_arg)]
     rate_mib: Option<String>,
@@ -174,7 +168,7 @@ fn parse_schedule_arg(s: &str) -> Result<String, String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut client = connect(&args.state, args.control.as_ref())?;
+    let mut client = args.protect.connect()?;
     let mut req = json!({"op": "limits"});
     if let Some(r) = &args.rate_mib {
         req["rate_mib"] = json!(r);

@@ -20,14 +20,28 @@ pub const EXIT_DIFFER: i32 = 1;
 /// The exit code when the verify did not run.
 pub const EXIT_ERROR: i32 = 2;
 
+/// Which running `tidemark protect` a command talks to (`verify`, `limits`).
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct ProtectSocket {
     /// The state directory of the running `tidemark protect`.
     #[arg(long)]
     state: PathBuf,
     /// Its control socket (default: STATE/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
+}
+
+impl ProtectSocket {
+    /// Connects to it ([`connect`]).
+    pub fn connect(&self) -> anyhow::Result<control::Client> {
+        connect(&self.state, self.control.as_ref())
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    protect: ProtectSocket,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -81,7 +95,7 @@ pub fn parse_range(s: &str) -> anyhow::Result<(u64, u64)> {
 
 fn verify(args: &Args) -> anyhow::Result<Value> {
     let range = args.range.as_deref().map(parse_range).transpose()?;
-    let mut client = connect(&args.state, args.control.as_ref())?;
+    let mut client = args.protect.connect()?;
     let mut req = json!({"op": "verify", "timeout_s": args.timeout});
     if let Some((start, end)) = range {
         req["range"] = json!([start, end]);
