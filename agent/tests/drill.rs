@@ -28,16 +28,6 @@ use common::*;
 const PAIR: &str = "d0111234567890abcdef0123456789ab";
 const VOLUME: u64 = 128 << 20;
 
-fn wait_caught_up(state: &Path) {
-    let after = now_ms();
-    wait_status(state, "everything acknowledged in diff sync", |v| {
-        v["updated_ms"].as_u64().is_some_and(|t| t > after)
-            && v["stage"] == "diff sync"
-            && v["shipper"]["backlog_bytes"] == 0
-            && u(v, "/shipper/acked") >= u(v, "/tap/last_seq")
-    });
-}
-
 /// One request on the receiver's control socket.
 fn control(socket: &Path, req: Value) -> Value {
     let mut s = UnixStream::connect(socket).expect("connect to the control socket");
