@@ -1485,7 +1485,11 @@ fn run_writer<S: Stream>(
                     };
                     add(&mut s.wire_bytes, len);
                     match out.last_seq {
-                        Some(_) => {
+                        Some(last_seq) => {
+                            if sign > 0 {
+                                // Reset to the resume point at the next connection.
+                                s.last_sent = last_seq;
+                            }
                             add(&mut s.raw_bytes, out.raw_bytes);
                             add(&mut s.blocks_deduped, out.deduped.blocks_deduped);
                             add(&mut s.dedupe_bytes_saved, out.deduped.bytes_saved);
@@ -1501,9 +1505,6 @@ fn run_writer<S: Stream>(
                 if let Err(e) = tx_half.send(&out.frame) {
                     shared.update(|s| count(s, -1));
                     return Err(e.into());
-                }
-                if let Some(last_seq) = out.last_seq {
-                    shared.update(|s| s.last_sent = last_seq);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
