@@ -18,7 +18,6 @@ use tidemark_journal::{
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig};
 use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
-use tidemark_sync::pipe::duplex;
 use tidemark_sync::ship::{Shipper, ShipperHandle};
 use tidemark_sync::syncer::{Syncer, SyncerConfig};
 use tidemark_sync::wire::{Hello, Role, SUPPORTED_VERSIONS, VolumeInfo};
@@ -77,16 +76,8 @@ impl Rig {
             volumes: vec![VolumeInfo { id: VolumeId(0), block_size: BLOCK as u32, size: SIZE }],
         };
         let r = receiver.clone();
-        let shipper = Shipper::new(tap.shared_spool(), scfg)
-            .start(move || {
-                let (a, b) = duplex(1 << 20);
-                let r = r.clone();
-                std::thread::spawn(move || {
-                    let _ = r.serve(b);
-                });
-                Ok(a)
-            })
-            .unwrap();
+        let shipper =
+            Shipper::new(tap.shared_spool(), scfg).start(move || common::pipe_to(&r)).unwrap();
         Rig { _tmp: tmp, journal, tap, device, receiver, shipper: Some(shipper) }
     }
 

@@ -23,7 +23,6 @@ use tidemark_journal::{
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig};
 use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
-use tidemark_sync::pipe::duplex;
 use tidemark_sync::resync::FileSource;
 use tidemark_sync::ship::{Shipper, ShipperConfig, ShipperHandle};
 use tidemark_sync::syncer::{Syncer, SyncerConfig, TapSource};
@@ -114,12 +113,7 @@ impl Rig {
                         "link down (test)",
                     ));
                 }
-                let (a, b) = duplex(1 << 20);
-                let r = r.clone();
-                std::thread::spawn(move || {
-                    let _ = r.serve(b);
-                });
-                Ok(a)
+                common::pipe_to(&r)
             })
             .unwrap();
         Rig { tap, device, receiver, shipper: Some(shipper), size, link_up }

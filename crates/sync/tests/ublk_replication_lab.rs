@@ -57,7 +57,6 @@ use tidemark_journal::{
 };
 use tidemark_sync::apply::{Receiver, ReceiverConfig};
 use tidemark_sync::pair::{PairStage, SourcePair, SourcePairConfig};
-use tidemark_sync::pipe::duplex;
 use tidemark_sync::secure::{AllowedPeers, Keypair, SecureConfig};
 use tidemark_sync::ship::error_chain as chain;
 use tidemark_sync::ship::{Backoff, Shipper, ShipperConfig, ShipperHandle};
@@ -175,14 +174,7 @@ impl Rig {
         };
         let served = receiver.clone();
         let shipper = Shipper::new(tap.shared_spool(), scfg)
-            .start(move || {
-                let (a, b) = duplex(1 << 20);
-                let r = served.clone();
-                thread::spawn(move || {
-                    let _ = r.serve(b);
-                });
-                Ok::<_, std::io::Error>(a)
-            })
+            .start(move || common::pipe_to(&served))
             .map_err(|err| chain(&err))?;
 
         let mut rig =

@@ -66,6 +66,17 @@ pub fn lineage() -> tidemark_sync::wire::LineageInfo {
     }
 }
 
+/// A connection for `Shipper::start`: an in-memory duplex whose far end `receiver` serves
+/// on a thread of its own.
+pub fn pipe_to(receiver: &Receiver) -> io::Result<PipeEnd> {
+    let (a, b) = duplex(1 << 20);
+    let r = receiver.clone();
+    thread::spawn(move || {
+        let _ = r.serve(b);
+    });
+    Ok(a)
+}
+
 /// A shipper configuration for tests: small batches and window (so a workload spans many
 /// of them), tiny reconnect delays.
 pub fn ship_config(secure: SecureConfig) -> ShipperConfig {
