@@ -1168,32 +1168,6 @@ impl RetentionLog {
         }
     }
 
-    /// The read-ahead for a read of `len` bytes at `offset` of `volume` as of the held point
-    /// `hold` that will come soon: the base range and the journal records of the blocks
-    /// changed in it. Cheap (index lookups); the caller issues it ([`ReadAhead::issue`]) after
-    /// letting go of the log's lock, since asking the kernel to read ahead can wait for the
-    /// device's queue.
-    pub fn read_ahead_at(
-        &self,
-        hold: &PointHold,
-        volume: VolumeId,
-        offset: u64,
-        len: u64,
-    ) -> ReadAhead {
-        let Some(base) = self.volumes.get(usize::from(volume.0)) else {
-            return ReadAhead::default();
-        };
-        if len == 0 || self.check_range(volume, offset, len).is_err() {
-            return ReadAhead::default();
-        }
-        let keys = self.index.keys_in_range(
-            BlockKey::new(volume, offset / self.bs),
-            BlockKey::new(volume, (offset + len - 1) / self.bs),
-            hold.point.seq,
-        );
-        self.hint_chunk(base, &keys, &mut 0, hold.point.seq, offset, len)
-    }
-
     /// Reads `buf.len()` bytes at `offset` of `volume` as they were right after event `seq`
     /// was applied, whether or not that is a recovery point (inside a resync window it is a
     /// state the source never had). For reading back the data of a retained write (the
@@ -1486,7 +1460,7 @@ impl RetentionLog {
         })
     }
 
-    /// The read-ahead of [`Self::materialize`] and [`Self::read_ahead_at`] over `[pos, pos + len)`: the base range, and for the
+    /// The read-ahead of [`Self::materialize`] over `[pos, pos + len)`: the base range, and for the
     /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
     /// of one record hinted once, with its length estimated from the blocks it covers).
     fn hint_chunk(
@@ -2009,8 +1983,8 @@ impl RecordCache {
     }
 }
 
-/// Ranges of files to read ahead (`POSIX_FADV_WILLNEED`), from
-/// [`RetentionLog::read_ahead_at`]: a hint, issued without the log.
+/// Ranges of files to read ahead (`POSIX_FADV_WILLNEED`), for [`RetentionLog::materialize`]:
+/// a hint, issued without the log.
 #[derive(Debug, Default)]
 pub struct ReadAhead {
     ranges: Vec<(Arc<dyn BlockIo>, u64, u64)>,

@@ -20,7 +20,7 @@
 //!
 //! Invariants:
 //! - A vsnap never writes to the retention log, its base image (the replica) or the journal:
-//!   its only access to the log is `plan_read`, `read_ahead_at` and `hold`.
+//!   its only access to the log is `plan_read` and `hold`.
 //! - While a vsnap lives, its point reads back the same bytes whatever retention does: it
 //!   holds the point ([`RetentionLog::hold`]), so no retention pass folds or thins history it
 //!   needs; the hold is released when the vsnap is dropped.
@@ -33,15 +33,15 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tidemark_journal::{
-    JournalError, PointHold, PointInfo, ReadAhead, RecoveryPoint, RetentionLog, VolumeId,
-};
+use tidemark_journal::{JournalError, PointHold, PointInfo, RecoveryPoint, RetentionLog, VolumeId};
 use tidemark_tap::{BlockBackend, TapError};
 
 use crate::apply::Receiver;
+
+pub mod prefetch;
+use prefetch::Prefetch;
 
 /// Granularity of a read-write vsnap's overlay, in bytes.
 pub const OVERLAY_BLOCK: u64 = 4096;
@@ -222,19 +222,16 @@ pub struct Vsnap {
     writes: AtomicU64,
     /// Where the last read ended, to notice a sequential reader.
     read_end: AtomicU64,
-    /// How far the base has been hinted ahead of a sequential reader.
-    hinted_to: AtomicU64,
-    /// To the read-ahead thread, which issues the hints so that no request waits for the
-    /// device queue they may fill (`None` if the thread could not be started).
-    ahead: Option<SyncSender<ReadAhead>>,
+    /// The point read ahead of a sequential reader by worker threads (`None` if none could
+    /// be started: every read is then direct).
+    prefetch: Option<Prefetch>,
 }
 
-/// How far ahead of a sequential reader the base image and the journal records of the
-/// blocks changed there are hinted ([`RetentionLog::read_ahead_at`], `POSIX_FADV_WILLNEED`,
-/// issued on a thread of the vsnap's own):
-/// without it a cold sequential read waits for the disk once per request (and once more per
-/// journal record, a random read) instead of overlapping with the copy-out.
-pub const READ_AHEAD: u64 = 16 << 20;
+/// How far ahead of a sequential reader its point is read into memory ([`prefetch`]):
+/// without it a cold sequential read at queue depth 1 waits for the disk once per request
+/// (and once more per journal record, a random read) instead of overlapping with the
+/// copy-out.
+pub const READ_AHEAD: u64 = prefetch::WINDOW;
 
 impl fmt::Debug for Vsnap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -271,6 +268,7 @@ impl Vsnap {
             VsnapMode::ReadWrite(store) => Some(Mutex::new(Overlay::create(store)?)),
         };
         let name = name.into();
+        let prefetch = Prefetch::start(&name, prefetch::Shape::default());
         tracing::info!(
             vsnap = %name,
             seq = %hold.point().seq,
@@ -287,24 +285,8 @@ impl Vsnap {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             read_end: AtomicU64::new(u64::MAX),
-            hinted_to: AtomicU64::new(0),
-            ahead: read_ahead_thread(),
+            prefetch,
         })
-    }
-
-    /// Hands `ahead` to the read-ahead thread, or issues it here when the thread is missing
-    /// or busy (so that no hinted range is skipped).
-    fn read_ahead(&self, ahead: ReadAhead) {
-        match &self.ahead {
-            Some(tx) => {
-                if let Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) =
-                    tx.try_send(ahead)
-                {
-                    a.issue();
-                }
-            }
-            None => ahead.issue(),
-        }
     }
 
     /// The point served.
@@ -327,6 +309,19 @@ impl Vsnap {
         self.overlay.as_ref().map_or(0, |o| lock(o).blocks())
     }
 
+    /// Read requests served from memory read ahead ([`READ_AHEAD`]) so far.
+    pub fn read_ahead_served(&self) -> u64 {
+        self.prefetch.as_ref().map_or(0, Prefetch::served)
+    }
+
+    /// The same vsnap with its read-ahead reshaped (smaller chunks, to test it on small
+    /// volumes).
+    #[cfg(test)]
+    fn with_read_ahead(mut self, shape: prefetch::Shape) -> Vsnap {
+        self.prefetch = Prefetch::start(&self.name, shape);
+        self
+    }
+
     /// Read and mutation requests served so far.
     pub fn requests(&self) -> (u64, u64) {
         (self.reads.load(Ordering::Relaxed), self.writes.load(Ordering::Relaxed))
@@ -335,28 +330,37 @@ impl Vsnap {
     fn read_point(&self, offset: u64, buf: &mut [u8]) -> Result<(), VsnapError> {
         let point = self.hold.point();
         let end = offset + buf.len() as u64;
-        // A read that starts where the previous one ended (or inside what was hinted) is
-        // sequential: keep the base hinted READ_AHEAD beyond it, renewing at half-way.
+        // A read that starts where the previous one ended, or inside the window read ahead,
+        // continues a sequential run: keep the window ahead of it read.
         let previous = self.read_end.swap(end, Ordering::Relaxed);
-        let hinted = self.hinted_to.load(Ordering::Relaxed);
-        let sequential = previous == offset || (offset < hinted && end > previous.min(hinted));
-        let hint = (sequential && end + READ_AHEAD / 2 > hinted && end < self.len).then(|| {
-            let from = hinted.max(end);
-            let to = (end + READ_AHEAD).min(self.len);
-            self.hinted_to.store(to, Ordering::Relaxed);
-            (from, to - from.min(to))
-        });
+        if let Some(ahead) = &self.prefetch {
+            if previous == offset || ahead.holds(offset) {
+                let wanted = ahead.wanted(offset, end, self.len);
+                if !wanted.is_empty() {
+                    // Index lookups only under the log's lock; the workers read.
+                    let plans = with_log(&*self.log, |l| {
+                        wanted
+                            .iter()
+                            .map(|&(c, at, len)| (c, l.plan_read(&self.hold, self.volume, at, len)))
+                            .collect::<Vec<_>>()
+                    });
+                    for (c, plan) in plans {
+                        match plan {
+                            Ok(plan) => ahead.submit(c, plan),
+                            Err(_) => ahead.fail(c),
+                        }
+                    }
+                }
+            }
+            if ahead.serve(offset, buf) {
+                return Ok(());
+            }
+        }
         // Only the index lookups run under the log's lock; the disk reads run after it is
         // let go, so concurrent requests and the receiver's appends do not wait for them.
-        let (plan, ahead) = with_log(&*self.log, |l| {
-            let ahead = hint
-                .filter(|&(_, len)| len > 0)
-                .map(|(from, len)| l.read_ahead_at(&self.hold, self.volume, from, len));
-            (l.plan_read(&self.hold, self.volume, offset, buf.len() as u64), ahead)
+        let plan = with_log(&*self.log, |l| {
+            l.plan_read(&self.hold, self.volume, offset, buf.len() as u64)
         });
-        if let Some(ahead) = ahead {
-            self.read_ahead(ahead);
-        }
         plan.and_then(|plan| plan.read(buf)).map_err(|source| VsnapError::Journal {
             what: format!(
                 "read {} bytes at {offset} of volume {} as of seq {}",
@@ -452,23 +456,6 @@ impl Drop for Vsnap {
     }
 }
 
-/// Starts a vsnap's read-ahead thread; it ends when the vsnap (the sender) is dropped.
-fn read_ahead_thread() -> Option<SyncSender<ReadAhead>> {
-    let (tx, rx) = sync_channel::<ReadAhead>(4);
-    let started = std::thread::Builder::new().name("vsnap-ahead".into()).spawn(move || {
-        for ahead in rx {
-            ahead.issue();
-        }
-    });
-    match started {
-        Ok(_) => Some(tx),
-        Err(e) => {
-            tracing::warn!(error = %e, "no vsnap read-ahead thread: hints are issued inline");
-            None
-        }
-    }
-}
-
 fn lock(m: &Mutex<Overlay>) -> MutexGuard<'_, Overlay> {
     // Every overlay update is complete (block written, then marked present) before a call
     // that can panic.
@@ -519,6 +506,10 @@ mod tests {
     use super::*;
 
     const VOL: u64 = 64 << 10;
+
+    /// A read-ahead window of a few chunks of two blocks, so that the small test volumes
+    /// go through it.
+    const SMALL_AHEAD: prefetch::Shape = prefetch::Shape { chunk: 8192, window: 4 * 8192 };
 
     /// A log with three rounds of writes, a bookmark after the second; returns the log and
     /// the model state at the bookmark.
@@ -610,7 +601,9 @@ mod tests {
         };
         let mode = VsnapMode::ReadWrite(store.clone());
         let point = RecoveryPoint::Bookmark("drill".into());
-        let v = Vsnap::open(log.clone(), &point, VolumeId(0), mode, "rw").expect("open");
+        let v = Vsnap::open(log.clone(), &point, VolumeId(0), mode, "rw")
+            .expect("open")
+            .with_read_ahead(SMALL_AHEAD);
         assert!(!v.read_only());
         let mut model = at_bookmark.clone();
         // A partial block, a whole block, a span over three blocks, zeros, a discard.
@@ -680,7 +673,8 @@ mod tests {
         let point = RecoveryPoint::Bookmark("drill".into());
         let v = Arc::new(
             Vsnap::open(log.clone(), &point, VolumeId(0), VsnapMode::ReadOnly, "conc")
-                .expect("open"),
+                .expect("open")
+                .with_read_ahead(SMALL_AHEAD),
         );
         let stop = Arc::new(AtomicBool::new(false));
         let (appended, advanced) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -747,6 +741,32 @@ mod tests {
         });
         assert!(advanced.load(Ordering::SeqCst) > 0, "the base never moved under the readers");
         assert_eq!(with_log(&*log, |l| l.held()), vec![v.point().seq]);
+    }
+
+    #[test]
+    fn a_sequential_reader_is_served_from_the_read_ahead_which_follows_it_back() {
+        let (log, _, at_bookmark) = log_with_bookmark();
+        let point = RecoveryPoint::Bookmark("drill".into());
+        let v = Vsnap::open(log.clone(), &point, VolumeId(0), VsnapMode::ReadOnly, "ahead")
+            .expect("open")
+            .with_read_ahead(SMALL_AHEAD);
+        assert_eq!(read_all(&v), at_bookmark);
+        let first = v.read_ahead_served();
+        // 12345-byte pieces over 64 KiB: the first read (not yet sequential) and the one
+        // after it are direct, and so is a read the window cannot cover to its end; most of
+        // the others are not.
+        assert!(first >= 2, "only {first} of the sequential reads came from the read-ahead");
+        // Back to the start: the window left behind is let go of and forms again there.
+        assert_eq!(read_all(&v), at_bookmark);
+        assert!(v.read_ahead_served() >= 2 * first, "{} after {first}", v.read_ahead_served());
+        // Backwards, block-sized: nothing sequential, every read direct and exact.
+        for b in (0..VOL / 4096).rev() {
+            let mut got = vec![0u8; 4096];
+            v.read(b * 4096, &mut got).expect("read");
+            assert!(got[..] == at_bookmark[(b * 4096) as usize..][..4096], "block {b}");
+        }
+        drop(v);
+        assert!(with_log(&*log, |l| l.held()).is_empty(), "the read-ahead kept the point held");
     }
 
     #[test]
