@@ -48,12 +48,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         b.finish_and_clear();
     }
     println!(
-        "materialized seq {} to {}: {} bytes, {} blocks from the journal, blake3 {}",
+        "materialized seq {} to {}: {} bytes, {} blocks from the journal, blake3 {} ({})",
         point.seq,
         args.out.display(),
         report.bytes,
         report.journal_blocks,
-        blake3::Hash::from(report.hash).to_hex()
+        blake3::Hash::from(report.hash).to_hex(),
+        if report.direct_io { "direct I/O" } else { "through the page cache" }
     );
     Ok(())
 }

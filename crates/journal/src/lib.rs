@@ -26,8 +26,8 @@ pub use crypto::JournalKey;
 pub use error::{JournalError, Result};
 pub use io::{BlockIo, CrashMode, Dir, FileIo, FsDir, MemDir, MemVolume};
 pub use retention::{
-    JournalDamage, Keep, MaterializeReport, PointHold, PointInfo, PointKind, ReadAhead, ReadPlan,
-    RecoveryPoint, ResyncWindowInfo, RetentionConfig, RetentionLog, RetentionPolicy,
+    CopyMode, JournalDamage, Keep, MaterializeReport, PointHold, PointInfo, PointKind, ReadAhead,
+    ReadPlan, RecoveryPoint, ResyncWindowInfo, RetentionConfig, RetentionLog, RetentionPolicy,
     RetentionReport, RetentionStatus, Tier,
 };
 pub use spool::{Spool, SpoolConfig, SpooledEvent};

@@ -54,6 +54,7 @@ use crate::log::{Loc, LogOptions, OpenReport, RecordSource, RecordSpec, SegmentL
 use crate::types::{Bookmark, BookmarkKind, Event, Nanos, Seq, VolumeId};
 
 mod damage;
+mod direct;
 pub use damage::JournalDamage;
 
 /// A point in the history to read, expose or recover.
@@ -452,6 +453,22 @@ pub struct MaterializeReport {
     pub journal_blocks: u64,
     /// BLAKE3 of the whole image written.
     pub hash: [u8; 32],
+    /// The base was read and the image written with direct I/O ([`CopyMode::Auto`] on a
+    /// pair that takes it), not through the page cache.
+    pub direct_io: bool,
+}
+
+/// How [`RetentionLog::materialize_with`] moves the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// Direct I/O (`O_DIRECT`: no page cache, no CPU copy of the base's bytes) where both
+    /// the base and the output take it, else [`CopyMode::PageCache`].
+    #[default]
+    Auto,
+    /// Through the page cache: the unchanged ranges copied inside the kernel
+    /// (`copy_file_range`) where the pair allows it, else through a buffer; the image read
+    /// back to be hashed.
+    PageCache,
 }
 
 /// The held sequence numbers of a log, each with its number of holds.
@@ -1295,6 +1312,18 @@ impl RetentionLog {
         out: &dyn BlockIo,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<MaterializeReport> {
+        self.materialize_with(at, volume, out, CopyMode::Auto, progress)
+    }
+
+    /// [`RetentionLog::materialize`] with the way the bytes move chosen.
+    pub fn materialize_with(
+        &self,
+        at: &PointInfo,
+        volume: VolumeId,
+        out: &dyn BlockIo,
+        mode: CopyMode,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<MaterializeReport> {
         let vlen = self.volume_len_at(volume, at.seq)?;
         if let Some(d) = self.damage_under(at.seq, volume, 0, vlen) {
             return Err(JournalError::UnknownPoint {
@@ -1312,8 +1341,13 @@ impl RetentionLog {
             .into_iter()
             .filter(|k| k.volume() == volume)
             .collect();
+        if mode == CopyMode::Auto {
+            if let Some(r) = self.materialize_direct(at, volume, out, &keys, vlen, progress)? {
+                return Ok(r);
+            }
+        }
         let base = &self.volumes[usize::from(volume.0)];
-        // The copy goes chunk by chunk. In each, the ranges the journal did not change at or
+        // Where direct I/O cannot be had, the copy goes chunk by chunk. In each, the ranges the journal did not change at or
         // below `at` are copied from the base inside the kernel (`copy_range`, as `cp` does;
         // through a buffer where the pair cannot), and each run of changed blocks is built in
         // memory (base where needed, then the journal's records) and written. A second
@@ -1386,13 +1420,14 @@ impl RetentionLog {
                 // parallel while this one is patched and written, instead of one synchronous
                 // read at a time.
                 let mut hinted_ki = 0usize;
-                self.hint_chunk(base, &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen)).issue();
+                self.hint_chunk(Some(base), &keys, &mut hinted_ki, at.seq, 0, CHUNK.min(vlen))
+                    .issue();
                 let mut run = Vec::new();
                 while pos < vlen {
                     let target = (pos + CHUNK).min(vlen);
                     if target < vlen {
                         self.hint_chunk(
-                            base,
+                            Some(base),
                             &keys,
                             &mut hinted_ki,
                             at.seq,
@@ -1456,23 +1491,25 @@ impl RetentionLog {
             // On an error the sender is dropped with the closure, so the hasher ends too.
             let hash = hasher.join().expect("the hasher does not panic");
             let journal_blocks = copied?;
-            Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: hash? })
+            Ok(MaterializeReport { bytes: vlen, journal_blocks, hash: hash?, direct_io: false })
         })
     }
 
-    /// The read-ahead of [`Self::materialize`] over `[pos, pos + len)`: the base range, and for the
+    /// The read-ahead of [`Self::materialize`] over `[pos, pos + len)`: the base range (when
+    /// `base` is given), and for the
     /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
     /// of one record hinted once, with its length estimated from the blocks it covers).
     fn hint_chunk(
         &self,
-        base: &Arc<dyn BlockIo>,
+        base: Option<&Arc<dyn BlockIo>>,
         keys: &[BlockKey],
         ki: &mut usize,
         at: Seq,
         pos: u64,
         len: u64,
     ) -> ReadAhead {
-        let mut ahead = ReadAhead { ranges: vec![(base.clone(), pos, len)] };
+        let mut ahead =
+            ReadAhead { ranges: base.map(|b| (b.clone(), pos, len)).into_iter().collect() };
         let mut record = |l: Loc, blocks: u64| {
             if let Some(file) = self.log.segment_file(l.slot) {
                 let len = format::RECORD_HEADER_LEN as u64 + (blocks + 1) * self.bs;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use tidemark_journal::{
-    BlockIo, Bookmark, BookmarkKind, Clock, Event, FileIo, FsDir, ManualClock, MemVolume, Nanos,
-    RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy, Seq, VolumeId,
+    BlockIo, Bookmark, BookmarkKind, Clock, CopyMode, Event, FileIo, FsDir, ManualClock, MemVolume,
+    Nanos, RecoveryPoint, RetentionConfig, RetentionLog, RetentionPolicy, Seq, VolumeId,
 };
 
 /// Over one materialize chunk (8 MiB), with a tail that is not a whole block.
@@ -167,7 +167,14 @@ fn a_plan_reads_the_held_point_after_appends_base_moves_and_segment_removal() {
     assert!(plans[1].read(&mut short).is_err(), "a buffer of the wrong length");
 }
 
-fn materialize_matches(base: Arc<dyn BlockIo>, initial: Vec<u8>, out: &dyn BlockIo) {
+/// Materializes a point 150 mutations in (40 more after it) with `mode` and checks the
+/// image, its hash and the progress reports; returns whether it went with direct I/O.
+fn materialize_matches(
+    base: Arc<dyn BlockIo>,
+    initial: Vec<u8>,
+    out: &dyn BlockIo,
+    mode: CopyMode,
+) -> bool {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut f = Feed::open(dir.path(), base, initial, 3600 * 24);
     f.mutate(150);
@@ -178,39 +185,90 @@ fn materialize_matches(base: Arc<dyn BlockIo>, initial: Vec<u8>, out: &dyn Block
     let mut seen = Vec::new();
     let report = f
         .log
-        .materialize(&p, VolumeId(0), out, &mut |done, total| seen.push((done, total)))
+        .materialize_with(&p, VolumeId(0), out, mode, &mut |done, total| seen.push((done, total)))
         .expect("materialize");
     let mut got = vec![0u8; VOL as usize];
     out.read_at(&mut got, 0).expect("read back");
     assert_eq!(out.len().expect("len"), VOL);
-    assert!(got == want, "the materialized image differs from the point");
+    assert!(got == want, "the materialized image differs from the point ({report:?})");
     assert_eq!(report.hash, *blake3::hash(&want).as_bytes());
     assert_eq!(report.bytes, VOL);
     assert!(report.journal_blocks > 100, "{report:?}");
     assert_eq!(seen.last(), Some(&(VOL, VOL)));
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
+    report.direct_io
+}
+
+/// A directory on the target's filesystem (ext4 or xfs, which take O_DIRECT), not a tmpfs.
+fn disk_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
 }
 
 #[test]
-fn materialize_file_to_file_copies_in_the_kernel_and_is_exact() {
-    let dir = tempfile::tempdir().expect("tempdir");
+fn materialize_file_to_file_with_direct_io_is_exact() {
+    let dir = disk_dir();
     let (base, initial) = random_base(&dir.path().join("base.img"));
     // A stale, longer file is cut to size and overwritten.
     std::fs::write(dir.path().join("out.img"), vec![0xee; VOL as usize + 9000]).expect("stale");
     let out = FileIo::open(dir.path().join("out.img")).expect("out");
-    materialize_matches(base, initial, &out);
+    let direct = materialize_matches(base, initial, &out, CopyMode::Auto);
+    assert!(
+        direct,
+        "a file-to-file materialize on {} went through the page cache",
+        dir.path().display()
+    );
+}
+
+#[test]
+fn materialize_file_to_file_through_the_page_cache_copies_in_the_kernel_and_is_exact() {
+    let dir = disk_dir();
+    let (base, initial) = random_base(&dir.path().join("base.img"));
+    std::fs::write(dir.path().join("out.img"), vec![0xee; VOL as usize + 9000]).expect("stale");
+    let out = FileIo::open(dir.path().join("out.img")).expect("out");
+    assert!(!materialize_matches(base, initial, &out, CopyMode::PageCache));
 }
 
 #[test]
 fn materialize_through_a_buffer_when_the_kernel_cannot_copy_is_exact() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // An in-memory base has no descriptor: every range goes through a buffer.
+    let dir = disk_dir();
+    // An in-memory base has no descriptor: no direct I/O, every range through a buffer.
     let (_, initial) = random_base(&dir.path().join("base.img"));
     let base = Arc::new(MemVolume::new(VOL));
     base.write_at(&initial, 0).expect("fill");
     let out = FileIo::create(dir.path().join("out.img"), 0).expect("out");
-    materialize_matches(base, initial.clone(), &out);
+    assert!(!materialize_matches(base, initial.clone(), &out, CopyMode::Auto));
     // And into memory from a file.
     let (base, initial) = random_base(&dir.path().join("base2.img"));
-    materialize_matches(base, initial, &MemVolume::new(0));
+    assert!(!materialize_matches(base, initial, &MemVolume::new(0), CopyMode::Auto));
+}
+
+#[test]
+fn materialize_with_direct_io_of_a_grown_volume_reads_zeros_past_the_base() {
+    // The base file keeps its size (it grows lazily); the point is of the grown volume, with
+    // writes past the old end and an unaligned new size: zeros past the base, direct reads
+    // of the base's aligned part, buffered reads and writes of the tails.
+    let dir = disk_dir();
+    let (base, initial) = random_base(&dir.path().join("base.img"));
+    let mut f = Feed::open(dir.path(), base, initial, 3600 * 24);
+    f.mutate(50);
+    let grown = 2 * VOL + 777;
+    f.push(&Event::Resize { volume: VolumeId(0), old_size: VOL, new_size: grown });
+    f.cur.resize(grown as usize, 0);
+    for (off, len, fill) in
+        [(VOL - 100, 5000u64, 0x5au8), (VOL + (3 << 20), 70_000, 0xa5), (grown - 10, 10, 0x11)]
+    {
+        f.cur[off as usize..(off + len) as usize].fill(fill);
+        let data = vec![fill; len as usize];
+        f.push(&Event::Write { volume: VolumeId(0), offset: off, data: data.into() });
+    }
+    f.bookmark("g");
+    let p = f.log.resolve(&RecoveryPoint::Bookmark("g".into())).expect("resolve");
+    let out = FileIo::create(dir.path().join("out.img"), 0).expect("out");
+    let report = f.log.materialize(&p, VolumeId(0), &out, &mut |_, _| {}).expect("materialize");
+    assert!(report.direct_io, "{report:?}");
+    assert_eq!(out.len().expect("len"), grown);
+    let mut got = vec![0u8; grown as usize];
+    out.read_at(&mut got, 0).expect("read back");
+    assert!(got == f.cur, "the grown image differs from the point");
+    assert_eq!(report.hash, *blake3::hash(&f.cur).as_bytes());
 }
