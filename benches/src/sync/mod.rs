@@ -16,7 +16,7 @@
 mod ext4img;
 mod initial;
 mod resync;
-mod rig;
+pub(crate) mod rig;
 mod stream;
 
 use std::fs::File;

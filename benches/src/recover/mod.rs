@@ -14,11 +14,11 @@
 //! 3. **materialized** into a new file (`RetentionLog::materialize`, ending with fdatasync),
 //!    cold, against `cp base copy && sync copy`, cold (goal: <= 1.5 of cp's time).
 //!
-//! The failback figure of issue 5 (bytes moved over the blocks that really differ) belongs
-//! with the failback path and is not measured here yet.
+//! 4. **failed back** ([`failback`]): the bytes a failback's fast resync moves, against the
+//!    4 KiB blocks in which the two sides really differ (goal: <= 1.1).
 //!
 //! Needs root, /dev/fuse and loop devices for 1 and 2; otherwise they are SKIPPED loudly and
-//! only 3 runs.
+//! only 3 and 4 run.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -41,6 +41,8 @@ use crate::Ctx;
 use crate::figure::{Figure, Goal};
 use crate::journal::{GIB, MIB, create_random_file, mb_per_s, median, rng, size};
 use crate::sys;
+
+mod failback;
 
 const WRITE_BYTES: u64 = 64 * 1024;
 const HISTORY_SECS: u64 = 2 * 3600;
@@ -242,6 +244,10 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Figure>> {
             std::fs::remove_dir_all(&dir)?;
         }
     }
+    let fb = ctx.dir.join("failback");
+    std::fs::create_dir_all(&fb)?;
+    figures.push(failback::run(&fb, ctx.smoke).context("failback")?);
+    std::fs::remove_dir_all(&fb)?;
     if expose_times.len() == 2 {
         let (sv, st, _, _) = expose_times[0];
         for (volume, t, times, records) in &expose_times {
