@@ -12,8 +12,8 @@
 //!    (the base and the journal evicted from the page cache), against the same reads of the
 //!    replica's base image directly (goal: >= 0.8 of its throughput);
 //! 3. **materialized** into a new file (`RetentionLog::materialize`, ending with fdatasync),
-//!    cold, against `cp base copy && sync copy`, cold (goal: <= 1.5 of cp's time).
-//!
+//!    cold, against `cp base copy && sync copy`, cold, in alternating order, the fastest run
+//!    of each (goal: <= 1.5 of cp's time);
 //! 4. **failed back** ([`failback`]): the bytes a failback's fast resync moves, against the
 //!    4 KiB blocks in which the two sides really differ (goal: <= 1.1).
 //!

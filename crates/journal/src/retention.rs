@@ -1347,10 +1347,11 @@ impl RetentionLog {
             }
         }
         let base = &self.volumes[usize::from(volume.0)];
-        // Where direct I/O cannot be had, the copy goes chunk by chunk. In each, the ranges the journal did not change at or
-        // below `at` are copied from the base inside the kernel (`copy_range`, as `cp` does;
-        // through a buffer where the pair cannot), and each run of changed blocks is built in
-        // memory (base where needed, then the journal's records) and written. A second
+        // Where direct I/O cannot be had, the copy goes chunk by chunk. In each, the ranges the
+        // journal did not change at or below `at` are copied from the base inside the kernel
+        // (`copy_range`, as `cp` does; through a buffer where the pair cannot), and each run
+        // of changed blocks is built in memory (base where needed, then the journal's
+        // records) and written. A second
         // thread computes the image's BLAKE3 a chunk or two behind, reading back what was
         // written (from the page cache), so the hash overlaps the copy.
         const CHUNK: u64 = 8 << 20;
@@ -1496,9 +1497,9 @@ impl RetentionLog {
     }
 
     /// The read-ahead of [`Self::materialize`] over `[pos, pos + len)`: the base range (when
-    /// `base` is given), and for the
-    /// blocks `keys[*ki..]` inside it the newest record at or below `at` (consecutive blocks
-    /// of one record hinted once, with its length estimated from the blocks it covers).
+    /// `base` is given), and for the blocks `keys[*ki..]` inside it the newest record at or
+    /// below `at` (consecutive blocks of one record hinted once, with its length estimated
+    /// from the blocks it covers).
     fn hint_chunk(
         &self,
         base: Option<&Arc<dyn BlockIo>>,

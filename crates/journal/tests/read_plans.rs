@@ -204,13 +204,17 @@ fn disk_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir")
 }
 
+/// A stale output longer than the volume, which materialize cuts to size and overwrites.
+fn stale_out(dir: &std::path::Path) -> FileIo {
+    std::fs::write(dir.join("out.img"), vec![0xee; VOL as usize + 9000]).expect("stale");
+    FileIo::open(dir.join("out.img")).expect("out")
+}
+
 #[test]
 fn materialize_file_to_file_with_direct_io_is_exact() {
     let dir = disk_dir();
     let (base, initial) = random_base(&dir.path().join("base.img"));
-    // A stale, longer file is cut to size and overwritten.
-    std::fs::write(dir.path().join("out.img"), vec![0xee; VOL as usize + 9000]).expect("stale");
-    let out = FileIo::open(dir.path().join("out.img")).expect("out");
+    let out = stale_out(dir.path());
     let direct = materialize_matches(base, initial, &out, CopyMode::Auto);
     assert!(
         direct,
@@ -223,8 +227,7 @@ fn materialize_file_to_file_with_direct_io_is_exact() {
 fn materialize_file_to_file_through_the_page_cache_copies_in_the_kernel_and_is_exact() {
     let dir = disk_dir();
     let (base, initial) = random_base(&dir.path().join("base.img"));
-    std::fs::write(dir.path().join("out.img"), vec![0xee; VOL as usize + 9000]).expect("stale");
-    let out = FileIo::open(dir.path().join("out.img")).expect("out");
+    let out = stale_out(dir.path());
     assert!(!materialize_matches(base, initial, &out, CopyMode::PageCache));
 }
 

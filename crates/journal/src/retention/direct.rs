@@ -141,7 +141,8 @@ impl RetentionLog {
     ) -> Result<Option<MaterializeReport>> {
         let vi = usize::from(volume.0);
         let base = self.volumes[vi].as_ref();
-        if self.bs == 0 || CHUNK % self.bs != 0 {
+        // A block never spans two chunks (block sizes are powers of two up to 1 MiB).
+        if CHUNK % self.bs != 0 {
             return Ok(None);
         }
         let (Some(base_direct), Some(out_direct)) =

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
-use tidemark_journal::{JournalError, ReadPlan};
+use tidemark_journal::ReadPlan;
 
 /// Granularity of the read-ahead, in bytes: a chunk is read by one worker with one plan.
 pub const CHUNK: u64 = 1 << 20;
@@ -71,6 +71,32 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A buffer for a chunk of `len` bytes (a spare one when there is one).
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.lock().spare.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Puts `slot` in place of chunk `chunk`'s pending slot and wakes the readers waiting.
+    /// A chunk let go of meanwhile, or already read by a second plan, is left alone (a
+    /// buffer read for it goes to the spares).
+    fn settle(&self, chunk: u64, slot: Slot) {
+        let mut st = self.lock();
+        match st.slots.get_mut(&chunk) {
+            Some(s @ Slot::Pending) => *s = slot,
+            _ => {
+                if let Slot::Ready(data) = slot {
+                    if let Ok(buf) = Arc::try_unwrap(data) {
+                        st.spare.push(buf);
+                    }
+                }
+            }
+        }
+        drop(st);
+        self.settled.notify_all();
     }
 }
 
@@ -183,7 +209,7 @@ impl Prefetch {
     /// Chunk `chunk` (from [`Prefetch::wanted`]) could not be planned: readers read it
     /// directly.
     pub fn fail(&self, chunk: u64) {
-        settle(&self.shared, chunk, Slot::Failed);
+        self.shared.settle(chunk, Slot::Failed);
     }
 
     /// Copies `[offset, offset + buf.len())` into `buf` from the window, waiting for chunks
@@ -219,13 +245,6 @@ impl Prefetch {
         self.served.fetch_add(1, Ordering::Relaxed);
         true
     }
-
-    /// A buffer for a chunk of `len` bytes.
-    fn buffer(shared: &Shared, len: usize) -> Vec<u8> {
-        let mut buf = shared.lock().spare.pop().unwrap_or_default();
-        buf.resize(len, 0);
-        buf
-    }
 }
 
 impl Drop for Prefetch {
@@ -237,34 +256,19 @@ impl Drop for Prefetch {
     }
 }
 
-/// Puts `slot` in place of chunk `chunk`'s pending slot (a chunk let go of meanwhile, or
-/// already read by a second plan, is left alone) and wakes the readers waiting.
-fn settle(shared: &Shared, chunk: u64, slot: Slot) {
-    let mut st = shared.lock();
-    if let Some(s @ Slot::Pending) = st.slots.get_mut(&chunk) {
-        *s = slot;
-    }
-    drop(st);
-    shared.settled.notify_all();
-}
-
 /// A worker: reads the chunks it is handed until the sender is dropped.
 fn work(shared: &Shared, rx: &Receiver<(u64, ReadPlan)>) {
     for (chunk, plan) in rx {
-        let mut buf = Prefetch::buffer(shared, plan.len());
+        let mut buf = shared.buffer(plan.len());
         let slot = match plan.read(&mut buf) {
             Ok(()) => Slot::Ready(Arc::new(buf)),
             Err(e) => {
-                log_failure(chunk, &e);
+                tracing::debug!(chunk, error = %e, "vsnap read-ahead failed; the reader reads directly");
                 Slot::Failed
             }
         };
-        settle(shared, chunk, slot);
+        shared.settle(chunk, slot);
     }
-}
-
-fn log_failure(chunk: u64, e: &JournalError) {
-    tracing::debug!(chunk, error = %e, "vsnap read-ahead failed; the reader reads directly");
 }
 
 #[cfg(test)]
