@@ -726,6 +726,8 @@ impl RetentionLog {
                 PointInfo { seq: m.pending_base, time: this.last_time, kind: PointKind::Barrier },
             );
             tracing::warn!(seq = %target.seq, "finishing an interrupted base advance");
+            // The pending seq is what the base was being written through (a bookmark's own
+            // seq for a base that stops right before it, found again among the points).
             this.advance_base(target)?;
         }
         Ok((this, report))
@@ -1664,8 +1666,7 @@ impl RetentionLog {
                 self.coalesce(&intervals, &dropped)?;
             }
             if let Some(target) = new_base {
-                report.base_advanced_to = Some(target.seq);
-                self.advance_base(target)?;
+                report.base_advanced_to = self.advance_base(target)?;
             }
         }
         if let Some(max) = self.policy.max_bytes {
@@ -1761,17 +1762,43 @@ impl RetentionLog {
         tracing::warn!("{note}");
         report.thinned_for_space = true;
         report.dropped_points += dropped;
-        report.base_advanced_to = Some(target.seq);
         self.thinned_for_space = true;
         self.space_note = Some(note);
-        self.advance_base(target)
+        report.base_advanced_to = self.advance_base(target)?.or(report.base_advanced_to);
+        Ok(())
     }
 
     /// Moves the base image forward to `target`: the newest version of every block written
-    /// up to it is applied, then the records at or below it are released.
-    fn advance_base(&mut self, target: PointInfo) -> Result<()> {
-        if target.seq <= self.base.seq {
-            return Ok(());
+    /// up to it is applied, then the records at or below it are released. Returns where the
+    /// base went, `None` when it did not move.
+    ///
+    /// A bookmark is not folded into the base: the base is recorded right before its record
+    /// (before the first of bookmarks back to back), which is the same state (a bookmark
+    /// changes no data), and the record stays, so the bookmark is still found by name (and
+    /// a group's by its id) at the start of the window, across restarts, without the
+    /// manifest naming it.
+    fn advance_base(&mut self, target: PointInfo) -> Result<Option<Seq>> {
+        // Written through `target`, recorded at `at`: the same unless `target` is a bookmark,
+        // then the seq right before it (before the first of bookmarks back to back). A
+        // bookmark changes no data, so both name the same state; but sparse retention may
+        // have coalesced an interval ending at the bookmark into records carrying its seq,
+        // which is why the blocks are written through `target` itself. Those records stay in
+        // the log above the base (re-laying them over it gives the same bytes).
+        let at = match target.kind {
+            PointKind::Bookmark(_) => {
+                let mut seq = target.seq;
+                while let Ok(i) = self.points.binary_search_by_key(&seq, |p| p.seq) {
+                    if !matches!(self.points[i].kind, PointKind::Bookmark(_)) {
+                        break;
+                    }
+                    seq = Seq(seq.0.saturating_sub(1));
+                }
+                seq
+            }
+            _ => target.seq,
+        };
+        if at <= self.base.seq {
+            return Ok(None);
         }
         debug_assert!(
             self.windows.containing(target.seq).is_none(),
@@ -1808,11 +1835,11 @@ impl RetentionLog {
             .log
             .segments()
             .iter()
-            .filter(|s| !s.active && s.last_seq.is_none_or(|l| l <= target.seq))
+            .filter(|s| !s.active && s.last_seq.is_none_or(|l| l <= at))
             .filter(|s| !self.damage.iter().any(|d| d.slot == s.slot && d.repaired_at.is_none()))
             .map(|s| s.slot)
             .collect();
-        let (seq, time) = (target.seq, target.time);
+        let (seq, time) = (at, target.time);
         self.log.replace_segments(&done, &[], |m| {
             m.base_seq = seq;
             m.base_time = time;
@@ -1828,10 +1855,10 @@ impl RetentionLog {
         self.resizes.retain(|r| r.0 > seq);
         self.windows.spans.retain(|sp| sp.end.is_none_or(|e| e > seq));
         self.damage.retain(|d| !gone.contains(&d.slot) && d.repaired_at.is_none_or(|e| e > seq));
-        self.base = PointInfo { kind: PointKind::Base, ..target };
+        self.base = PointInfo { seq, time, kind: PointKind::Base };
         self.cache.clear();
         self.segment_count = self.log.segment_count();
-        Ok(())
+        Ok(Some(seq))
     }
 
     /// Rewrites the segments holding records of the intervals `(a, b]` so that each keeps

@@ -162,14 +162,16 @@ fn a_held_bookmark_survives_coalescing_of_its_neighbours() {
     f.round(8, None);
     let report = f.log.enforce().expect("enforce");
     assert!(report.dropped_points > 0, "nothing thinned: {report:?}");
-    // b0..b2 went and the base moved up to b3 (the oldest point kept), never past it.
-    assert_eq!(report.base_advanced_to, Some(held.seq), "{report:?}");
+    // b0..b2 went and the base moved up to right before b3's record (the oldest point
+    // kept, the same state), never past it; b3 stays a bookmark.
+    assert_eq!(report.base_advanced_to, Some(Seq(held.seq.0 - 1)), "{report:?}");
     assert_eq!(f.log.resolve(&RecoveryPoint::Seq(held.seq)).expect("b3's state").seq, held.seq);
+    assert_eq!(f.log.resolve(&RecoveryPoint::Bookmark("b3".into())).expect("b3").seq, held.seq);
     assert_eq!(f.read(&held), f.expect(&held));
     // b4..b7 were coalesced into the next kept point; b3 still reads the same.
     assert!(report.intervals_coalesced > 0 || report.dropped_points >= 7, "{report:?}");
     drop(hold);
-    // Released: b3 is the base now, which stays until a later point leaves the window.
+    // Released: b3 starts the window now, which it does until a later point leaves it.
     let report = f.log.enforce().expect("enforce after release");
     assert_eq!(report.kept_for_holds, 0, "{report:?}");
 }
