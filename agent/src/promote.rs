@@ -23,6 +23,15 @@
 //! source spooled (`tap.last_seq` of its final status.json, which also shows it was
 //! acknowledged: `shipper.acked`), refuses unless the point reaches N: no acknowledged or
 //! spooled write is left behind.
+//!
+//! A consistency group (`--group G`, or `--dir` repeated) is promoted at one group
+//! bookmark (`--point bookmark:NAME`): every member's point is resolved, and every check
+//! (receivers stopped, the bookmark held by every member, `--require-seq` once per member)
+//! passes before the first member is touched. The members are then promoted one by one,
+//! each record naming the group id. A group promotion that stopped part way is finished by
+//! running it again: members already promoted for that group are left as they are, one
+//! interrupted is resumed, and the rest are resolved at the group id the others recorded,
+//! never at a newer bookmark of the same name.
 
 use std::path::{Path, PathBuf};
 
@@ -30,20 +39,37 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tidemark_journal::{FileIo, RecoveryPoint, Seq, VolumeId};
 
+use crate::group;
+use crate::source_control::{group_hex, parse_group_id};
 use crate::{common, control, points, status};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The directory of `tidemark receive` (replica.img, journal/), with receive stopped.
+    /// Given more than once: the members of a consistency group, all promoted at one
+    /// group bookmark.
+    #[arg(long, required_unless_present = "group")]
+    dir: Vec<PathBuf>,
+    /// Promote the receive pairs of this `[group.NAME]` of the configuration file, all at
+    /// one group bookmark.
+    #[arg(long, conflicts_with = "dir")]
+    group: Option<String>,
+    /// The configuration file (with --group).
+    #[arg(long, default_value = crate::up::DEFAULT_CONFIG, requires = "group")]
+    config: PathBuf,
+    /// For a group: the group bookmark's id (16 hexadecimal digits, as `tidemark points`
+    /// shows), when not the newest group bookmark of that name.
     #[arg(long)]
-    dir: PathBuf,
-    /// The point to promote: latest, seq:N, time:T or bookmark:NAME.
+    group_id: Option<String>,
+    /// The point to promote: latest, seq:N, time:T or bookmark:NAME (for a group, a group
+    /// bookmark).
     #[arg(long, default_value = "latest")]
     point: String,
     /// Planned failover: refuse unless the point covers every event up to this sequence
-    /// number (the stopped source's last spooled seq).
+    /// number (the stopped source's last spooled seq). For a group: once per member, in
+    /// the members' order.
     #[arg(long)]
-    require_seq: Option<u64>,
+    require_seq: Vec<u64>,
     /// Block size of the journal's index (as given to `receive`).
     #[arg(long, default_value_t = 4096)]
     block_size: u32,
@@ -55,16 +81,51 @@ pub const IN_PROGRESS: &str = "promote.json";
 pub const DONE: &str = "promoted.json";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dir = &args.dir;
-    let marker = dir.join(IN_PROGRESS);
-    if dir.join(DONE).exists() && !marker.exists() {
-        bail!(
+    if args.group.is_some() || args.dir.len() > 1 {
+        return run_group(&args);
+    }
+    if args.group_id.is_some() {
+        bail!("--group-id names a group bookmark: promote a group (--group, or --dir repeated)");
+    }
+    if args.require_seq.len() > 1 {
+        bail!("--require-seq is given once per member of a group; one --dir is one member");
+    }
+    let dir = &args.dir[0];
+    match state_of(dir, None)? {
+        State::Done(record) => bail!(
             "{} was already promoted ({}): its replica.img is the live volume",
             dir.display(),
-            std::fs::read_to_string(dir.join(DONE)).unwrap_or_default().trim()
-        );
+            record.to_string().trim()
+        ),
+        State::Interrupted(record) => {
+            println!("resuming the promotion of {} to seq {}", dir.display(), record["seq"]);
+            finish(dir, record, args.block_size)
+        }
+        State::Fresh => {
+            let log = common::open_log(dir, args.block_size)?;
+            let point = points::parse_point(&args.point)?;
+            let marker = start(&log, &args.point, &point, args.require_seq.first().copied(), None)?;
+            drop(log);
+            write_durable(dir, IN_PROGRESS, &marker)?;
+            finish(dir, marker, args.block_size)
+        }
     }
-    let socket = control::default_socket(dir);
+}
+
+/// Where a receive directory stands with promotion.
+enum State {
+    /// Never promoted.
+    Fresh,
+    /// `promote.json`: a promotion to resume (its marker).
+    Interrupted(Value),
+    /// `promoted.json` and no marker: the image is the live volume (its record).
+    Done(Value),
+}
+
+/// Reads where `dir` stands; refuses a directory whose receiver is running (on `socket`,
+/// default `DIR/control.sock`).
+fn state_of(dir: &Path, socket: Option<&PathBuf>) -> anyhow::Result<State> {
+    let socket = socket.cloned().unwrap_or_else(|| control::default_socket(dir));
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!(
             "a receiver is running on {} (control socket {} answers): stop it before promoting",
@@ -72,54 +133,79 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             socket.display()
         );
     }
-    let mut record = if marker.exists() {
-        let text = std::fs::read_to_string(&marker)
-            .with_context(|| format!("read {}", marker.display()))?;
+    let read = |name: &str| -> anyhow::Result<Value> {
+        let path = dir.join(name);
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
         let v: Value = serde_json::from_str(&text).with_context(|| {
-            format!("{} is not JSON: remove it only if replica.img is restored", marker.display())
+            format!("{} is not JSON: remove it only if replica.img is restored", path.display())
         })?;
-        let seq = v["seq"].as_u64().with_context(|| {
-            format!("{}: expected a number at \"seq\", found {}", marker.display(), v["seq"])
+        v["seq"].as_u64().with_context(|| {
+            format!("{}: expected a number at \"seq\", found {}", path.display(), v["seq"])
         })?;
-        println!("resuming the promotion of {} to seq {seq}", dir.display());
-        v
-    } else {
-        let log = common::open_log(dir, args.block_size)?;
-        let point = points::parse_point(&args.point)?;
-        let info = points::resolve_or_explain(&log, &point)?;
-        let st = log.status();
-        if let Some(req) = args.require_seq {
-            if info.seq.0 < req {
-                bail!(
-                    "planned failover: point {} is seq {}, but the source spooled up to seq {req}; \
-                     the journal holds up to seq {} (newest consistent: {:?}): the drain did not finish",
-                    args.point,
-                    info.seq,
-                    st.newest_seq,
-                    st.last_consistent.as_ref().map(|p| p.seq.0)
-                );
-            }
-        }
-        let v = json!({
-            "state": "folding",
-            "seq": info.seq.0,
-            "point": args.point,
-            "kind": format!("{:?}", info.kind),
-            "journal_newest_seq": st.newest_seq.0,
-            "discarded_after_point": st.newest_seq.0.saturating_sub(info.seq.0),
-            "planned_require_seq": args.require_seq,
-            // The generation the promoted image starts (docs/failover.md, lineages).
-            "generation": format!("{:016x}", crate::lineage::new_id()),
-            "started_ms": status::now_ms(),
-        });
-        write_durable(dir, IN_PROGRESS, &v)?;
-        v
+        Ok(v)
     };
+    Ok(if dir.join(IN_PROGRESS).exists() {
+        State::Interrupted(read(IN_PROGRESS)?)
+    } else if dir.join(DONE).exists() {
+        State::Done(read(DONE)?)
+    } else {
+        State::Fresh
+    })
+}
+
+/// Resolves `point` in `log`, checks `require_seq`, and makes the marker of step 1.
+/// `group`: the group id and bookmark name of a group promotion.
+fn start(
+    log: &tidemark_journal::RetentionLog,
+    spec: &str,
+    point: &RecoveryPoint,
+    require_seq: Option<u64>,
+    group: Option<(u64, &str)>,
+) -> anyhow::Result<Value> {
+    let info = points::resolve_or_explain(log, point)?;
+    let st = log.status();
+    if let Some(req) = require_seq {
+        if info.seq.0 < req {
+            bail!(
+                "planned failover: point {spec} is seq {}, but the source spooled up to seq {req}; \
+                 the journal holds up to seq {} (newest consistent: {:?}): the drain did not finish",
+                info.seq,
+                st.newest_seq,
+                st.last_consistent.as_ref().map(|p| p.seq.0)
+            );
+        }
+    }
+    let mut v = json!({
+        "state": "folding",
+        "seq": info.seq.0,
+        "point": spec,
+        "kind": format!("{:?}", info.kind),
+        "journal_newest_seq": st.newest_seq.0,
+        "discarded_after_point": st.newest_seq.0.saturating_sub(info.seq.0),
+        "planned_require_seq": require_seq,
+        // The generation the promoted image starts (docs/failover.md, lineages).
+        "generation": format!("{:016x}", crate::lineage::new_id()),
+        "started_ms": status::now_ms(),
+    });
+    if let Some((id, name)) = group {
+        v["group"] = json!(group_hex(id));
+        v["bookmark"] = json!(name);
+    }
+    Ok(v)
+}
+
+/// Steps 2 to 4 from the marker `record` (durable in `dir`).
+fn finish(dir: &Path, mut record: Value, block_size: u32) -> anyhow::Result<()> {
+    let marker = dir.join(IN_PROGRESS);
     let seq = record["seq"].as_u64().unwrap_or(0);
+    if record["state"] != "folding" {
+        bail!("{}: expected the state \"folding\", found {}", marker.display(), record["state"]);
+    }
     let journal = dir.join("journal");
     let aside = dir.join(format!("journal.promoted-{seq}"));
     if journal.exists() {
-        fold(dir, seq, args.block_size)?;
+        fold(dir, seq, block_size)?;
         std::fs::rename(&journal, &aside)
             .with_context(|| format!("rename {} to {}", journal.display(), aside.display()))?;
         sync_dir(dir)?;
@@ -149,6 +235,120 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dir.join("replica.img").display(),
         aside.display()
     );
+    Ok(())
+}
+
+/// A consistency group: every member promoted at one group bookmark, every check made
+/// before the first member is touched.
+fn run_group(args: &Args) -> anyhow::Result<()> {
+    let members = group::members(args.group.as_deref(), &args.config, &args.dir, "receive")?;
+    if members.len() < 2 {
+        bail!("a group has at least two members, got {}", members.len());
+    }
+    let RecoveryPoint::Bookmark(name) = points::parse_point(&args.point)? else {
+        bail!(
+            "point {:?}: a group is promoted at a group bookmark, --point bookmark:NAME \
+             (other points are not one state across the volumes)",
+            args.point
+        );
+    };
+    group::one_per_member("--require-seq", "sequence numbers", args.require_seq.len(), &members)?;
+    let states = members
+        .iter()
+        .map(|m| state_of(&m.dir, m.control.as_ref()).with_context(|| format!("member {}", m.name)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // A member promoted (or being promoted) before: for this group, at this bookmark.
+    let mut wanted = args.group_id.as_deref().map(parse_group_id).transpose()?;
+    for (m, st) in members.iter().zip(&states) {
+        let (State::Done(r) | State::Interrupted(r)) = st else { continue };
+        let Some(id) = r["group"].as_str().and_then(|g| parse_group_id(g).ok()) else {
+            bail!(
+                "member {} was promoted on its own (to seq {}, {}), not as a member of a group: \
+                 promote the others one by one, or restore it",
+                m.name,
+                r["seq"],
+                r["point"]
+            );
+        };
+        if r["bookmark"] != name.as_str() || wanted.is_some_and(|w| w != id) {
+            bail!(
+                "member {} was promoted for group bookmark {} (group {}), not for {name:?}{}: \
+                 a group promotion that stopped part way is finished at the same bookmark",
+                m.name,
+                r["bookmark"],
+                group_hex(id),
+                wanted.map(|w| format!(" (group {})", group_hex(w))).unwrap_or_default()
+            );
+        }
+        wanted = Some(id);
+    }
+    let fresh: Vec<usize> =
+        (0..members.len()).filter(|&i| matches!(states[i], State::Fresh)).collect();
+    let logs = fresh
+        .iter()
+        .map(|&i| {
+            common::open_log(&members[i].dir, args.block_size)
+                .with_context(|| format!("member {}", members[i].name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let docs: Vec<Value> = logs.iter().map(points::points_doc).collect();
+    let fresh_members: Vec<group::GroupMember> =
+        fresh.iter().map(|&i| members[i].clone()).collect();
+    let (id, pts) = match wanted {
+        Some(id) if fresh.is_empty() => (id, Vec::new()),
+        _ => group::resolve(&fresh_members, &docs, &name, wanted)?,
+    };
+    println!("group: {} ({} members, bookmark {name:?})", group_hex(id), members.len());
+    if states.iter().all(|s| matches!(s, State::Done(_))) {
+        bail!(
+            "every member was already promoted for group bookmark {name:?} (group {}): their \
+             replica.img files are the live volumes",
+            group_hex(id)
+        );
+    }
+    // Every check before the first member is touched.
+    let mut markers = Vec::with_capacity(fresh.len());
+    for ((&i, log), p) in fresh.iter().zip(&logs).zip(&pts) {
+        let seq = p["seq"].as_u64().context("a group point without a seq")?;
+        let spec = format!("seq:{seq}");
+        let marker = start(
+            log,
+            &spec,
+            &RecoveryPoint::Seq(Seq(seq)),
+            args.require_seq.get(i).copied(),
+            Some((id, &name)),
+        )
+        .with_context(|| format!("member {}", members[i].name))?;
+        markers.push(marker);
+    }
+    drop(logs);
+    let mut markers = markers.into_iter();
+    for (m, st) in members.iter().zip(states) {
+        println!("member: {}", m.name);
+        let done = match st {
+            State::Done(r) => {
+                println!("already promoted: seq {}", r["seq"]);
+                Ok(())
+            }
+            State::Interrupted(r) => {
+                println!("resuming the promotion of {} to seq {}", m.dir.display(), r["seq"]);
+                finish(&m.dir, r, args.block_size)
+            }
+            State::Fresh => {
+                let marker = markers.next().expect("one marker per fresh member");
+                write_durable(&m.dir, IN_PROGRESS, &marker)
+                    .and_then(|()| finish(&m.dir, marker, args.block_size))
+            }
+        };
+        done.with_context(|| {
+            format!(
+                "member {}: the group promotion stopped here; run the same `tidemark promote` \
+                 again to finish it",
+                m.name
+            )
+        })?;
+    }
+    println!("promoted: group {} at bookmark {name:?}, {} members", group_hex(id), members.len());
     Ok(())
 }
 

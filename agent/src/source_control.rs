@@ -37,6 +37,9 @@ use crate::points;
 
 /// `protect`'s options for its control socket and periodic bookmarks.
 #[derive(Debug, clap::Args)]
+// No argument group: its default id (`Args`) is protect's own, and clap's debug builds
+// refuse two groups of one id.
+#[group(skip)]
 pub struct Args {
     /// The control socket, for `tidemark verify` and `tidemark bookmark` (default:
     /// STATE/control.sock).

@@ -14,7 +14,10 @@
 //! - With ext4 on both volumes and `--freeze` for each, both recover fsck-clean with the
 //!   data written (not synced) before the bookmark.
 //! - A group bookmark one member does not hold (its coordinator died between the members'
-//!   bookmarks) is refused by `recover`, naming that member.
+//!   bookmarks) is refused by `recover` and `promote`, naming that member.
+//! - Failover of the group (`promote --group`): both replicas become the volumes of one
+//!   group bookmark, named by id when a newer one has its name; a group promotion that
+//!   stopped after the first member is finished by running it again, at the same group.
 //!
 //! Needs root, /dev/fuse and loop devices; without them it prints a SKIP line and returns.
 
@@ -299,6 +302,11 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
         recover_and_check(&members, &root, "cut-2", &["--group", "shop-dr", "--config", &config_s]);
     assert!(0 < a1 && a1 < a2 && a2 < last, "cuts at {a1} and {a2} of {last} writes");
     println!("group cuts: A at {a1} and {a2} of {last} dependent writes");
+    // A newer group bookmark of the same name, which the promotion below must not take for
+    // the one it names by id.
+    let group2 = by_config.split("group ").nth(2).and_then(|t| t.split(',').next()).unwrap();
+    assert_eq!(group2.len(), 16, "{by_config}");
+    tidemark(&["bookmark", "cut-2", "--state", &sa, "--state", &sb, "--wait"]);
 
     // Exposed rather than copied: both read-only snapshots show the same cut.
     let mut exposed = Proc::spawn(
@@ -465,4 +473,56 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
         px.terminate();
         rx.terminate();
     }
+
+    // Failover of the group at the (older) cut-2: both replicas become the volumes of that
+    // cut. First, a bookmark not every member holds is refused with nothing touched.
+    let touched =
+        |d: &str| ["promote.json", "promoted.json"].iter().any(|f| Path::new(d).join(f).exists());
+    let e = tidemark_fails(&["promote", "--dir", &ra, "--dir", &rb, "--point", "bookmark:cut-3"]);
+    assert!(e.contains("not held by every member"), "{e}");
+    let e = tidemark_fails(&["promote", "--dir", &ra, "--dir", &rb, "--point", "latest"]);
+    assert!(e.contains("group bookmark"), "{e}");
+    let e = tidemark_fails(&[
+        "promote",
+        "--dir",
+        &ra,
+        "--dir",
+        &rb,
+        "--point",
+        "bookmark:cut-2",
+        "--require-seq",
+        "1",
+    ]);
+    assert!(e.contains("1 sequence numbers for 2 members"), "{e}");
+    assert!(!touched(&ra) && !touched(&rb), "a refused group promotion touched a member");
+    // B as it is before the promotion, to play a promotion that stopped after A.
+    let rb_before = root.join("rx1-before").display().to_string();
+    run("cp", &["-a", &rb, &rb_before]);
+    let out = tidemark(&[
+        "promote",
+        "--group",
+        "shop-dr",
+        "--config",
+        &config_s,
+        "--point",
+        "bookmark:cut-2",
+        "--group-id",
+        group2,
+    ]);
+    assert!(out.contains(&format!("promoted: group {group2}")), "{out}");
+    let image = |d: &str| std::fs::read(Path::new(d).join("replica.img")).unwrap();
+    let cut2 = |x: &str| std::fs::read(root.join(format!("cut-2-{x}.img"))).unwrap();
+    assert!(image(&ra) == cut2("a"), "A's promoted image is not A at cut-2");
+    assert!(image(&rb) == cut2("b"), "B's promoted image is not B at cut-2");
+    let promoted_b = image(&rb);
+    std::fs::remove_dir_all(&rb).unwrap();
+    std::fs::rename(&rb_before, &rb).unwrap();
+    assert!(image(&rb) != promoted_b, "B's replica was already at cut-2 before its promotion");
+    // Run again (without the id): A is left as it is, and B is promoted at A's group, not
+    // at the newer cut-2.
+    let out = tidemark(&["promote", "--dir", &ra, "--dir", &rb, "--point", "bookmark:cut-2"]);
+    assert!(out.contains("already promoted") && out.contains(group2), "{out}");
+    assert!(image(&rb) == promoted_b, "the finished group promotion gave B another image");
+    let e = tidemark_fails(&["promote", "--dir", &ra, "--dir", &rb, "--point", "bookmark:cut-2"]);
+    assert!(e.contains("every member was already promoted"), "{e}");
 }
