@@ -6,24 +6,37 @@
 //! means no bookmark, and the post hook always runs. `--wait` waits until the target
 //! acknowledged the bookmark.
 //!
+//! `--every PERIOD` takes such a bookmark (or group bookmark, hooks and freezes included)
+//! once a period until SIGINT or SIGTERM, each named `NAME-YYYY-MM-DDTHH:MM:SSZ`; one that
+//! fails is reported and the next is still taken.
+//!
 //! Hooks run with `sh -c`, with `TIDEMARK_BOOKMARK` (the name) and `TIDEMARK_STATE` in
 //! their environment; the post hook also gets `TIDEMARK_BOOKMARK_RESULT` (`ok` or
 //! `failed`) and, when taken, `TIDEMARK_BOOKMARK_SEQ`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
+use tidemark_journal::Nanos;
 
-use crate::source_control::{MAX_FREEZE, check_name};
+use crate::signals;
+use crate::source_control::{MAX_FREEZE, check_name, periodic_name};
 use crate::verify::connect;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The bookmark's name: 1 to 255 bytes of UTF-8, no control characters.
+    /// The bookmark's name: 1 to 255 bytes of UTF-8, no control characters. With
+    /// `--every`, the prefix of the names.
     name: String,
+    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; at least one second) until
+    /// SIGINT or SIGTERM, each named NAME-TIME (`nightly-2026-12-01T21:45:00Z`); the
+    /// first one period after the start.
+    #[arg(long, value_parser = crate::source_control::parse_duration)]
+    every: Option<Duration>,
     /// The state directory of the running `tidemark protect`. Given more than once: a
     /// group bookmark across those pairs (one cut across their volumes).
     #[arg(long, required_unless_present = "group")]
@@ -67,23 +80,76 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    check_name(&args.name).context("bad bookmark name")?;
+    let Some(every) = args.every else {
+        check_name(&args.name).context("bad bookmark name")?;
+        return once(&args, &args.name);
+    };
+    let sample = periodic_name(&args.name, Nanos(0));
+    check_name(&sample).with_context(|| format!("bad bookmark name prefix {:?}", args.name))?;
+    check(&args)?;
+    signals::install()?;
+    println!(
+        "taking bookmark {:?} every {} s until SIGINT or SIGTERM",
+        periodic_name(&args.name, Nanos(0)).replace("1970-01-01T00:00:00Z", "TIME"),
+        every.as_secs_f64()
+    );
+    std::io::stdout().flush()?;
+    let (mut taken, mut failed, mut last) = (0u64, 0u64, None);
+    let mut next = Instant::now() + every;
+    loop {
+        while !signals::stop_requested() && Instant::now() < next {
+            std::thread::sleep(next.saturating_duration_since(Instant::now()).min(POLL));
+        }
+        if signals::stop_requested() {
+            break;
+        }
+        // A period missed (a slow member, a long hook) is skipped, not made up for.
+        while next <= Instant::now() {
+            next += every;
+        }
+        let mut name = periodic_name(&args.name, now());
+        if last.as_ref() == Some(&name) {
+            // A late tick in the same second as the one before: names stay unique.
+            std::thread::sleep(Duration::from_nanos(Nanos::SECOND - now().0 % Nanos::SECOND));
+            name = periodic_name(&args.name, now());
+        }
+        last = Some(name.clone());
+        match once(&args, &name) {
+            Ok(()) => taken += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: periodic bookmark {name:?}: {e:#}");
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    println!("stopped: {taken} bookmarks taken, {failed} failed");
+    Ok(())
+}
+
+/// How often the wait between periodic bookmarks looks at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+
+fn now() -> Nanos {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Nanos(d.as_nanos() as u64)
+}
+
+/// Refuses options that would fail every bookmark, before the first one.
+fn check(args: &Args) -> anyhow::Result<()> {
     if args.group.is_some() || args.state.len() > 1 {
-        return run_group(&args);
+        check_group(args).map(|_| ())
+    } else {
+        check_single(args)
     }
-    if args.state.len() != 1 {
-        bail!("--state: expected the state directory of a running `tidemark protect`");
+}
+
+/// One bookmark (or group bookmark) named `name`.
+fn once(args: &Args, name: &str) -> anyhow::Result<()> {
+    if args.group.is_some() || args.state.len() > 1 {
+        return run_group(args, name);
     }
-    if args.freeze.len() > 1 {
-        bail!("--freeze is given once per member of a group; one --state is one member");
-    }
-    if !(args.freeze_timeout > 0.0 && args.freeze_timeout <= MAX_FREEZE.as_secs_f64()) {
-        bail!(
-            "--freeze-timeout {}: expected more than 0 and at most {} seconds",
-            args.freeze_timeout,
-            MAX_FREEZE.as_secs()
-        );
-    }
+    check_single(args)?;
     let mut client = connect(&args.state[0], args.control.as_ref())?;
     let kind = if args.pre.is_some() || args.post.is_some() {
         "application"
@@ -94,9 +160,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let taken = (|| -> anyhow::Result<Value> {
         if let Some(pre) = &args.pre {
-            hook("pre", pre, &args, None)?;
+            hook("pre", pre, args, name, None)?;
         }
-        let mut req = json!({"op": "bookmark", "name": args.name, "kind": kind});
+        let mut req = json!({"op": "bookmark", "name": name, "kind": kind});
         if let Some(m) = args.freeze.first() {
             let m =
                 std::fs::canonicalize(m).with_context(|| format!("--freeze {}", m.display()))?;
@@ -106,7 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         client.request(req)
     })();
     let post = match &args.post {
-        Some(post) => hook("post", post, &args, Some(taken.as_ref().ok())),
+        Some(post) => hook("post", post, args, name, Some(taken.as_ref().ok())),
         None => Ok(()),
     };
     let answer = taken?;
@@ -124,9 +190,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             if Instant::now() >= until {
                 bail!(
-                    "bookmark {:?} is seq {seq}, but the target acknowledged only up to {a} \
+                    "bookmark {name:?} is seq {seq}, but the target acknowledged only up to {a} \
                      within {} s (link {})",
-                    args.name,
                     args.wait_timeout,
                     st["shipper"]["state"]
                 );
@@ -144,8 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!(
-            "bookmark {:?} ({}): seq {seq}{}{}",
-            args.name,
+            "bookmark {name:?} ({}): seq {seq}{}{}",
             answer["kind"].as_str().unwrap_or(kind),
             answer["frozen_ms"]
                 .as_u64()
@@ -157,8 +221,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A group bookmark (`crate::group`): hooks once around the whole cut, here.
-fn run_group(args: &Args) -> anyhow::Result<()> {
+/// The checks of a single pair's bookmark.
+fn check_single(args: &Args) -> anyhow::Result<()> {
+    if args.state.len() != 1 {
+        bail!("--state: expected the state directory of a running `tidemark protect`");
+    }
+    if args.freeze.len() > 1 {
+        bail!("--freeze is given once per member of a group; one --state is one member");
+    }
+    if !(args.freeze_timeout > 0.0 && args.freeze_timeout <= MAX_FREEZE.as_secs_f64()) {
+        bail!(
+            "--freeze-timeout {}: expected more than 0 and at most {} seconds",
+            args.freeze_timeout,
+            MAX_FREEZE.as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// The checks of a group bookmark; its members and the canonical mountpoints to freeze.
+fn check_group(args: &Args) -> anyhow::Result<(Vec<crate::group::GroupMember>, Vec<PathBuf>)> {
     if args.control.is_some() {
         bail!("--control names one pair's socket; a group's members use STATE/control.sock");
     }
@@ -177,6 +259,12 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
         .iter()
         .map(|m| std::fs::canonicalize(m).with_context(|| format!("--freeze {}", m.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((members, freeze))
+}
+
+/// A group bookmark (`crate::group`) named `name`: hooks once around the whole cut, here.
+fn run_group(args: &Args, name: &str) -> anyhow::Result<()> {
+    let (members, freeze) = check_group(args)?;
     let kind = if args.pre.is_some() || args.post.is_some() {
         "application"
     } else if !freeze.is_empty() {
@@ -186,10 +274,10 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
     };
     let taken = (|| {
         if let Some(pre) = &args.pre {
-            hook("pre", pre, args, None)?;
+            hook("pre", pre, args, name, None)?;
         }
         crate::group::bookmark(
-            &args.name,
+            name,
             kind,
             &members,
             &freeze,
@@ -200,7 +288,7 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
         Some(post) => {
             let answer =
                 taken.as_ref().ok().map(|m| json!({"seq": m.marks.first().map(|x| x.seq)}));
-            hook("post", post, args, Some(answer.as_ref()))
+            hook("post", post, args, name, Some(answer.as_ref()))
         }
         None => Ok(()),
     };
@@ -212,7 +300,7 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
     let group = crate::source_control::group_hex(mark.group);
     if args.json {
         let doc = json!({
-            "name": args.name,
+            "name": name,
             "kind": kind,
             "group": group,
             "held_ms": mark.held.as_millis() as u64,
@@ -224,8 +312,7 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         println!(
-            "group bookmark {:?} ({kind}): group {group}, {} members, writes held {} ms{}",
-            args.name,
+            "group bookmark {name:?} ({kind}): group {group}, {} members, writes held {} ms{}",
             mark.marks.len(),
             mark.held.as_millis(),
             if args.wait { ", acknowledged by every target" } else { "" }
@@ -239,13 +326,16 @@ fn run_group(args: &Args) -> anyhow::Result<()> {
 
 /// Runs a hook; an error when it cannot start or exits non-zero. `result`: for the post
 /// hook, the bookmark's answer (`None` inside when it failed).
-fn hook(which: &str, cmd: &str, args: &Args, result: Option<Option<&Value>>) -> anyhow::Result<()> {
+fn hook(
+    which: &str,
+    cmd: &str,
+    args: &Args,
+    name: &str,
+    result: Option<Option<&Value>>,
+) -> anyhow::Result<()> {
     let mut c = Command::new("sh");
     let states: Vec<String> = args.state.iter().map(|s| s.display().to_string()).collect();
-    c.arg("-c")
-        .arg(cmd)
-        .env("TIDEMARK_BOOKMARK", &args.name)
-        .env("TIDEMARK_STATE", states.join(":"));
+    c.arg("-c").arg(cmd).env("TIDEMARK_BOOKMARK", name).env("TIDEMARK_STATE", states.join(":"));
     if let Some(g) = &args.group {
         c.env("TIDEMARK_GROUP", g);
     }

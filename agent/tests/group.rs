@@ -4,10 +4,10 @@
 //!
 //! - A workload makes dependent writes across the two volumes (a counter to volume A, and
 //!   only once that write completed the same counter to volume B, in a loop) while group
-//!   bookmarks are taken (from the command line with `--state` twice, and from the
-//!   configuration file's `[group.NAME]`); both volumes recovered at each group bookmark
-//!   are one state: B's counter is A's or one less, and each image is the source's volume
-//!   with that counter.
+//!   bookmarks are taken (from the command line with `--state` twice, from the
+//!   configuration file's `[group.NAME]`, and periodically with `--every`); both volumes
+//!   recovered at each group bookmark are one state: B's counter is A's or one less, and
+//!   each image is the source's volume with that counter.
 //! - A hold whose coordinator hangs ends by its lease (the write waiting at the gate goes
 //!   through, and the late bookmark is refused); one whose coordinator disconnects ends at
 //!   once.
@@ -275,6 +275,39 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     assert!(by_config.contains("2 members"), "{by_config}");
     let c = count.load(Ordering::Relaxed);
     wait_count(c + 20);
+    // Periodic group bookmarks, while the workload goes on.
+    let mut periodic = Proc::spawn(
+        "bookmark",
+        &["bookmark", "auto", "--group", "shop", "--config", &config_s, "--every", "1s"],
+    );
+    periodic.wait_line("taking bookmark \"auto-TIME\" every 1 s");
+    let until = Instant::now() + PATIENCE;
+    let auto_names = loop {
+        let names: Vec<String> = periodic
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                l.strip_prefix("group bookmark \"")?.split('"').next().map(str::to_owned)
+            })
+            .collect();
+        if names.len() >= 2 {
+            break names;
+        }
+        assert!(Instant::now() < until, "periodic group bookmarks: {names:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    periodic.terminate();
+    let stopped = periodic.wait_line("stopped:");
+    assert!(stopped.ends_with("bookmarks taken, 0 failed"), "{stopped}");
+    assert!(auto_names[0] < auto_names[1], "{auto_names:?}");
+    assert!(
+        auto_names.iter().all(|n| n.starts_with("auto-20") && n.ends_with('Z')),
+        "{auto_names:?}"
+    );
+    let c = count.load(Ordering::Relaxed);
+    wait_count(c + 20);
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     let last = count.load(Ordering::Relaxed);
@@ -300,8 +333,9 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     let (a1, _) = recover_and_check(&members, &root, "cut-1", &["--dir", &ra, "--dir", &rb]);
     let (a2, _) =
         recover_and_check(&members, &root, "cut-2", &["--group", "shop-dr", "--config", &config_s]);
-    assert!(0 < a1 && a1 < a2 && a2 < last, "cuts at {a1} and {a2} of {last} writes");
-    println!("group cuts: A at {a1} and {a2} of {last} dependent writes");
+    let (a3, _) = recover_and_check(&members, &root, &auto_names[1], &["--dir", &ra, "--dir", &rb]);
+    assert!(0 < a1 && a1 < a2 && a2 < a3 && a3 < last, "cuts at {a1}, {a2}, {a3} of {last} writes");
+    println!("group cuts: A at {a1}, {a2} and {a3} (periodic) of {last} dependent writes");
     // A newer group bookmark of the same name, which the promotion below must not take for
     // the one it names by id.
     let group2 = by_config.split("group ").nth(2).and_then(|t| t.split(',').next()).unwrap();
