@@ -148,6 +148,20 @@ pub struct GroupConfig {
     pub role: String,
     /// The `[group.NAME]` header.
     pub header: Span,
+    /// Periodic group bookmarks (`bookmark_every`, `bookmark_prefix`; protect groups
+    /// only), which `tidemark up NAME` takes.
+    pub bookmarks: Option<GroupBookmarks>,
+}
+
+/// A group's periodic bookmarks, as the file gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupBookmarks {
+    /// The period, unparsed (`15m`); checked by the command's own parser.
+    pub every: String,
+    /// Where `bookmark_every`'s value is.
+    pub every_at: Span,
+    /// The names' prefix (`bookmark_prefix`, default `auto`).
+    pub prefix: String,
 }
 
 /// A parsed configuration: the pairs by name, in file order, and the groups of them.
@@ -308,13 +322,27 @@ fn parse_groups(
     for (name, item) in table.iter() {
         let (g, header) = named_table(table, name, item, "group", err)?;
         for (key, _) in g.iter() {
-            if key != "pairs" {
+            if !GROUP_KEYS.contains(&key) {
                 return Err(err(
                     g.key(key).and_then(|k| k.span()),
-                    format!("group `{name}`: unknown key `{key}`; a group has only `pairs`"),
+                    format!(
+                        "group `{name}`: unknown key `{key}`; a group has `pairs`, and for \
+                         periodic bookmarks `bookmark_every` and `bookmark_prefix`"
+                    ),
                 ));
             }
         }
+        let string = |key: &str| -> Result<Option<(String, Range<usize>)>, ConfigError> {
+            let Some(item) = g.get(key) else { return Ok(None) };
+            match item.as_str() {
+                Some(v) => Ok(Some((v.to_owned(), item.span().unwrap_or(header.clone())))),
+                None => Err(err(
+                    item.span(),
+                    format!("group `{name}`: `{key}` must be a string, not {}", describe(item)),
+                )),
+            }
+        };
+        let (every, prefix) = (string("bookmark_every")?, string("bookmark_prefix")?);
         let Some(list_item) = g.get("pairs") else {
             return Err(err(
                 Some(header),
@@ -371,11 +399,38 @@ fn parse_groups(
                 format!("group `{name}`: expected at least two pairs, found {}", members.len()),
             ));
         }
+        let role = role.unwrap_or_default().to_owned();
+        let bookmarks = match (every, prefix) {
+            (None, None) => None,
+            (None, Some((_, at))) => {
+                return Err(err(
+                    Some(at),
+                    format!("group `{name}`: `bookmark_prefix` without `bookmark_every`"),
+                ));
+            }
+            (Some((every, at)), prefix) => {
+                if role != "protect" {
+                    return Err(err(
+                        Some(at),
+                        format!(
+                            "group `{name}`: periodic bookmarks are taken on the sources; its \
+                             pairs have role {role:?}, not \"protect\""
+                        ),
+                    ));
+                }
+                Some(GroupBookmarks {
+                    every,
+                    every_at: Span::locate(text, at),
+                    prefix: prefix.map_or_else(|| "auto".to_owned(), |(p, _)| p),
+                })
+            }
+        };
         groups.push(GroupConfig {
             name: name.to_owned(),
-            role: role.unwrap_or_default().to_owned(),
+            role,
             pairs: members,
             header: Span::locate(text, header),
+            bookmarks,
         });
     }
     Ok(groups)
@@ -556,6 +611,25 @@ pub fn value_error(
     let at = long.and_then(|l| pair.sources.get(l)).copied().unwrap_or(pair.header);
     ConfigError::new(file, text, Some(at), format!("pair `{}`: {message}", pair.name))
 }
+
+/// An error of group `group` at `at` (its header when `None`).
+pub fn group_error(
+    file: &str,
+    text: &str,
+    group: &GroupConfig,
+    at: Option<Span>,
+    message: &str,
+) -> ConfigError {
+    ConfigError::new(
+        file,
+        text,
+        Some(at.unwrap_or(group.header)),
+        format!("group `{}`: {message}", group.name),
+    )
+}
+
+/// The keys of a `[group.NAME]` table.
+const GROUP_KEYS: &[&str] = &["pairs", "bookmark_every", "bookmark_prefix"];
 
 /// A file key as an option name: `max_hot_regions` and `max-hot-regions` are the same;
 /// `id` is the pair id, the commands' `--pair`.

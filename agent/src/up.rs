@@ -1,13 +1,17 @@
 //! `tidemark up NAME --config FILE` and `tidemark config check FILE`: a pair run from the
 //! configuration file (`docs/config.md`, parser in `src/config.rs`). `up` turns the pair's
 //! section into the arguments of its command and runs that command in this process, so a
-//! pair started from the file behaves exactly as the same command typed by hand.
+//! pair started from the file behaves exactly as the same command typed by hand. `up` of a
+//! group with `bookmark_every` runs its periodic group bookmarks the same way
+//! (`tidemark bookmark PREFIX --group NAME --every PERIOD`).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
-use tidemark::config::{self, CommandSpec, Config, ConfigError, OptionSpec, PairConfig};
+use tidemark::config::{
+    self, CommandSpec, Config, ConfigError, GroupConfig, OptionSpec, PairConfig,
+};
 
 use crate::Cli;
 
@@ -19,7 +23,8 @@ pub const ROLES: &[&str] = &["protect", "receive"];
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// The pair's name: the `NAME` of its `[pair.NAME]` section.
+    /// The pair's name: the `NAME` of its `[pair.NAME]` section; or a group's, to run its
+    /// periodic bookmarks (`[group.NAME]` with `bookmark_every`).
     name: String,
     /// The configuration file.
     #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -163,16 +168,68 @@ fn command_line(pair: &PairConfig) -> String {
     line
 }
 
+/// The command of a group's periodic bookmarks: `tidemark bookmark PREFIX --group NAME
+/// --config FILE --every PERIOD`, through the command line parser (a bad period is refused
+/// pointing at `bookmark_every`). `None` when the group has none.
+fn group_command(
+    file: &Path,
+    text: &str,
+    group: &GroupConfig,
+) -> Result<Option<(Cli, String)>, ConfigError> {
+    let Some(b) = &group.bookmarks else { return Ok(None) };
+    let sample = crate::source_control::periodic_name(&b.prefix, tidemark_journal::Nanos(0));
+    if let Err(e) = crate::source_control::check_name(&sample) {
+        let why = format!("bookmark_prefix {:?}: {e}", b.prefix);
+        return Err(config::group_error(&file.display().to_string(), text, group, None, &why));
+    }
+    let args = [
+        "bookmark".to_owned(),
+        b.prefix.clone(),
+        "--group".to_owned(),
+        group.name.clone(),
+        "--config".to_owned(),
+        file.display().to_string(),
+        "--every".to_owned(),
+        b.every.clone(),
+    ];
+    let line = format!("tidemark {}", args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "));
+    let cli =
+        Cli::try_parse_from(std::iter::once("tidemark".to_owned()).chain(args)).map_err(|e| {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("refused").trim_start_matches("error: ");
+            // Whichever value clap refused (the period, or the prefix as a name), it says so.
+            config::group_error(&file.display().to_string(), text, group, Some(b.every_at), first)
+        })?;
+    Ok(Some((cli, line)))
+}
+
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let (text, config) = load(&args.config)?;
-    let pair =
-        config.pair(&args.name).map_err(|m| anyhow::anyhow!("{}: {m}", args.config.display()))?;
-    let cli = to_command(&args.config, &text, pair)?;
+    let file = args.config.display();
+    let pair = config.pair(&args.name);
+    let group = config.group(&args.name);
+    let (cli, what, line) = match (pair, group) {
+        (Ok(_), Ok(_)) => {
+            anyhow::bail!("{file}: both a pair and a group are named {:?}; rename one", args.name)
+        }
+        (Ok(pair), Err(_)) => (to_command(&args.config, &text, pair)?, "pair", command_line(pair)),
+        (Err(_), Ok(group)) => match group_command(&args.config, &text, group)? {
+            Some((cli, line)) => (cli, "group", line),
+            None => anyhow::bail!(
+                "{file}:{}:{}: group `{}` has nothing to run: `up` runs a group's periodic \
+                 bookmarks, given by `bookmark_every = \"15m\"` in its table",
+                group.header.line,
+                group.header.column,
+                group.name
+            ),
+        },
+        (Err(p), Err(g)) => anyhow::bail!("{file}: {p}; {g}"),
+    };
     if args.dry_run {
-        println!("pair {}: {}", pair.name, command_line(pair));
+        println!("{what} {}: {line}", args.name);
         return Ok(());
     }
-    eprintln!("pair {} from {}: {}", pair.name, args.config.display(), command_line(pair));
+    eprintln!("{what} {} from {file}: {line}", args.name);
     crate::run(cli)
 }
 
@@ -194,6 +251,9 @@ pub fn config(command: ConfigCommand) -> anyhow::Result<()> {
             }
             for group in &config.groups {
                 println!("  group {} ({}): {}", group.name, group.role, group.pairs.join(", "));
+                if let Some((_, line)) = group_command(&file, &text, group)? {
+                    println!("    bookmarks: {line}");
+                }
             }
             Ok(())
         }

@@ -1,6 +1,7 @@
 //! The configuration file through the binary: `tidemark config check` on good and bad files
-//! (every error names file, line and column), `tidemark up NAME` running a pair from it, and
-//! the systemd unit's command lines (`dist/systemd/tidemark@.service`) accepted as written.
+//! (every error names file, line and column), `tidemark up NAME` running a pair from it (or
+//! a group's periodic bookmarks), and the systemd unit's command lines
+//! (`dist/systemd/tidemark@.service`) accepted as written.
 //! No root needed.
 
 mod common;
@@ -183,4 +184,106 @@ fn the_systemd_units_commands_are_accepted() {
         assert!(out.starts_with("pair web: tidemark protect "), "{out}");
     }
     assert_eq!(seen, 2, "the unit should have ExecStartPre= and ExecStart=");
+}
+
+/// `base` (of `write_config`) plus a second protect pair and a group of the two;
+/// `group` is the group's table body.
+fn with_group(base: &str, dir: &Path, group: &str) -> String {
+    let d = dir.display();
+    format!(
+        "{base}\n[pair.web2]\nrole = \"protect\"\nid = \"{PAIR}\"\nimage = \"{d}/web2.img\"\nstate = \"{d}/web2-state\"\ntarget = \"127.0.0.1:7801\"\n\n[group.shop]\n{group}"
+    )
+}
+
+#[test]
+fn up_of_a_group_runs_its_periodic_bookmarks_and_bad_ones_are_refused_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tidemark.toml");
+    let name = file.display().to_string();
+    let base = write_config(dir.path(), "127.0.0.1:0");
+    let good = with_group(
+        &base,
+        dir.path(),
+        "pairs = [\"web\", \"web2\"]\nbookmark_every = \"15m\"\nbookmark_prefix = \"shop\"\n",
+    );
+    std::fs::write(&file, &good).unwrap();
+    let command = format!("tidemark bookmark shop --group shop --config {name} --every 15m");
+    let (ok, out, err) = tidemark(&["config", "check", &name]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("    bookmarks: {command}")), "{out}");
+    let (ok, out, err) = tidemark(&["up", "shop", "--config", &name, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("group shop: {command}"));
+    // The group's table starts at this line; its keys follow.
+    let header = good.lines().position(|l| l == "[group.shop]").unwrap() + 1;
+    let (every, prefix) = (header + 2, header + 3);
+    let cases: &[(&str, &str, &str, String, &str)] = &[
+        (
+            "a period the command refuses",
+            "bookmark_every = \"15m\"",
+            "bookmark_every = \"soon\"",
+            format!("{every}:18"),
+            "invalid value 'soon' for '--every",
+        ),
+        (
+            "a period under a second",
+            "bookmark_every = \"15m\"",
+            "bookmark_every = \"10ms\"",
+            format!("{every}:18"),
+            "at least one second",
+        ),
+        (
+            "a number for a period",
+            "bookmark_every = \"15m\"",
+            "bookmark_every = 15",
+            format!("{every}:18"),
+            "`bookmark_every` must be a string",
+        ),
+        (
+            "a prefix alone",
+            "bookmark_every = \"15m\"\n",
+            "",
+            format!("{every}:19"),
+            "`bookmark_prefix` without `bookmark_every`",
+        ),
+        (
+            "a bad prefix",
+            "bookmark_prefix = \"shop\"",
+            "bookmark_prefix = \"a\\tb\"",
+            format!("{header}:1"),
+            "bookmark_prefix \"a\\tb\"",
+        ),
+        (
+            "a typo",
+            "bookmark_prefix",
+            "bookmark_prefx",
+            format!("{prefix}:1"),
+            "unknown key `bookmark_prefx`",
+        ),
+    ];
+    for (what, from, to, at, words) in cases {
+        assert!(good.contains(from), "{what}: the good file has no {from:?}");
+        std::fs::write(&file, good.replacen(from, to, 1)).unwrap();
+        let (ok, _, err) = tidemark(&["up", "shop", "--config", &name, "--dry-run"]);
+        assert!(!ok, "{what}: up accepted the file");
+        let located = format!("{name}:{at}");
+        assert!(err.contains(&located), "{what}: expected {located:?} in: {err}");
+        assert!(err.contains(words), "{what}: expected {words:?} in: {err}");
+    }
+    // Periodic bookmarks are taken on the sources.
+    let dr = &good[good.find("[pair.dr]").unwrap()..good.find("[pair.web]").unwrap()];
+    let on_receive = good
+        .replace("[pair.web]", &format!("{}[pair.web]", dr.replace("[pair.dr]", "[pair.dr2]")))
+        .replace("pairs = [\"web\", \"web2\"]", "pairs = [\"dr\", \"dr2\"]");
+    std::fs::write(&file, &on_receive).unwrap();
+    let (ok, _, err) = tidemark(&["config", "check", &name]);
+    assert!(!ok && err.contains("periodic bookmarks are taken on the sources"), "{err}");
+    // A group without bookmarks has nothing for `up` to run; a name both a pair and a
+    // group have is refused rather than guessed.
+    std::fs::write(&file, with_group(&base, dir.path(), "pairs = [\"web\", \"web2\"]\n")).unwrap();
+    let (ok, _, err) = tidemark(&["up", "shop", "--config", &name, "--dry-run"]);
+    assert!(!ok && err.contains("group `shop` has nothing to run"), "{err}");
+    std::fs::write(&file, good.replace("[group.shop]", "[group.web]")).unwrap();
+    let (ok, _, err) = tidemark(&["up", "web", "--config", &name, "--dry-run"]);
+    assert!(!ok && err.contains("both a pair and a group are named \"web\""), "{err}");
 }

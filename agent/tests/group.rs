@@ -5,7 +5,7 @@
 //! - A workload makes dependent writes across the two volumes (a counter to volume A, and
 //!   only once that write completed the same counter to volume B, in a loop) while group
 //!   bookmarks are taken (from the command line with `--state` twice, from the
-//!   configuration file's `[group.NAME]`, and periodically with `--every`); both volumes
+//!   configuration file's `[group.NAME]`, and periodically by `tidemark up GROUP`); both volumes
 //!   recovered at each group bookmark are one state: B's counter is A's or one less, and
 //!   each image is the source's volume with that counter.
 //! - A hold whose coordinator hangs ends by its lease (the write waiting at the gate goes
@@ -228,7 +228,7 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
             PAIRS[i]
         ));
     }
-    conf.push_str("\n[group.shop]\npairs = [\"src0\", \"src1\"]\n\n[group.shop-dr]\npairs = [\"dst0\", \"dst1\"]\n");
+    conf.push_str("\n[group.shop]\npairs = [\"src0\", \"src1\"]\nbookmark_every = \"1s\"\n\n[group.shop-dr]\npairs = [\"dst0\", \"dst1\"]\n");
     let config = root.join("tidemark.toml");
     std::fs::write(&config, &conf).unwrap();
     let config_s = config.display().to_string();
@@ -275,11 +275,9 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     assert!(by_config.contains("2 members"), "{by_config}");
     let c = count.load(Ordering::Relaxed);
     wait_count(c + 20);
-    // Periodic group bookmarks, while the workload goes on.
-    let mut periodic = Proc::spawn(
-        "bookmark",
-        &["bookmark", "auto", "--group", "shop", "--config", &config_s, "--every", "1s"],
-    );
+    // Periodic group bookmarks, while the workload goes on (`bookmark_every` of the group,
+    // run as the systemd unit runs it).
+    let mut periodic = Proc::spawn("up shop", &["up", "shop", "--config", &config_s]);
     periodic.wait_line("taking bookmark \"auto-TIME\" every 1 s");
     let until = Instant::now() + PATIENCE;
     let auto_names = loop {
