@@ -25,21 +25,38 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
+/// Where `protect`'s lineage came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// STATE's own file: a protection resumed.
+    Resumed,
+    /// The promoted image's directory: a new protection of a promoted replica (a failback,
+    /// or a new target for it).
+    Promoted,
+    /// A new root generation.
+    New,
+}
+
 /// The lineage `protect` runs with: STATE's file, or the promoted image's, or a new root;
 /// stored (unsealed: `protect` is running) before it returns. The flag says whether the
 /// image may hold writes past the file's head (no clean stop sealed it, or it changed since).
-pub fn for_protect(state: &Path, image: &Path) -> anyhow::Result<(LineageFile, bool)> {
+pub fn for_protect(state: &Path, image: &Path) -> anyhow::Result<(LineageFile, bool, Origin)> {
     let own = path(state);
-    let (mut file, dirty, from) = match LineageFile::load(&own)? {
+    let (mut file, dirty, origin) = match LineageFile::load(&own)? {
         Some(f) => {
             let changed = f.seal.is_none_or(|s| image_fingerprint(image) != Some(s));
             let dirty = f.dirty || changed;
-            (f, dirty, "resumed")
+            (f, dirty, Origin::Resumed)
         }
         None => match promoted_lineage(image)? {
-            Some(f) => (f, true, "taken from the promoted image's directory"),
-            None => (LineageFile::new_root(), false, "new"),
+            Some(f) => (f, true, Origin::Promoted),
+            None => (LineageFile::new_root(), false, Origin::New),
         },
+    };
+    let from = match origin {
+        Origin::Resumed => "resumed",
+        Origin::Promoted => "taken from the promoted image's directory",
+        Origin::New => "new",
     };
     file.seal = None;
     file.dirty = dirty;
@@ -49,7 +66,7 @@ pub fn for_protect(state: &Path, image: &Path) -> anyhow::Result<(LineageFile, b
         current(&file),
         file.generations.len()
     );
-    Ok((file, dirty))
+    Ok((file, dirty, origin))
 }
 
 /// The lineage of `image` when it is the `replica.img` of a promoted `receive` directory.

@@ -107,9 +107,15 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     resync_slots: u16,
     /// Failback: the target (`receive --replica`) holds an older state of this volume; start
-    /// with a fast resync of the whole volume (only differing blocks move).
+    /// with a fast resync of the whole volume (only differing blocks move). Implied by a new
+    /// protection of a promoted replica (its directory's `promoted.json`).
     #[arg(long)]
     failback: bool,
+    /// On a clean stop (SIGINT, SIGTERM), once the frontend has stopped taking writes,
+    /// append a bookmark of this name: the last event of the stream, the point a planned
+    /// failover promotes (`promote --point bookmark:NAME --require-seq LAST_SEQ`).
+    #[arg(long, value_name = "NAME")]
+    final_bookmark: Option<String>,
     /// A lineage conflict (split brain, or a target whose generation is newer) is resolved
     /// for this side: the target's own writes are overwritten by the failback resync (with
     /// `--failback`). Never needed for a plain failback.
@@ -148,7 +154,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     // Before the image is opened: its fingerprint tells whether it changed since a clean stop.
-    let (lineage, dirty) = crate::lineage::for_protect(&args.state, &args.image)?;
+    if let Some(name) = &args.final_bookmark {
+        source_control::check_name(name).context("--final-bookmark")?;
+    }
+    let (lineage, dirty, origin) = crate::lineage::for_protect(&args.state, &args.image)?;
+    // A new protection of a promoted replica compares the whole volume with its target: at
+    // the original site (a failback) only what differs moves, and a blank target gets
+    // every block that is not zero.
+    let failback = args.failback || (fresh && origin == crate::lineage::Origin::Promoted);
+    if failback && !args.failback {
+        println!(
+            "failback: {} is a promoted replica; the first job compares the whole volume with \
+             the target (fast resync), as --failback does",
+            args.image.display()
+        );
+    }
     let (device, vol_len) = common::open_volume(&args.image)?;
     let (spool, _) = Spool::open(
         Arc::new(FsDir::new(&spool_dir)?),
@@ -169,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("open the write-intent map")?;
     let tap = Arc::new(Tap::new(Arc::new(device), spool, intent, TapConfig::default())?);
     let vol_len = tap.device_len();
-    if args.failback {
+    if failback {
         crate::failback::mark_whole_volume(&tap, vol_len)?;
     }
     println!(
@@ -188,8 +208,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let weak: Weak<Tap> = Arc::downgrade(&tap);
     let mut ship_cfg = ShipperConfig::new(hello, secure);
-    ship_cfg.lineage =
-        crate::lineage::wire(&lineage, dirty, args.discard_target_changes, args.failback);
+    ship_cfg.lineage = crate::lineage::wire(&lineage, dirty, args.discard_target_changes, failback);
     let mut shipper = Shipper::new(tap.shared_spool(), ship_cfg);
     // Always a bucket (unlimited unless told otherwise), so that `tidemark limits` can
     // change the rate of a running protection.
@@ -310,6 +329,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(f) = frontend {
         f.shutdown().context("stop the frontend")?;
     }
+    // No write is taken any more: the final bookmark is the state the drain delivers.
+    let final_bookmark = args.final_bookmark.as_ref().map(|name| {
+        let taken = source_control::final_bookmark(&tap, name);
+        match &taken {
+            Ok(seq) => println!("final bookmark {name:?}: seq {seq}"),
+            Err(e) => eprintln!("error: final bookmark {name:?} not taken: {e:#}"),
+        }
+        taken
+    });
     let final_pair = pair.stop();
     committing.store(false, Ordering::SeqCst);
     let _ = committer.join();
@@ -338,6 +366,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     crate::lineage::seal(&args.state, &args.image, lineage, last)?;
     println!("stopped: acknowledged up to seq {}", st.acked);
+    if let Some(Err(e)) = final_bookmark {
+        // Stopped cleanly all the same; a planned failover at that bookmark must not go on.
+        return Err(e.context("the final bookmark was not taken (the stop itself was clean)"));
+    }
     Ok(())
 }
 

@@ -218,6 +218,16 @@ fn take_bookmark(
     Ok(seq)
 }
 
+/// `protect --final-bookmark`: the bookmark appended after the frontend stopped, made
+/// durable; its sequence number.
+pub fn final_bookmark(tap: &Tap, name: &str) -> anyhow::Result<u64> {
+    let bookmark = Bookmark::new(name, BookmarkKind::User, 0)?;
+    let captured = tap.bookmark(bookmark).with_context(|| format!("bookmark {name:?}"))?;
+    let seq = spooled_seq(captured, name)?;
+    tap.sync_spool().context("sync the spool after the final bookmark")?;
+    Ok(seq)
+}
+
 /// The sequence number of a bookmark the tap appended; an error in overflow.
 fn spooled_seq(captured: Captured, name: &str) -> anyhow::Result<u64> {
     match captured {

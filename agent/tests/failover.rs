@@ -2,11 +2,12 @@
 //! e2fsck; without them the test prints a SKIP line and returns).
 //!
 //! Site A protects an ext4 volume to site B. Planned failover: A's `protect` stops on SIGTERM
-//! (drain: everything spooled acknowledged, checked in its final status.json), B's receiver
-//! stops, `promote --require-seq` folds B's journal into its image: fsck clean, identical to
-//! A's volume, every file written before the drain with its checksum. B's image is then
-//! written to (loop mount). Failback: A runs `receive --replica` over its old volume, B runs
-//! `protect --failback` over the promoted image: a fast resync of the whole volume that
+//! (drain: everything spooled acknowledged, checked in its final status.json, the last event
+//! its `--final-bookmark`), B's receiver stops, `promote --point bookmark:NAME --require-seq`
+//! folds B's journal into its image: fsck clean, identical to A's volume, every file written
+//! before the drain with its checksum. B's image is then written to (loop mount). Failback:
+//! A runs `receive --replica` over its old volume, B runs `protect` over the promoted image
+//! (`--failback` implied for a new protection of it): a fast resync of the whole volume that
 //! moves only what differs (ratio to the truly differing 4 KiB blocks reported), then diff
 //! sync with more writes through B's FUSE frontend; then a planned failover back: A's volume
 //! ends identical to B's and fsck clean.
@@ -205,7 +206,8 @@ fn planned_failover_then_failback_with_fast_resync() {
 
     // A protects its volume to B.
     let (mut rx_b, addr) = s.receive("b", "b", "a", &[]);
-    let (mut px_a, dev) = s.protect("a-volume.img", "a-state", "a", "b", &addr, &[]);
+    let (mut px_a, dev) =
+        s.protect("a-volume.img", "a-state", "a", "b", &addr, &["--final-bookmark", "failover"]);
     cleanup.loops.push(dev.clone());
     cleanup.mounts.push(s.root.join("a-state-fuse"));
     wait_status(&s.root.join("a-state"), "the initial sync", |v| {
@@ -215,17 +217,29 @@ fn planned_failover_then_failback_with_fast_resync() {
     let mut sums = write_files(&dev, &s.root.join("mnt"), &mut cleanup, 1, 8);
     wait_caught_up(&s.root.join("a-state"));
 
-    // Planned failover to B.
+    // Planned failover to B: the drain ends with the final bookmark, the last event.
     let last = drain(&mut px_a, &s.root.join("a-state"));
+    let final_line =
+        px_a.lines.lock().unwrap().iter().find(|l| l.starts_with("final bookmark")).cloned();
+    assert_eq!(final_line, Some(format!("final bookmark \"failover\": seq {last}")));
     cleanup.loops.clear();
     cleanup.mounts.clear();
     rx_b.terminate();
-    let out = tidemark(&["promote", "--dir", &s.p("b"), "--require-seq", &last.to_string()]);
+    let out = tidemark(&[
+        "promote",
+        "--dir",
+        &s.p("b"),
+        "--point",
+        "bookmark:failover",
+        "--require-seq",
+        &last.to_string(),
+    ]);
     assert!(out.contains("promoted:"), "{out}");
     let record: Value =
         serde_json::from_str(&std::fs::read_to_string(s.root.join("b/promoted.json")).unwrap())
             .unwrap();
-    assert!(u(&record, "/seq") >= last, "{record:#}");
+    assert_eq!(u(&record, "/seq"), last, "{record:#}");
+    assert!(record["kind"].as_str().unwrap().contains("failover"), "{record:#}");
     assert!(!s.root.join("b/promote.json").exists());
     // A second promotion is refused.
     let again = Command::new(BIN).args(["promote", "--dir", &s.p("b")]).output().unwrap();
@@ -243,11 +257,16 @@ fn planned_failover_then_failback_with_fast_resync() {
     let differ = differing_bytes(&a_image, &b_image);
     assert!(differ > 0, "B's writes changed nothing");
 
-    // Failback: A receives over its old volume, B protects in reverse with a fast resync.
+    // Failback: A receives over its old volume, B protects in reverse with a fast resync
+    // (implied: B's image is a promoted replica and its protection is new).
     let a_vol = a_image.display().to_string();
     let (mut rx_a, addr) =
         s.receive("a-rx", "a", "b", &["--replica", &a_vol, "--old-state", &s.p("a-state")]);
-    let (mut px_b, dev) = s.protect("b/replica.img", "b-state", "b", "a", &addr, &["--failback"]);
+    let (mut px_b, dev) = s.protect("b/replica.img", "b-state", "b", "a", &addr, &[]);
+    assert!(
+        px_b.lines.lock().unwrap().iter().any(|l| l.starts_with("failback: ")),
+        "a new protection of the promoted image did not start as a failback"
+    );
     cleanup.loops.push(dev.clone());
     cleanup.mounts.push(s.root.join("b-state-fuse"));
     let st = wait_status(&s.root.join("b-state"), "the failback resync", |v| {
