@@ -7,8 +7,9 @@
 //! acknowledged the bookmark.
 //!
 //! `--every PERIOD` takes such a bookmark (or group bookmark, hooks and freezes included)
-//! once a period until SIGINT or SIGTERM, each named `NAME-YYYY-MM-DDTHH:MM:SSZ`; one that
-//! fails is reported and the next is still taken.
+//! once a period, at the period's multiples on the UTC clock, until SIGINT or SIGTERM, each
+//! named `NAME-YYYY-MM-DDTHH:MM:SSZ`; one that fails is reported and the next is still
+//! taken.
 //!
 //! Hooks run with `sh -c`, with `TIDEMARK_BOOKMARK` (the name) and `TIDEMARK_STATE` in
 //! their environment; the post hook also gets `TIDEMARK_BOOKMARK_RESULT` (`ok` or
@@ -33,8 +34,9 @@ pub struct Args {
     /// `--every`, the prefix of the names.
     name: String,
     /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; at least one second) until
-    /// SIGINT or SIGTERM, each named NAME-TIME (`nightly-2026-12-01T21:45:00Z`); the
-    /// first one period after the start.
+    /// SIGINT or SIGTERM, each named NAME-TIME (`nightly-2026-12-01T21:45:00Z`), at the
+    /// multiples of the period on the UTC clock (`15m`: at :00, :15, :30 and :45; `1d`: at
+    /// 00:00 UTC).
     #[arg(long, value_parser = crate::source_control::parse_duration)]
     every: Option<Duration>,
     /// The state directory of the running `tidemark protect`. Given more than once: a
@@ -95,19 +97,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     std::io::stdout().flush()?;
     let (mut taken, mut failed, mut last) = (0u64, 0u64, None);
-    let mut next = Instant::now() + every;
+    // Ticks on the UTC clock's multiples of the period: every 15m at :00, :15, :30, :45.
+    let period = (every.as_nanos() as u64).max(1);
+    let mut next = next_tick(now().0, period);
+    println!("first at {}", crate::points::rfc3339(Nanos(next)));
     loop {
-        while !signals::stop_requested() && Instant::now() < next {
-            std::thread::sleep(next.saturating_duration_since(Instant::now()).min(POLL));
+        while !signals::stop_requested() && now().0 < next {
+            std::thread::sleep(Duration::from_nanos(next.saturating_sub(now().0)).min(POLL));
         }
         if signals::stop_requested() {
             break;
         }
         // A period missed (a slow member, a long hook) is skipped, not made up for.
-        while next <= Instant::now() {
-            next += every;
-        }
-        let mut name = periodic_name(&args.name, now());
+        let t = now().0;
+        next = next_tick(t, period);
+        let mut name = periodic_name(&args.name, Nanos(t));
         if last.as_ref() == Some(&name) {
             // A late tick in the same second as the one before: names stay unique.
             std::thread::sleep(Duration::from_nanos(Nanos::SECOND - now().0 % Nanos::SECOND));
@@ -125,6 +129,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("stopped: {taken} bookmarks taken, {failed} failed");
     Ok(())
+}
+
+/// The first multiple of `period` (ns) on the UTC clock after `t` (ns since the epoch).
+fn next_tick(t: u64, period: u64) -> u64 {
+    (t / period + 1) * period
 }
 
 /// How often the wait between periodic bookmarks looks at the stop flag.
@@ -353,4 +362,22 @@ fn hook(
         bail!("the post hook {cmd:?} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_fall_on_the_periods_multiples_of_the_utc_clock() {
+        let at = |h: u64, m: u64, s: u64| ((h * 60 + m) * 60 + s) * Nanos::SECOND;
+        let quarter = 15 * 60 * Nanos::SECOND;
+        assert_eq!(next_tick(at(16, 7, 31), quarter), at(16, 15, 0));
+        // A tick is after `t`, never at it: the one just taken is not taken again.
+        assert_eq!(next_tick(at(16, 15, 0), quarter), at(16, 30, 0));
+        // Late by more than a period: the missed ones are skipped.
+        assert_eq!(next_tick(at(16, 47, 2), quarter), at(17, 0, 0));
+        let day = 24 * 3600 * Nanos::SECOND;
+        assert_eq!(next_tick(at(30 * 24 + 5, 0, 0), day), at(31 * 24, 0, 0));
+    }
 }
