@@ -55,11 +55,14 @@ macro_rules! require_env {
     };
 }
 
-/// A child process whose stdout lines are collected; killed (SIGKILL) on drop.
+/// A child process whose stdout lines are collected; killed (SIGKILL) on drop. Once it
+/// has exited through `terminate`, `terminate_within` or `wait_exit`, `lines` holds all
+/// it printed.
 pub struct Proc {
     pub name: &'static str,
     pub child: Option<Child>,
     pub lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -73,14 +76,28 @@ impl Proc {
         let out = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[{name}] {line}");
                 l.lock().unwrap().push(line);
             }
         });
-        Proc { name, child: Some(child), lines }
+        Proc { name, child: Some(child), lines, reader: Some(reader) }
+    }
+
+    /// After the exit: waits until every line the process printed is in `lines` (its
+    /// stdout reached end of file; a process it left running with the pipe open is waited
+    /// for up to PATIENCE, then the lines so far are what there is).
+    fn collect_rest(&mut self) {
+        let Some(reader) = self.reader.take() else { return };
+        let until = Instant::now() + PATIENCE;
+        while !reader.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
     }
 
     pub fn pid(&self) -> u64 {
@@ -94,8 +111,20 @@ impl Proc {
             if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.starts_with(prefix)) {
                 return l[prefix.len()..].trim().to_owned();
             }
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({st}) before printing {prefix:?}", self.name);
+            match self.child.as_mut() {
+                Some(child) => {
+                    if let Some(st) = child.try_wait().unwrap() {
+                        self.collect_rest();
+                        if let Some(l) =
+                            self.lines.lock().unwrap().iter().find(|l| l.starts_with(prefix))
+                        {
+                            return l[prefix.len()..].trim().to_owned();
+                        }
+                        panic!("{} exited ({st}) before printing {prefix:?}", self.name);
+                    }
+                }
+                // Exited already, and every line collected then.
+                None => panic!("{} exited without printing {prefix:?}", self.name),
             }
             assert!(Instant::now() < until, "{} printed no {prefix:?} line", self.name);
             std::thread::sleep(Duration::from_millis(20));
@@ -110,6 +139,7 @@ impl Proc {
         let until = Instant::now() + PATIENCE;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
+                self.collect_rest();
                 assert!(st.success(), "{} exited with {st} after SIGTERM", self.name);
                 return;
             }
@@ -127,7 +157,9 @@ impl Proc {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
-                return (st, start.elapsed());
+                let took = start.elapsed();
+                self.collect_rest();
+                return (st, took);
             }
             if start.elapsed() > deadline {
                 let _ = child.kill();
@@ -144,6 +176,7 @@ impl Proc {
         let until = Instant::now() + PATIENCE;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
+                self.collect_rest();
                 return st;
             }
             if Instant::now() >= until {

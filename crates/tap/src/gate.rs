@@ -267,8 +267,8 @@ mod tests {
     fn a_lease_ends_the_hold_by_itself() {
         let gate = Arc::new(WriteGate::default());
         let lease = Duration::from_millis(200);
-        let h = gate.hold(lease).unwrap();
         let started = Instant::now();
+        let h = gate.hold(lease).unwrap();
         gate.pass(); // waits for the lease, then lets itself through
         assert!(started.elapsed() >= lease, "passed after {:?}", started.elapsed());
         assert_eq!(
