@@ -454,6 +454,9 @@ fn document(
     setup: &Setup,
     passes: &Passes,
 ) -> serde_json::Value {
+    // Stamped before anything is read: the document shows the state as of this time or
+    // later, never a state older than its stamp.
+    let updated_ms = status::now_ms();
     let s = receiver.status();
     let policy = &setup.cfg.policy;
     let last_pass = passes.last.as_ref().map(|(at, took, r)| match r {
@@ -480,7 +483,7 @@ fn document(
         "state": state,
         "lineage": crate::lineage::status_json(&setup.args.dir),
         "pid": std::process::id(),
-        "updated_ms": status::now_ms(),
+        "updated_ms": updated_ms,
         "uptime_s": common::secs(uptime),
         "listen": addr,
         "connected": s.connected,
