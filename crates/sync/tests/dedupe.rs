@@ -358,9 +358,13 @@ fn the_zstd_level_rises_when_the_link_is_slow() {
         source.write(i * (64 << 10), data);
     }
     source.sync();
-    // 2 MiB/s: far below what the encoder produces, so the writer's queue stays full.
+    // 512 KiB/s: far below what the encoder produces, so the writer's queue stays full. The
+    // level needs 12 link-bound batches in a row to reach 4; a batch the writer's queue
+    // takes at once breaks the streak, which takes an encoder stall long enough for the
+    // writer to drain its queue (`queue_depth` frames of some 30 KiB each, over 200 ms at
+    // this rate). The 24 MiB last well over 10 s at this rate: room for many streaks.
     let bucket = Arc::new(
-        TokenBucket::new(Rate::BytesPerSec(2 << 20), 64 << 10, Arc::new(SystemClock)).unwrap(),
+        TokenBucket::new(Rate::BytesPerSec(512 << 10), 64 << 10, Arc::new(SystemClock)).unwrap(),
     );
     let net = PipeNet::new(receiver.clone());
     let cfg = config(cs, VOLUME, 64 << 20, Compression::Zstd { level: 1 });
@@ -372,7 +376,12 @@ fn the_zstd_level_rises_when_the_link_is_slow() {
     handle.notify();
     let risen = handle
         .wait_for(PATIENCE, |s| matches!(s.compression, Compression::Zstd { level } if level >= 4));
-    assert!(risen.is_some(), "the level did not rise on a slow link: {:?}", handle.status());
+    let risen = risen
+        .unwrap_or_else(|| panic!("the level did not rise on a slow link: {:?}", handle.status()));
+    println!(
+        "level {:?} after {} batches, {} wire bytes for {} raw bytes",
+        risen.compression, risen.batches, risen.wire_bytes, risen.raw_bytes
+    );
     bucket.set_rate(Rate::Unlimited, 1 << 20).unwrap();
     wait_caught_up(&handle, source.last_seq());
     check_replica(&receiver, &source);

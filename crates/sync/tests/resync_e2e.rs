@@ -269,16 +269,48 @@ fn a_fast_resync_sends_only_the_differing_blocks_and_ends_identical() {
 #[test]
 fn application_writes_racing_a_resync_are_kept_and_the_replica_is_inconsistent_meanwhile() {
     let size = 32 << 20;
+    let half = size / 2;
     let mut rng = Rng::new(5);
     let image = random_image(&mut rng, size);
     let device = volume_from(&image);
     let rig = Rig::new(device.clone(), volume_from(&image), Compression::Zstd { level: 1 });
     rig.tap.bookmark(Bookmark::new("consistent", BookmarkKind::User, 0).unwrap()).unwrap();
     let consistent = rig.caught_up();
-    diverge(&*device, &mut rng, size, 300);
+    // The divergence is in the first half and the application writes only the second: a
+    // racing write never overwrites (heals) a diverged block, so all 300 must be found.
+    diverge(&*device, &mut rng, half, 300);
+
+    // Inside the window on the source's side (its `ResyncBegin` acknowledged, its
+    // `ResyncEnd` not yet appended) the replica must be marked inconsistent and offer
+    // nothing newer than the point before the window. Checked at every copy step, whatever
+    // the racing writer is doing: (steps checked, violations).
+    let window_checks: Arc<Mutex<(u64, Vec<String>)>> = Arc::default();
+    let progress: tidemark_sync::syncer::ProgressFn = {
+        let (receiver, checks) = (rig.receiver.clone(), window_checks.clone());
+        Arc::new(move |p: tidemark_sync::syncer::Progress| {
+            if p.phase != tidemark_sync::syncer::Phase::Copying {
+                return;
+            }
+            let seen = receiver.with_log(|log| match log.status().inconsistent {
+                None => Err(format!("not inconsistent at copy step {}/{}", p.done, p.total)),
+                Some(w) => {
+                    let latest = log.resolve(&RecoveryPoint::Latest).unwrap();
+                    if latest.seq >= w.begin_seq || latest.seq < consistent {
+                        Err(format!("latest {} offered inside the window {w:?}", latest.seq))
+                    } else {
+                        Ok(())
+                    }
+                }
+            });
+            let mut checks = checks.lock().unwrap();
+            checks.0 += 1;
+            if let Err(e) = seen {
+                checks.1.push(e);
+            }
+        })
+    };
 
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let seen_inconsistent = Mutex::new(false);
     let report = std::thread::scope(|s| {
         let writer = s.spawn(|| {
             let mut rng = Rng::new(77);
@@ -288,7 +320,7 @@ fn application_writes_racing_a_resync_are_kept_and_the_replica_is_inconsistent_m
             while (!stop.load(std::sync::atomic::Ordering::SeqCst) || writes < 200) && writes < 4000
             {
                 let n = 1 + rng.below(8);
-                let offset = rng.below(size / BLOCK - n) * BLOCK;
+                let offset = half + rng.below((size - half) / BLOCK - n) * BLOCK;
                 rig.tap.write(offset, Bytes::from(data(&mut rng, (n * BLOCK) as usize))).unwrap();
                 writes += 1;
                 if writes % 16 != 0 {
@@ -297,20 +329,19 @@ fn application_writes_racing_a_resync_are_kept_and_the_replica_is_inconsistent_m
                 rig.tap.flush().unwrap();
                 rig.tap.sync_spool().unwrap();
                 rig.shipper().notify();
-                // While the resync runs, the target offers nothing newer than the point
-                // before it.
+                // Whenever the target is inconsistent, it offers nothing newer than the
+                // point before the resync (sampled while writes are being applied).
                 rig.receiver.with_log(|log| {
                     if let Some(w) = log.status().inconsistent {
                         let latest = log.resolve(&RecoveryPoint::Latest).unwrap();
                         assert!(latest.seq < w.begin_seq, "a point inside the resync window");
                         assert!(latest.seq >= consistent);
-                        *seen_inconsistent.lock().unwrap() = true;
                     }
                 });
             }
             writes
         });
-        let report = rig.syncer().fast_resync(None, &[]);
+        let report = rig.syncer().progress(progress).fast_resync(None, &[]);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let report = report.unwrap_or_else(|e| {
             panic!(
@@ -327,11 +358,20 @@ fn application_writes_racing_a_resync_are_kept_and_the_replica_is_inconsistent_m
     });
     rig.tap.flush().unwrap();
     rig.caught_up();
-    assert!(report.differing_bytes >= 300 * BLOCK);
-    assert!(*seen_inconsistent.lock().unwrap(), "the replica was never seen inconsistent");
+    assert!(report.differing_bytes >= 300 * BLOCK, "{} differing bytes", report.differing_bytes);
+    let (steps, violations) = window_checks.lock().unwrap().clone();
+    assert!(steps > 0, "no copy step was checked");
+    assert!(violations.is_empty(), "during the resync: {violations:?}");
     assert!(rig.replica_current() == rig.device_bytes(), "replica differs after the resync");
     rig.receiver.with_log(|log| {
         assert!(log.status().inconsistent.is_none());
+        // The window stays on record: the event just before its end is no recovery point.
+        let inside = log.resolve(&RecoveryPoint::Seq(Seq(report.end_seq.0 - 1)));
+        assert!(
+            inside.as_ref().is_err_and(|e| e.to_string().contains("inconsistent")),
+            "seq {} inside the window: {inside:?}",
+            report.end_seq.0 - 1
+        );
         let latest = log.resolve(&RecoveryPoint::Latest).unwrap();
         let mut buf = vec![0u8; size as usize];
         log.read_at(&latest, VolumeId(0), 0, &mut buf).unwrap();
@@ -452,9 +492,21 @@ fn the_pair_runs_an_initial_sync_into_a_blank_replica_then_streams() {
         tidemark_sync::wire::ReplicaKind::Blank
     );
     assert!(report.compare.hash_requests == 0, "step I does not compare");
-    let device = rig.device_bytes();
-    let zero_blocks = device.chunks(BLOCK as usize).filter(|b| b.iter().all(|&x| x == 0)).count();
-    assert_eq!(report.zero_bytes, zero_blocks as u64 * BLOCK, "zero blocks left out");
+    // The write above races step I's copy: each of its blocks was read either before it
+    // (a zero block of the image, counted as zero) or after (all 7s, data). Its blocks are
+    // never all-zero, so a block counted as zero was zero in the image and a block zero now
+    // was zero throughout: the count lies between the zero blocks of the device now and
+    // those of the image.
+    let zero_blocks = |bytes: &[u8]| {
+        bytes.chunks(BLOCK as usize).filter(|b| b.iter().all(|&x| x == 0)).count() as u64
+    };
+    let (now, before) = (zero_blocks(&rig.device_bytes()), zero_blocks(&image));
+    assert!(now > 0, "the image has zero blocks");
+    assert!(
+        now * BLOCK <= report.zero_bytes && report.zero_bytes <= before * BLOCK,
+        "zero blocks left out: {} zero bytes, {now} zero blocks on the device now, {before} in the image",
+        report.zero_bytes
+    );
     // Then writes stream as usual.
     rig.tap.write(4096, Bytes::from(vec![1u8; 8192])).unwrap();
     rig.tap.flush().unwrap();

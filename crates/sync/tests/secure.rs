@@ -14,7 +14,9 @@ use tidemark_sync::connection::{Connection, ConnectionError, Session};
 use tidemark_sync::lineage::Verdict;
 use tidemark_sync::pipe::{PipeEnd, duplex};
 use tidemark_sync::secure::channel::RECORD_HEADER_LEN;
-use tidemark_sync::secure::handshake::{PREAMBLE_MAGIC, SUPPORTED_TRANSPORT};
+use tidemark_sync::secure::handshake::{
+    MESSAGE_1_LEN, MESSAGE_3_LEN, PREAMBLE_MAGIC, SUPPORTED_TRANSPORT,
+};
 use tidemark_sync::secure::{
     AllowedPeers, CloseCode, Keypair, SecureChannel, SecureConfig, SecureError, Stream, accept_tcp,
     connect_tcp,
@@ -367,29 +369,45 @@ fn a_peer_speaking_another_protocol_is_told_at_once() {
 
 #[test]
 fn a_slow_loris_cannot_stretch_the_handshake() {
+    const DRIP: Duration = Duration::from_millis(100);
     let (_, mut cr) = paired();
     cr.handshake_timeout = Duration::from_millis(400);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let loris = thread::spawn(move || {
-        let mut s = TcpStream::connect(addr).unwrap();
-        // A valid preamble, one byte every 100 ms, then a message length and silence.
-        let mut script = PREAMBLE_MAGIC.to_vec();
-        script.extend_from_slice(&[1, 0, 1, 0, 32, 0, 1, 2]);
-        for b in script {
-            if s.write_all(&[b]).is_err() {
-                break;
+    // Everything an initiator sends, well-formed as far as lengths go: a valid preamble,
+    // message 1 (a key) and message 3 (garbage the responder only rejects once it has all
+    // of it). One byte per `DRIP`, each well within the handshake timeout, so only a
+    // deadline over the whole handshake stops it before the script ends; then silence.
+    let mut script = PREAMBLE_MAGIC.to_vec();
+    script.extend_from_slice(&[1, 0, 1, 0]);
+    for (len, fill) in [(MESSAGE_1_LEN, 9u8), (MESSAGE_3_LEN, 0x5a)] {
+        script.extend_from_slice(&(len as u16).to_le_bytes());
+        script.extend(std::iter::repeat_n(fill, len));
+    }
+    let unbounded = DRIP * script.len() as u32;
+    assert!(unbounded > Duration::from_secs(10), "the script lasts {unbounded:?}");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loris = thread::spawn({
+        let done = done.clone();
+        move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            for b in script {
+                if done.load(std::sync::atomic::Ordering::SeqCst) || s.write_all(&[b]).is_err() {
+                    break;
+                }
+                thread::sleep(DRIP);
             }
-            thread::sleep(Duration::from_millis(100));
+            let _ = s.shutdown(Shutdown::Both);
         }
-        let _ = s.shutdown(Shutdown::Both);
     });
     let (stream, _) = listener.accept().unwrap();
     let start = Instant::now();
     let err = accept_tcp(stream, &cr).unwrap_err();
     let took = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(err, SecureError::HandshakeTimeout { .. }), "{err}");
-    assert!(took < Duration::from_millis(900), "the deadline held: {took:?}");
+    // Ten times the timeout, and still a third of the script's length.
+    assert!(took < Duration::from_secs(4), "the deadline held: {took:?} of {unbounded:?}");
     assert!(err.to_string().contains("handshake timed out"), "{err}");
     loris.join().unwrap();
 }
