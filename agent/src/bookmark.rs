@@ -132,7 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The first multiple of `period` (ns) on the UTC clock after `t` (ns since the epoch).
-fn next_tick(t: u64, period: u64) -> u64 {
+pub fn next_tick(t: u64, period: u64) -> u64 {
     (t / period + 1) * period
 }
 
@@ -342,15 +342,29 @@ fn hook(
     name: &str,
     result: Option<Option<&Value>>,
 ) -> anyhow::Result<()> {
-    let mut c = Command::new("sh");
     let states: Vec<String> = args.state.iter().map(|s| s.display().to_string()).collect();
-    c.arg("-c").arg(cmd).env("TIDEMARK_BOOKMARK", name).env("TIDEMARK_STATE", states.join(":"));
+    let states = states.join(":");
+    let mut env = vec![("TIDEMARK_BOOKMARK", name), ("TIDEMARK_STATE", states.as_str())];
     if let Some(g) = &args.group {
-        c.env("TIDEMARK_GROUP", g);
+        env.push(("TIDEMARK_GROUP", g));
     }
+    run_hook(which, cmd, &env, result.map(|r| r.and_then(|v| v["seq"].as_u64())))
+}
+
+/// Runs a bookmark hook with `sh -c CMD` and `env`; for the post hook, `result` is the
+/// bookmark's seq when taken (`TIDEMARK_BOOKMARK_RESULT` `ok` and `TIDEMARK_BOOKMARK_SEQ`)
+/// or `None` (`failed`). An error when it cannot start or exits non-zero.
+pub fn run_hook(
+    which: &str,
+    cmd: &str,
+    env: &[(&str, &str)],
+    result: Option<Option<u64>>,
+) -> anyhow::Result<()> {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(cmd).envs(env.iter().copied());
     if let Some(r) = result {
         c.env("TIDEMARK_BOOKMARK_RESULT", if r.is_some() { "ok" } else { "failed" });
-        if let Some(seq) = r.and_then(|v| v["seq"].as_u64()) {
+        if let Some(seq) = r {
             c.env("TIDEMARK_BOOKMARK_SEQ", seq.to_string());
         }
     }

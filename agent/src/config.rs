@@ -162,6 +162,11 @@ pub struct GroupBookmarks {
     pub every_at: Span,
     /// The names' prefix (`bookmark_prefix`, default `auto`).
     pub prefix: String,
+    /// Hooks around each (`bookmark_pre`, `bookmark_post`): `--pre`, `--post`.
+    pub pre: Option<String>,
+    pub post: Option<String>,
+    /// Mountpoints to freeze, one per member in the members' order (`bookmark_freeze`).
+    pub freeze: Vec<String>,
 }
 
 /// A parsed configuration: the pairs by name, in file order, and the groups of them.
@@ -327,7 +332,8 @@ fn parse_groups(
                     g.key(key).and_then(|k| k.span()),
                     format!(
                         "group `{name}`: unknown key `{key}`; a group has `pairs`, and for \
-                         periodic bookmarks `bookmark_every` and `bookmark_prefix`"
+                         periodic bookmarks `bookmark_every`, `bookmark_prefix`, `bookmark_pre`, \
+                         `bookmark_post` and `bookmark_freeze`"
                     ),
                 ));
             }
@@ -343,6 +349,26 @@ fn parse_groups(
             }
         };
         let (every, prefix) = (string("bookmark_every")?, string("bookmark_prefix")?);
+        let (pre, post) = (string("bookmark_pre")?, string("bookmark_post")?);
+        let freeze = match g.get("bookmark_freeze") {
+            None => None,
+            Some(item) => {
+                let bad = || {
+                    err(
+                        item.span(),
+                        format!(
+                            "group `{name}`: `bookmark_freeze` must be a list of mountpoints, \
+                             one per pair in the order of `pairs`, not {}",
+                            describe(item)
+                        ),
+                    )
+                };
+                let list = item.as_array().ok_or_else(bad)?;
+                let paths: Option<Vec<String>> =
+                    list.iter().map(|v| v.as_str().map(str::to_owned)).collect();
+                Some((paths.ok_or_else(bad)?, item.span().unwrap_or(header.clone())))
+            }
+        };
         let Some(list_item) = g.get("pairs") else {
             return Err(err(
                 Some(header),
@@ -400,15 +426,36 @@ fn parse_groups(
             ));
         }
         let role = role.unwrap_or_default().to_owned();
-        let bookmarks = match (every, prefix) {
-            (None, None) => None,
-            (None, Some((_, at))) => {
+        let extra = [
+            ("bookmark_prefix", prefix.as_ref().map(|p| p.1.clone())),
+            ("bookmark_pre", pre.as_ref().map(|p| p.1.clone())),
+            ("bookmark_post", post.as_ref().map(|p| p.1.clone())),
+            ("bookmark_freeze", freeze.as_ref().map(|p| p.1.clone())),
+        ];
+        if let Some((f, at)) = &freeze {
+            if f.len() != members.len() {
                 return Err(err(
-                    Some(at),
-                    format!("group `{name}`: `bookmark_prefix` without `bookmark_every`"),
+                    Some(at.clone()),
+                    format!(
+                        "group `{name}`: `bookmark_freeze` names {} mountpoints for {} pairs; \
+                         give one per pair, in the order of `pairs`",
+                        f.len(),
+                        members.len()
+                    ),
                 ));
             }
-            (Some((every, at)), prefix) => {
+        }
+        let bookmarks = match every {
+            None => {
+                if let Some((key, Some(at))) = extra.into_iter().find(|(_, at)| at.is_some()) {
+                    return Err(err(
+                        Some(at),
+                        format!("group `{name}`: `{key}` without `bookmark_every`"),
+                    ));
+                }
+                None
+            }
+            Some((every, at)) => {
                 if role != "protect" {
                     return Err(err(
                         Some(at),
@@ -422,6 +469,9 @@ fn parse_groups(
                     every,
                     every_at: Span::locate(text, at),
                     prefix: prefix.map_or_else(|| "auto".to_owned(), |(p, _)| p),
+                    pre: pre.map(|(p, _)| p),
+                    post: post.map(|(p, _)| p),
+                    freeze: freeze.map(|(f, _)| f).unwrap_or_default(),
                 })
             }
         };
@@ -629,7 +679,14 @@ pub fn group_error(
 }
 
 /// The keys of a `[group.NAME]` table.
-const GROUP_KEYS: &[&str] = &["pairs", "bookmark_every", "bookmark_prefix"];
+const GROUP_KEYS: &[&str] = &[
+    "pairs",
+    "bookmark_every",
+    "bookmark_prefix",
+    "bookmark_pre",
+    "bookmark_post",
+    "bookmark_freeze",
+];
 
 /// A file key as an option name: `max_hot_regions` and `max-hot-regions` are the same;
 /// `id` is the pair id, the commands' `--pair`.

@@ -107,6 +107,7 @@ pub fn point_json(p: &PointInfo) -> Value {
         "time": rfc3339(p.time),
         "kind": kind,
         "bookmark": bookmark.map(|b| b.name.clone()),
+        "bookmark_kind": bookmark.map(|b| crate::source_control::kind_name(b.kind)),
         // A consistency group's bookmark: its id, 16 hexadecimal digits.
         "group": bookmark
             .filter(|b| b.group != 0)

@@ -52,6 +52,32 @@ pub struct Args {
     /// The name prefix of periodic bookmarks.
     #[arg(long, default_value = "auto")]
     pub bookmark_prefix: String,
+    /// Periodic bookmarks: run this (with `sh -c`) before each; the bookmark is taken only
+    /// if it exits 0 (an application bookmark: a database checkpoint).
+    #[arg(long, value_name = "CMD", requires = "bookmark_every")]
+    pub bookmark_pre: Option<String>,
+    /// Periodic bookmarks: run this (with `sh -c`) after each, taken or not.
+    #[arg(long, value_name = "CMD", requires = "bookmark_every")]
+    pub bookmark_post: Option<String>,
+    /// Periodic bookmarks: freeze the filesystem mounted here (an absolute path, on the
+    /// protected device) around each (FIFREEZE, bookmark, FITHAW; thawed after 30 s
+    /// whatever happens). A tick when it cannot be frozen takes no bookmark.
+    #[arg(long, value_name = "MOUNTPOINT", requires = "bookmark_every")]
+    pub bookmark_freeze: Option<PathBuf>,
+}
+
+/// How long a periodic bookmark keeps its filesystem frozen at most.
+const PERIODIC_FREEZE: Duration = Duration::from_secs(30);
+
+/// What the periodic bookmark thread does at each tick.
+#[derive(Debug, Clone)]
+struct Periodic {
+    every: Duration,
+    prefix: String,
+    pre: Option<String>,
+    post: Option<String>,
+    freeze: Option<PathBuf>,
+    state: PathBuf,
 }
 
 /// The longest freeze a client may ask for.
@@ -117,6 +143,11 @@ impl SourceControl {
             check_name(&sample)
                 .with_context(|| format!("--bookmark-prefix {:?}", args.bookmark_prefix))?;
         }
+        if let Some(m) = &args.bookmark_freeze {
+            if !m.is_absolute() {
+                bail!("--bookmark-freeze {}: expected an absolute path", m.display());
+            }
+        }
         let path = args.control.clone().unwrap_or_else(|| control::default_socket(state));
         let last_bookmark = Arc::new(Mutex::new(None));
         let service = SourceService {
@@ -133,10 +164,18 @@ impl SourceControl {
         let periodic = match args.bookmark_every {
             Some(every) => {
                 let stop = Arc::new((Mutex::new(false), Condvar::new()));
-                let (s, prefix) = (stop.clone(), args.bookmark_prefix.clone());
+                let cfg = Periodic {
+                    every,
+                    prefix: args.bookmark_prefix.clone(),
+                    pre: args.bookmark_pre.clone(),
+                    post: args.bookmark_post.clone(),
+                    freeze: args.bookmark_freeze.clone(),
+                    state: state.to_path_buf(),
+                };
+                let s = stop.clone();
                 let thread = std::thread::Builder::new()
                     .name("tidemark-bookmarks".into())
-                    .spawn(move || periodic(&tap, &client, every, &prefix, &s, &last_bookmark))
+                    .spawn(move || periodic(&tap, &client, &cfg, &s, &last_bookmark))
                     .context("start the periodic bookmark thread")?;
                 Some((stop, thread))
             }
@@ -165,17 +204,18 @@ impl SourceControl {
 fn periodic(
     tap: &Tap,
     client: &HashClient,
-    every: Duration,
-    prefix: &str,
+    cfg: &Periodic,
     stop: &StopFlag,
     last: &Mutex<Option<Value>>,
 ) {
-    let mut next = Instant::now() + every;
+    // Ticks on the UTC clock's multiples of the period, as `tidemark bookmark --every`.
+    let period = (cfg.every.as_nanos() as u64).max(1);
+    let mut next = crate::bookmark::next_tick(now().0, period);
     loop {
         {
             let mut stopped = stop.0.lock().unwrap_or_else(|e| e.into_inner());
             while !*stopped {
-                let left = next.saturating_duration_since(Instant::now());
+                let left = Duration::from_nanos(next.saturating_sub(now().0));
                 if left.is_zero() {
                     break;
                 }
@@ -185,13 +225,52 @@ fn periodic(
                 return;
             }
         }
-        next += every;
-        let name = periodic_name(prefix, now());
-        match take_bookmark(tap, client, &name, BookmarkKind::User, last) {
+        let t = now().0;
+        next = crate::bookmark::next_tick(t, period);
+        let name = periodic_name(&cfg.prefix, Nanos(t));
+        match periodic_one(tap, client, cfg, &name, last) {
             Ok(seq) => tracing::info!(name, seq, "periodic bookmark"),
             Err(e) => eprintln!("periodic bookmark {name:?}: {e:#}"),
         }
     }
+}
+
+/// One periodic bookmark: the pre hook, the bookmark (frozen when asked), the post hook.
+fn periodic_one(
+    tap: &Tap,
+    client: &HashClient,
+    cfg: &Periodic,
+    name: &str,
+    last: &Mutex<Option<Value>>,
+) -> anyhow::Result<u64> {
+    let state = cfg.state.display().to_string();
+    let env = [("TIDEMARK_BOOKMARK", name), ("TIDEMARK_STATE", state.as_str())];
+    let kind = if cfg.pre.is_some() || cfg.post.is_some() {
+        BookmarkKind::Application
+    } else if cfg.freeze.is_some() {
+        BookmarkKind::Filesystem
+    } else {
+        BookmarkKind::User
+    };
+    let taken = (|| {
+        if let Some(pre) = &cfg.pre {
+            crate::bookmark::run_hook("pre", pre, &env, None)?;
+        }
+        match &cfg.freeze {
+            Some(m) => bookmark_frozen(tap, client, last, name, kind, m, PERIODIC_FREEZE)
+                .map(|(seq, _)| seq),
+            None => take_bookmark(tap, client, name, kind, last),
+        }
+    })();
+    let post = match &cfg.post {
+        Some(post) => {
+            crate::bookmark::run_hook("post", post, &env, Some(taken.as_ref().ok().copied()))
+        }
+        None => Ok(()),
+    };
+    let seq = taken?;
+    post?;
+    Ok(seq)
 }
 
 fn now() -> Nanos {
@@ -239,7 +318,8 @@ fn spooled_seq(captured: Captured, name: &str) -> anyhow::Result<u64> {
     }
 }
 
-fn kind_name(kind: BookmarkKind) -> &'static str {
+/// A bookmark kind as the agent's documents name it.
+pub fn kind_name(kind: BookmarkKind) -> &'static str {
     match kind {
         BookmarkKind::Filesystem => "filesystem",
         BookmarkKind::Application => "application",
@@ -709,42 +789,66 @@ impl SourceService {
             bail!("freeze timeout {timeout:?}: expected more than 0 and at most {MAX_FREEZE:?}");
         }
         let kind = if kind == BookmarkKind::User { BookmarkKind::Filesystem } else { kind };
-        let started = Instant::now();
-        let frozen = Frozen::freeze(Path::new(mountpoint))?;
-        let guard = ThawOnDrop(frozen.clone());
-        let (done, done_rx) = mpsc::channel::<()>();
-        let timer = {
-            let f = frozen.clone();
-            std::thread::Builder::new()
-                .name("tidemark-thaw".into())
-                .spawn(move || {
-                    if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
-                        let _ = f.thaw(true);
-                    }
-                })
-                .context("start the thaw timer")
-        };
-        // On an error the guard thaws.
-        let timer = timer?;
-        let taken = take_bookmark(&self.tap, &self.client, name, kind, &self.last_bookmark);
-        let thawed_by_us = frozen.thaw(false);
-        drop(guard);
-        drop(done);
-        let _ = timer.join();
-        let frozen_ms = started.elapsed().as_millis() as u64;
-        let seq = taken?;
-        match thawed_by_us {
-            Ok(true) => {}
-            Ok(false) => bail!(
-                "bookmark {name:?} (seq {seq}) was taken after the freeze timeout ({timeout:?}) \
-                 had thawed {mountpoint}: it is only crash-consistent"
-            ),
-            Err(e) => {
-                bail!("bookmark {name:?} (seq {seq}) taken, but thawing {mountpoint} failed: {e:#}")
-            }
-        }
+        let (seq, frozen_ms) = bookmark_frozen(
+            &self.tap,
+            &self.client,
+            &self.last_bookmark,
+            name,
+            kind,
+            Path::new(mountpoint),
+            timeout,
+        )?;
         Ok(json!({"name": name, "seq": seq, "kind": kind_name(kind), "frozen_ms": frozen_ms}))
     }
+}
+
+/// A bookmark with the filesystem at `mountpoint` frozen around it (thawed at `timeout`
+/// whatever happens, and on every way out); its seq and how long it stayed frozen (ms).
+fn bookmark_frozen(
+    tap: &Tap,
+    client: &HashClient,
+    last: &Mutex<Option<Value>>,
+    name: &str,
+    kind: BookmarkKind,
+    mountpoint: &Path,
+    timeout: Duration,
+) -> anyhow::Result<(u64, u64)> {
+    let started = Instant::now();
+    let frozen = Frozen::freeze(mountpoint)?;
+    let guard = ThawOnDrop(frozen.clone());
+    let (done, done_rx) = mpsc::channel::<()>();
+    let timer = {
+        let f = frozen.clone();
+        std::thread::Builder::new()
+            .name("tidemark-thaw".into())
+            .spawn(move || {
+                if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                    let _ = f.thaw(true);
+                }
+            })
+            .context("start the thaw timer")
+    };
+    // On an error the guard thaws.
+    let timer = timer?;
+    let taken = take_bookmark(tap, client, name, kind, last);
+    let thawed_by_us = frozen.thaw(false);
+    drop(guard);
+    drop(done);
+    let _ = timer.join();
+    let frozen_ms = started.elapsed().as_millis() as u64;
+    let seq = taken?;
+    let m = mountpoint.display();
+    match thawed_by_us {
+        Ok(true) => {}
+        Ok(false) => bail!(
+            "bookmark {name:?} (seq {seq}) was taken after the freeze timeout ({timeout:?}) \
+             had thawed {m}: it is only crash-consistent"
+        ),
+        Err(e) => {
+            bail!("bookmark {name:?} (seq {seq}) taken, but thawing {m} failed: {e:#}")
+        }
+    }
+    Ok((seq, frozen_ms))
 }
 
 fn hold_json(h: &tidemark_tap::HoldStatus) -> Value {
@@ -775,6 +879,15 @@ struct Frozen {
 
 impl Frozen {
     fn freeze(mountpoint: &Path) -> anyhow::Result<Arc<Frozen>> {
+        // FIFREEZE freezes the filesystem holding whatever file it is given: a directory
+        // that is not a mount's root would freeze the filesystem above it (`/`, say).
+        if !is_mount_root(mountpoint)? {
+            bail!(
+                "FIFREEZE {}: not the root of a mounted filesystem (no mount there now); \
+                 freezing it would freeze the filesystem that holds it",
+                mountpoint.display()
+            );
+        }
         let dir = File::open(mountpoint)
             .with_context(|| format!("open the mountpoint {}", mountpoint.display()))?;
         // SAFETY: FIFREEZE takes an int argument by value (ignored) on a valid open fd; no
@@ -820,6 +933,41 @@ impl Frozen {
     }
 }
 
+/// Whether `path` is where a filesystem is mounted (a mount point of this process's mount
+/// namespace, `/proc/self/mountinfo` field 5, octal escapes undone).
+fn is_mount_root(path: &Path) -> anyhow::Result<bool> {
+    let path = std::fs::canonicalize(path)
+        .with_context(|| format!("the mountpoint {}", path.display()))?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(&unescape_mount(m)) == path))
+}
+
+/// `\040` (space), `\011` (tab), `\012` (newline), `\134` (backslash) as mountinfo writes them.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let value = octal.map(|d| d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0')));
+        match (b[i], value) {
+            (b'\\', Some(v)) if v <= 0xff => {
+                out.push(v as u8);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Thaws on every way out of a bookmark request, a panic included.
 struct ThawOnDrop(Arc<Frozen>);
 
@@ -832,6 +980,20 @@ impl Drop for ThawOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_mounts_root_is_frozen() {
+        assert_eq!(unescape_mount(r"/mnt/my\040disk\134x"), "/mnt/my disk\\x");
+        assert_eq!(unescape_mount(r"/a\9\777b"), r"/a\9\777b", "not an escape: kept");
+        assert!(is_mount_root(Path::new("/")).unwrap());
+        assert!(is_mount_root(Path::new("/proc")).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::create_dir(&plain).unwrap();
+        assert!(!is_mount_root(&plain).unwrap(), "a plain directory is no mount");
+        let e = Frozen::freeze(&plain).err().expect("refused").to_string();
+        assert!(e.contains("not the root of a mounted filesystem"), "{e}");
+    }
 
     #[test]
     fn durations_parse_with_units_and_refuse_nonsense() {

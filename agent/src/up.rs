@@ -191,7 +191,12 @@ fn group_command(
         file.display().to_string(),
         "--every".to_owned(),
         b.every.clone(),
-    ];
+    ]
+    .into_iter()
+    .chain(b.pre.iter().flat_map(|p| ["--pre".to_owned(), p.clone()]))
+    .chain(b.post.iter().flat_map(|p| ["--post".to_owned(), p.clone()]))
+    .chain(b.freeze.iter().flat_map(|m| ["--freeze".to_owned(), m.clone()]))
+    .collect::<Vec<_>>();
     let line = format!("tidemark {}", args.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "));
     let cli =
         Cli::try_parse_from(std::iter::once("tidemark".to_owned()).chain(args)).map_err(|e| {

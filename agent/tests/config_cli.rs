@@ -270,6 +270,57 @@ fn up_of_a_group_runs_its_periodic_bookmarks_and_bad_ones_are_refused_at_their_l
         assert!(err.contains(&located), "{what}: expected {located:?} in: {err}");
         assert!(err.contains(words), "{what}: expected {words:?} in: {err}");
     }
+    // Hooks and freezes of the group's bookmarks become the command's options.
+    let hooked = good.replace(
+        "bookmark_prefix = \"shop\"\n",
+        "bookmark_prefix = \"shop\"\nbookmark_pre = \"sync\"\nbookmark_post = \"true\"\nbookmark_freeze = [\"/srv/a\", \"/srv/b\"]\n",
+    );
+    std::fs::write(&file, &hooked).unwrap();
+    let (ok, out, err) = tidemark(&["up", "shop", "--config", &name, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("group shop: {command} --pre sync --post true --freeze /srv/a --freeze /srv/b")
+    );
+    let freeze_line = header + 6;
+    for (what, from, to, at, words) in [
+        (
+            "one mountpoint for two pairs",
+            "[\"/srv/a\", \"/srv/b\"]",
+            "[\"/srv/a\"]",
+            format!("{freeze_line}:19"),
+            "names 1 mountpoints for 2 pairs",
+        ),
+        (
+            "a mountpoint that is not a list",
+            "[\"/srv/a\", \"/srv/b\"]",
+            "\"/srv/a\"",
+            format!("{freeze_line}:19"),
+            "must be a list of mountpoints",
+        ),
+        (
+            "a hook without a period",
+            "bookmark_every = \"15m\"\n",
+            "",
+            format!("{}:16", header + 2),
+            "`bookmark_pre` without `bookmark_every`",
+        ),
+    ] {
+        let text = hooked.replacen(from, to, 1);
+        let text = if what == "a hook without a period" {
+            text.replace("bookmark_prefix = \"shop\"\n", "")
+        } else {
+            text
+        };
+        std::fs::write(&file, text).unwrap();
+        let (ok, _, err) = tidemark(&["config", "check", &name]);
+        assert!(!ok, "{what}: accepted");
+        let located = format!("{name}:{at}");
+        assert!(
+            err.contains(&located) && err.contains(words),
+            "{what}: expected {located:?}, {words:?} in: {err}"
+        );
+    }
     // Periodic bookmarks are taken on the sources.
     let dr = &good[good.find("[pair.dr]").unwrap()..good.find("[pair.web]").unwrap()];
     let on_receive = good

@@ -295,9 +295,31 @@ fn bookmarks_through_protect_recover_on_the_target() {
     cleanup.root = p.root.clone();
     let (mut rx, addr) = p.start_receive("127.0.0.1:0");
     let fuse = p.path("fuse");
+    // Periodic application bookmarks: hooks around each, and the ext4 mounted below frozen
+    // (the ticks before it is mounted fail at the freeze: no bookmark, the post hook runs).
+    let (hooks, mnt) = (p.root.join("hooks.log"), p.root.join("ext4"));
+    let pre = format!("echo \"pre $TIDEMARK_BOOKMARK\" >> {}", hooks.display());
+    let post = format!(
+        "echo \"post $TIDEMARK_BOOKMARK $TIDEMARK_BOOKMARK_RESULT $TIDEMARK_BOOKMARK_SEQ\" >> {}",
+        hooks.display()
+    );
+    let mnt_s = mnt.display().to_string();
     let (mut px, _) = p.start_protect(
         &addr,
-        &["--mountpoint", &fuse, "--bookmark-every", "2s", "--bookmark-prefix", "every"],
+        &[
+            "--mountpoint",
+            &fuse,
+            "--bookmark-every",
+            "2s",
+            "--bookmark-prefix",
+            "every",
+            "--bookmark-pre",
+            &pre,
+            "--bookmark-post",
+            &post,
+            "--bookmark-freeze",
+            &mnt_s,
+        ],
     );
     let dev = px.wait_line("device:");
     cleanup.loops.push(dev.clone());
@@ -305,9 +327,7 @@ fn bookmarks_through_protect_recover_on_the_target() {
     p.caught_up(1);
 
     run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", "-b", "4096", &dev]);
-    let mnt = p.root.join("ext4");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mnt_s = mnt.display().to_string();
     run("mount", &[&dev, &mnt_s]);
     cleanup.mounts.push(mnt.clone());
     // Written but not synced: the freeze must flush it before the bookmark.
@@ -342,24 +362,64 @@ fn bookmarks_through_protect_recover_on_the_target() {
     assert!(!out.status.success());
     assert!(text(&out).contains("FIFREEZE /proc"), "{}", text(&out));
 
-    run("umount", &[&mnt_s]);
-    cleanup.mounts.pop();
-    // A periodic bookmark arrived meanwhile (every 2 s).
+    // A periodic bookmark arrives while the filesystem is mounted (every 2 s), frozen and
+    // between its hooks.
     let rx_dir = p.path("rx");
-    let points = |filter: &dyn Fn(&str) -> bool| -> Vec<String> {
+    let all_points = || -> Vec<Value> {
         let doc: Value =
             serde_json::from_str(&tidemark(&["points", "--dir", &rx_dir, "--json"])).unwrap();
         doc["points"]
             .as_array()
             .unwrap()
             .iter()
+            .filter(|p| p["bookmark"].is_string())
+            .cloned()
+            .collect()
+    };
+    let points = |filter: &dyn Fn(&str) -> bool| -> Vec<String> {
+        all_points()
+            .iter()
             .filter_map(|p| p["bookmark"].as_str().map(str::to_owned))
             .filter(|n| filter(n))
             .collect()
     };
     let until = std::time::Instant::now() + PATIENCE;
-    while points(&|n: &str| n.starts_with("every-")).is_empty() {
+    let periodic = loop {
+        if let Some(p) =
+            all_points().into_iter().find(|p| p["bookmark"].as_str().unwrap().starts_with("every-"))
+        {
+            break p;
+        }
         assert!(std::time::Instant::now() < until, "no periodic bookmark reached the target");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    run("umount", &[&mnt_s]);
+    cleanup.mounts.pop();
+    let (name, seq) = (periodic["bookmark"].as_str().unwrap(), u(&periodic, "/seq"));
+    assert_eq!(periodic["bookmark_kind"], "application", "{periodic:#}");
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let at =
+        lines.iter().position(|l| *l == format!("pre {name}")).unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(lines.get(at + 1).copied(), Some(format!("post {name} ok {seq}").as_str()), "{log}");
+    // Unmounted, the next tick cannot freeze (the directory is no mount's root, and what
+    // holds it is never frozen instead): no bookmark, and the post hook says so.
+    let until = std::time::Instant::now() + PATIENCE;
+    loop {
+        let log = std::fs::read_to_string(&hooks).unwrap();
+        let failed = log
+            .lines()
+            .skip(at + 2)
+            .find(|l| l.starts_with("post every-") && l.ends_with(" failed "));
+        if let Some(l) = failed {
+            let name = l.split(' ').nth(1).unwrap();
+            assert!(!points(&|n: &str| n == name).contains(&name.to_owned()), "{name} was taken");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no periodic tick failed after the umount: {log}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     let named = points(&|n: &str| !n.starts_with("every-"));
