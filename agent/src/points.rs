@@ -20,9 +20,17 @@ use crate::{common, control};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The directory of `tidemark receive` (replica.img, journal/, control.sock).
-    #[arg(long)]
-    dir: PathBuf,
+    /// The directory of `tidemark receive` (replica.img, journal/, control.sock). Given
+    /// more than once: the group bookmarks of those members (a consistency group).
+    #[arg(long, required_unless_present = "group")]
+    dir: Vec<PathBuf>,
+    /// The group bookmarks of the receive pairs of this `[group.NAME]` of the
+    /// configuration file: which are held by every member (points of the group).
+    #[arg(long, conflicts_with_all = ["dir", "control"])]
+    group: Option<String>,
+    /// The configuration file (with --group).
+    #[arg(long, default_value = crate::up::DEFAULT_CONFIG, requires = "group")]
+    config: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -36,11 +44,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(&args.dir));
+    if args.group.is_some() || args.dir.len() > 1 {
+        return run_group(&args);
+    }
+    let dir = &args.dir[0];
+    let socket = args.control.clone().unwrap_or_else(|| control::default_socket(dir));
     let (doc, via) = match control::Client::connect(&socket)? {
         Some(mut client) => (client.request(json!({"op": "points"}))?, "receiver"),
         None => {
-            let log = common::open_log(&args.dir, args.block_size)?;
+            let log = common::open_log(dir, args.block_size)?;
             (points_doc(&log), "journal")
         }
     };
@@ -49,7 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let points = doc["points"].as_array().cloned().unwrap_or_default();
-    println!("{} recovery points in {} (read from the {via}):", points.len(), args.dir.display());
+    println!("{} recovery points in {} (read from the {via}):", points.len(), dir.display());
     println!(
         "{:>12}  {:<30}  {:<11}  {:<16}  {:>14}  BOOKMARK",
         "SEQ", "TIME (UTC)", "KIND", "GROUP", "BYTES"
@@ -69,6 +81,101 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("latest: {note}");
     }
     Ok(())
+}
+
+/// A group's points: every group bookmark any member holds (by name and group id, oldest
+/// first), with each member's seq, and whether every member holds it (only then is it a
+/// point of the group, which `recover` and `promote` accept).
+fn run_group(args: &Args) -> anyhow::Result<()> {
+    if args.control.is_some() {
+        bail!("--control names one receiver's socket; a group's members use DIR/control.sock");
+    }
+    let members = crate::group::members(args.group.as_deref(), &args.config, &args.dir, "receive")?;
+    if members.len() < 2 {
+        bail!("a group has at least two members, got {}", members.len());
+    }
+    let docs = members
+        .iter()
+        .map(|m| {
+            crate::group::member_points(m, args.block_size)
+                .with_context(|| format!("member {}", m.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let doc = group_doc(&members, &docs);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let marks = doc["bookmarks"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    println!(
+        "{} group bookmarks over {} members ({}); `complete` ones are points of the group:",
+        marks.len(),
+        members.len(),
+        names.join(", ")
+    );
+    println!("{:<30}  {:<16}  {:<10}  {:<24}  BOOKMARK", "TIME (UTC)", "GROUP", "STATE", "SEQS");
+    for b in &marks {
+        let seqs: Vec<String> = b["seqs"]
+            .as_array()
+            .map(|a| {
+                a.iter().map(|s| s.as_u64().map_or("-".to_owned(), |n| n.to_string())).collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<30}  {:<16}  {:<10}  {:<24}  {}",
+            b["time"].as_str().unwrap_or("?"),
+            b["group"].as_str().unwrap_or("?"),
+            if b["complete"] == true { "complete" } else { "partial" },
+            seqs.join(","),
+            b["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// The document of `points --group`: `members` (names), `bookmarks` [{`name`, `group`,
+/// `time` (the newest member's), `time_ns`, `seqs` (per member, null where missing),
+/// `complete`}], oldest first.
+pub fn group_doc(members: &[crate::group::GroupMember], docs: &[Value]) -> Value {
+    let mut marks: Vec<(String, String, u64, Vec<Option<u64>>)> = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        for p in d["points"].as_array().into_iter().flatten() {
+            let (Some(name), Some(group)) = (p["bookmark"].as_str(), p["group"].as_str()) else {
+                continue;
+            };
+            let (seq, t) = (p["seq"].as_u64(), p["time_ns"].as_u64().unwrap_or(0));
+            match marks.iter_mut().find(|m| m.0 == name && m.1 == group) {
+                Some(m) => {
+                    m.2 = m.2.max(t);
+                    m.3[i] = seq;
+                }
+                None => {
+                    let mut seqs = vec![None; docs.len()];
+                    seqs[i] = seq;
+                    marks.push((name.to_owned(), group.to_owned(), t, seqs));
+                }
+            }
+        }
+    }
+    marks.sort_by_key(|m| m.2);
+    let bookmarks: Vec<Value> = marks
+        .into_iter()
+        .map(|(name, group, t, seqs)| {
+            json!({
+                "name": name,
+                "group": group,
+                "time_ns": t,
+                "time": rfc3339(Nanos(t)),
+                "complete": seqs.iter().all(Option::is_some),
+                "seqs": seqs,
+            })
+        })
+        .collect();
+    json!({
+        "members": members.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+        "bookmarks": bookmarks,
+    })
 }
 
 /// The points a log offers, oldest first, then `latest` when it is not one of them, as the

@@ -431,6 +431,24 @@ fn group_bookmarks_recover_both_volumes_to_one_cut() {
     // A group point is a group bookmark: other points are refused for a group.
     let e = recover_fails("latest");
     assert!(e.contains("group bookmark"), "{e}");
+    // `points` of the group tells the points of the group from the partial ones.
+    let doc: Value =
+        serde_json::from_str(&tidemark(&["points", "--dir", &ra, "--dir", &rb, "--json"])).unwrap();
+    let mark = |name: &str| {
+        doc["bookmarks"].as_array().unwrap().iter().find(|b| b["name"] == name).cloned()
+    };
+    let (c1, c3) = (mark("cut-1").expect("cut-1 listed"), mark("cut-3").expect("cut-3 listed"));
+    assert_eq!(
+        (c1["complete"].clone(), c1["group"].clone()),
+        (json!(true), json!(group1)),
+        "{doc:#}"
+    );
+    assert!(c1["seqs"].as_array().unwrap().iter().all(Value::is_u64), "{doc:#}");
+    assert_eq!(c3["complete"], false, "{doc:#}");
+    assert!(c3["seqs"][0].is_u64() && c3["seqs"][1].is_null(), "{doc:#}");
+    let table = tidemark(&["points", "--group", "shop-dr", "--config", &config_s]);
+    let row = |name: &str| table.lines().find(|l| l.ends_with(name)).unwrap_or("").to_owned();
+    assert!(row("cut-1").contains("complete") && row("cut-3").contains("partial"), "{table}");
 
     // Bad invocations are refused before anything is held.
     let granted = status(&members[0].state)["hold"]["granted"].clone();
