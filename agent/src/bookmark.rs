@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 use tidemark_journal::Nanos;
 
 use crate::signals;
-use crate::source_control::{MAX_FREEZE, check_name, periodic_name};
+use crate::source_control::{
+    MAX_FREEZE, bookmark_kind, check_name, check_prefix, kind_name, now, periodic_name,
+};
 use crate::verify::connect;
 
 #[derive(Debug, clap::Args)]
@@ -86,17 +88,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         check_name(&args.name).context("bad bookmark name")?;
         return once(&args, &args.name);
     };
-    let sample = periodic_name(&args.name, Nanos(0));
-    check_name(&sample).with_context(|| format!("bad bookmark name prefix {:?}", args.name))?;
+    check_prefix(&args.name).context("bad bookmark name")?;
     check(&args)?;
     signals::install()?;
     println!(
-        "taking bookmark {:?} every {} s until SIGINT or SIGTERM",
-        periodic_name(&args.name, Nanos(0)).replace("1970-01-01T00:00:00Z", "TIME"),
-        every.as_secs_f64()
+        "taking bookmark \"{}-TIME\" every {} s until SIGINT or SIGTERM",
+        args.name,
+        every.as_secs()
     );
     std::io::stdout().flush()?;
-    let (mut taken, mut failed, mut last) = (0u64, 0u64, None);
+    let (mut taken, mut failed) = (0u64, 0u64);
     // Ticks on the UTC clock's multiples of the period: every 15m at :00, :15, :30, :45.
     let period = (every.as_nanos() as u64).max(1);
     let mut next = next_tick(now().0, period);
@@ -111,13 +112,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // A period missed (a slow member, a long hook) is skipped, not made up for.
         let t = now().0;
         next = next_tick(t, period);
-        let mut name = periodic_name(&args.name, Nanos(t));
-        if last.as_ref() == Some(&name) {
-            // A late tick in the same second as the one before: names stay unique.
-            std::thread::sleep(Duration::from_nanos(Nanos::SECOND - now().0 % Nanos::SECOND));
-            name = periodic_name(&args.name, now());
-        }
-        last = Some(name.clone());
+        // Periods are whole seconds, so each tick has a second, and a name, of its own.
+        let name = periodic_name(&args.name, Nanos(t));
         match once(&args, &name) {
             Ok(()) => taken += 1,
             Err(e) => {
@@ -139,11 +135,6 @@ pub fn next_tick(t: u64, period: u64) -> u64 {
 /// How often the wait between periodic bookmarks looks at the stop flag.
 const POLL: Duration = Duration::from_millis(100);
 
-fn now() -> Nanos {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    Nanos(d.as_nanos() as u64)
-}
-
 /// Refuses options that would fail every bookmark, before the first one.
 fn check(args: &Args) -> anyhow::Result<()> {
     if args.group.is_some() || args.state.len() > 1 {
@@ -160,13 +151,10 @@ fn once(args: &Args, name: &str) -> anyhow::Result<()> {
     }
     check_single(args)?;
     let mut client = connect(&args.state[0], args.control.as_ref())?;
-    let kind = if args.pre.is_some() || args.post.is_some() {
-        "application"
-    } else if !args.freeze.is_empty() {
-        "filesystem"
-    } else {
-        "user"
-    };
+    let kind = kind_name(bookmark_kind(
+        args.pre.is_some() || args.post.is_some(),
+        !args.freeze.is_empty(),
+    ));
     let taken = (|| -> anyhow::Result<Value> {
         if let Some(pre) = &args.pre {
             hook("pre", pre, args, name, None)?;
@@ -274,13 +262,8 @@ fn check_group(args: &Args) -> anyhow::Result<(Vec<crate::group::GroupMember>, V
 /// A group bookmark (`crate::group`) named `name`: hooks once around the whole cut, here.
 fn run_group(args: &Args, name: &str) -> anyhow::Result<()> {
     let (members, freeze) = check_group(args)?;
-    let kind = if args.pre.is_some() || args.post.is_some() {
-        "application"
-    } else if !freeze.is_empty() {
-        "filesystem"
-    } else {
-        "user"
-    };
+    let kind =
+        kind_name(bookmark_kind(args.pre.is_some() || args.post.is_some(), !freeze.is_empty()));
     let taken = (|| {
         if let Some(pre) = &args.pre {
             hook("pre", pre, args, name, None)?;

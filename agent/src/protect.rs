@@ -331,7 +331,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // No write is taken any more: the final bookmark is the state the drain delivers.
     let final_bookmark = args.final_bookmark.as_ref().map(|name| {
-        let taken = source_control::final_bookmark(&tap, name);
+        let taken =
+            source_control::append_bookmark(&tap, name, tidemark_journal::BookmarkKind::User);
         match &taken {
             Ok(seq) => println!("final bookmark {name:?}: seq {seq}"),
             Err(e) => eprintln!("error: final bookmark {name:?} not taken: {e:#}"),

@@ -86,12 +86,17 @@ pub const MAX_FREEZE: Duration = Duration::from_secs(600);
 /// How often a long op sends a progress line.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
-/// Parses a bookmark period: a duration ([`crate::common::parse_duration`]) of at least
-/// one second.
+/// Parses a bookmark period: a duration ([`crate::common::parse_duration`]) of a whole
+/// number of seconds, at least one.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = crate::common::parse_duration(s)?;
     if d < Duration::from_secs(1) {
         return Err(format!("{s:?}: the period must be at least one second"));
+    }
+    // Ticks then fall on whole seconds, so two never share a name (names are to the
+    // second): each tick's name is its whole second, and the next tick is a later one.
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: the period must be a whole number of seconds"));
     }
     Ok(d)
 }
@@ -101,6 +106,12 @@ pub fn periodic_name(prefix: &str, t: Nanos) -> String {
     let whole = Nanos(t.0 / Nanos::SECOND * Nanos::SECOND);
     let stamp = points::rfc3339(whole).replace(".000Z", "Z");
     format!("{prefix}-{stamp}")
+}
+
+/// Checks a periodic bookmarks' name prefix: the names it makes must be good names.
+pub fn check_prefix(prefix: &str) -> anyhow::Result<()> {
+    check_name(&periodic_name(prefix, Nanos(0)))
+        .with_context(|| format!("bookmark name prefix {prefix:?}"))
 }
 
 /// Checks a bookmark name against the journal's and the wire's rule (1 to 255 bytes of
@@ -139,9 +150,7 @@ impl SourceControl {
         (bucket, schedule): (Arc<TokenBucket>, Option<String>),
     ) -> anyhow::Result<SourceControl> {
         if args.bookmark_every.is_some() {
-            let sample = periodic_name(&args.bookmark_prefix, Nanos(0));
-            check_name(&sample)
-                .with_context(|| format!("--bookmark-prefix {:?}", args.bookmark_prefix))?;
+            check_prefix(&args.bookmark_prefix).context("--bookmark-prefix")?;
         }
         if let Some(m) = &args.bookmark_freeze {
             if !m.is_absolute() {
@@ -245,13 +254,7 @@ fn periodic_one(
 ) -> anyhow::Result<u64> {
     let state = cfg.state.display().to_string();
     let env = [("TIDEMARK_BOOKMARK", name), ("TIDEMARK_STATE", state.as_str())];
-    let kind = if cfg.pre.is_some() || cfg.post.is_some() {
-        BookmarkKind::Application
-    } else if cfg.freeze.is_some() {
-        BookmarkKind::Filesystem
-    } else {
-        BookmarkKind::User
-    };
+    let kind = bookmark_kind(cfg.pre.is_some() || cfg.post.is_some(), cfg.freeze.is_some());
     let taken = (|| {
         if let Some(pre) = &cfg.pre {
             crate::bookmark::run_hook("pre", pre, &env, None)?;
@@ -273,7 +276,8 @@ fn periodic_one(
     Ok(seq)
 }
 
-fn now() -> Nanos {
+/// The wall clock.
+pub fn now() -> Nanos {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Nanos(d.as_nanos() as u64)
 }
@@ -286,10 +290,7 @@ fn take_bookmark(
     kind: BookmarkKind,
     last: &Mutex<Option<Value>>,
 ) -> anyhow::Result<u64> {
-    let bookmark = Bookmark::new(name, kind, 0)?;
-    let captured = tap.bookmark(bookmark).with_context(|| format!("bookmark {name:?}"))?;
-    let seq = spooled_seq(captured, name)?;
-    tap.sync_spool().context("sync the spool after the bookmark")?;
+    let seq = append_bookmark(tap, name, kind)?;
     client.ring();
     *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(
         json!({"name": name, "seq": seq, "kind": kind_name(kind), "time": points::rfc3339(now())}),
@@ -297,13 +298,13 @@ fn take_bookmark(
     Ok(seq)
 }
 
-/// `protect --final-bookmark`: the bookmark appended after the frontend stopped, made
-/// durable; its sequence number.
-pub fn final_bookmark(tap: &Tap, name: &str) -> anyhow::Result<u64> {
-    let bookmark = Bookmark::new(name, BookmarkKind::User, 0)?;
+/// Appends a bookmark to the capture stream and makes it durable; its sequence number.
+/// (`protect --final-bookmark` calls it once the frontend has stopped.)
+pub fn append_bookmark(tap: &Tap, name: &str, kind: BookmarkKind) -> anyhow::Result<u64> {
+    let bookmark = Bookmark::new(name, kind, 0)?;
     let captured = tap.bookmark(bookmark).with_context(|| format!("bookmark {name:?}"))?;
     let seq = spooled_seq(captured, name)?;
-    tap.sync_spool().context("sync the spool after the final bookmark")?;
+    tap.sync_spool().context("sync the spool after the bookmark")?;
     Ok(seq)
 }
 
@@ -315,6 +316,17 @@ fn spooled_seq(captured: Captured, name: &str) -> anyhow::Result<u64> {
             "bookmark {name:?}: the spool is in overflow (writes are tracked as dirty regions \
              until a resync), so no point can be marked now"
         ),
+    }
+}
+
+/// The kind of a bookmark taken between hooks (`hooks`) or with a filesystem frozen.
+pub fn bookmark_kind(hooks: bool, frozen: bool) -> BookmarkKind {
+    if hooks {
+        BookmarkKind::Application
+    } else if frozen {
+        BookmarkKind::Filesystem
+    } else {
+        BookmarkKind::User
     }
 }
 
@@ -1003,6 +1015,7 @@ mod tests {
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert!(parse_duration("0m").is_err());
+        assert!(parse_duration("1.5s").is_err(), "names are to the second");
         assert!(parse_duration("5w").is_err());
         assert!(parse_duration("m").is_err());
     }

@@ -177,9 +177,8 @@ fn group_command(
     group: &GroupConfig,
 ) -> Result<Option<(Cli, String)>, ConfigError> {
     let Some(b) = &group.bookmarks else { return Ok(None) };
-    let sample = crate::source_control::periodic_name(&b.prefix, tidemark_journal::Nanos(0));
-    if let Err(e) = crate::source_control::check_name(&sample) {
-        let why = format!("bookmark_prefix {:?}: {e}", b.prefix);
+    if let Err(e) = crate::source_control::check_prefix(&b.prefix) {
+        let why = format!("bookmark_prefix {:?}: {}", b.prefix, e.root_cause());
         return Err(config::group_error(&file.display().to_string(), text, group, None, &why));
     }
     let args = [
