@@ -825,6 +825,11 @@ fn bookmark_frozen(
     mountpoint: &Path,
     timeout: Duration,
 ) -> anyhow::Result<(u64, u64)> {
+    // One frozen bookmark at a time in this agent: a periodic one and one asked for on the
+    // socket would otherwise race for the same filesystem, and the second FIFREEZE fails
+    // (EBUSY). The next waits the few milliseconds of the first.
+    static FREEZING: Mutex<()> = Mutex::new(());
+    let _one = FREEZING.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let frozen = Frozen::freeze(mountpoint)?;
     let guard = ThawOnDrop(frozen.clone());
