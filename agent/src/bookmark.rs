@@ -35,7 +35,7 @@ pub struct Args {
     /// The bookmark's name: 1 to 255 bytes of UTF-8, no control characters. With
     /// `--every`, the prefix of the names.
     name: String,
-    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; at least one second) until
+    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; whole seconds, at least one) until
     /// SIGINT or SIGTERM, each named NAME-TIME (`nightly-2026-12-01T21:45:00Z`), at the
     /// multiples of the period on the UTC clock (`15m`: at :00, :15, :30 and :45; `1d`: at
     /// 00:00 UTC).

@@ -45,7 +45,7 @@ pub struct Args {
     /// STATE/control.sock).
     #[arg(long)]
     pub control: Option<PathBuf>,
-    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; at least one second), named
+    /// Take a bookmark this often (`90s`, `15m`, `2h`, `1d`; whole seconds, at least one), named
     /// PREFIX-TIME (`auto-2026-12-01T21:45:00Z`).
     #[arg(long, value_parser = parse_duration)]
     pub bookmark_every: Option<Duration>,
